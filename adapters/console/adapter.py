@@ -1,0 +1,135 @@
+"""The console adapter: a line-based REPL on stdin/stdout, or one message with ``--once``."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, TextIO
+
+from bot.config import AppConfig
+from bot.events import ChatEvent, EventHandler, Roles
+
+PLATFORM = "console"
+QUIT_COMMANDS = {"/quit", "/exit"}
+HELP = "Commands: /stats (your relationship stats), /help, /quit (or Ctrl-D)."
+
+StatsProvider = Callable[[str, str], Awaitable[dict[str, Any] | None]]
+
+
+class ConsoleSink:
+    """ReplySink over a text stream."""
+
+    def __init__(self, out: TextIO, speaker: str | None) -> None:
+        self._out = out
+        self._speaker = speaker
+        self._ids = itertools.count(1)
+
+    async def send(self, text: str) -> str:
+        prefix = f"{self._speaker}> " if self._speaker else ""
+        self._out.write(f"{prefix}{text}\n")
+        self._out.flush()
+        return f"console-{next(self._ids)}"
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.send(text)
+
+    async def typing(self) -> None:
+        return None
+
+
+def _start_line_reader(stream: TextIO, loop: asyncio.AbstractEventLoop,
+                       lines: asyncio.Queue[str | None]) -> None:
+    """Read lines on a daemon thread: a blocked read never holds up shutdown."""
+
+    def pump() -> None:
+        for line in iter(stream.readline, ""):
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+        loop.call_soon_threadsafe(lines.put_nowait, None)  # EOF (Ctrl-D)
+
+    threading.Thread(target=pump, name="console-stdin", daemon=True).start()
+
+
+class ConsoleAdapter:
+    name = PLATFORM
+
+    def __init__(
+        self,
+        config: AppConfig,
+        *,
+        user: str | None = None,
+        once: str | None = None,
+        speaker: str = "",
+        banner: str = "",
+        stats: StatsProvider | None = None,
+        stdin: TextIO | None = None,
+        stdout: TextIO | None = None,
+    ) -> None:
+        self._user = user or config.adapters.console.user
+        self._once = once
+        self._speaker = speaker
+        self._banner = banner
+        self._stats = stats
+        self._stdin = stdin or sys.stdin
+        self._out = stdout or sys.stdout
+        self._counter = itertools.count(1)
+
+    def _event(self, text: str, sink: ConsoleSink) -> ChatEvent:
+        return ChatEvent(
+            platform=PLATFORM,
+            channel_id="console",
+            user_id=self._user,
+            display_name=self._user,
+            text=text,
+            sink=sink,
+            message_id=f"console-in-{next(self._counter)}",
+            addressed=True,
+            roles=Roles(is_admin=True),  # whoever holds the terminal owns the bot
+        )
+
+    async def run(self, handle: EventHandler) -> None:
+        if self._once is not None:
+            await handle(self._event(self._once, ConsoleSink(self._out, None)))
+            return
+        sink = ConsoleSink(self._out, self._speaker or None)
+        if self._banner:
+            self._out.write(self._banner + "\n")
+        self._out.write(HELP + "\n")
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        _start_line_reader(self._stdin, asyncio.get_running_loop(), lines)
+        while True:
+            self._prompt()
+            line = await lines.get()
+            if line is None:
+                self._out.write("\n")
+                return
+            text = line.strip()
+            if text in QUIT_COMMANDS:
+                return
+            if text.startswith("/"):
+                await self._command(text)
+                continue
+            if text:
+                await handle(self._event(text, sink))
+
+    def _prompt(self) -> None:
+        self._out.write(f"{self._user}> ")
+        self._out.flush()
+
+    async def _command(self, text: str) -> None:
+        if text == "/stats" and self._stats is not None:
+            stats = await self._stats(PLATFORM, self._user)
+            if stats is None:
+                self._out.write("No conversation yet.\n")
+            else:
+                self._out.write(
+                    f"conversations: {stats['conversation_count']}, "
+                    f"mood: {stats['current_mood']}, intimacy: {stats['intimacy_level']}\n"
+                )
+            return
+        self._out.write(HELP + "\n")
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,218 @@
+"""The ``vtuber-bot`` command line (also ``python -m bot``).
+
+Exit codes: 0 ok, 1 operational error (store, model), 69 adapter unavailable, 78 bad config
+or missing secret (BSD ``EX_CONFIG``), 130 interrupted before start-up finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from bot import __version__
+from bot.config import AppConfig, check_secrets, load_config
+from bot.errors import EXIT_CONFIG, BotError, ConfigError
+from bot.logging_setup import configure_logging
+from bot.paths import DataPaths
+from bot.registry import load_adapter_class
+from bot.runtime import Runtime, build_adapters, open_runtime, store_url
+from engine.errors import EngineError
+from engine.persona import PersonaError, load_persona
+from memory.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+Command = Callable[[argparse.Namespace, AppConfig, DataPaths], Awaitable[int]]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vtuber-bot",
+        description="Run an LLM VTuber persona on Discord, Twitch or the console.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help="YAML config (default: ./config.yaml if present, else built-in)")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="where the SQLite file and model cache live "
+                             "(default: $VTUBER_DATA_DIR or the per-user data dir)")
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="override logging.level from the config")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", help="talk to the persona in this terminal")
+    chat.add_argument("--once", metavar="TEXT", help="answer one message and exit")
+    chat.add_argument("--user", metavar="NAME", help="who you are (default: adapters.console.user)")
+
+    stats = sub.add_parser("stats", help="a user's conversation count, mood and intimacy")
+    stats.add_argument("--platform", required=True, help="console, discord or twitch")
+    stats.add_argument("--user", required=True, help="platform user id (console: the name)")
+    stats.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sub.add_parser("run", help="start the adapters enabled in the config")
+    sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
+
+    diagnose = sub.add_parser("diagnose", help="system diagnosis with recommendations")
+    diagnose.add_argument("--json", action="store_true")
+
+    gpu = sub.add_parser("gpu-status", help="GPUs, memory and the placement plan")
+    gpu.add_argument("--json", action="store_true")
+    return parser
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
+
+
+def _banner(runtime: Runtime) -> str:
+    persona = runtime.engine.persona
+    return f"{persona.names.zh} ({persona.names.en}) — {persona.disclosure}"
+
+
+async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    adapter_class = load_adapter_class("console")
+    async with open_runtime(config, paths) as runtime:
+        adapter = adapter_class(
+            config, user=args.user, once=args.once, speaker=runtime.engine.persona.names.zh,
+            banner=_banner(runtime), stats=runtime.stats,
+        )
+        await runtime.run_adapters([adapter])
+    return 0
+
+
+async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    names = config.adapters.enabled_names()
+    if not names:
+        raise ConfigError(["adapters: no adapter is enabled; set adapters.<name>.enabled: true "
+                           "for console, discord or twitch"])
+    check_secrets(config, names)
+    for name in names:  # fail on a missing extra before spending time on the model
+        load_adapter_class(name)
+    async with open_runtime(config, paths) as runtime:
+        options = {"console": {"speaker": runtime.engine.persona.names.zh,
+                               "banner": _banner(runtime), "stats": runtime.stats}}
+        adapters = build_adapters(config, names, **options)
+        log.info("running adapters: %s", ", ".join(names))
+        await runtime.run_adapters(adapters)
+    return 0
+
+
+async def cmd_stats(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from memory.store import Store
+
+    persona = load_persona(config.vtuber.persona)
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate)
+    try:
+        stats = await store.stats(args.platform, args.user, persona.id, persona.moods.baseline)
+    finally:
+        await store.close()
+    if stats is None:
+        stats = {"platform": args.platform, "platform_user_id": args.user,
+                 "persona_id": persona.id, "conversation_count": 0,
+                 "current_mood": persona.moods.baseline, "intimacy_level": 0.0, "known": False}
+    else:
+        stats["known"] = True
+    stats["intimacy_tier"] = persona.tier_for(stats["intimacy_level"]).name
+    if args.json:
+        _print_json(stats)
+    else:
+        print(f"{args.platform}:{args.user} — conversations: {stats['conversation_count']}, "
+              f"mood: {stats['current_mood']}, intimacy: {stats['intimacy_level']} "
+              f"({stats['intimacy_tier']})")
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from memory.migrate import current_revisions, upgrade_to_head
+    from memory.urls import mask_url
+
+    url = store_url(config, paths)
+    paths.data_dir.mkdir(parents=True, exist_ok=True)
+    await upgrade_to_head(url)
+    print(f"{mask_url(url)} is at revision {', '.join(await current_revisions(url))}")
+    return 0
+
+
+async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from engine.system_info import diagnose_system
+
+    report = diagnose_system()
+    report["config"] = config.masked_dump()
+    report["data_dir"] = str(paths.data_dir)
+    if args.json:
+        _print_json(report)
+        return 0
+    print(f"data dir: {paths.data_dir}")
+    print("issues:" if report["issues"] else "issues: none")
+    for issue in report["issues"]:
+        print(f"  - {issue}")
+    print("recommendations:" if report["recommendations"] else "recommendations: none")
+    for item in report["recommendations"]:
+        print(f"  - {item}")
+    return 0
+
+
+async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from engine.gpu_manager import discover_devices, gpu_status, plan_placement
+
+    devices = discover_devices()
+    status = gpu_status(devices)
+    status["placement"] = plan_placement(devices, config.models.llm.device).as_dict()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"GPUs: {status['gpu_count']}  total {status['total_memory_gb']} GiB, "
+          f"available {status['available_memory_gb']} GiB")
+    for device in status["devices"]:
+        print(f"  cuda:{device['index']} {device['name']}: {device['used_memory_gb']} / "
+              f"{device['total_memory_gb']} GiB used")
+    placement = status["placement"]
+    print(f"LLM on {placement['llm_device']}, embedder on {placement['embedder_device']}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "chat": cmd_chat,
+    "run": cmd_run,
+    "stats": cmd_stats,
+    "migrate": cmd_migrate,
+    "diagnose": cmd_diagnose,
+    "gpu-status": cmd_gpu_status,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(args.log_level or config.logging.level)
+    paths = DataPaths.resolve(args.data_dir)
+    log.info("data dir: %s", paths.data_dir)
+    try:
+        return asyncio.run(COMMANDS[args.command](args, config, paths))
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return exc.exit_code
+    except BotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except PersonaError as exc:
+        for line in str(exc).splitlines():
+            print(f"persona error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    except (StoreError, EngineError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

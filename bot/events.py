@@ -1,0 +1,77 @@
+"""Platform-neutral types: what adapters hand to the runtime and what the runtime hands back.
+
+Adapters import these; ``bot`` never imports an adapter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class ReplySink(Protocol):
+    """Where a reply goes. Adapters implement it over their platform's send/edit/typing."""
+
+    async def send(self, text: str) -> str | None:
+        """Send a new message; return its platform message id if the platform has one."""
+        ...
+
+    async def edit(self, message_id: str, text: str) -> None:
+        """Replace the text of a message sent earlier (streaming edits)."""
+        ...
+
+    async def typing(self) -> None:
+        """Show a typing indicator, if the platform has one."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    is_admin: bool = False
+    is_moderator: bool = False
+    is_broadcaster: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ChatEvent:
+    """One inbound chat message, the same shape for every platform."""
+
+    platform: str
+    channel_id: str
+    user_id: str
+    display_name: str
+    text: str
+    sink: ReplySink = field(repr=False, compare=False)
+    message_id: str | None = None
+    timestamp: datetime = field(default_factory=lambda: datetime.now(UTC))
+    addressed: bool = True
+    is_bot: bool = False
+    is_self: bool = False
+    roles: Roles = field(default_factory=Roles)
+    reply_to_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """The outcome of one event, for adapters and tests."""
+
+    text: str
+    status: str  # answered | dropped | failed
+    message_id: int | None = None
+    reason: str | None = None
+
+
+EventHandler = Callable[[ChatEvent], Awaitable[Reply]]
+
+
+class Adapter(Protocol):
+    """A platform adapter. ``run`` returns when the platform session ends or on cancellation."""
+
+    name: str
+
+    async def run(self, handle: EventHandler) -> None: ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,118 @@
+"""The runtime: opens the store and the engine, wires the service, runs adapters, and closes
+everything in ``finally`` — also on SIGINT/SIGTERM, after in-flight replies finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from bot.config import AppConfig
+from bot.events import Adapter
+from bot.paths import DataPaths
+from bot.registry import load_adapter_class
+from bot.service import Clock, ConversationService, utcnow
+from engine.backends.base import Backend
+from engine.llm_manager import LLMManager
+from memory.store import Store, sqlite_url
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: AppConfig
+    paths: DataPaths
+    store: Store
+    engine: LLMManager
+    service: ConversationService
+
+    async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
+        persona = self.engine.persona
+        return await self.store.stats(platform, platform_user_id, persona.id,
+                                      persona.moods.baseline)
+
+    async def run_adapters(self, adapters: list[Adapter]) -> None:
+        """Run until every adapter returns, one fails, or a signal asks us to stop."""
+        loop = asyncio.get_running_loop()
+        tasks = {asyncio.create_task(a.run(self.service.handle), name=f"adapter-{a.name}")
+                 for a in adapters}
+        stop = asyncio.Event()
+        installed = _install_signal_handlers(loop, stop)
+        waiter = asyncio.create_task(stop.wait())
+        failure: BaseException | None = None
+        try:
+            pending = set(tasks)
+            while pending and failure is None and not stop.is_set():
+                done, pending = await asyncio.wait(pending | {waiter},
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                pending.discard(waiter)
+                failure = next((t.exception() for t in done - {waiter}
+                                if not t.cancelled() and t.exception()), None)
+            if stop.is_set():
+                log.info("stop requested; finishing in-flight replies")
+                await self.service.drain(DRAIN_TIMEOUT_S)
+        finally:
+            waiter.cancel()
+            for task in tasks:
+                task.cancel()
+            for adapter in adapters:
+                try:
+                    await adapter.close()
+                except Exception:
+                    log.exception("closing adapter %s failed", adapter.name)
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+        if failure is not None:
+            raise failure
+
+
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop,
+                             stop: asyncio.Event) -> list[signal.Signals]:
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread / not Unix
+            continue
+        installed.append(sig)
+    return installed
+
+
+def build_adapters(config: AppConfig, names: list[str], **options: Any) -> list[Adapter]:
+    return [load_adapter_class(name)(config, **options.get(name, {})) for name in names]
+
+
+def store_url(config: AppConfig, paths: DataPaths) -> str:
+    if config.secrets.database_url is not None:
+        return config.secrets.database_url.get_secret_value()
+    return config.store.url or sqlite_url(paths.sqlite_file)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    config: AppConfig,
+    paths: DataPaths,
+    *,
+    backend: Backend | None = None,
+    clock: Clock = utcnow,
+) -> AsyncIterator[Runtime]:
+    """Open store and engine; always close both, in reverse order."""
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate)
+    try:
+        engine = LLMManager(config.engine_dict(), cache_dir=paths.cache_dir, backend=backend)
+        try:
+            await engine.start()
+            service = ConversationService(config, engine, store, clock=clock)
+            yield Runtime(config, paths, store, engine, service)
+        finally:
+            await engine.aclose()
+    finally:
+        await store.close()

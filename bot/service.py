@@ -1,0 +1,269 @@
+"""ConversationService: one inbound ChatEvent → policy → persisted → context → engine →
+persisted reply and state → sent. See DESIGN.md, "One message, end to end"."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from bot.config import AppConfig
+from bot.events import ChatEvent, Reply
+from engine.errors import EngineError
+from engine.llm_manager import LLMManager
+from engine.persona import Persona, PersonaState, advance, prompt_language, state_hint
+from engine.response_generator import build_messages
+from engine.types import GenerationRequest
+from memory.errors import StoreError
+from memory.store import HistoryMessage, StateChange, StateSnapshot, Store
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def to_persona_state(snapshot: StateSnapshot) -> PersonaState:
+    return PersonaState(
+        mood=snapshot.mood,
+        mood_intensity=snapshot.mood_intensity,
+        intimacy=snapshot.intimacy,
+        intimacy_gained_today=snapshot.intimacy_gained_today,
+        conversation_count=snapshot.conversation_count,
+        last_interaction_at=snapshot.last_interaction_at,
+    )
+
+
+def persona_rule(persona: Persona, text: str, now: datetime) -> Callable[[StateSnapshot],
+                                                                           StateChange]:
+    """Adapt the engine's pure persona rule to the store's atomic read-modify-write."""
+
+    def rule(before: StateSnapshot) -> StateChange:
+        transition = advance(to_persona_state(before), text, now, persona)
+        new = transition.state
+        return StateChange(
+            new=StateSnapshot(
+                mood=new.mood,
+                mood_intensity=new.mood_intensity,
+                intimacy=new.intimacy,
+                intimacy_gained_today=new.intimacy_gained_today,
+                conversation_count=new.conversation_count,
+                last_interaction_at=new.last_interaction_at,
+                version=before.version,
+            ),
+            cause=transition.cause,
+            details=transition.details,
+        )
+
+    return rule
+
+
+class SlidingWindowLimiter:
+    """At most ``limit`` events per key in any ``window`` seconds."""
+
+    def __init__(self, limit: int, window: float = 60.0) -> None:
+        self._limit = limit
+        self._window = window
+        self._events: dict[str, deque[float]] = defaultdict(deque)
+
+    def allow(self, key: str, now: float) -> bool:
+        events = self._events[key]
+        while events and now - events[0] >= self._window:
+            events.popleft()
+        if len(events) >= self._limit:
+            return False
+        events.append(now)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What the service knows about an accepted message while answering it."""
+
+    event: ChatEvent
+    user_id: int
+    message_id: int
+    received_at: float
+
+
+class ConversationService:
+    def __init__(
+        self,
+        config: AppConfig,
+        engine: LLMManager,
+        store: Store,
+        *,
+        clock: Clock = utcnow,
+    ) -> None:
+        self._config = config
+        self._engine = engine
+        self._store = store
+        self._clock = clock
+        self._limiter = SlidingWindowLimiter(config.limits.user_messages_per_minute)
+        self._lanes: dict[tuple[str, str], asyncio.Lock] = {}
+        self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+        self._pending = 0
+        self._in_flight: set[asyncio.Task[Any]] = set()
+
+    @property
+    def persona(self) -> Persona:
+        return self._engine.persona
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def handle(self, event: ChatEvent) -> Reply:
+        """Answer one event. Never raises for model or store trouble: the user gets an
+        in-character fallback and the cause goes to the log."""
+        if event.is_self or event.is_bot:
+            return Reply("", "dropped", reason="bot author")
+        text = event.text.strip()
+        if not text:
+            return Reply("", "dropped", reason="empty")
+        task = asyncio.current_task()
+        if task is not None:
+            self._in_flight.add(task)
+        try:
+            return await self._handle_accepted(event, text)
+        finally:
+            if task is not None:
+                self._in_flight.discard(task)
+
+    async def _handle_accepted(self, event: ChatEvent, text: str) -> Reply:
+        persona_id = self.persona.id
+        user_id = await self._store.resolve_user(event.platform, event.user_id,
+                                                 event.display_name)
+        message_id = await self._store.record_incoming(
+            user_id=user_id, persona_id=persona_id, platform=event.platform,
+            channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
+            created_at=event.timestamp,
+        )
+        exchange = Exchange(event, user_id, message_id, time.monotonic())
+        if not self._limiter.allow(f"{event.platform}:{event.user_id}", exchange.received_at):
+            await self._store.set_status(message_id, "dropped")
+            return Reply("", "dropped", reason="rate limited")
+        if self._pending >= self._config.limits.max_pending:
+            await self._store.set_status(message_id, "dropped")
+            log.warning("queue full (%d pending): dropped message %d", self._pending, message_id)
+            return Reply("", "dropped", reason="queue full")
+        self._pending += 1
+        try:
+            lane = self._lanes.setdefault((event.platform, event.user_id), asyncio.Lock())
+            async with lane:  # one user's messages are answered in order
+                return await self._answer(exchange, text)
+        finally:
+            self._pending -= 1
+            lane = self._lanes.get((event.platform, event.user_id))
+            if lane is not None and not lane.locked():
+                self._lanes.pop((event.platform, event.user_id), None)
+
+    async def _answer(self, exchange: Exchange, text: str) -> Reply:
+        event = exchange.event
+        try:
+            async with asyncio.timeout(self._config.limits.reply_timeout_s):
+                return await self._generate_and_store(exchange, text)
+        except (EngineError, StoreError, TimeoutError, RuntimeError, OSError) as exc:
+            log.exception("reply to message %d failed: %s", exchange.message_id, exc)
+            await self._mark_failed(exchange.message_id)
+            fallback = self.persona.fallback(exchange.message_id)
+            try:
+                await event.sink.send(fallback)
+            except (OSError, RuntimeError) as send_exc:
+                log.error("could not send fallback for message %d: %s", exchange.message_id,
+                          send_exc)
+            return Reply(fallback, "failed", reason=f"{type(exc).__name__}: {exc}")
+
+    async def _mark_failed(self, message_id: int) -> None:
+        try:
+            await self._store.set_status(message_id, "failed")
+        except StoreError as exc:
+            log.error("could not mark message %d failed: %s", message_id, exc)
+
+    async def _generate_and_store(self, exchange: Exchange, text: str) -> Reply:
+        event = exchange.event
+        persona = self.persona
+        state = await self._store.get_state(exchange.user_id, persona.id, persona.moods.baseline)
+        history = await self._store.recent_history(
+            exchange.user_id, persona.id, self._config.store.history_messages
+        )
+        history = self._within_budget(history, self._config.store.history_token_budget)
+        language = prompt_language(text)
+        messages = build_messages(
+            persona.system_prompt(language),
+            text,
+            [(item.role, item.content) for item in history],
+            context=None,
+            state_hint=state_hint(to_persona_state(state), persona, language),
+        )
+        request = GenerationRequest(messages, self._engine.settings.sampling())
+        await event.sink.typing()
+        async with self._generation_slots:
+            queue_wait = time.monotonic() - exchange.received_at
+            reply = await self._engine.generate(request, language=language)
+        now = self._clock()
+        trace = {
+            **reply.trace(),
+            "backend": self._engine.settings.backend,
+            "model": self._engine.model_name,
+            "sampling": _sampling_trace(request),
+            "history_message_ids": [item.id for item in history],
+            "request_id": request.request_id,
+        }
+        trace["timings_ms"]["queue_wait"] = round(queue_wait * 1000, 1)
+        trace["timings_ms"]["total"] = round((time.monotonic() - exchange.received_at) * 1000, 1)
+        reply_id, new_state = await self._store.complete_exchange(
+            user_message_id=exchange.message_id,
+            reply_text=reply.text,
+            trace=trace,
+            platform_message_id=None,
+            default_mood=persona.moods.baseline,
+            rule=persona_rule(persona, text, now),
+            created_at=now,
+        )
+        await event.sink.send(reply.text)
+        log.debug("answered %d with %d (mood %s, intimacy %.2f)", exchange.message_id, reply_id,
+                  new_state.mood, new_state.intimacy)
+        return Reply(reply.text, "answered", message_id=reply_id)
+
+    def _within_budget(self, history: list[HistoryMessage], budget: int) -> list[HistoryMessage]:
+        """Keep the newest messages whose tokens fit the budget, starting on a user turn."""
+        kept: list[HistoryMessage] = []
+        used = 0
+        for item in reversed(history):
+            cost = self._engine.count_tokens(item.content)
+            if used + cost > budget:
+                break
+            kept.append(item)
+            used += cost
+        kept.reverse()
+        while kept and kept[0].role != "user":
+            kept.pop(0)
+        return kept
+
+    async def drain(self, grace_s: float) -> None:
+        """Wait for in-flight replies (graceful shutdown)."""
+        tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
+        if tasks:
+            log.info("waiting for %d in-flight repl%s", len(tasks),
+                     "y" if len(tasks) == 1 else "ies")
+            await asyncio.wait(tasks, timeout=grace_s)
+
+
+def _sampling_trace(request: GenerationRequest) -> dict[str, Any]:
+    sampling = request.sampling
+    return {
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "max_new_tokens": sampling.max_new_tokens,
+        "repetition_penalty": sampling.repetition_penalty,
+    }

@@ -1,0 +1,27 @@
+"""The engine's exception root. ``bot`` maps these to user-facing fallbacks and exit codes."""
+
+
+class EngineError(Exception):
+    """Root of every error the engine raises on purpose."""
+
+
+class ModelNotFoundError(EngineError):
+    """A configured model path does not exist (names the config key and the path)."""
+
+    def __init__(self, key: str, path: str, hint: str = "") -> None:
+        self.key = key
+        self.path = path
+        message = f"{key}: model path not found: {path}"
+        super().__init__(message + (f" ({hint})" if hint else ""))
+
+
+class ModelLoadError(EngineError):
+    """A model exists but could not be loaded by any step of the fallback chain."""
+
+
+class BackendUnavailableError(EngineError):
+    """The generation backend is not reachable or not started."""
+
+
+class GenerationAborted(EngineError):
+    """A request was cancelled before it finished."""

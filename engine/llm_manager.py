@@ -1,0 +1,298 @@
+"""``LLMManager``: the seed's facade, same names and return keys, over the new engine.
+
+The runtime (``bot``) uses ``start`` / ``generate`` / ``aclose``; the seed API
+(``initialize``, ``generate_response``, ``cleanup``, ...) is kept for existing code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from engine import gpu_manager
+from engine.backends import Backend, create_backend
+from engine.embedder import Embedder
+from engine.errors import BackendUnavailableError, EngineError
+from engine.persona import (
+    Persona,
+    PersonaState,
+    advance,
+    load_persona,
+    prompt_language,
+    state_hint,
+)
+from engine.response_generator import (
+    GeneratedReply,
+    PostProcessing,
+    ResponseGenerator,
+    build_messages,
+    seed_history,
+)
+from engine.settings import EngineSettings
+from engine.text_filters import FilterOptions
+from engine.types import GenerationRequest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_USER = "default"
+
+
+class LLMManager:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        cache_dir: str | Path | None = None,
+        persona: Persona | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        self.settings = EngineSettings.from_config(
+            config, Path(cache_dir) if cache_dir is not None else None
+        )
+        self._persona = persona
+        self._backend = backend
+        self._generator: ResponseGenerator | None = None
+        self._embedder: Embedder | None = None
+        self._rag: Any = None
+        self._states: dict[str, PersonaState] = {}
+        self.last_error: str | None = None
+        self._closing: asyncio.Task[None] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the persona and start the backend; raise ``EngineError`` with the cause."""
+        if self._generator is not None:
+            return
+        if self._persona is None:
+            self._persona = load_persona(self.settings.persona_path)
+        backend = self._backend or create_backend(self.settings)
+        await backend.start()
+        self._backend = backend
+        self._generator = ResponseGenerator(backend)
+        if self.settings.embedding.enabled:
+            placement = getattr(backend, "placement", None)
+            device = placement.embedder_device if placement else "cpu"
+            self._embedder = Embedder(self.settings.embedding, device)
+
+    async def initialize(self) -> bool:
+        """Seed API: start everything; False (resources released) on failure."""
+        try:
+            await self.start()
+        except (EngineError, OSError, RuntimeError, ValueError) as exc:
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.error("LLM manager failed to initialise: %s", self.last_error)
+            await self.aclose()
+            return False
+        return True
+
+    async def aclose(self) -> None:
+        backend, self._backend, self._generator = self._backend, None, None
+        if backend is not None:
+            await backend.close()
+        if self._embedder is not None:
+            self._embedder.close()
+            self._embedder = None
+
+    def cleanup(self) -> None:
+        """Seed API (synchronous). Inside a running loop prefer ``await aclose()``."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            asyncio.run(self.aclose())
+            return
+        self._closing = loop.create_task(self.aclose())
+
+    # -- generation -----------------------------------------------------------------------
+
+    @property
+    def persona(self) -> Persona:
+        if self._persona is None:
+            raise BackendUnavailableError("LLM manager is not initialised")
+        return self._persona
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            raise BackendUnavailableError("LLM manager is not initialised")
+        return self._backend
+
+    def post_processing(self, conversion_mode: str | None = None,
+                        language: str = "zh") -> PostProcessing:
+        persona = self.persona
+        return PostProcessing(
+            filter_options=FilterOptions(
+                persona_names=persona.names.all(),
+                filter_repetition=self.settings.response.filter_repetition,
+                fallback=persona.fallback(),
+                system_prompt=persona.system_prompt(language),
+            ),
+            conversion_mode=conversion_mode or self.settings.response.conversion_mode,
+            protected_terms=tuple(persona.protected_terms),
+        )
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        *,
+        on_chunk: Callable[[str], Any] | None = None,
+        conversion_mode: str | None = None,
+        language: str = "zh",
+    ) -> GeneratedReply:
+        if self._generator is None:
+            raise BackendUnavailableError("LLM manager is not initialised")
+        post = self.post_processing(conversion_mode, language)
+        return await self._generator.generate(request, post, on_chunk)
+
+    @property
+    def model_name(self) -> str:
+        info = self._backend.info() if self._backend is not None else {}
+        return str(info.get("model_dir") or info.get("model") or self.settings.backend)
+
+    def count_tokens(self, text: str) -> int:
+        return self.backend.count_tokens(text)
+
+    async def generate_response(
+        self,
+        prompt: str,
+        context: str | None = None,
+        conversation_history: list[tuple[str, str]] | None = None,
+        stream: bool = False,
+        rag_enabled: bool = True,
+        *,
+        user_id: str = DEFAULT_USER,
+    ) -> Any:
+        """Seed API. Returns the filtered reply; with ``stream=True`` an async iterator of
+        raw text chunks instead. Mood and intimacy are tracked per ``user_id``."""
+        persona = self.persona
+        state = self._states.get(user_id, PersonaState(mood=persona.moods.baseline))
+        if rag_enabled and self._rag is not None and context is None:
+            context = await self._retrieve(prompt, user_id)
+        language = prompt_language(prompt)
+        messages = build_messages(persona.system_prompt(language), prompt,
+                                  seed_history(conversation_history), context,
+                                  state_hint(state, persona, language))
+        request = GenerationRequest(messages, self.settings.sampling())
+        self._states[user_id] = advance(state, prompt, datetime.now(UTC), persona).state
+        if stream:
+            return self._stream(request)
+        reply = await self.generate(request, language=language)
+        return reply.text
+
+    async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
+        async for chunk in self.backend.generate(request):
+            yield chunk
+
+    async def _retrieve(self, query: str, user_id: str) -> str | None:
+        search = getattr(self._rag, "search", None) or getattr(self._rag, "retrieve", None)
+        if search is None:
+            return None
+        results = search(query)
+        if inspect.isawaitable(results):
+            results = await results
+        texts = [getattr(item, "text", item) for item in results or ()]
+        return "\n".join(str(t) for t in texts) or None
+
+    # -- seed API: status and diagnostics ---------------------------------------------------
+
+    def set_rag_system_reference(self, rag_system: Any) -> None:
+        """Any object with ``search(query)`` (sync or async) returning items with ``.text``."""
+        self._rag = rag_system
+
+    def get_embeddings(self, texts: list[str]) -> list[list[float]]:
+        """Blocking: call from a worker thread inside async code."""
+        if self._embedder is None:
+            raise BackendUnavailableError("embeddings are disabled or the manager is not started")
+        return self._embedder.encode(list(texts)).tolist()
+
+    @property
+    def embedder(self) -> Embedder | None:
+        return self._embedder
+
+    def get_gpu_status(self) -> dict[str, Any]:
+        return gpu_manager.gpu_status()
+
+    def optimize_gpu_memory(self) -> dict[str, Any]:
+        return gpu_manager.optimize_gpu_memory()
+
+    def diagnose_gpu_allocation(self) -> dict[str, Any]:
+        return gpu_manager.diagnose_allocation(self.llm_model,
+                                               getattr(self._backend, "placement", None))
+
+    def get_model_info(self) -> dict[str, Any]:
+        info = self._backend.info() if self._backend is not None else {"backend": None}
+        load = info.get("load", {})
+        return {
+            **info,
+            "initialized": self._generator is not None,
+            "persona": self._persona.id if self._persona else None,
+            "loading_mode": load.get("mode", info.get("backend")),
+            "optimizations_applied": self._optimizations(load),
+            "embedding_model": self.settings.embedding.model_path or "all-MiniLM-L6-v2 (bundled)",
+            "embedding_loaded": bool(self._embedder and self._embedder.loaded),
+            "gpu_cluster": {**self.get_gpu_status(),
+                            "placement": info.get("placement")},
+            "last_error": self.last_error,
+        }
+
+    @staticmethod
+    def _optimizations(load: Mapping[str, Any]) -> list[str]:
+        applied = ["worker-thread generation", "chat templates", "streaming"]
+        mode = load.get("mode")
+        if mode in ("4bit", "8bit"):
+            applied.append(f"bitsandbytes {mode}")
+        if mode == "half":
+            applied.append("half precision")
+        return applied
+
+    def get_conversation_stats(self, user_id: str | None = None) -> dict[str, Any]:
+        """Seed API, tracked in this process; the runtime's persistent stats live in the store."""
+        persona = self.persona
+        if user_id is not None:
+            state = self._states.get(user_id, PersonaState(mood=persona.moods.baseline))
+            return _stats(state, persona) | {"user_id": user_id}
+        total = sum(s.conversation_count for s in self._states.values())
+        default = self._states.get(DEFAULT_USER, PersonaState(mood=persona.moods.baseline))
+        return _stats(default, persona) | {"conversation_count": total,
+                                           "users": len(self._states)}
+
+    # -- seed API: component access (backward compatible properties) -----------------------
+
+    @property
+    def llm_model(self) -> Any:
+        return getattr(self._backend, "model", None)
+
+    @property
+    def llm_tokenizer(self) -> Any:
+        return getattr(self._backend, "tokenizer", None)
+
+    @property
+    def embedding_model(self) -> Any:
+        return self._embedder.model if self._embedder else None
+
+    @property
+    def device(self) -> str:
+        placement = getattr(self._backend, "placement", None)
+        return placement.llm_device if placement else "cpu"
+
+
+def _stats(state: PersonaState, persona: Persona) -> dict[str, Any]:
+    return {
+        "conversation_count": state.conversation_count,
+        "current_mood": state.mood,
+        "intimacy_level": round(state.intimacy, 2),
+        "intimacy_tier": persona.tier_for(state.intimacy).name,
+    }
+
+
+async def create_llm_manager(config: Mapping[str, Any], **kwargs: Any) -> LLMManager | None:
+    """Seed API: a started manager, or None (with resources released) if it cannot start."""
+    manager = LLMManager(config, **kwargs)
+    if await manager.initialize():
+        return manager
+    return None

@@ -1,0 +1,156 @@
+"""ORM tables. Every table that holds per-user data has a ``user_id`` column (or is reached
+through one), which is what ``delete_user_data`` / ``export_user_data`` rely on."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, so SQLite batch migrations and PostgreSQL agree.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {
+        dict[str, Any]: JSON,
+        datetime: DateTime(timezone=True),
+    }
+
+
+class User(Base):
+    """A person. Several platform identities may point at one user (linked accounts)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    display_name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Identity(Base):
+    __tablename__ = "identities"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    platform_user_id: Mapped[str] = mapped_column(String(128))
+    display_name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class RelationshipState(Base):
+    """Mood and intimacy of one persona towards one user. ``version`` counts every change."""
+
+    __tablename__ = "relationship_states"
+    __table_args__ = (UniqueConstraint("user_id", "persona_id"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    persona_id: Mapped[str] = mapped_column(String(64))
+    mood: Mapped[str] = mapped_column(String(32))
+    mood_intensity: Mapped[float] = mapped_column(Float, default=0.0)
+    intimacy: Mapped[float] = mapped_column(Float, default=0.0)
+    # Intimacy gained inside the current UTC day, for the persona's daily cap.
+    intimacy_gained_today: Mapped[float] = mapped_column(Float, default=0.0)
+    conversation_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_interaction_at: Mapped[datetime | None] = mapped_column(default=None)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class StateEvent(Base):
+    """Audit trail: every state change with its cause and before/after values."""
+
+    __tablename__ = "state_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    persona_id: Mapped[str] = mapped_column(String(64))
+    message_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), default=None
+    )
+    cause: Mapped[str] = mapped_column(String(200))
+    changes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Message(Base):
+    """A chat message in a user's conversation with a persona (``role`` user or assistant)."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        Index("ix_messages_user_persona_id", "user_id", "persona_id", "id"),
+        Index("ix_messages_platform_message", "platform", "platform_message_id"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    persona_id: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    # received | answered | dropped | failed | purged (user messages); sent (assistant)
+    status: Mapped[str] = mapped_column(String(16))
+    platform: Mapped[str] = mapped_column(String(32))
+    channel_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    platform_message_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    reply_to_id: Mapped[int | None] = mapped_column(
+        ForeignKey("messages.id", ondelete="SET NULL"), default=None
+    )
+    trace: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Memory(Base):
+    """Retrievable text: persona knowledge (``scope`` persona) or a user's long-term memory."""
+
+    __tablename__ = "memories"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    persona_id: Mapped[str] = mapped_column(String(64), index=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), default=None, index=True
+    )
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(500))
+    source_hash: Mapped[str | None] = mapped_column(String(64), default=None)
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Tables scanned by delete/export: (table, column that names the user).
+USER_DATA_TABLES: tuple[tuple[type[Base], str], ...] = (
+    (StateEvent, "user_id"),
+    (Message, "user_id"),
+    (Memory, "user_id"),
+    (RelationshipState, "user_id"),
+    (Identity, "user_id"),
+    (User, "id"),
+)

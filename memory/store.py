@@ -1,0 +1,449 @@
+"""The conversation store: one ``AsyncSession`` per unit of work, SQLite or PostgreSQL.
+
+SQLite: WAL, ``synchronous=NORMAL``, and ``BEGIN IMMEDIATE`` for every transaction, because the
+driver's default deferred transactions silently lose read-modify-write updates under
+concurrency. PostgreSQL: ``SELECT ... FOR UPDATE`` on the state row.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from memory.errors import StoreError
+from memory.migrate import upgrade_to_head
+from memory.models import Identity, Message, RelationshipState, StateEvent, User
+from memory.urls import mask_url
+
+log = logging.getLogger(__name__)
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    id: int
+    role: str
+    content: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    mood: str
+    mood_intensity: float = 0.0
+    intimacy: float = 0.0
+    intimacy_gained_today: float = 0.0
+    conversation_count: int = 0
+    last_interaction_at: datetime | None = None
+    version: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What a state rule decided: the new state and why (kept in the audit trail)."""
+
+    new: StateSnapshot
+    cause: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+StateRule = Callable[[StateSnapshot], StateChange]
+
+_STATE_FIELDS = (
+    "mood",
+    "mood_intensity",
+    "intimacy",
+    "intimacy_gained_today",
+    "conversation_count",
+    "last_interaction_at",
+)
+
+
+def _snapshot(row: RelationshipState) -> StateSnapshot:
+    return StateSnapshot(
+        mood=row.mood,
+        mood_intensity=row.mood_intensity,
+        intimacy=row.intimacy,
+        intimacy_gained_today=row.intimacy_gained_today,
+        conversation_count=row.conversation_count,
+        last_interaction_at=_aware(row.last_interaction_at),
+        version=row.version,
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def _check_sqlite_file(path: Path) -> None:
+    """Refuse, before touching it, a file that is not SQLite or cannot be written."""
+    if path.is_dir():
+        raise StoreError(f"store: {path} is a directory, expected a SQLite file")
+    if path.exists():
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_MAGIC))
+        if header and header != SQLITE_MAGIC:
+            raise StoreError(f"store: {path} is not a SQLite database; refusing to touch it")
+        if not path.stat().st_size == 0 and not _writable(path):
+            raise StoreError(f"store: {path} is read-only; the store needs write access")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not _writable(parent):
+        raise StoreError(f"store: directory {parent} is not writable")
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
+
+
+def _tune_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA foreign_keys=ON",
+            "PRAGMA busy_timeout=10000",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Store:
+    """Async repository over the conversation database."""
+
+    def __init__(self, engine: AsyncEngine, url: str) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self.url = url
+
+    @property
+    def dialect(self) -> str:
+        return self._engine.dialect.name
+
+    @classmethod
+    async def open(cls, url: str, *, auto_migrate: bool = True) -> Store:
+        """Open (and by default migrate) the database at ``url``."""
+        if url.startswith("sqlite"):
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                _check_sqlite_file(Path(path))
+        try:
+            if auto_migrate:
+                await upgrade_to_head(url)
+            engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            if engine.dialect.name == "sqlite":
+                _tune_sqlite(engine)
+            store = cls(engine, url)
+            await store._ping()
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreError(f"store: cannot open {mask_url(url)}: {_first_line(exc)}") from exc
+        return store
+
+    async def _ping(self) -> None:
+        async with self._sessions() as session, session.begin():
+            await session.execute(select(User.id).limit(1))
+
+    async def close(self) -> None:
+        await self._engine.dispose()
+
+    # -- identities -------------------------------------------------------------------------
+
+    async def resolve_user(self, platform: str, platform_user_id: str, display_name: str) -> int:
+        """The user id behind a platform identity, created on first sight."""
+        async with self._sessions() as session:
+            try:
+                async with session.begin():
+                    user_id = await session.scalar(
+                        select(Identity.user_id).where(
+                            Identity.platform == platform,
+                            Identity.platform_user_id == platform_user_id,
+                        )
+                    )
+                    if user_id is not None:
+                        return user_id
+                    user = User(display_name=display_name)
+                    session.add(user)
+                    await session.flush()
+                    session.add(
+                        Identity(
+                            user_id=user.id,
+                            platform=platform,
+                            platform_user_id=platform_user_id,
+                            display_name=display_name,
+                        )
+                    )
+                    return user.id
+            except IntegrityError:
+                # Another task created the same identity first; theirs wins.
+                pass
+        async with self._sessions() as session, session.begin():
+            found = await session.scalar(
+                select(Identity.user_id).where(
+                    Identity.platform == platform, Identity.platform_user_id == platform_user_id
+                )
+            )
+            if found is None:
+                raise StoreError(f"store: identity {platform}:{platform_user_id} vanished")
+            return found
+
+    async def find_user(self, platform: str, platform_user_id: str) -> int | None:
+        async with self._sessions() as session, session.begin():
+            return await session.scalar(
+                select(Identity.user_id).where(
+                    Identity.platform == platform, Identity.platform_user_id == platform_user_id
+                )
+            )
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def record_incoming(
+        self,
+        *,
+        user_id: int,
+        persona_id: str,
+        platform: str,
+        channel_id: str | None,
+        platform_message_id: str | None,
+        text: str,
+        created_at: datetime,
+    ) -> int:
+        """Persist a user's message (status ``received``) before anything else happens."""
+        async with self._sessions() as session, session.begin():
+            message = Message(
+                user_id=user_id,
+                persona_id=persona_id,
+                role="user",
+                content=text,
+                status="received",
+                platform=platform,
+                channel_id=channel_id,
+                platform_message_id=platform_message_id,
+                created_at=created_at,
+            )
+            session.add(message)
+            await session.flush()
+            return message.id
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        async with self._sessions() as session, session.begin():
+            await session.execute(
+                update(Message).where(Message.id == message_id).values(status=status)
+            )
+
+    async def recent_history(
+        self, user_id: int, persona_id: str, limit: int
+    ) -> list[HistoryMessage]:
+        """The last ``limit`` messages of finished exchanges, oldest first."""
+        if limit <= 0:
+            return []
+        async with self._sessions() as session, session.begin():
+            rows = await session.execute(
+                select(Message.id, Message.role, Message.content, Message.created_at)
+                .where(
+                    Message.user_id == user_id,
+                    Message.persona_id == persona_id,
+                    Message.status.in_(("answered", "sent")),
+                )
+                .order_by(Message.id.desc())
+                .limit(limit)
+            )
+            history = [
+                HistoryMessage(id=r.id, role=r.role, content=r.content,
+                               created_at=_aware(r.created_at) or r.created_at)
+                for r in rows
+            ]
+        history.reverse()
+        return history
+
+    async def get_message(self, message_id: int) -> Message | None:
+        async with self._sessions() as session, session.begin():
+            return await session.get(Message, message_id)
+
+    async def messages_for(self, user_id: int, persona_id: str | None = None) -> list[Message]:
+        async with self._sessions() as session, session.begin():
+            query = select(Message).where(Message.user_id == user_id).order_by(Message.id)
+            if persona_id is not None:
+                query = query.where(Message.persona_id == persona_id)
+            return list((await session.scalars(query)).all())
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
+        async with self._sessions() as session, session.begin():
+            row = await session.scalar(
+                select(RelationshipState).where(
+                    RelationshipState.user_id == user_id,
+                    RelationshipState.persona_id == persona_id,
+                )
+            )
+            return _snapshot(row) if row else StateSnapshot(mood=default_mood)
+
+    async def update_state(
+        self,
+        user_id: int,
+        persona_id: str,
+        default_mood: str,
+        rule: StateRule,
+        message_id: int | None = None,
+    ) -> StateSnapshot:
+        """Apply ``rule`` to the current state atomically and write an audit row."""
+        async with self._sessions() as session, session.begin():
+            return await self._apply_rule(session, user_id, persona_id, default_mood, rule,
+                                          message_id)
+
+    async def complete_exchange(
+        self,
+        *,
+        user_message_id: int,
+        reply_text: str,
+        trace: dict[str, Any],
+        platform_message_id: str | None,
+        default_mood: str,
+        rule: StateRule,
+        created_at: datetime,
+    ) -> tuple[int, StateSnapshot]:
+        """One unit of work: persist the reply, apply the state rule, mark the question
+        answered. Either all of it lands or none."""
+        async with self._sessions() as session, session.begin():
+            question = await session.get(Message, user_message_id)
+            if question is None:
+                raise StoreError(f"store: message {user_message_id} does not exist")
+            reply = Message(
+                user_id=question.user_id,
+                persona_id=question.persona_id,
+                role="assistant",
+                content=reply_text,
+                status="sent",
+                platform=question.platform,
+                channel_id=question.channel_id,
+                platform_message_id=platform_message_id,
+                reply_to_id=question.id,
+                trace=trace,
+                created_at=created_at,
+            )
+            session.add(reply)
+            question.status = "answered"
+            await session.flush()
+            state = await self._apply_rule(
+                session, question.user_id, question.persona_id, default_mood, rule, question.id
+            )
+            return reply.id, state
+
+    async def _apply_rule(
+        self,
+        session: AsyncSession,
+        user_id: int,
+        persona_id: str,
+        default_mood: str,
+        rule: StateRule,
+        message_id: int | None,
+    ) -> StateSnapshot:
+        row = await self._locked_state_row(session, user_id, persona_id, default_mood)
+        before = _snapshot(row)
+        change = rule(before)
+        after = replace(change.new, version=before.version + 1)
+        diff = {
+            name: [_jsonable(getattr(before, name)), _jsonable(getattr(after, name))]
+            for name in _STATE_FIELDS
+            if getattr(before, name) != getattr(after, name)
+        }
+        for name in _STATE_FIELDS:
+            setattr(row, name, getattr(after, name))
+        row.version = after.version
+        row.updated_at = datetime.now(UTC)
+        session.add(
+            StateEvent(
+                user_id=user_id,
+                persona_id=persona_id,
+                message_id=message_id,
+                cause=change.cause[:200],
+                changes={"diff": diff, **change.details},
+            )
+        )
+        return after
+
+    async def _locked_state_row(
+        self, session: AsyncSession, user_id: int, persona_id: str, default_mood: str
+    ) -> RelationshipState:
+        query = select(RelationshipState).where(
+            RelationshipState.user_id == user_id, RelationshipState.persona_id == persona_id
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        row = await session.scalar(query)
+        if row is not None:
+            return row
+        row = RelationshipState(user_id=user_id, persona_id=persona_id, mood=default_mood,
+                                mood_intensity=0.0, intimacy=0.0, intimacy_gained_today=0.0,
+                                conversation_count=0, version=0)
+        # A savepoint, so losing a creation race only retries the select.
+        try:
+            async with session.begin_nested():
+                session.add(row)
+                await session.flush()
+        except IntegrityError:
+            row = (await session.scalars(query)).one()
+        return row
+
+    async def stats(
+        self, platform: str, platform_user_id: str, persona_id: str, default_mood: str
+    ) -> dict[str, Any] | None:
+        """The seed's ``get_conversation_stats`` shape for one user, or None if unknown."""
+        user_id = await self.find_user(platform, platform_user_id)
+        if user_id is None:
+            return None
+        state = await self.get_state(user_id, persona_id, default_mood)
+        return {
+            "user_id": user_id,
+            "platform": platform,
+            "platform_user_id": platform_user_id,
+            "persona_id": persona_id,
+            "conversation_count": state.conversation_count,
+            "current_mood": state.mood,
+            "mood_intensity": round(state.mood_intensity, 3),
+            "intimacy_level": round(state.intimacy, 2),
+            "last_interaction_at": (
+                state.last_interaction_at.isoformat() if state.last_interaction_at else None
+            ),
+        }
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
