@@ -1,0 +1,88 @@
+"""Shared fixtures. The outbound network is blocked for the whole session."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import network_guard
+from tests.pg_server import PostgresServer, find_pg_bin
+
+network_guard.install()
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Iterator[Path]:
+    """One converted copy of the bundled model for the whole session."""
+    path = Path(tempfile.mkdtemp(prefix="vtuber-model-cache-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Iterator[Path]:
+    from tests.tiny_model import build_tiny_qwen3
+
+    path = Path(tempfile.mkdtemp(prefix="vtuber-tiny-qwen3-"))
+    yield build_tiny_qwen3(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer | None]:
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if os.environ.get("VTUBER_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found, and "
+                        "VTUBER_REQUIRE_POSTGRES is set")
+        yield None
+        return
+    base = Path(tempfile.mkdtemp(prefix="vtuber-pg-"))
+    server = PostgresServer(bin_dir, base)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+_db_names = itertools.count(1)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'test.db'}"
+    server = request.getfixturevalue("postgres_server")
+    if server is None:
+        pytest.skip("no PostgreSQL server binaries on this machine (initdb not found)")
+    return server.create_database(f"t{os.getpid()}_{next(_db_names)}")
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[object]:
+    from memory.store import Store
+
+    opened = await Store.open(db_url)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def python() -> str:
+    return sys.executable

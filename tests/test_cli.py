@@ -1,0 +1,205 @@
+"""The CLI as a user runs it: real processes, in a network namespace with no network when the
+machine allows one (``unshare -n``), else with the in-process guard only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+from memory.store import Store
+
+SCRIPTED = """
+models:
+  llm:
+    backend: scripted
+    scripted:
+      replies: ["Nice to meet you!", "I remember you said hi."]
+  embedding:
+    enabled: false
+"""
+
+
+@cache
+def _offline_prefix() -> tuple[str, ...]:
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return ()
+    for flags in (("-n",), ("-rn",)):
+        probe = subprocess.run([unshare, *flags, "true"], capture_output=True, check=False)
+        if probe.returncode == 0:
+            return (unshare, *flags)
+    return ()
+
+
+def vtuber(*args: str, stdin: str | None = None, cwd: Path | None = None,
+           env: dict[str, str] | None = None, timeout: float = 120
+           ) -> subprocess.CompletedProcess[str]:
+    command = [*_offline_prefix(), sys.executable, "-m", "bot", *args]
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd,
+                          env=full_env, timeout=timeout, check=False)
+
+
+@pytest.fixture
+def scripted_config(tmp_path: Path) -> Path:
+    path = tmp_path / "scripted.yaml"
+    path.write_text(SCRIPTED, encoding="utf-8")
+    return path
+
+
+def test_chat_once_twice_then_stats(tmp_path: Path, scripted_config: Path) -> None:
+    data = tmp_path / "data"
+    common = ("--config", str(scripted_config), "--data-dir", str(data))
+    first = vtuber(*common, "chat", "--once", "hi")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "Nice to meet you!"
+    assert str(data) in first.stderr  # the data dir is stated at start
+    second = vtuber(*common, "chat", "--once", "hi again")
+    assert second.returncode == 0, second.stderr
+    stats = vtuber(*common, "stats", "--platform", "console", "--user", "viewer", "--json")
+    assert stats.returncode == 0, stats.stderr
+    payload = json.loads(stats.stdout)
+    assert payload["conversation_count"] == 2
+    assert {"current_mood", "intimacy_level"} <= set(payload)
+    # The second reply's prompt contained the first exchange.
+    messages = asyncio.run(_messages(data / "vtuber.db"))
+    first_ids = [m.id for m in messages[:2]]
+    assert [m.content for m in messages[:2]] == ["hi", "Nice to meet you!"]
+    assert messages[3].trace is not None
+    assert messages[3].trace["history_message_ids"] == first_ids
+
+
+async def _messages(db: Path) -> list:
+    store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    try:
+        user_id = await store.find_user("console", "viewer")
+        assert user_id is not None
+        return await store.messages_for(user_id)
+    finally:
+        await store.close()
+
+
+def test_repl_quit_and_eof_exit_zero(tmp_path: Path, scripted_config: Path) -> None:
+    common = ("--config", str(scripted_config), "--data-dir", str(tmp_path / "d"))
+    quit_run = vtuber(*common, "chat", "--user", "ann", stdin="hello\n/stats\n/quit\n")
+    assert quit_run.returncode == 0, quit_run.stderr
+    assert "Nice to meet you!" in quit_run.stdout
+    assert "conversations: 1" in quit_run.stdout
+    eof_run = vtuber(*common, "chat", "--user", "ann", stdin="hello again\n")
+    assert eof_run.returncode == 0, eof_run.stderr
+    assert eof_run.stdout.count("Nice to meet you!") == 1  # a new process, a new script
+
+
+def test_sigterm_exits_zero(tmp_path: Path, scripted_config: Path) -> None:
+    command = [sys.executable, "-m", "bot", "--config", str(scripted_config), "--data-dir",
+               str(tmp_path / "d"), "chat"]
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 60
+    banner = ""
+    while "Commands:" not in banner and time.monotonic() < deadline:
+        banner += process.stdout.readline()
+    process.send_signal(signal.SIGTERM)
+    _out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_bad_config_three_lines_exit_78(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "models:\n  llm:\n    temperature: 9\n    quantization: 3bit\n"
+        "adapters:\n  discrod:\n    enabled: true\n",
+        encoding="utf-8",
+    )
+    result = vtuber("--config", str(bad), "run")
+    assert result.returncode == 78
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 3, result.stderr
+    assert any("models.llm.temperature: 9" in line for line in lines)
+    assert any("models.llm.quantization: '3bit'" in line and "4bit" in line for line in lines)
+    assert any("adapters.discrod: unknown key" in line for line in lines)
+
+
+def test_missing_discord_token_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "discord.yaml"
+    config.write_text("adapters:\n  console:\n    enabled: false\n  discord:\n    enabled: true\n",
+                      encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "DISCORD_TOKEN"}
+    command = [*_offline_prefix(), sys.executable, "-m", "bot", "--config", str(config),
+               "--data-dir", str(tmp_path / "d"), "run"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60,
+                            check=False)
+    assert result.returncode == 78
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert errors == ["config error: adapters.discord.enabled is true but the environment "
+                      "variable DISCORD_TOKEN is not set"]
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_nothing_enabled(tmp_path: Path) -> None:
+    config = tmp_path / "none.yaml"
+    config.write_text("adapters:\n  console:\n    enabled: false\n", encoding="utf-8")
+    result = vtuber("--config", str(config), "--data-dir", str(tmp_path / "d"), "run")
+    assert result.returncode == 78
+    assert "no adapter is enabled" in result.stderr
+
+
+def test_gpu_status_without_gpu(tmp_path: Path) -> None:
+    result = vtuber("--data-dir", str(tmp_path), "gpu-status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["gpu_count"] == 0
+    assert status["placement"]["llm_device"] == "cpu"
+
+
+def test_diagnose_json_masks_secrets(tmp_path: Path) -> None:
+    result = vtuber("--data-dir", str(tmp_path), "diagnose", "--json",
+                    env={"DISCORD_TOKEN": "super-secret-token"})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {"issues", "recommendations", "system"} <= set(report)
+    assert "super-secret-token" not in result.stdout
+    assert report["config"]["secrets"]["discord_token"] == "***"
+
+
+def test_migrate_and_not_a_database(tmp_path: Path) -> None:
+    result = vtuber("--data-dir", str(tmp_path), "migrate")
+    assert result.returncode == 0, result.stderr
+    assert "is at revision" in result.stdout
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "vtuber.db").write_text("not sqlite", encoding="utf-8")
+    result = vtuber("--data-dir", str(junk), "stats", "--platform", "console", "--user", "x")
+    assert result.returncode == 1
+    assert "not a SQLite database" in result.stderr
+    assert (junk / "vtuber.db").read_text(encoding="utf-8") == "not sqlite"
+
+
+@pytest.mark.slow
+def test_bundled_model_answers_in_the_repl(tmp_path: Path, model_cache: Path) -> None:
+    """Acceptance: the embedded default answers 你好 and hello within 60 s each on 2 cores,
+    first run (model conversion) included."""
+    started = time.monotonic()
+    result = vtuber("--data-dir", str(tmp_path / "d"), "chat",
+                    stdin="你好\nhello\n/quit\n", env={"VTUBER_CACHE_DIR": str(model_cache)},
+                    cwd=tmp_path, timeout=180)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    replies = re.findall(r"燈芯佩兒> (.*)", result.stdout)
+    assert len(replies) == 2, result.stdout
+    assert all(reply.strip() for reply in replies)
+    assert elapsed < 120, f"two replies took {elapsed:.0f} s"
+    assert "Preparing SmolLM2" in result.stderr  # progress is shown on first use

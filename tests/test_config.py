@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bot.config import check_secrets, load_config, parse_config
+from bot.errors import ConfigError, MissingSecretError
+
+SEED_CONFIG = """
+models:
+  llm:
+    model_path: "/path/to/Qwen-8B"
+    device: "cuda"
+    max_length: 4096
+    temperature: 0.7
+    top_p: 0.9
+    top_k: 50
+  embedding:
+    model_path: "/path/to/Qwen3-Embedding-0.6B"
+    max_length: 512
+    batch_size: 32
+vtuber:
+  response:
+    max_tokens: 150
+    min_tokens: 10
+    filter_repetition: true
+    enable_traditional_chinese: true
+"""
+
+
+def test_seed_keys_are_accepted_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "seed.yaml"
+    path.write_text(SEED_CONFIG, encoding="utf-8")
+    config = load_config(path, env={})
+    assert config.models.llm.model_path == "/path/to/Qwen-8B"
+    assert config.models.llm.max_length == 4096
+    assert config.models.embedding.batch_size == 32
+    assert config.vtuber.response.conversion_mode == "s2twp"
+
+
+def test_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "config.example.yaml"
+    config = load_config(example, env={})
+    assert config.adapters.console.enabled
+
+
+def test_missing_file_defaults_to_embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = load_config(None, env={})
+    assert config.models.llm.model_path is None
+    assert config.models.llm.backend == "transformers"
+
+
+def test_three_mistakes_give_three_precise_lines() -> None:
+    data = {
+        "models": {"llm": {"temperature": 5, "tempreature": 1}},
+        "store": {"history_messages": "lots"},
+    }
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, env={})
+    problems = info.value.problems
+    assert len(problems) == 3
+    joined = "\n".join(problems)
+    assert "models.llm.temperature: 5" in joined and "less than or equal to 2" in joined
+    assert "models.llm.tempreature: unknown key" in joined
+    assert "store.history_messages: 'lots'" in joined
+
+
+def test_invalid_yaml_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_text("models:\n  llm: [unclosed\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "line" in info.value.problems[0]
+
+
+def test_secrets_come_only_from_environment() -> None:
+    with pytest.raises(ConfigError, match="environment only"):
+        parse_config({"secrets": {"discord_token": "abc"}}, env={})
+    config = parse_config({}, env={"DISCORD_TOKEN": "tok-123"})
+    assert config.secrets.discord_token is not None
+    assert config.secrets.discord_token.get_secret_value() == "tok-123"
+    shown = repr(config.masked_dump())
+    assert "tok-123" not in shown and "***" in shown
+    assert "tok-123" not in repr(config)
+
+
+def test_database_password_is_masked() -> None:
+    config = parse_config({"store": {"url": "postgresql+asyncpg://bot:hunter2@db/vt"}}, env={})
+    assert "hunter2" not in repr(config.masked_dump())
+
+
+def test_missing_token_for_enabled_adapter() -> None:
+    config = parse_config({"adapters": {"discord": {"enabled": True}}}, env={})
+    with pytest.raises(MissingSecretError) as info:
+        check_secrets(config, config.adapters.enabled_names())
+    assert info.value.problems == [
+        "adapters.discord.enabled is true but the environment variable DISCORD_TOKEN is not set"
+    ]
+
+
+def test_min_tokens_above_max_tokens_is_refused() -> None:
+    with pytest.raises(ConfigError, match="min_tokens"):
+        parse_config({"vtuber": {"response": {"max_tokens": 5, "min_tokens": 10}}}, env={})

@@ -1,0 +1,198 @@
+"""Engine on CPU: a tiny random Qwen3 through the real loader, template and generate()."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine import create_llm_manager, diagnose_system, get_module_info, get_system_info
+from engine.backends.transformers_backend import TransformersBackend
+from engine.errors import ModelNotFoundError
+from engine.gpu_manager import GIB, DeviceInfo, diagnose_allocation, gpu_status, plan_placement
+from engine.model_loader import fallback_chain, resolve_llm_dir
+from engine.settings import EngineSettings
+from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+
+def tiny_config(model_dir: Path, **llm: Any) -> dict[str, Any]:
+    return {
+        "models": {
+            "llm": {"model_path": str(model_dir), "temperature": 0.0, "max_length": 512, **llm},
+            "embedding": {"enabled": False},
+        },
+        "vtuber": {"response": {"max_tokens": 12, "min_tokens": 0,
+                                "enable_traditional_chinese": False}},
+    }
+
+
+def request(text: str = "hello", max_new_tokens: int = 12) -> GenerationRequest:
+    return GenerationRequest(
+        (ChatMessage("system", "You are Pell."), ChatMessage("user", text)),
+        SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0),
+    )
+
+
+@pytest.fixture
+async def backend(tiny_model_dir: Path, tmp_path: Path) -> Any:
+    settings = EngineSettings.from_config(tiny_config(tiny_model_dir), cache_dir=tmp_path)
+    started = TransformersBackend(settings)
+    await started.start()
+    yield started
+    await started.close()
+
+
+async def test_streams_text_in_chunks(backend: TransformersBackend) -> None:
+    chunks = [chunk async for chunk in backend.generate(request())]
+    assert chunks, "no text streamed"
+    assert backend.report.mode == "cpu"
+    assert backend.report.steps == [{"step": "cpu", "ok": True, "reason": ""}]
+
+
+async def test_greedy_generation_is_deterministic(backend: TransformersBackend) -> None:
+    first = "".join([c async for c in backend.generate(request("你好"))])
+    second = "".join([c async for c in backend.generate(request("你好"))])
+    assert first == second
+
+
+async def test_event_loop_keeps_ticking_during_generation(backend: TransformersBackend) -> None:
+    gaps: list[float] = []
+    running = True
+
+    async def heartbeat() -> None:
+        last = time.monotonic()
+        while running:
+            await asyncio.sleep(0.005)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    beat = asyncio.create_task(heartbeat())
+    for _ in range(3):
+        async for _chunk in backend.generate(request(max_new_tokens=60)):
+            pass
+    running = False
+    await beat
+    assert gaps and max(gaps) < 0.05, f"event loop blocked for {max(gaps):.3f} s"
+
+
+async def test_cancelling_the_consumer_stops_generation(backend: TransformersBackend) -> None:
+    stream = backend.generate(request(max_new_tokens=400))
+    first = await anext(stream)
+    assert first
+    await stream.aclose()
+    assert backend.health()["in_flight"] == 0
+    # The worker is free again: the next request is served promptly.
+    text = "".join([c async for c in backend.generate(request(max_new_tokens=4))])
+    assert isinstance(text, str)
+
+
+async def test_prompt_over_budget_drops_oldest_history(backend: TransformersBackend) -> None:
+    long_history = tuple(
+        ChatMessage("user" if i % 2 == 0 else "assistant", "hello there " * 40)
+        for i in range(20)
+    )
+    req = GenerationRequest(
+        (ChatMessage("system", "sys"), *long_history, ChatMessage("user", "latest")),
+        SamplingParams(max_new_tokens=8, temperature=0.0),
+    )
+    encoded = backend._encode(req)
+    assert encoded["input_ids"].shape[-1] <= 512 - 8
+
+
+async def test_seed_api_with_dict_config(tiny_model_dir: Path, tmp_path: Path) -> None:
+    manager = await create_llm_manager(tiny_config(tiny_model_dir), cache_dir=tmp_path)
+    assert manager is not None
+    try:
+        reply = await manager.generate_response(
+            "今天天氣怎麼樣？", context="今天是晴天", conversation_history=[("早安", "早安～")],
+        )
+        assert isinstance(reply, str) and reply
+        stats = manager.get_conversation_stats()
+        assert stats["conversation_count"] == 1
+        assert set(stats) >= {"conversation_count", "current_mood", "intimacy_level"}
+        info = manager.get_model_info()
+        assert info["gpu_cluster"]["gpu_count"] == 0
+        assert info["loading_mode"] == "cpu"
+        status = manager.get_gpu_status()
+        assert status["gpu_count"] == 0 and status["total_memory_gb"] == 0
+        allocation = manager.diagnose_gpu_allocation()
+        assert allocation["layer_map"] and set(allocation["layer_map"].values()) == {"cpu"}
+        assert manager.llm_model is not None and manager.llm_tokenizer is not None
+        assert manager.device == "cpu"
+    finally:
+        await manager.aclose()
+
+
+async def test_create_returns_none_for_missing_model(tmp_path: Path) -> None:
+    manager = await create_llm_manager(tiny_config(tmp_path / "nowhere"), cache_dir=tmp_path)
+    assert manager is None
+
+
+def test_missing_model_path_names_key_and_path(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_llm_dir(str(tmp_path / "missing"), None, tmp_path)
+    assert "models.llm.model_path" in str(info.value)
+    assert str(tmp_path / "missing") in str(info.value)
+
+
+def test_module_level_diagnostics() -> None:
+    info = get_system_info()
+    assert info["gpu"]["gpu_count"] == 0
+    report = diagnose_system(info)
+    assert set(report) >= {"issues", "recommendations"}
+    assert "llm_manager" in get_module_info()["components"]
+
+
+def _fake(count: int, total_gib: int = 80) -> list[DeviceInfo]:
+    return [DeviceInfo(i, "H100", total_gib * GIB, (total_gib - 1) * GIB) for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("gpus", "llm_gpus", "embedder"),
+    [(0, [], "cpu"), (1, [0], "cuda:0"), (2, [0, 1], "cuda:1"), (4, [0, 1, 2, 3], "cuda:3"),
+     (5, [0, 1, 2, 3], "cuda:4"), (8, [0, 1, 2, 3], "cuda:4")],
+)
+def test_placement_policy(gpus: int, llm_gpus: list[int], embedder: str) -> None:
+    placement = plan_placement(_fake(gpus))
+    assert list(placement.llm_gpus) == llm_gpus
+    assert placement.embedder_device == embedder
+    assert sorted(placement.llm_max_memory) == llm_gpus
+    if gpus:
+        assert placement.llm_max_memory[0] == "72GiB"
+
+
+def test_placement_overrides() -> None:
+    assert plan_placement(_fake(4), "cpu").llm_device == "cpu"
+    pinned = plan_placement(_fake(4), "cuda:2")
+    assert pinned.llm_gpus == (2,) and pinned.embedder_device == "cuda:2"
+    with pytest.raises(ValueError, match="only 2 GPU"):
+        plan_placement(_fake(2), "cuda:3")
+
+
+def test_gpu_status_shape_with_fake_devices() -> None:
+    status = gpu_status(_fake(2))
+    assert status["gpu_count"] == 2
+    assert status["total_memory_gb"] == 160
+    assert len(status["devices"]) == 2
+
+
+def test_fallback_chain_order() -> None:
+    gpu = plan_placement(_fake(1))
+    assert fallback_chain("4bit", gpu) == ["4bit", "8bit", "half", "cpu"]
+    assert fallback_chain("8bit", gpu) == ["8bit", "half", "cpu"]
+    assert fallback_chain("none", gpu) == ["half", "cpu"]
+    assert fallback_chain("4bit", plan_placement([])) == ["cpu"]
+
+
+def test_imbalance_warning() -> None:
+    class Fake:
+        def __init__(self) -> None:
+            self.hf_device_map = {f"model.layers.{i}": ("cuda:0" if i < 30 else "cuda:1")
+                                  for i in range(36)}
+
+    report = diagnose_allocation(Fake())
+    assert any("imbalance" in w for w in report["warnings"])

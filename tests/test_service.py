@@ -1,0 +1,182 @@
+"""ConversationService with the scripted backend and a real SQLite/PostgreSQL store."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import AppConfig, parse_config
+from bot.events import ChatEvent
+from bot.paths import DataPaths
+from bot.runtime import Runtime, open_runtime
+from engine.backends.scripted import ScriptedBackend
+from engine.errors import EngineError
+from engine.types import GenerationRequest
+from memory.store import Store
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+        self.typing_calls = 0
+        self._ids = itertools.count(1)
+
+    async def send(self, text: str) -> str:
+        self.sent.append(text)
+        return f"out-{next(self._ids)}"
+
+    async def edit(self, message_id: str, text: str) -> None:
+        self.sent.append(text)
+
+    async def typing(self) -> None:
+        self.typing_calls += 1
+
+
+def make_config(db_url: str, **overrides: Any) -> AppConfig:
+    data: dict[str, Any] = {
+        "models": {"llm": {"backend": "scripted",
+                           "scripted": {"replies": ["第一個回覆。", "第二個回覆。", "回覆三。"]}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": db_url},
+    }
+    data.update(overrides)
+    return parse_config(data, env={})
+
+
+def event(text: str, user: str = "ann", sink: RecordingSink | None = None,
+          **kwargs: Any) -> ChatEvent:
+    return ChatEvent(platform="discord", channel_id="c1", user_id=user, display_name=user,
+                     text=text, sink=sink or RecordingSink(), **kwargs)
+
+
+@pytest.fixture
+async def runtime(db_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
+    async with open_runtime(make_config(db_url), DataPaths.resolve(tmp_path)) as opened:
+        yield opened
+
+
+def scripted(runtime: Runtime) -> ScriptedBackend:
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    return backend
+
+
+async def test_reply_is_sent_and_both_messages_persisted(runtime: Runtime) -> None:
+    sink = RecordingSink()
+    reply = await runtime.service.handle(event("你好", sink=sink))
+    assert reply.status == "answered"
+    assert sink.sent == ["第一個回覆。"]
+    assert sink.typing_calls == 1
+    user_id = await runtime.store.find_user("discord", "ann")
+    assert user_id is not None
+    rows = await runtime.store.messages_for(user_id)
+    assert [(m.role, m.content, m.status) for m in rows] == [
+        ("user", "你好", "answered"), ("assistant", "第一個回覆。", "sent"),
+    ]
+    trace = rows[1].trace
+    assert trace is not None and trace["backend"] == "scripted"
+    assert {"prompt_tokens", "filter_edits", "conversion_mode", "timings_ms"} <= set(trace)
+
+
+async def test_second_prompt_contains_first_exchange(runtime: Runtime) -> None:
+    await runtime.service.handle(event("first question"))
+    await runtime.service.handle(event("second question"))
+    second: GenerationRequest = scripted(runtime).requests[1]
+    roles = [(m.role, m.content) for m in second.messages]
+    assert roles[0][0] == "system"
+    assert roles[1:] == [("user", "first question"), ("assistant", "第一個回覆。"),
+                         ("user", "second question")]
+    # Nothing the user wrote reaches the system message.
+    assert "question" not in second.messages[0].content
+
+
+async def test_users_do_not_share_history_or_state(runtime: Runtime) -> None:
+    for _ in range(3):
+        await runtime.service.handle(event("抱抱 謝謝", user="ann"))
+    await runtime.service.handle(event("hi", user="bob"))
+    bob_request = scripted(runtime).requests[-1]
+    assert [m.role for m in bob_request.messages] == ["system", "user"]
+    ann = await runtime.stats("discord", "ann")
+    bob = await runtime.stats("discord", "bob")
+    assert ann is not None and bob is not None
+    assert ann["conversation_count"] == 3 and bob["conversation_count"] == 1
+    assert ann["intimacy_level"] > bob["intimacy_level"]
+
+
+async def test_bots_self_and_empty_messages_are_ignored(runtime: Runtime) -> None:
+    assert (await runtime.service.handle(event("hi", is_bot=True))).status == "dropped"
+    assert (await runtime.service.handle(event("hi", is_self=True))).status == "dropped"
+    assert (await runtime.service.handle(event("   "))).status == "dropped"
+    assert scripted(runtime).requests == []
+    assert await runtime.store.find_user("discord", "ann") is None
+
+
+async def test_rate_limited_messages_are_kept_as_dropped(runtime: Runtime) -> None:
+    limit = runtime.config.limits.user_messages_per_minute
+    statuses = [(await runtime.service.handle(event(f"msg {i}"))).status
+                for i in range(limit + 2)]
+    assert statuses.count("answered") == limit
+    assert statuses[-2:] == ["dropped", "dropped"]
+    user_id = await runtime.store.find_user("discord", "ann")
+    assert user_id is not None
+    stored = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    assert len(stored) == limit + 2  # nothing the user said is lost
+
+
+async def test_engine_failure_gives_fallback_and_marks_failed(runtime: Runtime,
+                                                              monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    async def broken(request: GenerationRequest) -> AsyncIterator[str]:
+        raise EngineError("GPU fell off the bus")
+        yield ""  # pragma: no cover - makes this an async generator
+
+    monkeypatch.setattr(scripted(runtime), "generate", broken)
+    sink = RecordingSink()
+    reply = await runtime.service.handle(event("hello?", sink=sink))
+    assert reply.status == "failed"
+    assert sink.sent == [reply.text]
+    assert reply.text in runtime.engine.persona.fallback_lines
+    assert "Traceback" not in reply.text and "GPU" not in reply.text
+    user_id = await runtime.store.find_user("discord", "ann")
+    assert user_id is not None
+    [question] = await runtime.store.messages_for(user_id)
+    assert question.status == "failed"
+
+
+async def test_state_decays_with_absence(db_url: str, tmp_path: Path) -> None:
+    clock_now = [datetime(2026, 1, 1, tzinfo=UTC)]
+    config = make_config(db_url)
+    async with open_runtime(config, DataPaths.resolve(tmp_path),
+                            clock=lambda: clock_now[0]) as runtime:
+        for _ in range(5):
+            await runtime.service.handle(event("謝謝 喜歡"))
+        before = await runtime.stats("discord", "ann")
+        clock_now[0] += timedelta(days=30)
+        await runtime.service.handle(event("好久不見"))
+        after = await runtime.stats("discord", "ann")
+    assert before is not None and after is not None
+    assert after["intimacy_level"] < before["intimacy_level"]
+
+
+async def test_store_is_reopened_with_history(db_url: str, tmp_path: Path) -> None:
+    config = make_config(db_url)
+    paths = DataPaths.resolve(tmp_path)
+    async with open_runtime(config, paths) as runtime:
+        await runtime.service.handle(event("remember the lighthouse"))
+    async with open_runtime(config, paths) as runtime:
+        await runtime.service.handle(event("what did I say?"))
+        request = scripted(runtime).requests[0]
+    assert ("user", "remember the lighthouse") in [(m.role, m.content) for m in request.messages]
+
+
+async def test_unknown_user_has_no_stats(db_url: str) -> None:
+    store = await Store.open(db_url)
+    try:
+        assert await store.stats("console", "ghost", "pell", "calm") is None
+    finally:
+        await store.close()

@@ -1,0 +1,141 @@
+"""The store suite, run on SQLite and on a real PostgreSQL server (see conftest.db_url)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from memory import migrate
+from memory.errors import SchemaTooNewError, StoreError
+from memory.store import StateChange, StateSnapshot, Store
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def bump_intimacy(before: StateSnapshot) -> StateChange:
+    return StateChange(replace(before, intimacy=before.intimacy + 1,
+                               conversation_count=before.conversation_count + 1), "test +1")
+
+
+async def _exchange(store: Store, user_id: int, text: str, reply: str) -> int:
+    message_id = await store.record_incoming(
+        user_id=user_id, persona_id="pell", platform="console", channel_id="c",
+        platform_message_id=None, text=text, created_at=NOW,
+    )
+    await store.complete_exchange(
+        user_message_id=message_id, reply_text=reply, trace={"k": 1},
+        platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW,
+    )
+    return message_id
+
+
+async def test_identity_is_stable(store: Store) -> None:
+    first = await store.resolve_user("discord", "42", "Ann")
+    again = await store.resolve_user("discord", "42", "Ann (renamed)")
+    other = await store.resolve_user("twitch", "42", "Ann")
+    assert first == again != other
+
+
+async def test_concurrent_identity_creation_yields_one_user(store: Store) -> None:
+    ids = await asyncio.gather(*(store.resolve_user("twitch", "race", "r") for _ in range(10)))
+    assert len(set(ids)) == 1
+
+
+async def test_history_is_ordered_and_excludes_unanswered(store: Store) -> None:
+    user = await store.resolve_user("console", "viewer", "viewer")
+    await _exchange(store, user, "one", "reply one")
+    await _exchange(store, user, "two", "reply two")
+    await store.record_incoming(user_id=user, persona_id="pell", platform="console",
+                                channel_id="c", platform_message_id=None, text="pending",
+                                created_at=NOW)
+    history = await store.recent_history(user, "pell", limit=10)
+    assert [(h.role, h.content) for h in history] == [
+        ("user", "one"), ("assistant", "reply one"), ("user", "two"), ("assistant", "reply two"),
+    ]
+    assert [h.content for h in await store.recent_history(user, "pell", limit=2)] == [
+        "two", "reply two",
+    ]
+
+
+async def test_exchange_updates_state_and_audit(store: Store) -> None:
+    user = await store.resolve_user("console", "viewer", "viewer")
+    message_id = await _exchange(store, user, "hi", "hello")
+    state = await store.get_state(user, "pell", "calm")
+    assert state.conversation_count == 1 and state.intimacy == 1 and state.version == 1
+    question = await store.get_message(message_id)
+    assert question is not None and question.status == "answered"
+    stats = await store.stats("console", "viewer", "pell", "calm")
+    assert stats is not None and stats["conversation_count"] == 1
+
+
+async def test_500_concurrent_updates_are_all_applied(store: Store) -> None:
+    user = await store.resolve_user("discord", "hot", "hot")
+
+    async def worker() -> None:
+        for _ in range(25):
+            await store.update_state(user, "pell", "calm", bump_intimacy)
+
+    await asyncio.gather(*(worker() for _ in range(20)))
+    state = await store.get_state(user, "pell", "calm")
+    assert state.intimacy == 500
+    assert state.version == 500
+
+
+async def test_data_survives_reopen(db_url: str) -> None:
+    store = await Store.open(db_url)
+    user = await store.resolve_user("console", "viewer", "viewer")
+    await _exchange(store, user, "remember me", "I will")
+    await store.close()
+    reopened = await Store.open(db_url)
+    try:
+        history = await reopened.recent_history(user, "pell", limit=10)
+        assert [h.content for h in history] == ["remember me", "I will"]
+        assert (await reopened.get_state(user, "pell", "calm")).conversation_count == 1
+    finally:
+        await reopened.close()
+
+
+async def test_migrations_round_trip_without_drift(db_url: str) -> None:
+    await migrate.upgrade_to_head(db_url)
+    await migrate.check(db_url)  # raises if models and migrations disagree
+    await migrate.downgrade(db_url, "base")
+    assert await migrate.current_revisions(db_url) == ()
+    await migrate.upgrade_to_head(db_url)
+    assert len(await migrate.current_revisions(db_url)) == 1
+
+
+async def test_newer_schema_is_refused(db_url: str) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    await migrate.upgrade_to_head(db_url)
+    engine = create_async_engine(db_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'f00dfeed9999'"))
+    await engine.dispose()
+    with pytest.raises(SchemaTooNewError, match="newer than this program"):
+        await Store.open(db_url)
+
+
+async def test_not_a_sqlite_file_is_left_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "notes.db"
+    path.write_text("my precious notes", encoding="utf-8")
+    with pytest.raises(StoreError, match="not a SQLite database"):
+        await Store.open(f"sqlite+aiosqlite:///{path}")
+    assert path.read_text(encoding="utf-8") == "my precious notes"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
+async def test_read_only_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ro.db"
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    await store.close()
+    path.chmod(stat.S_IRUSR)
+    with pytest.raises(StoreError, match="read-only"):
+        await Store.open(f"sqlite+aiosqlite:///{path}")
