@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from bot import __version__
@@ -53,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--platform", required=True, help="console, discord or twitch")
     stats.add_argument("--user", required=True, help="platform user id (console: the name)")
     stats.add_argument("--json", action="store_true", help="machine-readable output")
+    stats.add_argument("--chart", metavar="PNG", help="also write an intimacy/mood chart here")
 
     sub.add_parser("run", help="start the adapters enabled in the config")
     sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
@@ -62,6 +64,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     gpu = sub.add_parser("gpu-status", help="GPUs, memory and the placement plan")
     gpu.add_argument("--json", action="store_true")
+
+    persona = sub.add_parser("persona", help="check or import persona files")
+    persona_sub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
+    check = persona_sub.add_parser("check", help="validate a persona YAML file")
+    check.add_argument("file")
+    imported = persona_sub.add_parser(
+        "import", help="convert a SillyTavern Character Card V2 (JSON or PNG) to a persona file"
+    )
+    imported.add_argument("card")
+    imported.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    imported.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return parser
 
 
@@ -103,27 +116,32 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
 
 
 async def cmd_stats(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from bot.stats import user_chart, user_stats
     from memory.store import Store
 
     persona = load_persona(config.vtuber.persona)
     store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate)
     try:
-        stats = await store.stats(args.platform, args.user, persona.id, persona.moods.baseline)
+        stats = await user_stats(store, persona, args.platform, args.user)
+        chart = await user_chart(store, persona, args.platform, args.user) if args.chart else None
     finally:
         await store.close()
     if stats is None:
         stats = {"platform": args.platform, "platform_user_id": args.user,
                  "persona_id": persona.id, "conversation_count": 0,
-                 "current_mood": persona.moods.baseline, "intimacy_level": 0.0, "known": False}
+                 "current_mood": persona.moods.baseline, "intimacy_level": 0.0,
+                 "intimacy_tier": persona.tier_for(0).name, "intimacy_trend": "steady",
+                 "known": False}
     else:
         stats["known"] = True
-    stats["intimacy_tier"] = persona.tier_for(stats["intimacy_level"]).name
+    if chart is not None:
+        await asyncio.to_thread(Path(args.chart).write_bytes, chart)
     if args.json:
         _print_json(stats)
     else:
         print(f"{args.platform}:{args.user} — conversations: {stats['conversation_count']}, "
               f"mood: {stats['current_mood']}, intimacy: {stats['intimacy_level']} "
-              f"({stats['intimacy_tier']})")
+              f"({stats['intimacy_tier']}, {stats['intimacy_trend']})")
     return 0
 
 
@@ -176,6 +194,33 @@ async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: Dat
     return 0
 
 
+def cmd_persona(args: argparse.Namespace) -> int:
+    """File work only (no store, no model), so it runs without an event loop."""
+    import yaml
+
+    from engine.character_card import card_to_persona, read_card
+
+    if args.persona_command == "check":
+        persona = load_persona(args.file)
+        print(f"ok: {args.file} defines {persona.id} ({persona.names.zh}), "
+              f"{len(persona.moods.states)} moods, {len(persona.intimacy.tiers)} intimacy tiers")
+        return 0
+    card = Path(args.card)
+    if not card.is_file():
+        raise PersonaError(f"{card}: file not found")
+    data = card_to_persona(read_card(card))
+    text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise PersonaError(f"{out} exists; pass --force to overwrite it")
+    out.write_text(text, encoding="utf-8")
+    print(f"wrote {out} (persona {data['id']}); check it with: vtuber-bot persona check {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "chat": cmd_chat,
     "run": cmd_run,
@@ -198,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = DataPaths.resolve(args.data_dir)
     log.info("data dir: %s", paths.data_dir)
     try:
+        if args.command == "persona":
+            return cmd_persona(args)
         return asyncio.run(COMMANDS[args.command](args, config, paths))
     except ConfigError as exc:
         for line in exc.problems:

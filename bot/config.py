@@ -92,10 +92,26 @@ class ResponseConfig(_Section):
         return "s2twp" if self.enable_traditional_chinese else "off"
 
 
+ConversionMode = Literal["s2twp", "s2tw", "s2hk", "s2t", "off"]
+
+
+class ConversionOverrides(_Section):
+    """Chinese conversion per channel or per user, keyed "platform:id" (e.g. "discord:123")."""
+
+    channels: dict[str, ConversionMode] = Field(default_factory=dict)
+    users: dict[str, ConversionMode] = Field(default_factory=dict)
+
+    def mode_for(self, platform: str, channel_id: str, user_id: str) -> str | None:
+        return self.users.get(f"{platform}:{user_id}") or self.channels.get(
+            f"{platform}:{channel_id}"
+        )
+
+
 class VTuberConfig(_Section):
     # None selects the bundled original character (engine/personas/pell.yaml).
     persona: str | None = None
     response: ResponseConfig = Field(default_factory=ResponseConfig)
+    conversion_overrides: ConversionOverrides = Field(default_factory=ConversionOverrides)
 
 
 class StoreConfig(_Section):

@@ -16,6 +16,7 @@ from bot.events import Adapter
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.service import Clock, ConversationService, utcnow
+from bot.stats import user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
 from memory.store import Store, sqlite_url
@@ -34,9 +35,7 @@ class Runtime:
     service: ConversationService
 
     async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
-        persona = self.engine.persona
-        return await self.store.stats(platform, platform_user_id, persona.id,
-                                      persona.moods.baseline)
+        return await user_stats(self.store, self.engine.persona, platform, platform_user_id)
 
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""

@@ -208,7 +208,11 @@ class ConversationService:
         await event.sink.typing()
         async with self._generation_slots:
             queue_wait = time.monotonic() - exchange.received_at
-            reply = await self._engine.generate(request, language=language)
+            conversion = self._config.vtuber.conversion_overrides.mode_for(
+                event.platform, event.channel_id, event.user_id
+            )
+            reply = await self._engine.generate(request, language=language,
+                                                conversion_mode=conversion)
         now = self._clock()
         trace = {
             **reply.trace(),

@@ -27,7 +27,15 @@ def convert(text: str, mode: str, protected: tuple[str, ...] = ()) -> str:
     if mode not in MODES:
         raise ValueError(f"unknown Chinese conversion mode {mode!r}; allowed: {', '.join(MODES)}")
     shielded, originals = _shield(text, protected)
-    converted = _converter(mode).convert(shielded)
+    converter = _converter(mode)
+    converted = converter.convert(shielded)
+    # OpenCC's phrase tables are not idempotent ("云" → "云" → "雲" once a neighbour changed):
+    # convert to a fixed point so nothing in a reply would still change.
+    for _ in range(3):
+        again = converter.convert(converted)
+        if again == converted:
+            break
+        converted = again
     for index, term in enumerate(originals):
         converted = converted.replace(chr(_PLACEHOLDER_BASE + index), term)
     return converted

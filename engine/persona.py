@@ -102,6 +102,9 @@ class Persona(_Strict):
     names: Names
     language: str = "zh-TW"
     identity: str
+    personality: str = ""
+    scenario: str = ""
+    greeting: str = ""
     traits: list[str] = Field(default_factory=list)
     speaking_style: str = ""
     catchphrases: list[str] = Field(default_factory=list)
@@ -121,6 +124,8 @@ class Persona(_Strict):
         lines = [
             f"你是「{self.names.zh}」（{self.names.en}），{self.identity}",
             f"個性：{'、'.join(self.traits)}。" if self.traits else "",
+            self.personality,
+            self.scenario,
             f"說話風格：{self.speaking_style}" if self.speaking_style else "",
             f"口頭禪：{'、'.join(self.catchphrases)}" if self.catchphrases else "",
             "回覆簡短自然（一到三句），用對方的語言回答；不要替對方說話。",

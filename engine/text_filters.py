@@ -17,11 +17,7 @@ _STRAY_THINK = re.compile(r"</?think>", re.I)
 # ChatML / Llama / Mistral control tokens. Anchored on the exact shapes so that ordinary text
 # such as "friend", ">_<" or "<3" is never touched (the upstream cut replies at "<|end|>" with
 # an unescaped regex that matched the letters e, n, d).
-_SPECIAL_TOKENS = re.compile(
-    r"<\|(?:im_start|im_end|endoftext|end|eot_id|start_header_id|end_header_id|"
-    r"begin_of_text|end_of_text|assistant|user|system)\|>|</s>|<s>|\[/?INST\]",
-    re.I,
-)
+_SPECIAL_TOKENS = re.compile(r"<\|[\w.:-]{1,40}\|>|</s>|<s>|\[/?INST\]", re.I)
 _GENERIC_ROLES = (
     "user", "human", "assistant", "system", "ai", "bot", "viewer",
     "用戶", "用户", "使用者", "觀眾", "观众", "助手", "助理", "系統", "系统",
@@ -30,6 +26,7 @@ _GENERIC_ROLES = (
 _OTHER_SIDE = ("user", "human", "viewer", "用戶", "用户", "使用者", "觀眾", "观众")
 _SENTENCE = re.compile(r".+?(?:[。！？!?～~…]+[」』”’）)]*|\.(?=\s|$)|\n+|$)", re.S)
 _TERMINAL = re.compile(r"(?:[。！？!?～~…]|\.)[」』”’）)]*\s*$")
+_MAX_PASSES = 8
 _ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
 
 
@@ -114,11 +111,14 @@ def trim_to_last_sentence(text: str) -> str:
 
 
 def remove_system_echo(text: str, system_prompt: str) -> str:
-    """Remove lines the model copied from its own system prompt."""
+    """Remove any line of the system prompt the model copied into its reply."""
     if not system_prompt:
         return text
-    prompt_lines = {line.strip() for line in system_prompt.splitlines() if len(line.strip()) > 8}
-    return "\n".join(line for line in text.splitlines() if line.strip() not in prompt_lines)
+    prompt_lines = sorted({line.strip() for line in system_prompt.splitlines()
+                           if len(line.strip()) >= 8}, key=len, reverse=True)
+    for line in prompt_lines:
+        text = text.replace(line, "")
+    return text
 
 
 def _tidy(text: str) -> str:
@@ -144,11 +144,17 @@ def clean_reply(text: str, options: FilterOptions | None = None) -> FilterResult
         ("tidy", _tidy),
     )
     current = text
-    for name, step in steps:
-        updated = step(current)
-        if updated != current and name != "tidy":
-            result.edits.append(name)
-        current = updated
+    # Removing one token can join its neighbours into a new one ("<|im_<|x|>start|>"), so
+    # the pipeline runs to a fixed point; that is also what makes it idempotent.
+    for _ in range(_MAX_PASSES):
+        before = current
+        for name, step in steps:
+            updated = step(current)
+            if updated != current and name != "tidy" and name not in result.edits:
+                result.edits.append(name)
+            current = updated
+        if current == before:
+            break
     if not current:
         result.edits.append("fallback")
         current = options.fallback

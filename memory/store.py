@@ -75,6 +75,13 @@ class StateChange:
 
 StateRule = Callable[[StateSnapshot], StateChange]
 
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    at: datetime
+    intimacy: float
+    mood: str
+
 _STATE_FIELDS = (
     "mood",
     "mood_intensity",
@@ -390,8 +397,14 @@ class Store:
                 user_id=user_id,
                 persona_id=persona_id,
                 message_id=message_id,
+                created_at=after.last_interaction_at or datetime.now(UTC),
                 cause=change.cause[:200],
-                changes={"diff": diff, **change.details},
+                changes={
+                    "diff": diff,
+                    "after": {"intimacy": after.intimacy, "mood": after.mood,
+                              "mood_intensity": after.mood_intensity},
+                    **change.details,
+                },
             )
         )
         return after
@@ -418,6 +431,28 @@ class Store:
         except IntegrityError:
             row = (await session.scalars(query)).one()
         return row
+
+    async def state_timeline(self, user_id: int, persona_id: str,
+                             limit: int = 500) -> list[TimelinePoint]:
+        """The user's intimacy and mood after each recorded change, oldest first."""
+        async with self._sessions() as session, session.begin():
+            rows = await session.execute(
+                select(StateEvent.created_at, StateEvent.changes)
+                .where(StateEvent.user_id == user_id, StateEvent.persona_id == persona_id)
+                .order_by(StateEvent.id.desc())
+                .limit(limit)
+            )
+            points = [
+                TimelinePoint(
+                    _aware(r.created_at) or r.created_at,
+                    float(r.changes["after"]["intimacy"]),
+                    str(r.changes["after"]["mood"]),
+                )
+                for r in rows
+                if isinstance(r.changes, dict) and "after" in r.changes
+            ]
+        points.reverse()
+        return points
 
     async def stats(
         self, platform: str, platform_user_id: str, persona_id: str, default_mood: str

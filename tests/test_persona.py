@@ -1,0 +1,216 @@
+"""Persona acceptance: filters (property tests), conversion, injection, card import, chart."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.character_card import card_to_persona, persona_to_card, read_card
+from engine.chinese import convert
+from engine.persona import Persona, PersonaState, load_persona, prompt_language, state_hint
+from engine.response_generator import build_messages
+from engine.text_filters import FilterOptions, clean_reply
+
+PERSONA = load_persona()
+SYSTEM = PERSONA.system_prompt("zh")
+OPTIONS = FilterOptions(persona_names=PERSONA.names.all(), system_prompt=SYSTEM,
+                        fallback=PERSONA.fallback())
+LEAKS = re.compile(
+    r"<\|[a-z_]+\|>|</?think>|</?s>|\[/?INST\]|^\s*(user|human|assistant|system|用戶|用户)\s*[:：]",
+    re.I | re.M,
+)
+TRICKY = st.sampled_from([
+    "<|im_start|>", "<|im_end|>", "<think>", "</think>", "User:", "Assistant: ", "用戶：",
+    "燈芯佩兒：", "\n", "。", "！", "friend", ">_<", "<3", "<|", "|>", "\u200b", SYSTEM[:30],
+])
+REPLIES = st.lists(st.one_of(st.text(max_size=20), TRICKY), max_size=12).map("".join)
+
+
+@settings(max_examples=2500, deadline=None)
+@given(REPLIES, st.booleans())
+def test_filter_properties(raw: str, truncated: bool) -> None:
+    options = FilterOptions(persona_names=OPTIONS.persona_names, system_prompt=SYSTEM,
+                            fallback=OPTIONS.fallback, truncated=truncated)
+    once = clean_reply(raw, options).text  # never raises
+    assert once, "empty reply"
+    assert clean_reply(once, options).text == once, "not idempotent"
+    assert not LEAKS.search(once), f"leaked control text: {once!r}"
+    for line in SYSTEM.splitlines():
+        if len(line) >= 8:
+            assert line not in once
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.characters(min_codepoint=0x4E00, max_codepoint=0x9FFF), max_size=40))
+def test_s2twp_output_is_a_fixed_point(text: str) -> None:
+    converted = convert(text, "s2twp", tuple(PERSONA.protected_terms))
+    assert convert(converted, "s2twp") == converted
+
+
+def test_protected_terms_survive_byte_for_byte() -> None:
+    terms = ("燈芯佩兒", "佩兒", "发发")
+    text = "燈芯佩兒说发发的头发很漂亮，佩兒也这么认为"
+    out = convert(text, "s2twp", terms)
+    for term in terms:
+        assert out.count(term) == text.count(term)
+    assert "頭髮" in out and "認為" in out
+
+
+def _corpus() -> list[str]:
+    path = Path(__file__).with_name("data") / "injections.txt"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [line.replace("\\n", "\n").replace("\\u202e", "\u202e")
+            for line in lines if line and not line.startswith("#")]
+
+
+def test_injection_corpus_never_reaches_the_system_message() -> None:
+    corpus = _corpus()
+    assert len(corpus) >= 30
+    state = PersonaState(mood="calm")
+    for attempt in corpus:
+        history = [("user", attempt), ("assistant", "好喔～")]
+        language = prompt_language(attempt)
+        messages = build_messages(PERSONA.system_prompt(language), attempt, history,
+                                  state_hint=state_hint(state, PERSONA, language))
+        system = messages[0]
+        assert system.role == "system"
+        assert sum(m.role == "system" for m in messages) == 1, attempt
+        assert messages[0].content == "\n\n".join(
+            [PERSONA.system_prompt(language), state_hint(state, PERSONA, language)]
+        )
+        for message in messages[1:]:
+            assert "<|" not in message.content and "\u200b" not in message.content
+            assert "[INST]" not in message.content and "<think>" not in message.content
+        assert messages[-1].role == "user"
+
+
+def _rendered_roles(tokenizer: object, messages: list[dict[str, str]]) -> list[str]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)  # type: ignore[attr-defined]
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    text = tokenizer.decode(ids)  # type: ignore[attr-defined]
+    return re.findall(r"<\|im_start\|>(\w+)", text)
+
+
+def test_injection_survives_a_real_chat_template(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for attempt in _corpus():
+        messages = build_messages("SYS", attempt)
+        roles = _rendered_roles(tokenizer, [{"role": m.role, "content": m.content}
+                                            for m in messages])
+        assert roles == ["system", "user", "assistant"], attempt
+
+
+CARD = {
+    "spec": "chara_card_v2",
+    "spec_version": "2.0",
+    "data": {
+        "name": "Mira Tidewell",
+        "description": "A lighthouse radio operator who reads weather poems.",
+        "personality": "calm, wry, kind",
+        "scenario": "A stormy night broadcast.",
+        "first_mes": "Channel nine, Mira speaking. Storm's coming in.",
+        "mes_example": "<START>\n{{user}}: Are you scared?\n{{char}}: Of thunder? Never.\n"
+                       "<START>\n{{user}}: 你好\n{{char}}: 你好呀，歡迎收聽。",
+    },
+}
+
+
+def _png_with_chara(card: dict, keyword: bytes = b"chara") -> bytes:
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00\x00")
+    text = keyword + b"\x00" + base64.b64encode(json.dumps(card).encode("utf-8"))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"tEXt", text)
+            + chunk(b"IDAT", pixels) + chunk(b"IEND", b""))
+
+
+def _assert_round_trip(persona: Persona) -> None:
+    data = CARD["data"]
+    assert persona.names.zh == data["name"]
+    assert persona.identity == data["description"]
+    assert persona.personality == data["personality"]
+    assert persona.greeting == data["first_mes"]
+    assert [(e.user, e.assistant) for e in persona.example_dialogues] == [
+        ("Are you scared?", "Of thunder? Never."), ("你好", "你好呀，歡迎收聽。"),
+    ]
+    back = persona_to_card(persona)["data"]
+    for key in ("name", "description", "personality", "first_mes"):
+        assert back[key] == data[key]
+    assert read_back_examples(back["mes_example"]) == read_back_examples(data["mes_example"])
+
+
+def read_back_examples(text: str) -> list[tuple[str, str]]:
+    from engine.character_card import parse_examples
+
+    return [(e["user"], e["assistant"]) for e in parse_examples(text)]
+
+
+@pytest.mark.parametrize("kind", ["json", "png"])
+def test_card_import_round_trips(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / f"card.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(CARD, ensure_ascii=False), encoding="utf-8")
+    else:
+        path.write_bytes(_png_with_chara(CARD))
+    persona = Persona.model_validate(card_to_persona(read_card(path)))
+    _assert_round_trip(persona)
+
+
+def test_cli_persona_import_and_check(tmp_path: Path) -> None:
+    card = tmp_path / "mira.png"
+    card.write_bytes(_png_with_chara(CARD))
+    out = tmp_path / "mira.yaml"
+    run = [sys.executable, "-m", "bot", "--log-level", "ERROR", "persona"]
+    imported = subprocess.run([*run, "import", str(card), "--out", str(out)],
+                              capture_output=True, text=True, check=False, timeout=60)
+    assert imported.returncode == 0, imported.stderr
+    checked = subprocess.run([*run, "check", str(out)], capture_output=True, text=True,
+                             check=False, timeout=60)
+    assert checked.returncode == 0 and "mira-tidewell" in checked.stdout
+    _assert_round_trip(load_persona(out))
+    again = subprocess.run([*run, "import", str(card), "--out", str(out)],
+                           capture_output=True, text=True, check=False, timeout=60)
+    assert again.returncode == 78 and "--force" in again.stderr
+
+
+def test_persona_check_reports_problems(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("id: Bad Id\nnames: {zh: x}\nidentity: x\ndisclosure: x\n"
+                   "moods: {baseline: joy, states: {calm: {hint: h}}}\n"
+                   "intimacy: {tiers: [{name: a, min: 5, hint: h}]}\n", encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "bot", "persona", "check", str(bad)],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 78
+    lines = [line for line in result.stderr.splitlines() if line.startswith("persona error")]
+    assert len(lines) == 3, result.stderr  # id pattern, baseline mood, tiers start at 0
+
+
+def test_not_a_card_is_a_clear_error(tmp_path: Path) -> None:
+    from engine.persona import PersonaError
+
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    with pytest.raises(PersonaError, match="no 'chara'"):
+        read_card(path)
+
+
+def test_bundled_persona_is_valid_and_discloses_ai() -> None:
+    assert "AI" in PERSONA.disclosure
+    assert PERSONA.language == "zh-TW"
+    assert PERSONA.moods.baseline in PERSONA.moods.states
