@@ -52,6 +52,11 @@ class LLMConfig(_Section):
     top_k: int = Field(50, ge=0)
     repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
     seed: int | None = None
+    # Concurrent requests arriving within batch_window_ms are generated as one batch.
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_window_ms: float = Field(10.0, ge=0, le=1000)
+    # Static KV cache (lets transformers compile the decode step): auto = on for bf16/fp16 GPU.
+    static_cache: Literal["auto", "on", "off"] = "auto"
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

@@ -53,6 +53,9 @@ class EngineSettings:
     top_k: int = 50
     repetition_penalty: float = 1.1
     seed: int | None = None
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    static_cache: str = "auto"
     openai: Mapping[str, Any] = field(default_factory=dict)
     scripted_replies: tuple[str, ...] = ("收到：{user_text}",)
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
@@ -84,6 +87,9 @@ class EngineSettings:
             repetition_penalty=float(llm.get("repetition_penalty",
                                              defaults.repetition_penalty)),
             seed=llm.get("seed"),
+            max_batch_size=int(llm.get("max_batch_size", defaults.max_batch_size)),
+            batch_window_ms=float(llm.get("batch_window_ms", defaults.batch_window_ms)),
+            static_cache=str(llm.get("static_cache", defaults.static_cache)),
             openai=dict(_section(llm, "openai")),
             scripted_replies=tuple(_section(llm, "scripted").get("replies")
                                    or defaults.scripted_replies),

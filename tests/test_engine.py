@@ -99,8 +99,7 @@ async def test_prompt_over_budget_drops_oldest_history(backend: TransformersBack
         (ChatMessage("system", "sys"), *long_history, ChatMessage("user", "latest")),
         SamplingParams(max_new_tokens=8, temperature=0.0),
     )
-    encoded = backend._encode(req)
-    assert encoded["input_ids"].shape[-1] <= 512 - 8
+    assert len(backend._prompt_ids(req)) <= 512 - 8
 
 
 async def test_seed_api_with_dict_config(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -196,3 +195,61 @@ def test_imbalance_warning() -> None:
 
     report = diagnose_allocation(Fake())
     assert any("imbalance" in w for w in report["warnings"])
+
+
+PROMPTS = ["hello", "你好，今天的星星很亮喔～", "good night and see you tomorrow", "謝謝"]
+
+
+async def _collect(backend: TransformersBackend, text: str, tokens: int = 16) -> str:
+    return "".join([c async for c in backend.generate(request(text, max_new_tokens=tokens))])
+
+
+async def test_batched_greedy_equals_unbatched(backend: TransformersBackend) -> None:
+    sequential = [await _collect(backend, text) for text in PROMPTS]
+    runs_before = backend.batches_run
+    batched = await asyncio.gather(*(_collect(backend, text) for text in PROMPTS))
+    assert list(batched) == sequential
+    assert backend.batches_run - runs_before < len(PROMPTS), "requests were not batched"
+
+
+async def test_rows_stop_at_their_own_max_tokens(backend: TransformersBackend) -> None:
+    short, long = await asyncio.gather(_collect(backend, "hello", 3),
+                                       _collect(backend, "hello", 20))
+    assert backend.count_tokens(short) <= 3 + 1
+    assert long.startswith(short)
+
+
+async def test_out_of_memory_halves_the_batch_and_answers_everyone(
+    backend: TransformersBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    expected = [await _collect(backend, text) for text in PROMPTS]
+    real_generate = backend.model.generate
+    sizes: list[int] = []
+
+    def flaky_generate(*args: Any, **kwargs: Any) -> Any:
+        rows = kwargs["input_ids"].shape[0]
+        sizes.append(rows)
+        if rows > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", flaky_generate)
+    answers = await asyncio.gather(*(_collect(backend, text) for text in PROMPTS))
+    assert list(answers) == expected
+    assert backend.oom_retries >= 1
+    assert backend.max_batch_size < 8
+    assert sizes[0] > 1 and 1 in sizes
+
+
+async def test_a_failing_batch_reports_the_cause(backend: TransformersBackend,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.errors import EngineError
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(backend.model, "generate", broken)
+    with pytest.raises(EngineError, match="device-side assert"):
+        await _collect(backend, "hello")

@@ -1,30 +1,39 @@
-"""In-process transformers backend.
+"""In-process transformers backend with micro-batching.
 
-All torch work runs on one dedicated worker thread (never on the event loop); tokens stream
-back to the caller's loop through ``call_soon_threadsafe``. Cancelling the consumer sets an
-abort flag that a stopping criterion checks between decode steps.
+All torch work runs on one dedicated worker thread (never on the event loop). Requests that
+arrive within a short window are generated together as one left-padded batch, each streaming
+its own text back to the caller's loop through ``call_soon_threadsafe``. A CUDA out-of-memory
+error frees memory, halves the batch (and the maximum batch size from then on) and retries.
+Cancelling a consumer stops its row at the next decode step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import BackendUnavailableError, GenerationAborted
+from engine.errors import BackendUnavailableError, EngineError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
 from engine.settings import EngineSettings
-from engine.types import GenerationRequest
+from engine.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
 _END = object()
+_STOP_WORKER = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Failure:
+    error: BaseException
 
 
 class IncrementalDecoder:
@@ -51,26 +60,67 @@ class IncrementalDecoder:
         return delta.rstrip("\ufffd")
 
 
-class _CallbackStreamer:
-    """transformers ``BaseStreamer`` duck type: receives the prompt first, then new tokens."""
+@dataclass
+class _Job:
+    request: GenerationRequest
+    emit: Callable[[Any], None]
+    abort: threading.Event
+    decoder: IncrementalDecoder | None = None
+    generated: int = 0
+    done: bool = False
+    ended: bool = False
 
-    def __init__(self, decoder: IncrementalDecoder, emit: Callable[[str], None]) -> None:
-        self._decoder = decoder
-        self._emit = emit
-        self._prompt_seen = False
+    def finish(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.decoder is not None:
+                tail = self.decoder.flush()
+                if tail:
+                    self.emit(tail)
+            self.emit(_END)
+
+
+@dataclass
+class _BatchStreamer:
+    """transformers streamer for a batch: the prompt first, then one token per row per step."""
+
+    jobs: list[_Job]
+    eos_ids: set[int]
+    prompt_seen: bool = field(default=False)
 
     def put(self, value: Any) -> None:
-        if not self._prompt_seen:  # generate() first hands us the prompt ids
-            self._prompt_seen = True
+        if not self.prompt_seen:
+            self.prompt_seen = True
             return
-        delta = self._decoder.push(value.reshape(-1).tolist())
-        if delta:
-            self._emit(delta)
+        for job, token in zip(self.jobs, value.reshape(-1).tolist(), strict=True):
+            if job.done:
+                continue
+            if token in self.eos_ids:
+                job.done = True
+                continue
+            job.generated += 1
+            assert job.decoder is not None
+            delta = job.decoder.push([token])
+            if delta:
+                job.emit(delta)
+            if job.generated >= job.request.sampling.max_new_tokens:
+                job.done = True
 
     def end(self) -> None:
-        tail = self._decoder.flush()
-        if tail:
-            self._emit(tail)
+        for job in self.jobs:
+            job.done = True
+
+
+def _sampling_key(sampling: SamplingParams) -> tuple[Any, ...]:
+    """Requests that may share one generate() call (max_new_tokens is enforced per row)."""
+    return (sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty,
+            sampling.min_new_tokens, sampling.seed)
+
+
+def _is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class TransformersBackend:
@@ -78,13 +128,18 @@ class TransformersBackend:
 
     def __init__(self, settings: EngineSettings, placement: Placement | None = None) -> None:
         self._settings = settings
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llm-worker")
         self._placement = placement
+        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._worker: threading.Thread | None = None
         self._aborts: dict[str, threading.Event] = {}
+        self.max_batch_size = settings.max_batch_size
         self.model: Any = None
         self.tokenizer: Any = None
         self.report = LoadReport()
         self.model_dir: Path | None = None
+        self.static_cache = False
+        self.batches_run = 0
+        self.oom_retries = 0
         self._closed = False
 
     @property
@@ -92,8 +147,9 @@ class TransformersBackend:
         return self._placement
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await asyncio.to_thread(self._load)
+        self._worker = threading.Thread(target=self._work, name="llm-worker", daemon=True)
+        self._worker.start()
 
     def _load(self) -> None:
         settings = self._settings
@@ -104,8 +160,18 @@ class TransformersBackend:
         self.model, self.tokenizer = load_llm(
             self.model_dir, settings.quantization, self._placement, self.report
         )
-        log.info("LLM loaded from %s (%s on %s) in %.1f s", self.model_dir, self.report.mode,
-                 self.report.device, self.report.seconds)
+        on_gpu = self._placement.llm_device != "cpu" and self.report.mode != "cpu"
+        wanted = settings.static_cache
+        # A static KV cache lets transformers compile the decode step; bitsandbytes layers do
+        # not compile, so 4/8-bit stays on the dynamic cache.
+        self.static_cache = wanted == "on" or (
+            wanted == "auto" and on_gpu and self.report.mode not in ("4bit", "8bit")
+        )
+        log.info("LLM loaded from %s (%s on %s) in %.1f s; max batch %d%s", self.model_dir,
+                 self.report.mode, self.report.device, self.report.seconds,
+                 self.max_batch_size, ", static cache" if self.static_cache else "")
+
+    # -- request side (event loop) ----------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self.model is None or self._closed:
@@ -118,71 +184,164 @@ class TransformersBackend:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        future = loop.run_in_executor(self._executor, self._generate_blocking, request,
-                                      abort, emit)
+        self._jobs.put(_Job(request, emit, abort))
         try:
             while True:
                 item = await chunks.get()
                 if item is _END:
                     break
+                if isinstance(item, _Failure):
+                    raise item.error
                 yield item
-            await future  # re-raise a worker exception here
         finally:
-            abort.set()  # consumer gone (done, error or cancelled): stop decoding
+            abort.set()  # consumer gone (done, error or cancelled): stop decoding its row
             self._aborts.pop(request.request_id, None)
 
-    def _generate_blocking(self, request: GenerationRequest, abort: threading.Event,
-                           emit: Callable[[Any], None]) -> None:
+    # -- worker thread ----------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            first = self._jobs.get()
+            if first is _STOP_WORKER:
+                return
+            batch = self._collect(first)
+            groups: dict[tuple[Any, ...], list[_Job]] = {}
+            for job in batch:
+                groups.setdefault(_sampling_key(job.request.sampling), []).append(job)
+            for jobs in groups.values():
+                self._run_with_oom_retry(jobs)
+
+    def _collect(self, first: _Job) -> list[Any]:
+        """The first job plus whatever arrives within the batching window."""
+        batch: list[Any] = [first]
+        deadline = time.monotonic() + self._settings.batch_window_ms / 1000
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                job = self._jobs.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if job is _STOP_WORKER:
+                self._jobs.put(_STOP_WORKER)
+                break
+            batch.append(job)
+        return batch
+
+    def _run_with_oom_retry(self, jobs: list[_Job]) -> None:
+        live = [job for job in jobs if not job.abort.is_set()]
+        for job in jobs:
+            if job.abort.is_set():
+                job.emit(_Failure(GenerationAborted(job.request.request_id)))
+                job.ended = True
+        if not live:
+            return
+        try:
+            self._generate_batch(live)
+        except Exception as error:  # noqa: BLE001 - every failure must reach its requester
+            if _is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
+                self._free_memory()
+                self.oom_retries += 1
+                self.max_batch_size = max(1, len(live) // 2)
+                log.warning("out of memory with a batch of %d; retrying as %d", len(live),
+                            self.max_batch_size)
+                for job in live:
+                    job.done = False
+                half = len(live) // 2
+                self._run_with_oom_retry(live[:half])
+                self._run_with_oom_retry(live[half:])
+                return
+            if _is_oom(error):
+                self._free_memory()
+            log.error("generation failed for %d request(s): %s", len(live), error)
+            failure = error if isinstance(error, EngineError) else EngineError(
+                f"generation failed: {type(error).__name__}: {error}")
+            for job in live:
+                if not job.ended:
+                    job.ended = True
+                    job.emit(_Failure(failure))
+            return
+        for job in live:
+            job.finish()
+
+    def _generate_batch(self, jobs: list[_Job]) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
-        class _AbortCriterion(StoppingCriteria):
+        for job in jobs:
+            job.decoder = IncrementalDecoder(self.tokenizer)
+            job.generated = 0
+        inputs = self._encode_batch([job.request for job in jobs])
+        sampling = jobs[0].request.sampling
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids.add(self.tokenizer.eos_token_id)
+
+        class _RowsDone(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                return torch.full((input_ids.shape[0],), abort.is_set(), dtype=torch.bool,
-                                  device=input_ids.device)
+                flags = [job.done or job.abort.is_set() for job in jobs]
+                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
 
-        try:
-            if abort.is_set():
-                raise GenerationAborted(request.request_id)
-            inputs = self._encode(request)
-            sampling = request.sampling
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": sampling.max_new_tokens,
-                "min_new_tokens": sampling.min_new_tokens or None,
-                "repetition_penalty": sampling.repetition_penalty,
-                "pad_token_id": self.tokenizer.pad_token_id,
-                "stopping_criteria": StoppingCriteriaList([_AbortCriterion()]),
-                "streamer": _CallbackStreamer(IncrementalDecoder(self.tokenizer), emit),
-            }
-            if sampling.greedy:
-                kwargs["do_sample"] = False
-            else:
-                kwargs.update(do_sample=True, temperature=sampling.temperature,
-                              top_p=sampling.top_p, top_k=sampling.top_k or None)
-            if sampling.seed is not None:
-                torch.manual_seed(sampling.seed)
-            started = time.monotonic()
-            with torch.inference_mode():
-                self.model.generate(**inputs, **kwargs)
-            log.debug("generated %s in %.2f s", request.request_id, time.monotonic() - started)
-        finally:
-            emit(_END)
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": max(job.request.sampling.max_new_tokens for job in jobs),
+            "min_new_tokens": sampling.min_new_tokens or None,
+            "repetition_penalty": sampling.repetition_penalty,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([_RowsDone()]),
+            "streamer": _BatchStreamer(jobs, eos_ids),
+        }
+        if self.static_cache:
+            kwargs["cache_implementation"] = "static"
+        if sampling.greedy:
+            kwargs["do_sample"] = False
+        else:
+            kwargs.update(do_sample=True, temperature=sampling.temperature,
+                          top_p=sampling.top_p, top_k=sampling.top_k or None)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        started = time.monotonic()
+        with torch.inference_mode():
+            self.model.generate(**inputs, **kwargs)
+        self.batches_run += 1
+        log.debug("batch of %d generated in %.2f s", len(jobs), time.monotonic() - started)
 
-    def _encode(self, request: GenerationRequest) -> dict[str, Any]:
-        """Apply the chat template; drop the oldest history turns if the prompt is too long."""
+    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
+        """Chat template; drop the oldest history turns while the prompt is over budget."""
         messages = request.as_dicts()
         budget = self._settings.max_length - request.sampling.max_new_tokens
         while True:
-            encoded = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_dict=True, return_tensors="pt",
-                enable_thinking=False,
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, enable_thinking=False,
             )
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
             droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
-            if encoded["input_ids"].shape[-1] <= budget or not droppable:
-                break
+            if len(ids) <= budget or not droppable:
+                return ids[-budget:] if budget > 0 else ids
             del messages[droppable[0]]
+
+    def _encode_batch(self, requests: list[GenerationRequest]) -> dict[str, Any]:
+        import torch
+
+        rows = [self._prompt_ids(request) for request in requests]
+        width = max(len(row) for row in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                            dtype=torch.long)
         device = next(self.model.parameters()).device
-        return {key: value.to(device) for key, value in encoded.items()}
+        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
+
+    def _free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # -- status and shutdown ----------------------------------------------------------------
 
     async def abort(self, request_id: str) -> None:
         event = self._aborts.get(request_id)
@@ -191,7 +350,8 @@ class TransformersBackend:
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.model is not None and not self._closed, "backend": self.name,
-                "in_flight": len(self._aborts)}
+                "in_flight": len(self._aborts), "queued": self._jobs.qsize(),
+                "max_batch_size": self.max_batch_size, "oom_retries": self.oom_retries}
 
     def info(self) -> dict[str, Any]:
         return {
@@ -199,6 +359,8 @@ class TransformersBackend:
             "model_dir": str(self.model_dir) if self.model_dir else None,
             "load": self.report.as_dict(),
             "placement": self._placement.as_dict() if self._placement else None,
+            "static_cache": self.static_cache,
+            "max_batch_size": self.max_batch_size,
         }
 
     def count_tokens(self, text: str) -> int:
@@ -210,7 +372,9 @@ class TransformersBackend:
         self._closed = True
         for event in self._aborts.values():
             event.set()
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self._executor.shutdown, True)
+        if self._worker is not None:
+            self._jobs.put(_STOP_WORKER)
+            await asyncio.to_thread(self._worker.join, 30)
+            self._worker = None
         self.model = None
         self.tokenizer = None
