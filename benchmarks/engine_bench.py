@@ -203,6 +203,22 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
     return {"p50_s": round(pick(0.5), 3), "p95_s": round(pick(0.95), 3)}
 
 
+async def _serve_run(backend: Any, label: str, warm: int, n: int, new: int, words: int,
+                     tiny: bool) -> tuple[list[float], float]:
+    await backend.start()
+    if not tiny:
+        backend.model.generation_config.eos_token_id = None
+    try:
+        log(f"{label}: warm-up")
+        await _serve(backend, warm, new, words)
+        log(f"{label}: {n} concurrent requests")
+        started = time.perf_counter()
+        latencies = await _serve(backend, n, new, words)
+        return latencies, time.perf_counter() - started
+    finally:
+        await backend.close()
+
+
 def phase_serve(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """End to end through TransformersBackend: N concurrent 60-token replies."""
     from engine.backends.transformers_backend import TransformersBackend
@@ -218,24 +234,10 @@ def phase_serve(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any
         settings = EngineSettings.from_config(config, cache_dir=model_dir.parent / "cache")
         backend = TransformersBackend(settings)
 
-        async def run(backend: TransformersBackend = backend) -> list[float]:
-            await backend.start()
-            if not args.tiny:
-                backend.model.generation_config.eos_token_id = None
-            try:
-                log(f"{label}: warm-up")
-                await _serve(backend, n if max_batch > 1 else 1, new, args.prompt // 4)
-                log(f"{label}: {n} concurrent requests")
-                started = time.perf_counter()
-                latencies = await _serve(backend, n, new, args.prompt // 4)
-                wall = time.perf_counter() - started
-                latencies.append(wall)  # sentinel removed below
-                return latencies
-            finally:
-                await backend.close()
-
-        latencies = asyncio.run(run())
-        wall = latencies.pop()
+        warm = n if max_batch > 1 else 1
+        latencies, wall = asyncio.run(
+            _serve_run(backend, label, warm, n, new, args.prompt // 4, args.tiny)
+        )
         rows.append({"variant": label, "dtype": "bf16", "concurrency": n, "new_tokens": new,
                      **_percentiles(latencies), "wall_s": round(wall, 2),
                      "aggregate_tok_s": round(n * new / wall, 1), "peak_gb": peak_gb()})
