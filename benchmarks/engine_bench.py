@@ -162,12 +162,23 @@ def phase_bf16(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]
     return rows
 
 
+def _fresh_memory() -> float:
+    import gc
+
+    import torch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 def phase_nf4(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     import torch
 
-    torch.cuda.reset_peak_memory_stats()
+    before = _fresh_memory()
     model = load(model_dir, "4bit", tiny=args.tiny)
-    resident = round(torch.cuda.memory_allocated() / 1024**3, 2)
+    resident = round((torch.cuda.memory_allocated() - before) / 1024**3, 2)
     rows = []
     for label, extra in (("baseline: nf4 eager, dynamic cache", {}),
                          ("ours: nf4, static cache", {"cache_implementation": "static"})):
@@ -177,6 +188,46 @@ def phase_nf4(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]
             row = decode_rate(model, batch, args.prompt, args.new, args.repeats, **extra)
             rows.append({"variant": label, "dtype": "nf4", **row,
                          "resident_gb": resident, "peak_gb": peak_gb()})
+    return rows
+
+
+def _torchao_int4_config() -> Any:
+    from transformers import TorchAoConfig
+
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig
+
+        # tile_packed_to_4d = torch's tinygemm kernel (no extra kernel package needed)
+        return TorchAoConfig(quant_type=Int4WeightOnlyConfig(
+            group_size=128, int4_packing_format="tile_packed_to_4d"))
+    except ImportError:
+        return TorchAoConfig("int4_weight_only", group_size=128)
+
+
+def phase_int4(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """A 4-bit path that compiles: torchao int4 weight-only (tinygemm) + static cache."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    before = _fresh_memory()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=torch.bfloat16, device_map={"": str(device())},
+            quantization_config=_torchao_int4_config()).eval()
+    except (RuntimeError, ImportError, ValueError, TypeError) as exc:
+        log(f"torchao int4 unavailable: {type(exc).__name__}: {str(exc)[:300]}")
+        return []
+    model.generation_config.eos_token_id = None
+    resident = round((torch.cuda.memory_allocated() - before) / 1024**3, 2)
+    rows = []
+    for batch in (1, 8):
+        log(f"torchao int4 static cache + compile batch {batch} (compiling)")
+        for _ in range(2):
+            timed_generate(model, batch, args.prompt, args.new, cache_implementation="static")
+        row = decode_rate(model, batch, args.prompt, args.new, args.repeats,
+                          cache_implementation="static")
+        rows.append({"variant": "ours: torchao int4 weight-only, static cache + compile",
+                     "dtype": "int4", **row, "resident_gb": resident, "peak_gb": peak_gb()})
     return rows
 
 
@@ -244,6 +295,52 @@ def phase_serve(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any
     return rows
 
 
+def phase_cb(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """transformers' own continuous batching (paged attention), N concurrent 60-token replies."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    model = None
+    for attn in ("paged|sdpa", "sdpa_paged"):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch.float32 if args.tiny else torch.bfloat16,
+                device_map={"": str(device())}, attn_implementation=attn).eval()
+            break
+        except ValueError as exc:
+            log(f"attn_implementation {attn} refused: {exc}")
+    if model is None:
+        return []
+    n, new = args.concurrency, 60
+    config = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    prompts = [torch.randint(10, 300, (args.prompt,)).tolist() for _ in range(n)]
+    manager = model.init_continuous_batching(generation_config=config)
+    manager.start()
+    try:
+        log("continuous batching: warm-up")
+        for rid in [manager.add_request(p, max_new_tokens=new) for p in prompts[:4]]:
+            manager.get_result(rid, timeout=600)
+        log(f"continuous batching: {n} concurrent requests")
+        started = time.perf_counter()
+        ids = [manager.add_request(p, max_new_tokens=new) for p in prompts]
+        finished: dict[str, float] = {}
+        while len(finished) < n:
+            result = manager.get_result(timeout=600)
+            if result is None:
+                break
+            if result.request_id in ids:
+                finished[result.request_id] = time.perf_counter() - started
+        wall = time.perf_counter() - started
+    finally:
+        manager.stop(block=True)
+    latencies = list(finished.values())
+    return [{"variant": "transformers ContinuousBatchingManager (paged)", "dtype": "bf16",
+             "concurrency": n, "new_tokens": new, **_percentiles(latencies),
+             "wall_s": round(wall, 2), "aggregate_tok_s": round(len(latencies) * new / wall, 1),
+             "peak_gb": peak_gb()}]
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
     keys = ["variant", "dtype", "batch", "concurrency", "ttft_ms", "decode_tok_s_per_seq",
             "aggregate_tok_s", "p50_s", "p95_s", "resident_gb", "peak_gb"]
@@ -255,8 +352,8 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--phase", choices=["prepare", "bf16", "nf4", "serve", "all"],
-                        default="all")
+    parser.add_argument("--phase", default="all",
+                        help="prepare, bf16, nf4, serve, cb, a comma list, or all")
     parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b"))
     parser.add_argument("--out", type=Path, default=Path(".bench/results.jsonl"))
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
@@ -275,10 +372,11 @@ def main() -> int:
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
     log(f"environment: {env}")
     prepare(args.model_dir, args.tiny)
-    phases = {"bf16": phase_bf16, "nf4": phase_nf4, "serve": phase_serve}
-    chosen = list(phases) if args.phase == "all" else [args.phase]
+    phases = {"bf16": phase_bf16, "nf4": phase_nf4, "int4": phase_int4, "serve": phase_serve,
+              "cb": phase_cb}
+    chosen = list(phases) if args.phase == "all" else args.phase.split(",")
     if args.tiny or not torch.cuda.is_available():
-        chosen = [p for p in chosen if p != "nf4"]
+        chosen = [p for p in chosen if p not in ("nf4", "int4")]
     rows: list[dict[str, Any]] = []
     for name in chosen if args.phase != "prepare" else []:
         phase_rows = phases[name](args.model_dir, args)

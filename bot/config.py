@@ -45,7 +45,7 @@ class LLMConfig(_Section):
     model_path: str | None = None
     gguf_file: str | None = None
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    quantization: Literal["4bit", "8bit", "none"] = "none"
+    quantization: Literal["int4", "4bit", "8bit", "none"] = "none"
     max_length: int = Field(2048, ge=128, le=131072)
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)

@@ -164,10 +164,12 @@ def _quantization_config(mode: str) -> Any:
 
 
 def fallback_chain(quantization: str, placement: Placement) -> list[str]:
-    """Steps to try, best first: 4bit → 8bit → half precision → CPU."""
+    """Steps to try, best first: (int4 →) 4bit → 8bit → half precision → CPU."""
     if placement.llm_device == "cpu":
-        return ["cpu"]
-    chain = {"4bit": ["4bit", "8bit"], "8bit": ["8bit"]}.get(quantization, [])
+        # bitsandbytes also runs on CPU (slowly); torchao int4's tinygemm kernel is GPU-only.
+        return {"4bit": ["4bit", "cpu"], "8bit": ["8bit", "cpu"]}.get(quantization, ["cpu"])
+    chain = {"int4": ["int4", "4bit", "8bit"], "4bit": ["4bit", "8bit"],
+             "8bit": ["8bit"]}.get(quantization, [])
     return [*chain, "half", "cpu"]
 
 
@@ -176,14 +178,17 @@ def _load_kwargs(step: str, placement: Placement) -> dict[str, Any]:
 
     if step == "cpu":
         return {"dtype": torch.float32, "device_map": None}
-    half = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    on_gpu = placement.llm_device != "cpu"
+    half = torch.bfloat16 if not on_gpu or torch.cuda.is_bf16_supported() else torch.float16
     kwargs: dict[str, Any] = {"dtype": half}
-    if len(placement.llm_gpus) > 1:
+    if not on_gpu:
+        kwargs["device_map"] = {"": "cpu"}
+    elif len(placement.llm_gpus) > 1:
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = dict(placement.llm_max_memory)
     else:
         kwargs["device_map"] = {"": placement.llm_device}
-    if step in ("4bit", "8bit"):
+    if step in ("int4", "4bit", "8bit"):
         kwargs["quantization_config"] = _quantization_config(step)
     return kwargs
 

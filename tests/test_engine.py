@@ -181,10 +181,12 @@ def test_gpu_status_shape_with_fake_devices() -> None:
 
 def test_fallback_chain_order() -> None:
     gpu = plan_placement(_fake(1))
+    assert fallback_chain("int4", gpu) == ["int4", "4bit", "8bit", "half", "cpu"]
     assert fallback_chain("4bit", gpu) == ["4bit", "8bit", "half", "cpu"]
     assert fallback_chain("8bit", gpu) == ["8bit", "half", "cpu"]
     assert fallback_chain("none", gpu) == ["half", "cpu"]
-    assert fallback_chain("4bit", plan_placement([])) == ["cpu"]
+    assert fallback_chain("4bit", plan_placement([])) == ["4bit", "cpu"]
+    assert fallback_chain("int4", plan_placement([])) == ["cpu"]
 
 
 def test_imbalance_warning() -> None:
@@ -253,3 +255,60 @@ async def test_a_failing_batch_reports_the_cause(backend: TransformersBackend,
     monkeypatch.setattr(backend.model, "generate", broken)
     with pytest.raises(EngineError, match="device-side assert"):
         await _collect(backend, "hello")
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+async def test_bitsandbytes_loads_through_the_real_loader_on_cpu(
+    tiny_model_dir: Path, tmp_path: Path, mode: str
+) -> None:
+    pytest.importorskip("bitsandbytes")
+    settings = EngineSettings.from_config(tiny_config(tiny_model_dir, quantization=mode),
+                                          cache_dir=tmp_path)
+    quantized = TransformersBackend(settings)
+    await quantized.start()
+    try:
+        assert quantized.report.mode == mode
+        layer = type(quantized.model.model.layers[0].mlp.up_proj).__name__
+        assert layer == {"4bit": "Linear4bit", "8bit": "Linear8bitLt"}[mode]
+        text = await _collect(quantized, "hello", 4)
+        assert isinstance(text, str)
+    finally:
+        await quantized.close()
+
+
+def test_load_failures_walk_the_fallback_chain(tiny_model_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from engine import model_loader
+    from engine.errors import ModelLoadError
+    from engine.model_loader import LoadReport, load_llm
+
+    real = AutoModelForCausalLM.from_pretrained
+    tried: list[str] = []
+
+    def fake_kwargs(step: str, placement: Any) -> dict[str, Any]:
+        tried.append(step)
+        return {"step": step}
+
+    def flaky(path: Any, step: str, **kwargs: Any) -> Any:
+        if step != "cpu":
+            raise RuntimeError(f"CUDA out of memory while loading {step}")
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(model_loader, "_load_kwargs", fake_kwargs)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", flaky)
+    report = LoadReport()
+    gpu = plan_placement(_fake(1))
+    model, _tokenizer = load_llm(tiny_model_dir, "int4", gpu, report)
+    assert model is not None and tried == ["int4", "4bit", "8bit", "half", "cpu"]
+    assert [s["ok"] for s in report.steps] == [False, False, False, False, True]
+    assert "out of memory while loading int4" in report.steps[0]["reason"]
+    assert report.mode == "cpu" and len(report.as_dict()["fallbacks"]) == 4
+
+    def always_fails(path: Any, step: str, **kwargs: Any) -> Any:
+        raise RuntimeError("broken weights")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", always_fails)
+    with pytest.raises(ModelLoadError, match=r"models\.llm\.model_path"):
+        load_llm(tiny_model_dir, "none", gpu, LoadReport())
