@@ -1,0 +1,144 @@
+"""The openai backend against a real OpenAI-compatible server: ``transformers serve`` running
+the tiny Qwen3 on CPU (same protocol as vLLM, llama.cpp server, Ollama)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from engine import create_llm_manager
+from engine.backends.openai_backend import OpenAIBackend
+from engine.errors import BackendUnavailableError
+from engine.settings import EngineSettings
+from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    cli = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    if cli is None:
+        pytest.skip("transformers[serving] is not installed")
+    port = _free_port()
+    home = tmp_path_factory.mktemp("serve-home")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
+    process = subprocess.Popen(
+        [cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+         "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"transformers serve exited: {process.stderr.read()!r}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise RuntimeError("transformers serve did not become healthy in 90 s")
+        yield f"{base}/v1"
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+
+
+def settings_for(base_url: str, **openai: Any) -> EngineSettings:
+    config = {"models": {"llm": {"backend": "openai",
+                                 "openai": {"base_url": base_url, "max_retries": 1, **openai}},
+                         "embedding": {"enabled": False}},
+              "vtuber": {"response": {"max_tokens": 8, "enable_traditional_chinese": False}}}
+    return EngineSettings.from_config(config)
+
+
+def request(max_tokens: int = 8) -> GenerationRequest:
+    return GenerationRequest((ChatMessage("system", "You are Pell."),
+                              ChatMessage("user", "hello")),
+                             SamplingParams(max_new_tokens=max_tokens, temperature=0.0))
+
+
+async def test_streams_chunks_with_usage_and_finish_reason(server: str) -> None:
+    backend = OpenAIBackend(settings_for(server))
+    await backend.start()
+    try:
+        chunks = [chunk async for chunk in backend.generate(request())]
+        assert len(chunks) > 1, "not streamed"
+        assert all(isinstance(c, str) for c in chunks)
+        assert backend.last_finish_reason in {"length", "stop"}
+        assert backend.last_usage is not None
+        assert backend.last_usage["completion_tokens"] <= 8
+        assert backend.info()["model"] not in ("", "default")  # picked from /v1/models
+    finally:
+        await backend.close()
+
+
+async def test_seed_api_over_the_openai_backend(server: str) -> None:
+    config = {"models": {"llm": {"backend": "openai", "openai": {"base_url": server}},
+                         "embedding": {"enabled": False}},
+              "vtuber": {"response": {"max_tokens": 8}}}
+    manager = await create_llm_manager(config)
+    assert manager is not None
+    try:
+        reply = await manager.generate_response("hello", conversation_history=[("hi", "hey")])
+        assert isinstance(reply, str) and reply
+        assert manager.get_model_info()["backend"] == "openai"
+    finally:
+        await manager.aclose()
+
+
+async def test_unreachable_server_is_a_clear_error() -> None:
+    backend = OpenAIBackend(settings_for(f"http://127.0.0.1:{_free_port()}/v1"))
+    with pytest.raises(BackendUnavailableError, match=r"models\.llm\.openai\.base_url"):
+        await backend.start()
+    await backend.close()
+    config = {"models": {"llm": {"backend": "openai",
+                                 "openai": {"base_url": f"http://127.0.0.1:{_free_port()}/v1"}},
+                         "embedding": {"enabled": False}}}
+    assert await create_llm_manager(config) is None
+
+
+async def test_retries_with_backoff_before_the_first_token() -> None:
+    calls = {"chat": 0}
+
+    def handler(http_request: httpx.Request) -> httpx.Response:
+        if http_request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m", "extra": 1}]})
+        calls["chat"] += 1
+        if calls["chat"] == 1:
+            return httpx.Response(503, text="warming up")
+        body = (
+            'data: {"choices":[{"delta":{"content":"Hi"},"index":0}],"stop_reason":null}\n\n'
+            'data: {"choices":[{"delta":{"content":" there"},"finish_reason":"stop"}],'
+            '"usage":{"completion_tokens":2,"prompt_tokens":5},"token_ids":[1,2]}\n\n'
+            "data: [DONE]\n\n"
+        )
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    backend = OpenAIBackend(settings_for("http://test/v1"), transport=httpx.MockTransport(handler))
+    await backend.start()
+    try:
+        text = "".join([c async for c in backend.generate(request())])
+    finally:
+        await backend.close()
+    assert text == "Hi there"
+    assert calls["chat"] == 2
+    assert backend.last_finish_reason == "stop"
