@@ -31,8 +31,8 @@ class Embedder:
     def load(self) -> None:
         with self._lock:
             if self.model is None:
-                self.model, self.tokenizer, path = load_embedder(self._settings.model_path,
-                                                                 self._device)
+                self.model, self.tokenizer, path = load_embedder(
+                    self._settings.model_path, self._device, self._settings.quantization)
                 log.info("Embedder loaded from %s on %s", path, self._device)
 
     @property
@@ -53,7 +53,7 @@ class Embedder:
                 batch = self.tokenizer(
                     texts[start:start + size], padding=True, truncation=True,
                     max_length=self._settings.max_length, return_tensors="pt",
-                ).to(self._device)
+                ).to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

@@ -232,7 +232,7 @@ class LLMManager:
             "initialized": self._generator is not None,
             "persona": self._persona.id if self._persona else None,
             "loading_mode": load.get("mode", info.get("backend")),
-            "optimizations_applied": self._optimizations(load),
+            "optimizations_applied": self._optimizations(info),
             "embedding_model": self.settings.embedding.model_path or "all-MiniLM-L6-v2 (bundled)",
             "embedding_loaded": bool(self._embedder and self._embedder.loaded),
             "gpu_cluster": {**self.get_gpu_status(),
@@ -241,11 +241,17 @@ class LLMManager:
         }
 
     @staticmethod
-    def _optimizations(load: Mapping[str, Any]) -> list[str]:
+    def _optimizations(info: Mapping[str, Any]) -> list[str]:
         applied = ["worker-thread generation", "chat templates", "streaming"]
-        mode = load.get("mode")
+        mode = info.get("load", {}).get("mode")
+        if info.get("max_batch_size", 1) > 1:
+            applied.append(f"micro-batching (max {info['max_batch_size']})")
+        if info.get("static_cache"):
+            applied.append("static KV cache + torch.compile")
         if mode in ("4bit", "8bit"):
             applied.append(f"bitsandbytes {mode}")
+        if mode == "int4":
+            applied.append("torchao int4 weight-only")
         if mode == "half":
             applied.append("half precision")
         return applied

@@ -230,7 +230,9 @@ def load_llm(model_dir: Path, quantization: str, placement: Placement,
                          f"(tried {[s['step'] for s in report.steps]})") from last_error
 
 
-def load_embedder(model_path: str | None, device: str) -> tuple[Any, Any, Path]:
+def load_embedder(model_path: str | None, device: str,
+                  quantization: str = "none") -> tuple[Any, Any, Path]:
+    """The embedder, 8-bit when asked (the seed's setting); full precision if 8-bit fails."""
     ensure_offline()
     from transformers import AutoModel, AutoTokenizer
 
@@ -238,6 +240,15 @@ def load_embedder(model_path: str | None, device: str) -> tuple[Any, Any, Path]:
     if not path.exists():
         raise ModelNotFoundError("models.embedding.model_path", str(path))
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if quantization == "8bit":
+        try:
+            model = AutoModel.from_pretrained(
+                path, local_files_only=True, device_map={"": device},
+                quantization_config=_quantization_config("8bit"),
+            ).eval()
+            return model, tokenizer, path
+        except (ImportError, RuntimeError, ValueError) as exc:
+            log.warning("8-bit embedder failed (%s); loading it in full precision", exc)
     model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
     return model, tokenizer, path
 

@@ -312,3 +312,16 @@ def test_load_failures_walk_the_fallback_chain(tiny_model_dir: Path,
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", always_fails)
     with pytest.raises(ModelLoadError, match=r"models\.llm\.model_path"):
         load_llm(tiny_model_dir, "none", gpu, LoadReport())
+
+
+def test_embeddings_are_normalised_vectors(tmp_path: Path) -> None:
+    from engine.embedder import Embedder
+    from engine.settings import EmbeddingSettings
+
+    embedder = Embedder(EmbeddingSettings(batch_size=2))
+    vectors = embedder.encode(["the lighthouse keeper", "a keeper of the lighthouse",
+                               "quarterly tax filing"])
+    assert vectors.shape == (3, 384) and str(vectors.dtype) == "float32"
+    norms = (vectors**2).sum(axis=1)
+    assert all(abs(n - 1) < 1e-4 for n in norms)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]

@@ -1,0 +1,50 @@
+"""GPU-only checks: skipped without CUDA, run on the lent H100/H200 (see docs/PERFORMANCE.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+def _config(model_dir: Path, **llm: Any) -> dict[str, Any]:
+    return {"models": {"llm": {"model_path": str(model_dir), "temperature": 0.0,
+                               "max_length": 512, **llm},
+                       "embedding": {"enabled": True}},
+            "vtuber": {"response": {"max_tokens": 8, "enable_traditional_chinese": False}}}
+
+
+@pytest.mark.parametrize("quantization", ["none", "4bit", "8bit", "int4"])
+async def test_loads_on_gpu_and_answers(tiny_model_dir: Path, tmp_path: Path,
+                                        quantization: str) -> None:
+    from engine import create_llm_manager
+
+    manager = await create_llm_manager(_config(tiny_model_dir, quantization=quantization),
+                                       cache_dir=tmp_path)
+    assert manager is not None
+    try:
+        info = manager.get_model_info()
+        assert info["gpu_cluster"]["gpu_count"] >= 1
+        assert manager.device.startswith("cuda")
+        assert info["load"]["steps"][-1]["ok"]
+        assert isinstance(await manager.generate_response("hello"), str)
+        vectors = manager.get_embeddings(["hello", "星星"])
+        assert len(vectors) == 2 and len(vectors[0]) == 384
+        allocation = manager.diagnose_gpu_allocation()
+        assert any(device.startswith("cuda") for device in allocation["layer_map"].values())
+    finally:
+        await manager.aclose()
+
+
+def test_optimize_reports_memory() -> None:
+    from engine.gpu_manager import optimize_gpu_memory
+
+    report = optimize_gpu_memory()
+    assert report["status"]["gpu_count"] >= 1
