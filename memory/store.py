@@ -7,7 +7,9 @@ concurrency. PostgreSQL: ``SELECT ... FOR UPDATE`` on the state row.
 
 from __future__ import annotations
 
+import functools
 import logging
+import operator
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -15,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import case, column, delete, event, func, or_, select, table, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -26,12 +28,22 @@ from sqlalchemy.ext.asyncio import (
 
 from memory.errors import StoreError
 from memory.migrate import upgrade_to_head
-from memory.models import Identity, Message, RelationshipState, StateEvent, User
+from memory.models import (
+    USER_DATA_TABLES,
+    Identity,
+    Memory,
+    Message,
+    RelationshipState,
+    StateEvent,
+    User,
+)
 from memory.urls import mask_url
 
 log = logging.getLogger(__name__)
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# The FTS5 table made by migration 0002 (raw SQL, so not part of the ORM metadata).
+_FTS = table("memories_fts", column("rowid"), column("memories_fts"))
 
 
 def sqlite_url(path: Path) -> str:
@@ -454,6 +466,138 @@ class Store:
         points.reverse()
         return points
 
+    # -- per-user data: delete / export / moderation ------------------------------------------
+
+    async def delete_user_data(self, user_id: int) -> dict[str, int]:
+        """Delete every row about this user (the delete-user-data contract). Returns counts."""
+        counts: dict[str, int] = {}
+        async with self._sessions() as session, session.begin():
+            for model, attr in USER_DATA_TABLES:
+                result = await session.execute(
+                    delete(model).where(getattr(model, attr) == user_id)
+                )
+                counts[model.__tablename__] = int(getattr(result, "rowcount", 0) or 0)
+        log.info("deleted data of user %d: %s", user_id, counts)
+        return counts
+
+    async def export_user_data(self, user_id: int) -> dict[str, list[dict[str, Any]]]:
+        """Every row about this user, table by table, JSON-ready."""
+        export: dict[str, list[dict[str, Any]]] = {}
+        async with self._sessions() as session, session.begin():
+            for model, attr in reversed(USER_DATA_TABLES):
+                rows = await session.scalars(
+                    select(model).where(getattr(model, attr) == user_id)
+                )
+                export[model.__tablename__] = [_row_dict(row) for row in rows]
+        return export
+
+    async def purge_platform_message(self, platform: str, platform_message_id: str) -> int:
+        """Moderation: blank a deleted platform message, drop memories made from it."""
+        async with self._sessions() as session, session.begin():
+            ids = list(await session.scalars(
+                select(Message.id).where(Message.platform == platform,
+                                         Message.platform_message_id == platform_message_id)
+            ))
+            if not ids:
+                return 0
+            await session.execute(
+                update(Message).where(Message.id.in_(ids)).values(content="", status="purged")
+            )
+            await session.execute(
+                delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids]))
+            )
+            return len(ids)
+
+    # -- memories -------------------------------------------------------------------------
+
+    async def add_memories(self, items: list[NewMemory]) -> list[int]:
+        if not items:
+            return []
+        async with self._sessions() as session, session.begin():
+            rows = [Memory(scope=i.scope, persona_id=i.persona_id, user_id=i.user_id,
+                           text=i.text, source=i.source, source_hash=i.source_hash,
+                           embedding=i.embedding) for i in items]
+            session.add_all(rows)
+            await session.flush()
+            return [row.id for row in rows]
+
+    async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
+        async with self._sessions() as session, session.begin():
+            rows = await session.execute(
+                select(Memory.source, Memory.source_hash)
+                .where(Memory.persona_id == persona_id, Memory.scope == scope)
+                .distinct()
+            )
+            return {r.source: r.source_hash or "" for r in rows}
+
+    async def delete_sources(self, persona_id: str, sources: list[str]) -> int:
+        if not sources:
+            return 0
+        async with self._sessions() as session, session.begin():
+            result = await session.execute(
+                delete(Memory).where(Memory.persona_id == persona_id,
+                                     Memory.source.in_(sources))
+            )
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    async def memory_vectors(self, persona_id: str, after_id: int = 0,
+                             batch: int = 50_000) -> list[tuple[int, int | None, bytes]]:
+        """(id, user_id, embedding) of memories newer than ``after_id`` (for the vector index)."""
+        async with self._sessions() as session, session.begin():
+            rows = await session.execute(
+                select(Memory.id, Memory.user_id, Memory.embedding)
+                .where(Memory.persona_id == persona_id, Memory.id > after_id,
+                       Memory.embedding.is_not(None))
+                .order_by(Memory.id)
+                .limit(batch)
+            )
+            return [(r.id, r.user_id, r.embedding) for r in rows]
+
+    async def memory_ids(self, persona_id: str) -> set[int]:
+        async with self._sessions() as session, session.begin():
+            return set(await session.scalars(
+                select(Memory.id).where(Memory.persona_id == persona_id)))
+
+    async def get_memories(self, ids: list[int]) -> dict[int, Memory]:
+        if not ids:
+            return {}
+        async with self._sessions() as session, session.begin():
+            rows = await session.scalars(select(Memory).where(Memory.id.in_(ids)))
+            return {row.id: row for row in rows}
+
+    async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
+                             limit: int) -> list[int]:
+        """Memory ids ranked by lexical match: FTS5 trigram + bm25 on SQLite for terms of 3+
+        characters; otherwise (and on PostgreSQL, through the pg_trgm index) by how many
+        terms each text contains."""
+        if not terms:
+            return []
+        scope = or_(Memory.scope == "persona", Memory.user_id == user_id)
+        async with self._sessions() as session, session.begin():
+            long_terms = [t for t in terms if len(t) >= 3]
+            if self.dialect == "sqlite" and long_terms:
+                match = " OR ".join('"' + t.replace('"', '""') + '"' for t in long_terms)
+                rows = await session.execute(
+                    select(Memory.id)
+                    .join(_FTS, _FTS.c.rowid == Memory.id)
+                    .where(_FTS.c.memories_fts.match(match), Memory.persona_id == persona_id,
+                           scope)
+                    .order_by(func.bm25(_FTS.c.memories_fts))
+                    .limit(limit)
+                )
+                return [r.id for r in rows]
+            hits = functools.reduce(operator.add, (
+                case((Memory.text.icontains(t, autoescape=True), 1), else_=0) for t in terms
+            ))
+            rows = await session.execute(
+                select(Memory.id)
+                .where(Memory.persona_id == persona_id, scope,
+                       or_(*(Memory.text.icontains(t, autoescape=True) for t in terms)))
+                .order_by(hits.desc(), Memory.id.desc())
+                .limit(limit)
+            )
+            return [r.id for r in rows]
+
     async def stats(
         self, platform: str, platform_user_id: str, persona_id: str, default_mood: str
     ) -> dict[str, Any] | None:
@@ -475,6 +619,29 @@ class Store:
                 state.last_interaction_at.isoformat() if state.last_interaction_at else None
             ),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class NewMemory:
+    scope: str  # persona | user
+    persona_id: str
+    text: str
+    source: str
+    user_id: int | None = None
+    source_hash: str | None = None
+    embedding: bytes | None = None
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for col in row.__table__.columns:
+        value = getattr(row, col.key)
+        if isinstance(value, datetime):
+            value = value.isoformat()
+        elif isinstance(value, bytes):
+            value = f"<{len(value)} bytes>"
+        data[col.key] = value
+    return data
 
 
 def _first_line(exc: BaseException) -> str:

@@ -27,8 +27,19 @@ def _url() -> str:
     )
 
 
+# Lexical-index objects made by raw SQL in 0002 (FTS5 and its shadow tables, the pg_trgm
+# index): not in the ORM metadata, so autogenerate must not propose dropping them.
+_RAW_SQL_OBJECTS = ("memories_fts", "ix_memories_text_trgm")
+
+
+def _include_object(obj: object, name: str | None, type_: str, reflected: bool,
+                    compare_to: object) -> bool:
+    return not (reflected and name is not None and name.startswith(_RAW_SQL_OBJECTS))
+
+
 def _configure(**kwargs: object) -> None:
-    context.configure(target_metadata=target_metadata, compare_type=True, **kwargs)
+    context.configure(target_metadata=target_metadata, compare_type=True,
+                      include_object=_include_object, **kwargs)
 
 
 def run_on_connection(connection: Connection) -> None:

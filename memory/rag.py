@@ -1,0 +1,242 @@
+"""Retrieval: persona knowledge files and long-term user memories, hybrid search.
+
+Dense cosine (an in-process float32 matrix, refreshed incrementally from the store) and lexical
+match (SQLite FTS5 trigram / PostgreSQL pg_trgm) are fused by reciprocal rank. The default
+embedder is English-only, so Chinese relies on the lexical side. Scope is per user: a search
+sees the persona's knowledge plus only the asking user's memories.
+
+Embeddings come through the small ``Embedder`` protocol (``bot`` injects the engine's), and are
+computed off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from memory.store import NewMemory, Store
+
+log = logging.getLogger(__name__)
+
+RRF_K = 60
+WINDOW_CHARS = 400
+WINDOW_OVERLAP = 80
+_HEADING = re.compile(r"^(#{1,6})\s+(.*)$", re.M)
+_CJK_RUN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+_WORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9'-]{2,}")
+_STOPWORDS = frozenset({"the", "and", "for", "are", "was", "with", "what", "who", "how",
+                        "does", "did", "you", "your", "this", "that", "have", "has", "from",
+                        "about"})
+
+
+class Embedder(Protocol):
+    """Texts → L2-normalised float32 vectors, shape (len(texts), dim). Blocking."""
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetrievedChunk:
+    id: int
+    text: str
+    source: str
+    scope: str
+    score: float
+    dense_rank: int | None
+    lexical_rank: int | None
+
+    def trace(self) -> dict[str, object]:
+        return {"id": self.id, "score": round(self.score, 5), "source": self.source,
+                "dense_rank": self.dense_rank, "lexical_rank": self.lexical_rank}
+
+
+@dataclass(frozen=True, slots=True)
+class IndexReport:
+    added_chunks: int
+    unchanged_files: int
+    removed_files: int
+
+
+def lexical_terms(query: str, limit: int = 32) -> list[str]:
+    """CJK runs as overlapping trigrams (bigram for a 2-character run), words of 3+ letters."""
+    terms: list[str] = []
+    for run in _CJK_RUN.findall(query):
+        if len(run) < 3:
+            terms.append(run)
+        else:
+            terms.extend(run[i:i + 3] for i in range(len(run) - 2))
+    terms.extend(w.casefold() for w in _WORD.findall(query) if w.casefold() not in _STOPWORDS)
+    return list(dict.fromkeys(terms))[:limit]
+
+
+def split_markdown(text: str) -> list[str]:
+    """Sections by heading (the heading kept as context), then overlapping windows."""
+    sections: list[str] = []
+    starts = [m.start() for m in _HEADING.finditer(text)] or [0]
+    if starts[0] != 0:
+        starts.insert(0, 0)
+    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
+        section = text[begin:end].strip()
+        if not section:
+            continue
+        heading = section.splitlines()[0] if section.startswith("#") else ""
+        if len(section) <= WINDOW_CHARS:
+            sections.append(section)
+            continue
+        step = WINDOW_CHARS - WINDOW_OVERLAP
+        for offset in range(0, len(section), step):
+            window = section[offset:offset + WINDOW_CHARS].strip()
+            if offset and heading:
+                window = f"{heading}\n{window}"
+            if window:
+                sections.append(window)
+            if offset + WINDOW_CHARS >= len(section):
+                break
+    return sections
+
+
+def to_blob(vector: np.ndarray) -> bytes:
+    return np.asarray(vector, dtype=np.float32).tobytes()
+
+
+class VectorIndex:
+    """All embeddings of one persona's memories in one matrix; appended incrementally."""
+
+    def __init__(self) -> None:
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.users = np.zeros(0, dtype=np.int64)  # -1: persona knowledge
+        self.matrix: np.ndarray | None = None
+        self.last_id = 0
+
+    def add(self, rows: list[tuple[int, int | None, bytes]]) -> None:
+        if not rows:
+            return
+        vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, _, blob in rows])
+        self.matrix = vectors if self.matrix is None else np.vstack([self.matrix, vectors])
+        self.ids = np.concatenate([self.ids, [r[0] for r in rows]])
+        self.users = np.concatenate([self.users, [-1 if r[1] is None else r[1] for r in rows]])
+        self.last_id = max(self.last_id, int(self.ids[-1]))
+
+    def keep_only(self, live: set[int]) -> None:
+        if self.matrix is None:
+            return
+        mask = np.isin(self.ids, list(live))
+        self.matrix, self.ids, self.users = self.matrix[mask], self.ids[mask], self.users[mask]
+
+    def search(self, query: np.ndarray, user_id: int | None, limit: int) -> list[int]:
+        if self.matrix is None or not len(self.ids):
+            return []
+        scores = self.matrix @ query.astype(np.float32)
+        visible = (self.users == -1) | (self.users == (-2 if user_id is None else user_id))
+        scores = np.where(visible, scores, -np.inf)
+        count = min(limit, int(visible.sum()))
+        if count == 0:
+            return []
+        top = np.argpartition(-scores, count - 1)[:count]
+        top = top[np.argsort(-scores[top])]
+        return [int(self.ids[i]) for i in top]
+
+
+def _read_markdown(folder: Path) -> list[tuple[str, str]]:
+    return [(f"knowledge:{path.relative_to(folder).as_posix()}", path.read_text("utf-8"))
+            for path in sorted(folder.rglob("*.md"))]
+
+
+class MemoryRetriever:
+    """Implements the engine's retrieval protocol (``search(query)``), per persona."""
+
+    def __init__(self, store: Store, persona_id: str, embedder: Embedder | None = None,
+                 k: int = 4, candidates: int = 20) -> None:
+        self._store = store
+        self._persona_id = persona_id
+        self._embedder = embedder
+        self._k = k
+        self._candidates = candidates
+        self._index = VectorIndex()
+        self._lock = asyncio.Lock()
+
+    async def _embed(self, texts: list[str]) -> list[bytes | None]:
+        if self._embedder is None or not texts:
+            return [None] * len(texts)
+        vectors = await asyncio.to_thread(self._embedder.encode, texts)
+        return [to_blob(v) for v in vectors]
+
+    async def index_knowledge(self, folder: Path) -> IndexReport:
+        """(Re)index ``*.md`` under ``folder``; files whose hash is unchanged are skipped."""
+        known = await self._store.source_hashes(self._persona_id)
+        seen: set[str] = set()
+        added = unchanged = 0
+        for source, text in await asyncio.to_thread(_read_markdown, folder):
+            digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            seen.add(source)
+            if known.get(source) == digest:
+                unchanged += 1
+                continue
+            await self._store.delete_sources(self._persona_id, [source])
+            chunks = split_markdown(text)
+            blobs = await self._embed(chunks)
+            await self._store.add_memories([
+                NewMemory("persona", self._persona_id, chunk, source, None, digest, blob)
+                for chunk, blob in zip(chunks, blobs, strict=True)
+            ])
+            added += len(chunks)
+        stale = [s for s in known if s.startswith("knowledge:") and s not in seen]
+        await self._store.delete_sources(self._persona_id, stale)
+        if stale or added:
+            await self._resync()
+        log.info("knowledge index: %d chunks added, %d files unchanged, %d removed", added,
+                 unchanged, len(stale))
+        return IndexReport(added, unchanged, len(stale))
+
+    async def remember(self, user_id: int, text: str, source: str) -> int:
+        """Keep a long-term memory for one user (e.g. something they told the persona)."""
+        [blob] = await self._embed([text])
+        [memory_id] = await self._store.add_memories(
+            [NewMemory("user", self._persona_id, text, source, user_id, None, blob)]
+        )
+        return memory_id
+
+    async def _resync(self) -> None:
+        async with self._lock:
+            live = await self._store.memory_ids(self._persona_id)
+            self._index.keep_only(live)
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            while rows := await self._store.memory_vectors(self._persona_id,
+                                                           self._index.last_id):
+                self._index.add(rows)
+
+    async def search(self, query: str, user_id: int | None = None,
+                     k: int | None = None) -> list[RetrievedChunk]:
+        k = k or self._k
+        dense_ids: list[int] = []
+        if self._embedder is not None:
+            await self._refresh()
+            [vector] = await asyncio.to_thread(self._embedder.encode, [query])
+            dense_ids = self._index.search(vector, user_id, self._candidates)
+        lexical_ids = await self._store.lexical_search(
+            lexical_terms(query), self._persona_id, user_id, self._candidates
+        )
+        fused: dict[int, float] = {}
+        for ranking in (dense_ids, lexical_ids):
+            for rank, memory_id in enumerate(ranking):
+                fused[memory_id] = fused.get(memory_id, 0.0) + 1.0 / (RRF_K + rank + 1)
+        best = sorted(fused, key=lambda i: fused[i], reverse=True)[:k]
+        rows = await self._store.get_memories(best)
+        return [
+            RetrievedChunk(
+                id=i, text=rows[i].text, source=rows[i].source, scope=rows[i].scope,
+                score=fused[i],
+                dense_rank=dense_ids.index(i) if i in dense_ids else None,
+                lexical_rank=lexical_ids.index(i) if i in lexical_ids else None,
+            )
+            for i in best if i in rows
+        ]

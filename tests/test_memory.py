@@ -1,0 +1,173 @@
+"""RAG, delete/export and moderation purge, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, text
+
+from memory.models import Base
+from memory.rag import MemoryRetriever, lexical_terms
+from memory.store import StateChange, StateSnapshot, Store
+
+KNOWLEDGE = {
+    "home.md": "# 燈塔\n佩兒住在海邊的舊燈塔，每天晚上修理燈塔的燈。\n",
+    "stars.md": "# 星圖\n佩兒最喜歡的星座是天蠍座，她用藍色墨水畫星圖。\n",
+    "food.md": "# Food\nPell loves warm pumpkin soup on stormy nights.\n",
+    "music.md": "# Music\nPell plays a small accordion during the weekend streams.\n",
+}
+
+
+@pytest.fixture(scope="module")
+def embedder() -> Any:
+    from engine.embedder import Embedder
+    from engine.settings import EmbeddingSettings
+
+    return Embedder(EmbeddingSettings())
+
+
+@pytest.fixture
+def knowledge(tmp_path: Path) -> Path:
+    folder = tmp_path / "knowledge"
+    folder.mkdir()
+    for name, body in KNOWLEDGE.items():
+        (folder / name).write_text(body, encoding="utf-8")
+    return folder
+
+
+async def test_chinese_query_finds_chinese_chunk_lexically(store: Store, embedder: Any,
+                                                           knowledge: Path) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder)
+    report = await retriever.index_knowledge(knowledge)
+    assert report.added_chunks == 4
+    results = await retriever.search("佩兒最喜歡哪個星座？")
+    assert results[0].source == "knowledge:stars.md"
+    assert results[0].lexical_rank == 0
+    home = await retriever.search("你住在燈塔嗎")
+    assert home[0].source == "knowledge:home.md"
+
+
+async def test_english_query_finds_english_chunk_by_meaning(store: Store, embedder: Any,
+                                                            knowledge: Path) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder)
+    await retriever.index_knowledge(knowledge)
+    query = "What does she like to eat when the weather is bad?"
+    assert not set(lexical_terms(query)) & {"soup", "pumpkin", "stormy"}
+    results = await retriever.search(query)
+    assert results[0].source == "knowledge:food.md"
+    assert results[0].dense_rank == 0
+    assert {"id", "score", "source"} <= set(results[0].trace())
+
+
+async def test_reindex_skips_unchanged_and_drops_removed(store: Store, embedder: Any,
+                                                         knowledge: Path) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder)
+    await retriever.index_knowledge(knowledge)
+    (knowledge / "music.md").unlink()
+    (knowledge / "food.md").write_text("# Food\nPell now prefers hot cocoa.\n", "utf-8")
+    report = await retriever.index_knowledge(knowledge)
+    assert (report.added_chunks, report.unchanged_files, report.removed_files) == (1, 2, 1)
+    sources = {r.source for r in await retriever.search("accordion cocoa weekend", k=10)}
+    assert "knowledge:music.md" not in sources
+    assert "knowledge:food.md" in sources
+
+
+async def test_user_memories_are_scoped_to_their_user(store: Store, embedder: Any) -> None:
+    ann = await store.resolve_user("discord", "ann", "Ann")
+    bob = await store.resolve_user("discord", "bob", "Bob")
+    retriever = MemoryRetriever(store, "pell", embedder)
+    await retriever.remember(ann, "My cat is called Mochi.", "message:1")
+    mine = await retriever.search("what is my cat called", user_id=ann)
+    theirs = await retriever.search("what is my cat called", user_id=bob)
+    assert any("Mochi" in r.text for r in mine)
+    assert not any("Mochi" in r.text for r in theirs)
+
+
+async def test_memories_survive_reopen(db_url: str, embedder: Any, knowledge: Path) -> None:
+    first = await Store.open(db_url)
+    await MemoryRetriever(first, "pell", embedder).index_knowledge(knowledge)
+    await first.close()
+    again = await Store.open(db_url)
+    try:
+        results = await MemoryRetriever(again, "pell", embedder).search("天蠍座")
+        assert results and results[0].source == "knowledge:stars.md"
+    finally:
+        await again.close()
+
+
+MARK = "zq-unique-marker-7731"
+
+
+async def _populate(store: Store, embedder: Any) -> int:
+    user = await store.resolve_user("discord", f"{MARK}-id", f"{MARK} name")
+    message_id = await store.record_incoming(
+        user_id=user, persona_id="pell", platform="discord", channel_id="c",
+        platform_message_id=f"{MARK}-msg", text=f"hello {MARK}",
+        created_at=datetime.now(UTC))
+
+    def rule(before: StateSnapshot) -> StateChange:
+        return StateChange(before, f"cause {MARK}")
+
+    await store.complete_exchange(user_message_id=message_id, reply_text=f"hi {MARK}",
+                                  trace={"note": MARK}, platform_message_id=None,
+                                  default_mood="calm", rule=rule, created_at=datetime.now(UTC))
+    await MemoryRetriever(store, "pell", embedder).remember(user, f"{MARK} likes tea",
+                                                            f"message:{message_id}")
+    other = await store.resolve_user("discord", "someone-else", "Other")
+    await store.record_incoming(user_id=other, persona_id="pell", platform="discord",
+                                channel_id="c", platform_message_id="x", text="unrelated",
+                                created_at=datetime.now(UTC))
+    return user
+
+
+async def _rows_mentioning(store: Store, user_id: int) -> list[str]:
+    found = []
+    async with store._sessions() as session:
+        for table in Base.metadata.sorted_tables:
+            for row in (await session.execute(select(table))).mappings():
+                for key, value in row.items():
+                    about_user = (key == "user_id" or (table.name == "users" and key == "id"))
+                    if (about_user and value == user_id) or MARK in str(value):
+                        found.append(f"{table.name}.{key}")
+        if store.dialect == "sqlite":
+            hits = await session.execute(
+                text("SELECT rowid FROM memories_fts WHERE memories_fts MATCH :q"),
+                {"q": f'"{MARK}"'})
+            found += [f"memories_fts:{r[0]}" for r in hits]
+    return found
+
+
+async def test_export_then_delete_leaves_nothing(store: Store, embedder: Any) -> None:
+    user = await _populate(store, embedder)
+    assert await _rows_mentioning(store, user)
+    export = await store.export_user_data(user)
+    assert {name: len(rows) for name, rows in export.items()} == {
+        "users": 1, "identities": 1, "relationship_states": 1, "memories": 1, "messages": 2,
+        "state_events": 1,
+    }
+    assert MARK in str(export)
+    counts = await store.delete_user_data(user)
+    assert sum(counts.values()) == 7
+    assert await _rows_mentioning(store, user) == []
+    assert await store.find_user("discord", "someone-else") is not None
+
+
+async def test_moderation_purge(store: Store, embedder: Any) -> None:
+    user = await _populate(store, embedder)
+    assert await store.purge_platform_message("discord", f"{MARK}-msg") == 1
+    rows = await store.messages_for(user)
+    assert rows[0].status == "purged" and rows[0].content == ""
+    retriever = MemoryRetriever(store, "pell", embedder)
+    assert not [r for r in await retriever.search("likes tea", user_id=user) if MARK in r.text]
+
+
+async def test_concurrent_searches_share_the_index(store: Store, embedder: Any,
+                                                   knowledge: Path) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder)
+    await retriever.index_knowledge(knowledge)
+    results = await asyncio.gather(*(retriever.search("天蠍座") for _ in range(8)))
+    assert all(r[0].source == "knowledge:stars.md" for r in results)
