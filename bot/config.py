@@ -126,6 +126,11 @@ class StoreConfig(_Section):
     auto_migrate: bool = True
     history_messages: int = Field(12, ge=0, le=200)
     history_token_budget: int = Field(1024, ge=0)
+    # Retrieval (RAG): persona knowledge + this viewer's long-term memories, hybrid search.
+    rag_enabled: bool = True
+    rag_top_k: int = Field(3, ge=1, le=50)
+    # Keep viewers' longer messages as long-term memories (retrievable later, per viewer).
+    remember_messages_min_chars: int = Field(12, ge=0)
 
 
 class ConsoleAdapterConfig(_Section):

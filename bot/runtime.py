@@ -19,6 +19,8 @@ from bot.service import Clock, ConversationService, utcnow
 from bot.stats import user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
+from engine.persona import knowledge_folder
+from memory.rag import MemoryRetriever
 from memory.store import Store, sqlite_url
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,20 @@ def store_url(config: AppConfig, paths: DataPaths) -> str:
     return config.store.url or sqlite_url(paths.sqlite_file)
 
 
+async def _open_retriever(config: AppConfig, engine: LLMManager,
+                          store: Store) -> MemoryRetriever | None:
+    """Hybrid retrieval over the persona's knowledge (re-indexed when files change)."""
+    if not config.store.rag_enabled:
+        return None
+    persona = engine.persona
+    retriever = MemoryRetriever(store, persona.id, engine.embedder, k=config.store.rag_top_k)
+    folder = knowledge_folder(persona, config.vtuber.persona)
+    if folder is not None:
+        await retriever.index_knowledge(folder)
+    engine.set_rag_system_reference(retriever)
+    return retriever
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     config: AppConfig,
@@ -109,7 +125,9 @@ async def open_runtime(
         engine = LLMManager(config.engine_dict(), cache_dir=paths.cache_dir, backend=backend)
         try:
             await engine.start()
-            service = ConversationService(config, engine, store, clock=clock)
+            retriever = await _open_retriever(config, engine, store)
+            service = ConversationService(config, engine, store, clock=clock,
+                                          retriever=retriever)
             yield Runtime(config, paths, store, engine, service)
         finally:
             await engine.aclose()

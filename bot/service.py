@@ -20,6 +20,7 @@ from engine.persona import Persona, PersonaState, advance, prompt_language, stat
 from engine.response_generator import build_messages
 from engine.types import GenerationRequest
 from memory.errors import StoreError
+from memory.rag import MemoryRetriever, RetrievedChunk
 from memory.store import HistoryMessage, StateChange, StateSnapshot, Store
 
 log = logging.getLogger(__name__)
@@ -102,8 +103,10 @@ class ConversationService:
         store: Store,
         *,
         clock: Clock = utcnow,
+        retriever: MemoryRetriever | None = None,
     ) -> None:
         self._config = config
+        self._retriever = retriever
         self._engine = engine
         self._store = store
         self._clock = clock
@@ -196,13 +199,15 @@ class ConversationService:
             exchange.user_id, persona.id, self._config.store.history_messages
         )
         history = self._within_budget(history, self._config.store.history_token_budget)
+        retrieved = await self._retrieve(text, exchange.user_id)
         language = prompt_language(text)
         messages = build_messages(
             persona.system_prompt(language),
             text,
             [(item.role, item.content) for item in history],
-            context=None,
+            context="\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona") or None,
             state_hint=state_hint(to_persona_state(state), persona, language),
+            user_notes=[c.text for c in retrieved if c.scope == "user"],
         )
         request = GenerationRequest(messages, self._engine.settings.sampling())
         await event.sink.typing()
@@ -220,10 +225,12 @@ class ConversationService:
             "model": self._engine.model_name,
             "sampling": _sampling_trace(request),
             "history_message_ids": [item.id for item in history],
+            "retrieved": [chunk.trace() for chunk in retrieved],
             "request_id": request.request_id,
         }
         trace["timings_ms"]["queue_wait"] = round(queue_wait * 1000, 1)
         trace["timings_ms"]["total"] = round((time.monotonic() - exchange.received_at) * 1000, 1)
+        await self._remember(exchange, text)
         reply_id, new_state = await self._store.complete_exchange(
             user_message_id=exchange.message_id,
             reply_text=reply.text,
@@ -237,6 +244,17 @@ class ConversationService:
         log.debug("answered %d with %d (mood %s, intimacy %.2f)", exchange.message_id, reply_id,
                   new_state.mood, new_state.intimacy)
         return Reply(reply.text, "answered", message_id=reply_id)
+
+    async def _retrieve(self, text: str, user_id: int) -> list[RetrievedChunk]:
+        if self._retriever is None:
+            return []
+        return await self._retriever.search(text, user_id=user_id)
+
+    async def _remember(self, exchange: Exchange, text: str) -> None:
+        minimum = self._config.store.remember_messages_min_chars
+        if self._retriever is not None and minimum and len(text) >= minimum:
+            await self._retriever.remember(exchange.user_id, text,
+                                           f"message:{exchange.message_id}")
 
     def _within_budget(self, history: list[HistoryMessage], budget: int) -> list[HistoryMessage]:
         """Keep the newest messages whose tokens fit the budget, starting on a user turn."""

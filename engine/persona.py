@@ -178,6 +178,20 @@ def load_persona(path: str | Path | None = None) -> Persona:
         raise PersonaError("\n".join(problems)) from None
 
 
+def knowledge_folder(persona: Persona, persona_path: str | Path | None) -> Path | None:
+    """The persona's knowledge folder; a relative one is relative to the persona file."""
+    if persona.knowledge_dir is None:
+        return None
+    folder = Path(persona.knowledge_dir).expanduser()
+    if not folder.is_absolute():
+        base = (Path(str(files("engine").joinpath("personas"))) if persona_path is None
+                else Path(persona_path).resolve().parent)
+        folder = base / folder
+    if not folder.is_dir():
+        raise PersonaError(f"knowledge_dir: folder not found: {folder}")
+    return folder
+
+
 @dataclass(frozen=True, slots=True)
 class PersonaState:
     """One user's relationship with the persona (mirrors the store's row, no DB types)."""
