@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # The FTS5 table made by migration 0002 (raw SQL, so not part of the ORM metadata).
 _FTS = table("memories_fts", column("rowid"), column("memories_fts"))
+_FTS_VOCAB = table("memories_fts_vocab", column("term"), column("doc"))
 
 
 def sqlite_url(path: Path) -> str:
@@ -276,6 +277,17 @@ class Store:
             session.add(message)
             await session.flush()
             return message.id
+
+    async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
+        """Batched ``record_incoming`` (one transaction): for bursts, imports and replays.
+        Each item has the keyword arguments of ``record_incoming``."""
+        if not items:
+            return []
+        async with self._sessions() as session, session.begin():
+            rows = [Message(role="user", status="received", **item) for item in items]
+            session.add_all(rows)
+            await session.flush()
+            return [row.id for row in rows]
 
     async def set_status(self, message_id: int, status: str) -> None:
         async with self._sessions() as session, session.begin():
@@ -576,13 +588,19 @@ class Store:
         async with self._sessions() as session, session.begin():
             long_terms = [t for t in terms if len(t) >= 3]
             if self.dialect == "sqlite" and long_terms:
-                match = " OR ".join('"' + t.replace('"', '""') + '"' for t in long_terms)
+                chosen, ranked = await self._selective_terms(session, long_terms)
+                if not chosen:
+                    return []
+                match = " OR ".join('"' + t.replace('"', '""') + '"' for t in chosen)
+                # bm25 scores every match; for terms that match most documents that is a
+                # pass over the index, so those fall back to newest-first (cheap, bounded).
+                order = (func.bm25(_FTS.c.memories_fts) if ranked else _FTS.c.rowid.desc())
                 rows = await session.execute(
                     select(Memory.id)
                     .join(_FTS, _FTS.c.rowid == Memory.id)
                     .where(_FTS.c.memories_fts.match(match), Memory.persona_id == persona_id,
                            scope)
-                    .order_by(func.bm25(_FTS.c.memories_fts))
+                    .order_by(order)
                     .limit(limit)
                 )
                 return [r.id for r in rows]
@@ -597,6 +615,30 @@ class Store:
                 .limit(limit)
             )
             return [r.id for r in rows]
+
+    async def _selective_terms(self, session: AsyncSession,
+                               terms: list[str]) -> tuple[list[str], bool]:
+        """Terms worth matching, and whether to rank them by bm25. Terms found in over 5% of
+        documents are left out (stop-word-like: scoring them is a pass over most of the index
+        and says little). A term's frequency is bounded by its rarest trigram; a term with an
+        unknown trigram cannot match and is dropped. If every term is common, the two rarest
+        are kept and ranked newest-first instead of by bm25."""
+        grams = {t: {t.casefold()[i:i + 3] for i in range(len(t) - 2)} for t in terms}
+        rows = await session.execute(
+            select(_FTS_VOCAB.c.term, _FTS_VOCAB.c.doc)
+            .where(_FTS_VOCAB.c.term.in_(set().union(*grams.values())))
+        )
+        docs = {term: doc for term, doc in rows}
+        frequency = {t: min(docs.get(g, 0) for g in grams[t]) for t in terms}
+        known = [t for t in terms if frequency[t] > 0]
+        if not known:
+            return [], False
+        total = await session.scalar(select(func.count()).select_from(Memory)) or 0
+        selective = [t for t in known if frequency[t] <= max(50, 0.05 * total)]
+        if selective:
+            return selective, True
+        return sorted(known, key=frequency.__getitem__)[:2], False
+
 
     async def stats(
         self, platform: str, platform_user_id: str, persona_id: str, default_mood: str

@@ -27,6 +27,8 @@ SQLITE_STATEMENTS = (
     "INSERT INTO memories_fts(memories_fts, rowid, text) VALUES ('delete', old.id, old.text); "
     "INSERT INTO memories_fts(rowid, text) VALUES (new.id, new.text); END",
     "INSERT INTO memories_fts(memories_fts) VALUES ('rebuild')",
+    # Document frequency per trigram, to leave out terms that match most of the corpus.
+    "CREATE VIRTUAL TABLE memories_fts_vocab USING fts5vocab(memories_fts, 'row')",
 )
 
 
@@ -45,6 +47,7 @@ def downgrade() -> None:
     if dialect == "sqlite":
         for trigger in ("insert", "delete", "update"):
             op.execute(f"DROP TRIGGER IF EXISTS memories_fts_{trigger}")
+        op.execute("DROP TABLE IF EXISTS memories_fts_vocab")
         op.execute("DROP TABLE IF EXISTS memories_fts")
     elif dialect == "postgresql":
         op.execute("DROP INDEX IF EXISTS ix_memories_text_trgm")
