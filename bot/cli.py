@@ -120,7 +120,8 @@ async def cmd_stats(args: argparse.Namespace, config: AppConfig, paths: DataPath
     from memory.store import Store
 
     persona = load_persona(config.vtuber.persona)
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate)
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
+                             busy_timeout_ms=config.store.busy_timeout_ms)
     try:
         stats = await user_stats(store, persona, args.platform, args.user)
         chart = await user_chart(store, persona, args.platform, args.user) if args.chart else None

@@ -124,6 +124,8 @@ class StoreConfig(_Section):
     # "postgresql+asyncpg://user@host/db" (password through VTUBER_DATABASE_URL instead).
     url: str | None = None
     auto_migrate: bool = True
+    # How long to wait for a SQLite file another process holds locked before giving up.
+    busy_timeout_ms: int = Field(10_000, ge=0, le=600_000)
     history_messages: int = Field(12, ge=0, le=200)
     history_token_budget: int = Field(1024, ge=0)
     # Retrieval (RAG): persona knowledge + this viewer's long-term memories, hybrid search.

@@ -120,7 +120,8 @@ async def open_runtime(
     clock: Clock = utcnow,
 ) -> AsyncIterator[Runtime]:
     """Open store and engine; always close both, in reverse order."""
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate)
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
+                             busy_timeout_ms=config.store.busy_timeout_ms)
     try:
         engine = LLMManager(config.engine_dict(), cache_dir=paths.cache_dir, backend=backend)
         try:

@@ -31,8 +31,12 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def _migration_engine(url: str) -> Any:
-    engine = create_async_engine(url, poolclass=NullPool)
+def _migration_engine(url: str, busy_timeout_ms: int = 10_000) -> Any:
+    sqlite = url.startswith("sqlite")
+    engine = create_async_engine(
+        url, poolclass=NullPool,
+        connect_args={"timeout": busy_timeout_ms / 1000} if sqlite else {},
+    )
     if engine.dialect.name == "sqlite":
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -55,9 +59,10 @@ def _refuse_newer_schema(connection: Connection, config: Config) -> None:
         )
 
 
-async def _run(url: str, action: str, target: str = "head") -> Any:
+async def _run(url: str, action: str, target: str = "head",
+               busy_timeout_ms: int = 10_000) -> Any:
     config = alembic_config(url)
-    engine = _migration_engine(url)
+    engine = _migration_engine(url, busy_timeout_ms)
     result: Any = None
 
     def run_sync(connection: Connection) -> None:
@@ -81,8 +86,8 @@ async def _run(url: str, action: str, target: str = "head") -> Any:
     return result
 
 
-async def upgrade_to_head(url: str) -> None:
-    await _run(url, "upgrade")
+async def upgrade_to_head(url: str, busy_timeout_ms: int = 10_000) -> None:
+    await _run(url, "upgrade", busy_timeout_ms=busy_timeout_ms)
 
 
 async def downgrade(url: str, target: str) -> None:

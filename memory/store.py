@@ -142,7 +142,7 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK)
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
@@ -152,7 +152,7 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",
             "PRAGMA foreign_keys=ON",
-            "PRAGMA busy_timeout=10000",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
         ):
             cursor.execute(pragma)
         cursor.close()
@@ -175,18 +175,20 @@ class Store:
         return self._engine.dialect.name
 
     @classmethod
-    async def open(cls, url: str, *, auto_migrate: bool = True) -> Store:
-        """Open (and by default migrate) the database at ``url``."""
+    async def open(cls, url: str, *, auto_migrate: bool = True,
+                   busy_timeout_ms: int = 10_000) -> Store:
+        """Open (and by default migrate) the database at ``url``. A SQLite file locked by
+        another process for longer than ``busy_timeout_ms`` is a StoreError."""
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
                 _check_sqlite_file(Path(path))
         try:
             if auto_migrate:
-                await upgrade_to_head(url)
+                await upgrade_to_head(url, busy_timeout_ms)
             engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
             if engine.dialect.name == "sqlite":
-                _tune_sqlite(engine)
+                _tune_sqlite(engine, busy_timeout_ms)
             store = cls(engine, url)
             await store._ping()
         except (OperationalError, DBAPIError, OSError) as exc:

@@ -203,3 +203,24 @@ def test_bundled_model_answers_in_the_repl(tmp_path: Path, model_cache: Path) ->
     assert all(reply.strip() for reply in replies)
     assert elapsed < 120, f"two replies took {elapsed:.0f} s"
     assert "Preparing SmolLM2" in result.stderr  # progress is shown on first use
+
+
+def test_locked_database_is_one_line_and_nonzero(tmp_path: Path) -> None:
+    import sqlite3
+
+    data = tmp_path / "d"
+    assert vtuber("--data-dir", str(data), "migrate").returncode == 0
+    config = tmp_path / "fast.yaml"
+    config.write_text("store:\n  busy_timeout_ms: 300\n", encoding="utf-8")
+    holder = sqlite3.connect(data / "vtuber.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        result = vtuber("--config", str(config), "--data-dir", str(data), "stats",
+                        "--platform", "console", "--user", "viewer")
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "locked" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
