@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser("gpu-status", help="GPUs, memory and the placement plan")
     gpu.add_argument("--json", action="store_true")
 
+    replay = sub.add_parser("replay", help="re-run a transcript through the full pipeline")
+    replay.add_argument("file", nargs="?", help="transcript JSONL (or --from-db)")
+    replay.add_argument("--from-db", action="store_true",
+                        help="replay conversations stored in this data dir's database")
+    _add_transcript_filters(replay)
+    replay.add_argument("--db-dir", metavar="DIR",
+                        help="database to replay into (default: a fresh temporary one)")
+    replay.add_argument("--json", action="store_true")
+
+    export = sub.add_parser("export-transcript", help="write stored conversations as JSONL")
+    _add_transcript_filters(export)
+    export.add_argument("--out", metavar="FILE", help="default: stdout")
+
+    trace = sub.add_parser("trace", help="show the stored trace of a reply")
+    trace.add_argument("message_id", type=int, help="a reply's id, or the id of its question")
+
     persona = sub.add_parser("persona", help="check or import persona files")
     persona_sub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
     check = persona_sub.add_parser("check", help="validate a persona YAML file")
@@ -76,6 +93,19 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     imported.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     return parser
+
+
+def _iso_time(text: str) -> datetime:
+    moment = datetime.fromisoformat(text)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _add_transcript_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--platform")
+    parser.add_argument("--user", help="platform user id")
+    parser.add_argument("--channel")
+    parser.add_argument("--since", metavar="ISO", type=_iso_time,
+                        help="only messages at or after this time (UTC unless given)")
 
 
 def _print_json(data: Any) -> None:
@@ -222,7 +252,85 @@ def cmd_persona(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _stored_transcript(args: argparse.Namespace, config: AppConfig,
+                             paths: DataPaths) -> list[dict[str, Any]]:
+    from bot.replay import export_transcript
+    from memory.store import Store
+
+    persona = load_persona(config.vtuber.persona)
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
+                             busy_timeout_ms=config.store.busy_timeout_ms)
+    try:
+        return await export_transcript(store, persona.id, persona.moods.baseline,
+                                       platform=args.platform, user=args.user,
+                                       channel=args.channel, since=args.since)
+    finally:
+        await store.close()
+
+
+async def cmd_export_transcript(args: argparse.Namespace, config: AppConfig,
+                                paths: DataPaths) -> int:
+    lines = await _stored_transcript(args, config, paths)
+    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    if args.out:
+        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
+        print(f"wrote {len(lines)} lines to {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def cmd_replay(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    import tempfile
+
+    from bot.replay import TranscriptError, format_report, read_transcript, replay
+
+    if args.from_db:
+        events = await _stored_transcript(args, config, paths)
+        path = Path(tempfile.mkdtemp(prefix="vtuber-transcript-")) / "from-db.jsonl"
+        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events),
+                        "utf-8")
+        events = read_transcript(path)
+    elif args.file:
+        events = await asyncio.to_thread(read_transcript, Path(args.file))
+    else:
+        raise TranscriptError("replay: give a transcript FILE or --from-db")
+    target = Path(args.db_dir) if args.db_dir else Path(tempfile.mkdtemp(prefix="vtuber-replay-"))
+    replay_config = config.model_copy(deep=True)
+    replay_config.store.url = None  # always replay into a SQLite file, never the source
+    replay_config.secrets = config.secrets.model_copy(update={"database_url": None})
+    report = await replay(events, replay_config, DataPaths(target.resolve(), paths.cache_dir))
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(format_report(report))
+        print(f"replayed into {target}")
+    return 0 if report.ok else 1
+
+
+async def cmd_trace(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from memory.store import Store
+
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
+                             busy_timeout_ms=config.store.busy_timeout_ms)
+    try:
+        message = await store.get_message(args.message_id)
+        if message is not None and message.role == "user":
+            message = await store.reply_to(message.id)
+    finally:
+        await store.close()
+    if message is None or message.trace is None:
+        print(f"error: no reply with a trace for message {args.message_id}", file=sys.stderr)
+        return 1
+    _print_json({"message_id": message.id, "reply_to": message.reply_to_id,
+                 "content": message.content, "trace": message.trace})
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "replay": cmd_replay,
+    "export-transcript": cmd_export_transcript,
+    "trace": cmd_trace,
     "chat": cmd_chat,
     "run": cmd_run,
     "stats": cmd_stats,

@@ -151,7 +151,9 @@ class ConversationService:
             created_at=event.timestamp,
         )
         exchange = Exchange(event, user_id, message_id, time.monotonic())
-        if not self._limiter.allow(f"{event.platform}:{event.user_id}", exchange.received_at):
+        # The event's own time, so replays rate-limit exactly as the live run did.
+        if not self._limiter.allow(f"{event.platform}:{event.user_id}",
+                                   event.timestamp.timestamp()):
             await self._store.set_status(message_id, "dropped")
             return Reply("", "dropped", reason="rate limited")
         if self._pending >= self._config.limits.max_pending:

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import aliased
 
 from memory.errors import StoreError
 from memory.migrate import upgrade_to_head
@@ -325,6 +326,48 @@ class Store:
     async def get_message(self, message_id: int) -> Message | None:
         async with self._sessions() as session, session.begin():
             return await session.get(Message, message_id)
+
+    async def reply_to(self, message_id: int) -> Message | None:
+        """The assistant message answering ``message_id``, if any."""
+        async with self._sessions() as session, session.begin():
+            return await session.scalar(
+                select(Message).where(Message.reply_to_id == message_id,
+                                      Message.role == "assistant").limit(1)
+            )
+
+    async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
+                              platform_user_id: str | None = None,
+                              channel_id: str | None = None,
+                              since: datetime | None = None) -> list[dict[str, Any]]:
+        """Answered user messages with their replies, oldest first, for transcripts."""
+        reply = aliased(Message)
+        query = (
+            select(Message.platform, Identity.platform_user_id, Identity.display_name,
+                   Message.channel_id, Message.content, Message.created_at,
+                   reply.content.label("reply"))
+            .join(Identity, (Identity.user_id == Message.user_id)
+                  & (Identity.platform == Message.platform))
+            .outerjoin(reply, (reply.reply_to_id == Message.id) & (reply.role == "assistant"))
+            .where(Message.persona_id == persona_id, Message.role == "user",
+                   Message.status == "answered")
+            .order_by(Message.id)
+        )
+        if platform is not None:
+            query = query.where(Message.platform == platform)
+        if platform_user_id is not None:
+            query = query.where(Identity.platform_user_id == platform_user_id)
+        if channel_id is not None:
+            query = query.where(Message.channel_id == channel_id)
+        if since is not None:
+            query = query.where(Message.created_at >= since)
+        async with self._sessions() as session, session.begin():
+            rows = await session.execute(query)
+            return [
+                {"platform": r.platform, "user": r.platform_user_id, "name": r.display_name,
+                 "channel": r.channel_id, "text": r.content,
+                 "at": (_aware(r.created_at) or r.created_at).isoformat(), "reply": r.reply}
+                for r in rows
+            ]
 
     async def messages_for(self, user_id: int, persona_id: str | None = None) -> list[Message]:
         async with self._sessions() as session, session.begin():
