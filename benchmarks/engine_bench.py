@@ -4,11 +4,11 @@ Per-token cost does not depend on weight values, so a random model of the real s
 enough. The naive baseline (HF eager ``generate``, dynamic cache, one request at a time — the
 upstream's path) is always measured in the same run as ours.
 
-    python benchmarks/engine_bench.py --phase prepare     # random model → .bench/qwen3-8b
-    python benchmarks/engine_bench.py --phase bf16        # baseline vs static cache + compile
-    python benchmarks/engine_bench.py --phase serve       # our backend, N concurrent requests
-    python benchmarks/engine_bench.py --phase nf4         # bitsandbytes 4-bit
-    python benchmarks/engine_bench.py --phase all --tiny  # CPU smoke test of the script
+    python -m benchmarks.engine_bench --phase prepare     # random model → .bench/qwen3-8b
+    python -m benchmarks.engine_bench --phase bf16        # baseline vs static cache + compile
+    python -m benchmarks.engine_bench --phase serve       # our backend, N concurrent requests
+    python -m benchmarks.engine_bench --phase nf4         # bitsandbytes 4-bit
+    python -m benchmarks.engine_bench --phase all --tiny  # CPU smoke test of the script
 
 Results are printed as a table and appended as JSON lines to --out (default
 .bench/results.jsonl).
@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,6 @@ def prepare(model_dir: Path, tiny: bool) -> None:
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from tests.tiny_model import build_tiny_qwen3
 
     if (model_dir / "config.json").exists():

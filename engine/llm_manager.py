@@ -76,9 +76,18 @@ class LLMManager:
         self._backend = backend
         self._generator = ResponseGenerator(backend)
         if self.settings.embedding.enabled:
-            placement = getattr(backend, "placement", None)
-            device = placement.embedder_device if placement else "cpu"
-            self._embedder = Embedder(self.settings.embedding, device)
+            self._embedder = Embedder(self.settings.embedding, self._embedder_device(backend))
+
+    def _embedder_device(self, backend: Backend) -> str:
+        """Configured device, else the placement policy's choice, else whatever is free."""
+        wanted = self.settings.embedding.device
+        if wanted != "auto":
+            return "cuda:0" if wanted == "cuda" else wanted
+        placement = getattr(backend, "placement", None)
+        if placement is None:
+            devices = gpu_manager.discover_devices()
+            placement = gpu_manager.plan_placement(devices)
+        return placement.embedder_device
 
     async def initialize(self) -> bool:
         """Seed API: start everything; False (resources released) on failure."""

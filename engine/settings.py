@@ -26,6 +26,7 @@ def _section(config: Mapping[str, Any], *keys: str) -> Mapping[str, Any]:
 @dataclass(frozen=True, slots=True)
 class EmbeddingSettings:
     enabled: bool = True
+    device: str = "auto"
     model_path: str | None = None
     max_length: int = 256
     batch_size: int = 32
@@ -95,6 +96,7 @@ class EngineSettings:
                                    or defaults.scripted_replies),
             embedding=EmbeddingSettings(
                 enabled=bool(emb.get("enabled", True)),
+                device=str(emb.get("device", "auto")),
                 model_path=emb.get("model_path"),
                 max_length=int(emb.get("max_length", 256)),
                 batch_size=int(emb.get("batch_size", 32)),
