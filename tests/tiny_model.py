@@ -51,3 +51,21 @@ def build_tiny_qwen3(target: Path, seed: int = 0) -> Path:
     model.save_pretrained(target)
     tokenizer.save_pretrained(target)
     return target
+
+
+def build_tiny_bert(target: Path) -> Path:
+    """A tiny random BERT encoder + WordPiece tokenizer (hidden 384, like MiniLM's output)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    target.mkdir(parents=True, exist_ok=True)
+    words = sorted({w for line in CORPUS for w in line.replace("，", " ").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words, *"你好星燈塔謝"]
+    (target / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    BertTokenizerFast(vocab_file=str(target / "vocab.txt")).save_pretrained(target)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=384, num_hidden_layers=1,
+                        num_attention_heads=4, intermediate_size=256,
+                        max_position_embeddings=512)
+    BertModel(config).save_pretrained(target)
+    return target
