@@ -59,7 +59,7 @@ async def check(args: argparse.Namespace) -> int:
         print(f"load: {info['load']['mode']} steps {info['load']['steps']}")
         print(f"embedder on: {manager.embedding_model.device}")
         print(f"modules per device: {dict(per_device)}")
-        print(f"warnings: {allocation['warnings']}")
+        print(f"imbalance/offload notes: {allocation['warnings']}")
         print(f"CUDA_VISIBLE_DEVICES={allocation['cuda_visible_devices']}")
         print(f"generation ok: {len(reply)} chars; embeddings: {len(vectors)} x "
               f"{len(vectors[0])}")

@@ -152,7 +152,9 @@ def layer_device_map(model: Any) -> dict[str, str]:
     """Which device holds which module (accelerate's map, else each parameter's device)."""
     mapping = getattr(model, "hf_device_map", None)
     if mapping:
-        return {str(name): str(device) for name, device in mapping.items()}
+        # accelerate names GPUs by bare index (0, 1, ...); say "cuda:0" like torch does.
+        return {str(name): f"cuda:{device}" if isinstance(device, int) else str(device)
+                for name, device in mapping.items()}
     result: dict[str, str] = {}
     for name, param in model.named_parameters():
         top = ".".join(name.split(".")[:3])
