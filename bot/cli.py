@@ -138,7 +138,8 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
         load_adapter_class(name)
     async with open_runtime(config, paths) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,
-                               "banner": _banner(runtime), "stats": runtime.stats}}
+                               "banner": _banner(runtime), "stats": runtime.stats},
+                   "discord": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
         log.info("running adapters: %s", ", ".join(names))
         await runtime.run_adapters(adapters)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -65,6 +65,29 @@ class Reply:
 
 
 EventHandler = Callable[[ChatEvent], Awaitable[Reply]]
+
+
+class RuntimeServices(Protocol):
+    """What platform adapters may ask of the runtime besides answering messages
+    (commands such as /stats, /forget, /gpu status). Implemented by ``bot.runtime.Runtime``."""
+
+    async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None: ...
+
+    async def chart(self, platform: str, platform_user_id: str) -> bytes | None: ...
+
+    async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]: ...
+
+    async def export(self, platform: str, platform_user_id: str) -> dict[str, Any] | None: ...
+
+    async def purge_message(self, platform: str, platform_message_id: str) -> int: ...
+
+    def gpu_status(self) -> dict[str, Any]: ...
+
+    def gpu_optimize(self) -> dict[str, Any]: ...
+
+    def diagnose(self) -> dict[str, Any]: ...
+
+    def persona_info(self) -> dict[str, Any]: ...
 
 
 class Adapter(Protocol):

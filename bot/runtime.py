@@ -16,10 +16,11 @@ from bot.events import Adapter
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.service import Clock, ConversationService, utcnow
-from bot.stats import user_stats
+from bot.stats import user_chart, user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
 from engine.persona import knowledge_folder
+from engine.system_info import diagnose_system
 from memory.rag import MemoryRetriever
 from memory.store import Store, sqlite_url
 
@@ -38,6 +39,42 @@ class Runtime:
 
     async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
         return await user_stats(self.store, self.engine.persona, platform, platform_user_id)
+
+    async def chart(self, platform: str, platform_user_id: str) -> bytes | None:
+        return await user_chart(self.store, self.engine.persona, platform, platform_user_id)
+
+    async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]:
+        user_id = await self.store.find_user(platform, platform_user_id)
+        return {} if user_id is None else await self.store.delete_user_data(user_id)
+
+    async def export(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
+        user_id = await self.store.find_user(platform, platform_user_id)
+        return None if user_id is None else await self.store.export_user_data(user_id)
+
+    async def purge_message(self, platform: str, platform_message_id: str) -> int:
+        return await self.store.purge_platform_message(platform, platform_message_id)
+
+    def gpu_status(self) -> dict[str, Any]:
+        info = self.engine.get_model_info()
+        return {**info["gpu_cluster"], "model": self.engine.model_name,
+                "loading_mode": info["loading_mode"]}
+
+    def gpu_optimize(self) -> dict[str, Any]:
+        return self.engine.optimize_gpu_memory()
+
+    def diagnose(self) -> dict[str, Any]:
+        report = diagnose_system()
+        report["model"] = {k: v for k, v in self.engine.get_model_info().items()
+                           if k != "gpu_cluster"}
+        report["allocation_warnings"] = self.engine.diagnose_gpu_allocation()["warnings"]
+        report["queue_depth"] = self.service.pending
+        report["latency_ms"] = self.service.latency_percentiles()
+        return report
+
+    def persona_info(self) -> dict[str, Any]:
+        persona = self.engine.persona
+        return {"id": persona.id, "names": persona.names.model_dump(),
+                "identity": persona.identity, "disclosure": persona.disclosure}
 
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""

@@ -115,6 +115,7 @@ class ConversationService:
         self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
         self._pending = 0
         self._in_flight: set[asyncio.Task[Any]] = set()
+        self._latencies: deque[float] = deque(maxlen=500)
 
     @property
     def persona(self) -> Persona:
@@ -243,6 +244,7 @@ class ConversationService:
             created_at=now,
         )
         await event.sink.send(reply.text)
+        self._latencies.append(time.monotonic() - exchange.received_at)
         log.debug("answered %d with %d (mood %s, intimacy %.2f)", exchange.message_id, reply_id,
                   new_state.mood, new_state.intimacy)
         return Reply(reply.text, "answered", message_id=reply_id)
@@ -272,6 +274,14 @@ class ConversationService:
         while kept and kept[0].role != "user":
             kept.pop(0)
         return kept
+
+    def latency_percentiles(self) -> dict[str, float | None]:
+        """p50/p95 of recent reply latencies (receipt to sent), in milliseconds."""
+        if not self._latencies:
+            return {"p50": None, "p95": None, "samples": 0}
+        ordered = sorted(self._latencies)
+        pick = lambda q: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)  # noqa: E731
+        return {"p50": pick(0.5), "p95": pick(0.95), "samples": len(ordered)}
 
     async def drain(self, grace_s: float) -> None:
         """Wait for in-flight replies (graceful shutdown)."""

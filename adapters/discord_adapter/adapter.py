@@ -1,0 +1,141 @@
+"""The Discord adapter: a ``discord.Client`` whose messages become ChatEvents and whose app
+commands call the runtime's services. Platform code stays in this package."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from adapters.discord_adapter.commands import register_commands
+from adapters.discord_adapter.sink import DiscordSink
+from bot.config import AppConfig
+from bot.errors import BotError
+from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
+
+log = logging.getLogger(__name__)
+PLATFORM = "discord"
+
+
+class DiscordLoginError(BotError):
+    """Discord refused the token."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+def is_admin(config: AppConfig, user: discord.abc.User) -> bool:
+    """Configured admin user/role ids, or Administrator in the guild."""
+    admins = config.admins
+    if user.id in admins.discord_user_ids:
+        return True
+    if isinstance(user, discord.Member):
+        if user.guild_permissions.administrator:
+            return True
+        return any(role.id in admins.discord_role_ids for role in user.roles)
+    return False
+
+
+class VTuberClient(discord.Client):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        intents = options.pop("intents", None) or discord.Intents.default()
+        intents.message_content = True  # privileged: enable it in the developer portal
+        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
+                         **options)
+        self.adapter = adapter
+        self.tree = app_commands.CommandTree(self)
+
+    async def setup_hook(self) -> None:
+        register_commands(self.tree, self.adapter)
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord as %s in %d guild(s)", self.user, len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self.adapter.on_message(message)
+
+    async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
+        await self.adapter.on_message_deleted(str(payload.message_id))
+
+
+class DiscordAdapter:
+    name = PLATFORM
+
+    def __init__(self, config: AppConfig, *, services: RuntimeServices,
+                 token: str | None = None, client_options: dict[str, Any] | None = None
+                 ) -> None:
+        self.config = config
+        self.services = services
+        secret = config.secrets.discord_token
+        self._token = token or (secret.get_secret_value() if secret else "")
+        self.client = VTuberClient(self, **(client_options or {}))
+        self._handle: EventHandler | None = None
+
+    # -- events -----------------------------------------------------------------------------
+
+    def _addressed(self, message: discord.Message) -> bool:
+        me = self.client.user
+        if message.guild is None:
+            return True
+        if me is not None and me in message.mentions:
+            return True
+        reference = message.reference
+        if reference is not None and isinstance(reference.resolved, discord.Message):
+            return me is not None and reference.resolved.author.id == me.id
+        return message.channel.id in self.config.adapters.discord.channel_ids
+
+    def _clean_text(self, message: discord.Message) -> str:
+        me = self.client.user
+        text = message.content
+        if me is not None:
+            text = re.sub(rf"<@!?{me.id}>", "", text)
+        return text.strip()
+
+    def to_event(self, message: discord.Message) -> ChatEvent:
+        author = message.author
+        return ChatEvent(
+            platform=PLATFORM,
+            channel_id=str(message.channel.id),
+            user_id=str(author.id),
+            display_name=author.display_name,
+            text=self._clean_text(message),
+            sink=DiscordSink(message.channel, reply_to=message),
+            message_id=str(message.id),
+            timestamp=message.created_at,
+            addressed=self._addressed(message),
+            is_bot=author.bot,
+            is_self=self.client.user is not None and author.id == self.client.user.id,
+            roles=Roles(is_admin=is_admin(self.config, author)),
+            reply_to_message_id=(str(message.reference.message_id)
+                                 if message.reference and message.reference.message_id
+                                 else None),
+        )
+
+    async def on_message(self, message: discord.Message) -> None:
+        if self._handle is None or message.author.bot:
+            return  # ourselves and every other bot
+        event = self.to_event(message)
+        if not event.addressed:
+            return
+        await self._handle(event)
+
+    async def on_message_deleted(self, message_id: str) -> None:
+        purged = await self.services.purge_message(PLATFORM, message_id)
+        if purged:
+            log.info("purged deleted Discord message %s from memory", message_id)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, handle: EventHandler) -> None:
+        self._handle = handle
+        try:
+            await self.client.start(self._token)
+        except discord.LoginFailure:
+            raise DiscordLoginError(
+                "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
+            ) from None
+
+    async def close(self) -> None:
+        await self.client.close()

@@ -1,0 +1,42 @@
+"""ReplySink over a Discord channel: 2000-character pieces split on sentence ends, every send
+with ``AllowedMentions.none()`` so model text can never ping @everyone, a role or a user."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import discord
+
+from bot.text_split import split_message
+
+DISCORD_LIMIT = 2000
+NO_PINGS = discord.AllowedMentions.none()
+
+
+class DiscordSink:
+    def __init__(self, channel: Any, reply_to: discord.Message | None = None) -> None:
+        self._channel = channel
+        self._reply_to = reply_to
+        self._sent: dict[str, discord.Message] = {}
+
+    async def send(self, text: str) -> str | None:
+        first_id: str | None = None
+        for index, piece in enumerate(split_message(text, DISCORD_LIMIT)):
+            reference = self._reply_to if index == 0 and self._reply_to is not None else None
+            kwargs: dict[str, Any] = {"allowed_mentions": NO_PINGS}
+            if reference is not None:
+                kwargs["reference"] = reference
+                kwargs["mention_author"] = False
+            message = await self._channel.send(piece, **kwargs)
+            self._sent[str(message.id)] = message
+            first_id = first_id or str(message.id)
+        return first_id
+
+    async def edit(self, message_id: str, text: str) -> None:
+        message = self._sent.get(message_id)
+        if message is not None:
+            await message.edit(content=text[:DISCORD_LIMIT], allowed_mentions=NO_PINGS)
+
+    async def typing(self) -> None:
+        # One typing notice (lasts ~10 s); the reply itself ends it.
+        await self._channel.typing()  # awaited once: a single typing notice

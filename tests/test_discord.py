@@ -1,0 +1,284 @@
+"""Discord adapter with the real discord.py client over dpytest's fake connection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+discord = pytest.importorskip("discord")
+dpytest = pytest.importorskip("discord.ext.test")
+
+from adapters.discord_adapter import DiscordAdapter  # noqa: E402
+from adapters.discord_adapter.sink import DiscordSink  # noqa: E402
+from bot.config import parse_config  # noqa: E402
+from bot.paths import DataPaths  # noqa: E402
+from bot.runtime import Runtime, open_runtime  # noqa: E402
+from bot.text_split import split_message  # noqa: E402
+
+# ~5,000 characters of distinct sentences (repeated ones would be removed by the filter).
+LONG_REPLY = "".join(f"第{i}顆星今晚也很亮喔，我們一起把它畫進星圖裡吧。" for i in range(200))
+REPLIES = ["你好呀～", "Hi @everyone and <@123> and <@&456>!", LONG_REPLY]
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[tuple[DiscordAdapter, Runtime, list[dict]]]:
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": REPLIES}},
+                   "embedding": {"enabled": False}},
+        "vtuber": {"response": {"max_tokens": 4000}},
+        "adapters": {"discord": {"enabled": True}},
+        "limits": {"user_messages_per_minute": 100},
+    }, env={"DISCORD_TOKEN": "test-token"})
+    sends: list[dict] = []
+    original_send = discord.abc.Messageable.send
+
+    async def spy_send(self: Any, content: Any = None, **kwargs: Any) -> Any:
+        sends.append({"content": content, **kwargs})
+        return await original_send(self, content, **kwargs)
+
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        # dpytest resolves mentions through the member cache, which needs the members intent.
+        adapter = DiscordAdapter(config, services=runtime,
+                                 client_options={"intents": discord.Intents.all()})
+        adapter._handle = runtime.service.handle
+        client = adapter.client
+        await client._async_setup_hook()
+        await client.setup_hook()  # login() would call it; registers the slash commands
+        client._connection.loop = asyncio.get_running_loop()
+        dpytest.configure(client, members=2)
+        client._connection._command_tree = client.tree  # dpytest swaps in its own state
+        discord.abc.Messageable.send = spy_send  # type: ignore[method-assign]
+        try:
+            yield adapter, runtime, sends
+        finally:
+            discord.abc.Messageable.send = original_send  # type: ignore[method-assign]
+            await dpytest.empty_queue()
+
+
+async def _say(text: str, member: Any = 0) -> None:
+    await dpytest.message(text, member=member)
+    await dpytest.run_all_events()
+    for _ in range(50):  # the reply is generated in a task; let it finish
+        await asyncio.sleep(0.01)
+        if not dpytest.sent_queue.empty():
+            break
+
+
+async def test_mention_is_answered_and_both_messages_persisted(env: Any) -> None:
+    adapter, runtime, _sends = env
+    me = adapter.client.user
+    await _say(f"<@{me.id}> 你好")
+    assert dpytest.verify().message().content("你好呀～")
+    member = dpytest.get_config().members[0]
+    user_id = await runtime.store.find_user("discord", str(member.id))
+    assert user_id is not None
+    rows = await runtime.store.messages_for(user_id)
+    assert [(r.role, r.content, r.status) for r in rows] == [
+        ("user", "你好", "answered"), ("assistant", "你好呀～", "sent")]
+    assert rows[0].platform_message_id is not None
+
+
+async def test_unaddressed_and_bot_messages_get_no_reply(env: Any) -> None:
+    adapter, runtime, _sends = env
+    await _say("just chatting, not to the bot")
+    assert dpytest.verify().message().nothing()
+    config = dpytest.get_config()
+    other_bot = config.members[1]
+    other_bot._user.bot = True
+    await _say(f"<@{adapter.client.user.id}> beep boop", member=other_bot)
+    assert dpytest.verify().message().nothing()
+    assert await runtime.store.find_user("discord", str(other_bot.id)) is None
+
+
+async def test_model_text_pings_nobody(env: Any) -> None:
+    adapter, _runtime, sends = env
+    await _say(f"<@{adapter.client.user.id}> first")
+    await dpytest.empty_queue()
+    sends.clear()
+    await _say(f"<@{adapter.client.user.id}> second")
+    assert sends and "@everyone" in sends[0]["content"]
+    for call in sends:
+        mentions = call["allowed_mentions"]
+        assert mentions.everyone is False and mentions.users is False
+        assert mentions.roles is False and mentions.replied_user is False
+
+
+async def test_long_reply_is_split_on_sentence_ends(env: Any) -> None:
+    adapter, _runtime, sends = env
+    for text in ("one", "two"):
+        await _say(f"<@{adapter.client.user.id}> {text}")
+    await dpytest.empty_queue()
+    sends.clear()
+    await _say(f"<@{adapter.client.user.id}> tell me a long story")
+    await asyncio.sleep(0.2)
+    pieces = [call["content"] for call in sends]
+    assert len(pieces) >= 3
+    assert all(len(piece) <= 2000 for piece in pieces)
+    assert all(piece.endswith("。") for piece in pieces)
+    assert "".join(pieces) == LONG_REPLY
+
+
+def test_split_message_prefers_sentence_ends() -> None:
+    text = "First sentence. Second one! 第三句。" * 100
+    pieces = split_message(text, 500)
+    assert all(len(p) <= 500 for p in pieces)
+    assert all(p.endswith(("。", ".", "!")) for p in pieces[:-1])
+    assert split_message("x" * 1200, 500) == ["x" * 500, "x" * 500, "x" * 200]
+
+
+async def test_deleted_message_is_purged(env: Any) -> None:
+    adapter, runtime, _sends = env
+    await _say(f"<@{adapter.client.user.id}> secret thing")
+    member = dpytest.get_config().members[0]
+    user_id = await runtime.store.find_user("discord", str(member.id))
+    rows = await runtime.store.messages_for(user_id)
+    await adapter.on_message_deleted(rows[0].platform_message_id)
+    rows = await runtime.store.messages_for(user_id)
+    assert rows[0].status == "purged" and rows[0].content == ""
+
+
+async def test_sink_sends_with_no_pings() -> None:
+    class Channel:
+        def __init__(self) -> None:
+            self.calls: list[dict] = []
+
+        async def send(self, content: str, **kwargs: Any) -> Any:
+            self.calls.append({"content": content, **kwargs})
+
+            class Sent:
+                id = len(self.calls)
+
+            return Sent()
+
+    channel = Channel()
+    await DiscordSink(channel).send("@everyone hello")
+    assert channel.calls[0]["allowed_mentions"].everyone is False
+
+
+async def test_direct_message_is_answered(env: Any) -> None:
+    _adapter, runtime, _sends = env
+    member = dpytest.get_config().members[0]
+    dm = await member.create_dm()
+    await dpytest.message("你好", channel=dm, member=member)
+    await dpytest.run_all_events()
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        if not dpytest.sent_queue.empty():
+            break
+    assert dpytest.verify().message().content("你好呀～")
+    assert await runtime.store.find_user("discord", str(member.id)) is not None
+
+
+# -- slash commands: real INTERACTION_CREATE payloads through discord.py's parser ------------
+
+def _interaction(client: Any, name: str, member: Any, *, admin: bool,
+                 options: list[dict] | None = None, subcommand: str | None = None) -> dict:
+    config = dpytest.get_config()
+    guild, channel = config.guilds[0], config.channels[0]
+    data: dict[str, Any] = {"id": "900", "name": name, "type": 1}
+    if subcommand:
+        data["options"] = [{"name": subcommand, "type": 1, "options": options or []}]
+    elif options:
+        data["options"] = options
+    user = member._user
+    return {
+        "id": "800", "application_id": str(client.user.id), "type": 2, "token": "tok",
+        "version": 1, "guild_id": str(guild.id), "channel_id": str(channel.id),
+        "channel": {"id": str(channel.id), "type": 0, "guild_id": str(guild.id),
+                    "name": channel.name, "position": 0, "permission_overwrites": []},
+        "member": {"user": {"id": str(user.id), "username": user.name,
+                            "discriminator": user.discriminator, "avatar": None,
+                            "global_name": None},
+                   "roles": [], "joined_at": "2026-01-01T00:00:00+00:00", "deaf": False,
+                   "mute": False, "flags": 0, "permissions": "8" if admin else "0"},
+        "data": data, "locale": "en-US", "guild_locale": "en-US", "app_permissions": "0",
+        "entitlements": [], "authorizing_integration_owners": {}, "context": 0,
+        "attachment_size_limit": 10 * 1024 * 1024,
+    }
+
+
+@pytest.fixture
+def responses(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    from discord.webhook import async_ as webhook
+
+    captured: list[dict] = []
+
+    async def capture(self: Any, interaction_id: int, token: str, *, session: Any,
+                      proxy: Any = None, proxy_auth: Any = None, params: Any = None,
+                      **kwargs: Any) -> dict:
+        import json
+
+        payload = params.payload if params is not None else None
+        if payload is None and params is not None and params.multipart:  # with attachments
+            form = next(part for part in params.multipart if part["name"] == "payload_json")
+            payload = json.loads(form["value"])
+        files = params.files if params is not None else []
+        captured.append({"payload": payload, "files": files})
+        flags = (payload.get("data") or {}).get("flags", 0)
+        return {"interaction": {"id": str(interaction_id), "type": 2,
+                                "response_message_ephemeral": bool(flags & 64)}}
+
+    monkeypatch.setattr(webhook.AsyncWebhookAdapter, "create_interaction_response", capture)
+    return captured
+
+
+async def _invoke(client: Any, payload: dict) -> None:
+    client._connection.parse_interaction_create(payload)
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+
+
+async def test_diagnose_is_admin_only(env: Any, responses: list[dict]) -> None:
+    adapter, _runtime, _sends = env
+    member = dpytest.get_config().members[0]
+    await _invoke(adapter.client, _interaction(adapter.client, "diagnose", member, admin=False))
+    assert responses, "no interaction response"
+    refused = responses[-1]["payload"]["data"]
+    assert "Only admins" in refused["content"] and refused["flags"] & 64  # ephemeral
+    await _invoke(adapter.client, _interaction(adapter.client, "diagnose", member, admin=True))
+    allowed = responses[-1]["payload"]["data"]
+    assert "issues:" in allowed["content"] and allowed["flags"] & 64
+
+
+async def test_gpu_status_answers_with_an_embed(env: Any, responses: list[dict]) -> None:
+    adapter, _runtime, _sends = env
+    member = dpytest.get_config().members[0]
+    await _invoke(adapter.client, _interaction(adapter.client, "gpu", member, admin=False,
+                                               subcommand="status"))
+    embed = responses[-1]["payload"]["data"]["embeds"][0]
+    assert embed["title"] == "GPU status"
+    assert any(field["name"] == "GPUs" for field in embed["fields"])
+
+
+async def test_stats_and_forget(env: Any, responses: list[dict]) -> None:
+    adapter, runtime, _sends = env
+    await _say(f"<@{adapter.client.user.id}> 謝謝你")
+    member = dpytest.get_config().members[0]
+    await _invoke(adapter.client, _interaction(adapter.client, "stats", member, admin=False))
+    stats = responses[-1]
+    assert "conversations: 1" in stats["payload"]["data"]["content"]
+    assert stats["files"] and stats["files"][0].filename == "stats.png"
+    await _invoke(adapter.client, _interaction(
+        adapter.client, "forget", member, admin=False,
+        options=[{"name": "confirm", "type": 5, "value": True}]))
+    assert "deleted" in responses[-1]["payload"]["data"]["content"]
+    assert await runtime.store.find_user("discord", str(member.id)) is None
+
+
+async def test_rejected_token_is_one_clear_error(env: Any, monkeypatch: pytest.MonkeyPatch
+                                                 ) -> None:
+    from adapters.discord_adapter.adapter import DiscordLoginError
+
+    adapter, _runtime, _sends = env
+
+    async def refuse(token: str, *, reconnect: bool = True) -> None:
+        raise discord.LoginFailure("Improper token has been passed.")
+
+    monkeypatch.setattr(adapter.client, "start", refuse)
+    with pytest.raises(DiscordLoginError, match="DISCORD_TOKEN") as info:
+        await adapter.run(adapter._handle)
+    assert "\n" not in str(info.value) and info.value.exit_code != 0
