@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,37 +32,24 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# The engine's PersonaState and the store's StateSnapshot carry the same fields (engine and
+# memory may not import each other); the service translates between them.
+_STATE_FIELDS = tuple(f.name for f in fields(PersonaState))
+
+
 def to_persona_state(snapshot: StateSnapshot) -> PersonaState:
-    return PersonaState(
-        mood=snapshot.mood,
-        mood_intensity=snapshot.mood_intensity,
-        intimacy=snapshot.intimacy,
-        intimacy_gained_today=snapshot.intimacy_gained_today,
-        conversation_count=snapshot.conversation_count,
-        last_interaction_at=snapshot.last_interaction_at,
-    )
+    return PersonaState(**{name: getattr(snapshot, name) for name in _STATE_FIELDS})
 
 
-def persona_rule(persona: Persona, text: str, now: datetime) -> Callable[[StateSnapshot],
-                                                                           StateChange]:
+def persona_rule(persona: Persona, text: str,
+                 now: datetime) -> Callable[[StateSnapshot], StateChange]:
     """Adapt the engine's pure persona rule to the store's atomic read-modify-write."""
 
     def rule(before: StateSnapshot) -> StateChange:
         transition = advance(to_persona_state(before), text, now, persona)
-        new = transition.state
-        return StateChange(
-            new=StateSnapshot(
-                mood=new.mood,
-                mood_intensity=new.mood_intensity,
-                intimacy=new.intimacy,
-                intimacy_gained_today=new.intimacy_gained_today,
-                conversation_count=new.conversation_count,
-                last_interaction_at=new.last_interaction_at,
-                version=before.version,
-            ),
-            cause=transition.cause,
-            details=transition.details,
-        )
+        new = {name: getattr(transition.state, name) for name in _STATE_FIELDS}
+        return StateChange(new=StateSnapshot(**new, version=before.version),
+                           cause=transition.cause, details=transition.details)
 
     return rule
 

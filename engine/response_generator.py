@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
 from engine.text_filters import FilterOptions, clean_reply
-from engine.types import ChatMessage, GenerationRequest, SamplingParams
+from engine.types import ChatMessage, GenerationRequest
 
 # Anything shaped like a control token (<|im_start|>, <|eot_id|>, ...), plus zero-width
 # characters used to smuggle them past naive filters.
@@ -159,13 +159,3 @@ class ResponseGenerator:
                 "generation": finished - started,
             },
         )
-
-    async def stream_raw(self, request: GenerationRequest) -> AsyncIterator[str]:
-        async for chunk in self.backend.generate(request):
-            yield chunk
-
-
-def sampling_with(base: SamplingParams, **overrides: Any) -> SamplingParams:
-    values = {name: getattr(base, name) for name in base.__slots__}
-    values.update(overrides)
-    return SamplingParams(**values)
