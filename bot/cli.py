@@ -314,17 +314,16 @@ async def cmd_trace(args: argparse.Namespace, config: AppConfig, paths: DataPath
 
     store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
                              busy_timeout_ms=config.store.busy_timeout_ms)
+    from bot.stats import reply_trace
+
     try:
-        message = await store.get_message(args.message_id)
-        if message is not None and message.role == "user":
-            message = await store.reply_to(message.id)
+        found = await reply_trace(store, args.message_id)
     finally:
         await store.close()
-    if message is None or message.trace is None:
+    if found is None:
         print(f"error: no reply with a trace for message {args.message_id}", file=sys.stderr)
         return 1
-    _print_json({"message_id": message.id, "reply_to": message.reply_to_id,
-                 "content": message.content, "trace": message.trace})
+    _print_json(found)
     return 0
 
 

@@ -16,7 +16,7 @@ from bot.events import Adapter
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.service import Clock, ConversationService, utcnow
-from bot.stats import user_chart, user_stats
+from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
 from engine.persona import knowledge_folder
@@ -53,6 +53,9 @@ class Runtime:
 
     async def purge_message(self, platform: str, platform_message_id: str) -> int:
         return await self.store.purge_platform_message(platform, platform_message_id)
+
+    async def trace(self, message_id: int) -> dict[str, Any] | None:
+        return await reply_trace(self.store, message_id)
 
     def gpu_status(self) -> dict[str, Any]:
         info = self.engine.get_model_info()

@@ -83,3 +83,14 @@ async def user_chart(store: Store, persona: Persona, platform: str,
         return None
     points = await store.state_timeline(user_id, persona.id)
     return render_chart(points, list(persona.moods.states))
+
+
+async def reply_trace(store: Store, message_id: int) -> dict[str, Any] | None:
+    """The stored trace of a reply, given its id or the id of the question it answers."""
+    message = await store.get_message(message_id)
+    if message is not None and message.role == "user":
+        message = await store.reply_to(message.id)
+    if message is None or message.trace is None:
+        return None
+    return {"message_id": message.id, "reply_to": message.reply_to_id,
+            "content": message.content, "trace": message.trace}

@@ -282,3 +282,16 @@ async def test_rejected_token_is_one_clear_error(env: Any, monkeypatch: pytest.M
     with pytest.raises(DiscordLoginError, match="DISCORD_TOKEN") as info:
         await adapter.run(adapter._handle)
     assert "\n" not in str(info.value) and info.value.exit_code != 0
+
+
+async def test_trace_for_admins(env: Any, responses: list[dict]) -> None:
+    adapter, runtime, _sends = env
+    await _say(f"<@{adapter.client.user.id}> 你好")
+    member = dpytest.get_config().members[0]
+    user_id = await runtime.store.find_user("discord", str(member.id))
+    question = (await runtime.store.messages_for(user_id))[0]
+    payload = _interaction(adapter.client, "trace", member, admin=True,
+                           options=[{"name": "message_id", "type": 4, "value": question.id}])
+    await _invoke(adapter.client, payload)
+    content = responses[-1]["payload"]["data"]["content"]
+    assert '"backend": "scripted"' in content and "timings_ms" in content

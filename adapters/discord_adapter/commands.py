@@ -81,6 +81,21 @@ def register_commands(tree: app_commands.CommandTree, adapter: DiscordAdapter) -
                  f"allocation warnings: {report['allocation_warnings'] or 'none'}"]
         await interaction.response.send_message("\n".join(lines)[:2000], ephemeral=True)
 
+    @tree.command(name="trace", description="How a reply was made (admins)")
+    @app_commands.default_permissions(administrator=True)
+    async def trace(interaction: discord.Interaction, message_id: int) -> None:
+        if not admin_only(interaction):
+            await refuse(interaction)
+            return
+        found = await services.trace(message_id)
+        if found is None:
+            await interaction.response.send_message(f"No trace for message {message_id}.",
+                                                    ephemeral=True)
+            return
+        text = json.dumps(found["trace"], ensure_ascii=False, indent=1)
+        await interaction.response.send_message(f"```json\n{text[:1900]}\n```",
+                                                ephemeral=True)
+
     @tree.command(name="stats", description="Your (or, for admins, someone's) stats")
     async def stats(interaction: discord.Interaction,
                     user: discord.User | None = None) -> None:
