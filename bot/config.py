@@ -144,8 +144,15 @@ class ConsoleAdapterConfig(_Section):
 
 class DiscordAdapterConfig(_Section):
     enabled: bool = False
+    # Channels where the persona answers every message, not only mentions/replies.
     channel_ids: list[int] = Field(default_factory=list)
-    sharded: bool = False
+    # If non-empty, the persona only ever speaks in these channels (DMs aside).
+    allow_channel_ids: list[int] = Field(default_factory=list)
+    deny_channel_ids: list[int] = Field(default_factory=list)
+    deny_user_ids: list[int] = Field(default_factory=list)
+    deny_role_ids: list[int] = Field(default_factory=list)
+    allow_dms: bool = True
+    sharded: bool = False  # AutoShardedClient, for bots in very many guilds
 
 
 class TwitchAdapterConfig(_Section):
@@ -177,6 +184,9 @@ class LimitsConfig(_Section):
     max_pending: int = Field(64, ge=1)
     max_concurrent_generations: int = Field(4, ge=1)
     reply_timeout_s: float = Field(120.0, gt=0)
+    # Platforms that can edit messages show the reply while it is generated, editing it at
+    # most once per this many seconds. 0 turns streaming off.
+    stream_edit_interval_s: float = Field(1.0, ge=0)
 
 
 class LoggingConfig(_Section):

@@ -13,7 +13,8 @@ from typing import Any, Protocol, runtime_checkable
 
 @runtime_checkable
 class ReplySink(Protocol):
-    """Where a reply goes. Adapters implement it over their platform's send/edit/typing."""
+    """Where a reply goes. Adapters implement it over their platform's send/edit/typing.
+    A sink may set ``supports_edits = True`` to get streaming previews (send, then edits)."""
 
     async def send(self, text: str) -> str | None:
         """Send a new message; return its platform message id if the platform has one."""

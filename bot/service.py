@@ -72,6 +72,42 @@ class SlidingWindowLimiter:
         return True
 
 
+class StreamingPreview:
+    """Shows a reply while it is generated: the first text early, then at most one edit per
+    ``interval`` seconds (platform rate limits), then the final text."""
+
+    def __init__(self, sink: Any, preview: Callable[[str], str], interval: float) -> None:
+        self._sink = sink
+        self._preview = preview
+        self._interval = interval
+        self._raw: list[str] = []
+        self._last = 0.0
+        self._shown = ""
+        self.message_id: str | None = None
+
+    async def on_chunk(self, chunk: str) -> None:
+        self._raw.append(chunk)
+        now = time.monotonic()
+        if now - self._last < self._interval:
+            return
+        text = self._preview("".join(self._raw))
+        if not text or text == self._shown:
+            return
+        self._last = now
+        if self.message_id is None:
+            self.message_id = await self._sink.send(text)
+        else:
+            await self._sink.edit(self.message_id, text)
+        self._shown = text
+
+    async def finish(self, final: str) -> str | None:
+        if self.message_id is None:
+            return await self._sink.send(final)
+        if final != self._shown:
+            await self._sink.edit(self.message_id, final)
+        return self.message_id
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """What the service knows about an accepted message while answering it."""
@@ -206,8 +242,11 @@ class ConversationService:
             conversion = self._config.vtuber.conversion_overrides.mode_for(
                 event.platform, event.channel_id, event.user_id
             )
-            reply = await self._engine.generate(request, language=language,
-                                                conversion_mode=conversion)
+            streaming = self._streaming_preview(event, language, conversion)
+            reply = await self._engine.generate(
+                request, language=language, conversion_mode=conversion,
+                on_chunk=streaming.on_chunk if streaming else None,
+            )
         now = self._clock()
         trace = {
             **reply.trace(),
@@ -230,11 +269,25 @@ class ConversationService:
             rule=persona_rule(persona, text, now),
             created_at=now,
         )
-        await event.sink.send(reply.text)
+        if streaming is not None:
+            await streaming.finish(reply.text)
+        else:
+            await event.sink.send(reply.text)
         self._latencies.append(time.monotonic() - exchange.received_at)
         log.debug("answered %d with %d (mood %s, intimacy %.2f)", exchange.message_id, reply_id,
                   new_state.mood, new_state.intimacy)
         return Reply(reply.text, "answered", message_id=reply_id)
+
+    def _streaming_preview(self, event: ChatEvent, language: str,
+                           conversion: str | None) -> StreamingPreview | None:
+        interval = self._config.limits.stream_edit_interval_s
+        if not interval or not getattr(event.sink, "supports_edits", False):
+            return None
+
+        def preview(raw: str) -> str:
+            return self._engine.preview(raw, language=language, conversion_mode=conversion)
+
+        return StreamingPreview(event.sink, preview, interval)
 
     async def _retrieve(self, text: str, user_id: int) -> list[RetrievedChunk]:
         if self._retriever is None:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine import gpu_manager
+from engine import chinese, gpu_manager
 from engine.backends import Backend, create_backend
 from engine.embedder import Embedder
 from engine.errors import BackendUnavailableError, EngineError
@@ -34,7 +34,7 @@ from engine.response_generator import (
     seed_history,
 )
 from engine.settings import EngineSettings
-from engine.text_filters import FilterOptions
+from engine.text_filters import FilterOptions, clean_reply
 from engine.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,16 @@ class LLMManager:
             raise BackendUnavailableError("LLM manager is not initialised")
         post = self.post_processing(conversion_mode, language)
         return await self._generator.generate(request, post, on_chunk)
+
+    def preview(self, raw: str, *, language: str = "zh",
+                conversion_mode: str | None = None) -> str:
+        """A partial reply as it may be shown while streaming: filtered and converted like the
+        final one, but never the fallback line ("" while nothing is showable yet)."""
+        post = self.post_processing(conversion_mode, language)
+        cleaned = clean_reply(raw, post.filter_options)
+        if "fallback" in cleaned.edits:
+            return ""
+        return chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
 
     @property
     def model_name(self) -> str:

@@ -25,13 +25,15 @@ REPLIES = ["你好呀～", "Hi @everyone and <@123> and <@&456>!", LONG_REPLY]
 
 
 @pytest.fixture
-async def env(tmp_path: Path) -> AsyncIterator[tuple[DiscordAdapter, Runtime, list[dict]]]:
+async def env(request: pytest.FixtureRequest,
+              tmp_path: Path) -> AsyncIterator[tuple[DiscordAdapter, Runtime, list[dict]]]:
+    stream_interval = getattr(request, "param", 0)  # streaming edits off unless asked
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": REPLIES}},
                    "embedding": {"enabled": False}},
         "vtuber": {"response": {"max_tokens": 4000}},
         "adapters": {"discord": {"enabled": True}},
-        "limits": {"user_messages_per_minute": 100},
+        "limits": {"user_messages_per_minute": 100, "stream_edit_interval_s": stream_interval},
     }, env={"DISCORD_TOKEN": "test-token"})
     sends: list[dict] = []
     original_send = discord.abc.Messageable.send
@@ -295,3 +297,51 @@ async def test_trace_for_admins(env: Any, responses: list[dict]) -> None:
     await _invoke(adapter.client, payload)
     content = responses[-1]["payload"]["data"]["content"]
     assert '"backend": "scripted"' in content and "timings_ms" in content
+
+
+@pytest.mark.parametrize("env", [0.001], indirect=True)
+async def test_reply_streams_by_editing_one_message(env: Any,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    adapter, _runtime, sends = env
+    edits: list[dict] = []
+    original_edit = discord.Message.edit
+
+    async def spy_edit(self: Any, **kwargs: Any) -> Any:
+        edits.append(kwargs)
+        return await original_edit(self, **kwargs)
+
+    monkeypatch.setattr(discord.Message, "edit", spy_edit)
+    await _say(f"<@{adapter.client.user.id}> first")
+    await dpytest.empty_queue()
+    sends.clear()
+    edits.clear()
+    await _say(f"<@{adapter.client.user.id}> second")  # "Hi @everyone and <@123> ..."
+    await asyncio.sleep(0.2)
+    assert len(sends) == 1, "the reply should appear once, then grow by edits"
+    assert edits, "no streaming edits"
+    assert edits[-1]["content"] == REPLIES[1]
+    for call in [*sends, *edits]:
+        assert call["allowed_mentions"].everyone is False
+        assert call["allowed_mentions"].users is False
+
+
+async def test_blocked_user_and_denied_channel_are_ignored(env: Any) -> None:
+    adapter, runtime, _sends = env
+    member = dpytest.get_config().members[0]
+    adapter.config.adapters.discord.deny_user_ids = [member.id]
+    await _say(f"<@{adapter.client.user.id}> let me in")
+    assert dpytest.verify().message().nothing()
+    assert await runtime.store.find_user("discord", str(member.id)) is None
+    adapter.config.adapters.discord.deny_user_ids = []
+    adapter.config.adapters.discord.deny_channel_ids = [dpytest.get_config().channels[0].id]
+    await _say(f"<@{adapter.client.user.id}> and now?")
+    assert dpytest.verify().message().nothing()
+
+
+def test_sharded_option_uses_the_auto_sharded_client() -> None:
+    config = parse_config({"adapters": {"discord": {"enabled": True, "sharded": True}}},
+                          env={"DISCORD_TOKEN": "t"})
+    adapter = DiscordAdapter(config, services=object())  # type: ignore[arg-type]
+    assert isinstance(adapter.client, discord.AutoShardedClient)
+    mentions = adapter.client.allowed_mentions
+    assert mentions is not None and mentions.everyone is False and mentions.roles is False

@@ -38,26 +38,46 @@ def is_admin(config: AppConfig, user: discord.abc.User) -> bool:
     return False
 
 
-class VTuberClient(discord.Client):
-    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
-        intents = options.pop("intents", None) or discord.Intents.default()
-        intents.message_content = True  # privileged: enable it in the developer portal
-        super().__init__(intents=intents, allowed_mentions=discord.AllowedMentions.none(),
-                         **options)
+class _VTuberEvents:
+    """Event handlers shared by the plain and the auto-sharded client."""
+
+    adapter: DiscordAdapter
+    tree: app_commands.CommandTree
+
+    def _setup(self, adapter: DiscordAdapter) -> None:
         self.adapter = adapter
-        self.tree = app_commands.CommandTree(self)
+        self.tree = app_commands.CommandTree(self)  # type: ignore[arg-type]
 
     async def setup_hook(self) -> None:
         register_commands(self.tree, self.adapter)
 
     async def on_ready(self) -> None:
-        log.info("connected to Discord as %s in %d guild(s)", self.user, len(self.guilds))
+        client: Any = self
+        log.info("connected to Discord as %s in %d guild(s)", client.user, len(client.guilds))
 
     async def on_message(self, message: discord.Message) -> None:
         await self.adapter.on_message(message)
 
     async def on_raw_message_delete(self, payload: discord.RawMessageDeleteEvent) -> None:
         await self.adapter.on_message_deleted(str(payload.message_id))
+
+
+def _client_options(options: dict[str, Any]) -> dict[str, Any]:
+    intents = options.pop("intents", None) or discord.Intents.default()
+    intents.message_content = True  # privileged: enable it in the developer portal
+    return {"intents": intents, "allowed_mentions": discord.AllowedMentions.none(), **options}
+
+
+class VTuberClient(_VTuberEvents, discord.Client):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**_client_options(options))
+        self._setup(adapter)
+
+
+class VTuberShardedClient(_VTuberEvents, discord.AutoShardedClient):
+    def __init__(self, adapter: DiscordAdapter, **options: Any) -> None:
+        super().__init__(**_client_options(options))
+        self._setup(adapter)
 
 
 class DiscordAdapter:
@@ -70,7 +90,9 @@ class DiscordAdapter:
         self.services = services
         secret = config.secrets.discord_token
         self._token = token or (secret.get_secret_value() if secret else "")
-        self.client = VTuberClient(self, **(client_options or {}))
+        client_class = (VTuberShardedClient if config.adapters.discord.sharded
+                        else VTuberClient)
+        self.client: discord.Client = client_class(self, **(client_options or {}))
         self._handle: EventHandler | None = None
 
     # -- events -----------------------------------------------------------------------------
@@ -113,9 +135,27 @@ class DiscordAdapter:
                                  else None),
         )
 
+    def _permitted(self, message: discord.Message) -> bool:
+        """Allow/deny lists from the config (a blocked user's messages are not even stored)."""
+        rules = self.config.adapters.discord
+        author = message.author
+        if author.id in rules.deny_user_ids:
+            return False
+        if isinstance(author, discord.Member) and any(
+                role.id in rules.deny_role_ids for role in author.roles):
+            return False
+        if message.guild is None:
+            return rules.allow_dms
+        channel_id = message.channel.id
+        if channel_id in rules.deny_channel_ids:
+            return False
+        return not rules.allow_channel_ids or channel_id in rules.allow_channel_ids
+
     async def on_message(self, message: discord.Message) -> None:
         if self._handle is None or message.author.bot:
             return  # ourselves and every other bot
+        if not self._permitted(message):
+            return
         event = self.to_event(message)
         if not event.addressed:
             return

@@ -14,6 +14,8 @@ NO_PINGS = discord.AllowedMentions.none()
 
 
 class DiscordSink:
+    supports_edits = True
+
     def __init__(self, channel: Any, reply_to: discord.Message | None = None) -> None:
         self._channel = channel
         self._reply_to = reply_to
@@ -33,9 +35,15 @@ class DiscordSink:
         return first_id
 
     async def edit(self, message_id: str, text: str) -> None:
+        """Replace a streamed message; text past 2,000 characters goes out as new messages."""
         message = self._sent.get(message_id)
-        if message is not None:
-            await message.edit(content=text[:DISCORD_LIMIT], allowed_mentions=NO_PINGS)
+        if message is None:
+            return
+        first, *rest = split_message(text, DISCORD_LIMIT) or [""]
+        await message.edit(content=first, allowed_mentions=NO_PINGS)
+        for piece in rest:
+            sent = await self._channel.send(piece, allowed_mentions=NO_PINGS)
+            self._sent[str(sent.id)] = sent
 
     async def typing(self) -> None:
         # One typing notice (lasts ~10 s); the reply itself ends it.
