@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import signal
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import AppConfig
@@ -29,6 +31,9 @@ log = logging.getLogger(__name__)
 DRAIN_TIMEOUT_S = 30.0
 
 
+LINK_CODE_TTL_S = 600
+
+
 @dataclass(slots=True)
 class Runtime:
     config: AppConfig
@@ -36,6 +41,28 @@ class Runtime:
     store: Store
     engine: LLMManager
     service: ConversationService
+    # One-time codes for linking accounts across platforms: code → (platform, user, expiry).
+    link_codes: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+
+    def create_link_code(self, platform: str, platform_user_id: str) -> str:
+        """A short-lived code the viewer types on another platform (``!link CODE``)."""
+        now = time.monotonic()
+        for code in [c for c, (_, _, expiry) in self.link_codes.items() if expiry < now]:
+            del self.link_codes[code]
+        code = secrets.token_hex(3).upper()
+        self.link_codes[code] = (platform, platform_user_id, now + LINK_CODE_TTL_S)
+        return code
+
+    async def redeem_link_code(self, code: str, platform: str, platform_user_id: str,
+                               display_name: str) -> bool:
+        entry = self.link_codes.pop(code.strip().upper(), None)
+        if entry is None or entry[2] < time.monotonic() or entry[0] == platform:
+            return False
+        owner = await self.store.find_user(entry[0], entry[1])
+        if owner is None:
+            owner = await self.store.resolve_user(entry[0], entry[1], entry[1])
+        await self.store.link_identity(owner, platform, platform_user_id, display_name)
+        return True
 
     async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
         return await user_stats(self.store, self.engine.persona, platform, platform_user_id)

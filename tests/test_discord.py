@@ -345,3 +345,18 @@ def test_sharded_option_uses_the_auto_sharded_client() -> None:
     assert isinstance(adapter.client, discord.AutoShardedClient)
     mentions = adapter.client.allowed_mentions
     assert mentions is not None and mentions.everyone is False and mentions.roles is False
+
+
+async def test_link_code_links_a_twitch_identity(env: Any, responses: list[dict]) -> None:
+    adapter, runtime, _sends = env
+    await _say(f"<@{adapter.client.user.id}> 謝謝")
+    member = dpytest.get_config().members[0]
+    await _invoke(adapter.client, _interaction(adapter.client, "link", member, admin=False))
+    content = responses[-1]["payload"]["data"]["content"]
+    code = content.split("`!link ")[1].split("`")[0]
+    assert await runtime.redeem_link_code(code, "twitch", "ann_tv", "ann_tv")
+    assert not await runtime.redeem_link_code(code, "twitch", "ann_tv", "ann_tv")  # one-time
+    discord_user = await runtime.store.find_user("discord", str(member.id))
+    assert await runtime.store.find_user("twitch", "ann_tv") == discord_user
+    stats = await runtime.stats("twitch", "ann_tv")
+    assert stats is not None and stats["conversation_count"] == 1

@@ -171,3 +171,32 @@ async def test_concurrent_searches_share_the_index(store: Store, embedder: Any,
     await retriever.index_knowledge(knowledge)
     results = await asyncio.gather(*(retriever.search("天蠍座") for _ in range(8)))
     assert all(r[0].source == "knowledge:stars.md" for r in results)
+
+
+async def test_link_identity_merges_history_and_state(store: Store) -> None:
+    from dataclasses import replace as dc_replace
+
+    def bump(before: StateSnapshot) -> StateChange:
+        return StateChange(dc_replace(before, intimacy=before.intimacy + 5,
+                                      conversation_count=before.conversation_count + 1), "+5")
+
+    discord_user = await store.resolve_user("discord", "42", "Ann")
+    twitch_user = await store.resolve_user("twitch", "ann_tv", "ann_tv")
+    for user in (discord_user, twitch_user):
+        await store.record_incoming(user_id=user, persona_id="pell", platform="x",
+                                    channel_id="c", platform_message_id=None,
+                                    text=f"hello from {user}", created_at=datetime.now(UTC))
+    await store.update_state(discord_user, "pell", "calm", bump)
+    for _ in range(2):
+        await store.update_state(twitch_user, "pell", "calm", bump)
+    assert await store.link_identity(discord_user, "twitch", "ann_tv", "ann_tv") == discord_user
+    assert await store.find_user("twitch", "ann_tv") == discord_user
+    assert len(await store.messages_for(discord_user)) == 2
+    state = await store.get_state(discord_user, "pell", "calm")
+    assert state.conversation_count == 3 and state.intimacy == 10
+    async with store._sessions() as session:
+        users = (await session.execute(text("SELECT id FROM users"))).all()
+    assert [row[0] for row in users] == [discord_user]
+    separate = await store.unlink_identity("twitch", "ann_tv")
+    assert separate is not None and separate != discord_user
+    assert await store.find_user("discord", "42") == discord_user

@@ -137,6 +137,13 @@ def register_commands(tree: app_commands.CommandTree, adapter: DiscordAdapter) -
             "Your data:", file=discord.File(io.BytesIO(payload), "my-data.json"),
             ephemeral=True)
 
+    @tree.command(name="link", description="Link your Twitch account (get a one-time code)")
+    async def link(interaction: discord.Interaction) -> None:
+        code = services.create_link_code(PLATFORM, str(interaction.user.id))
+        await interaction.response.send_message(
+            f"Type `!link {code}` in the Twitch chat within 10 minutes to link that account "
+            "to this one: your history, mood and intimacy will be shared.", ephemeral=True)
+
     @tree.command(name="persona", description="Who the persona is (an AI character)")
     async def persona(interaction: discord.Interaction) -> None:
         info = services.persona_info()
