@@ -1,0 +1,201 @@
+"""A local stand-in for Discord: the gateway websocket and the REST routes the bot uses.
+
+It speaks the real protocol (HELLO → IDENTIFY → READY/GUILD_CREATE, heartbeats, RESUME) with
+plain-text JSON frames, and records every REST call, so the real discord.py client can be run
+against it with ``Route.BASE`` and ``DiscordWebSocket.DEFAULT_GATEWAY`` pointed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+BOT_ID = "1000"
+GUILD_ID = "2000"
+CHANNEL_ID = "3000"
+VIEWER = {"id": "4000", "username": "viewer", "discriminator": "0", "global_name": "Viewer",
+          "avatar": None, "bot": False}
+BOT_USER = {"id": BOT_ID, "username": "pell", "discriminator": "0", "global_name": "Pell",
+            "avatar": None, "bot": True, "verified": True, "flags": 0, "mfa_enabled": False}
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses a body only when Content-Type is exactly "application/json"
+    # (aiohttp's content_type= would append "; charset=utf-8").
+    return web.Response(body=json.dumps(data).encode("utf-8"), status=status,
+                        headers={"Content-Type": "application/json"})
+
+
+@dataclass
+class FakeDiscord:
+    port: int = 0
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    identifies: int = 0
+    resumes: int = 0
+    _ws: web.WebSocketResponse | None = None
+    _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(9000))
+    _runner: web.AppRunner | None = None
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def _record(self, method: str, path: str, body: Any) -> None:
+        self.calls.append((method, path, body))
+        self._changed.set()
+
+    async def wait_until(self, predicate: Any, seconds: float = 10) -> None:
+        """Wait until ``predicate()`` holds, re-checking after every REST call received."""
+        async with asyncio.timeout(seconds):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/api/v10/users/@me", self._me)
+        app.router.add_get("/api/v10/oauth2/applications/@me", self._application)
+        app.router.add_get("/api/v10/gateway/bot", self._gateway_bot)
+        app.router.add_get("/api/v10/gateway", self._gateway_bot)
+        app.router.add_post("/api/v10/channels/{channel}/messages", self._post_message)
+        app.router.add_post("/api/v10/channels/{channel}/typing", self._typing)
+        app.router.add_patch("/api/v10/channels/{channel}/messages/{message}", self._edit)
+        app.router.add_post("/api/v10/interactions/{id}/{token}/callback", self._callback)
+        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    # -- REST ---------------------------------------------------------------------------------
+
+    async def _me(self, request: web.Request) -> web.Response:
+        return _json(BOT_USER)
+
+    async def _application(self, request: web.Request) -> web.Response:
+        return _json({"id": BOT_ID, "name": "Pell", "icon": None, "description": "",
+                      "bot_public": True, "bot_require_code_grant": False,
+                      "verify_key": "0" * 64, "flags": 0, "owner": VIEWER,
+                      "summary": "", "team": None})
+
+    async def _gateway_bot(self, request: web.Request) -> web.Response:
+        return _json({"url": f"ws://127.0.0.1:{self.port}/gateway", "shards": 1,
+                      "session_start_limit": {"total": 1000, "remaining": 999,
+                                              "reset_after": 0, "max_concurrency": 1}})
+
+    def message_payload(self, content: str, *, author: dict, mentions: list[dict],
+                        message_id: str | None = None) -> dict[str, Any]:
+        return {"id": message_id or str(next(self._ids)), "channel_id": CHANNEL_ID,
+                "guild_id": GUILD_ID, "author": author, "content": content,
+                "timestamp": datetime.now(UTC).isoformat(), "edited_timestamp": None,
+                "tts": False, "mention_everyone": False, "mentions": mentions,
+                "mention_roles": [], "attachments": [], "embeds": [], "pinned": False,
+                "type": 0, "flags": 0,
+                "member": {"roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+                           "deaf": False, "mute": False, "flags": 0}}
+
+    async def _post_message(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record("POST", request.path, body)
+        return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
+                                          mentions=[]))
+
+    async def _edit(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record("PATCH", request.path, body)
+        return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
+                                          mentions=[], message_id=request.match_info["message"]))
+
+    async def _typing(self, request: web.Request) -> web.Response:
+        self._record("POST", request.path, None)
+        return web.Response(status=204)
+
+    async def _callback(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record("POST", request.path, body)
+        return _json({"interaction": {"id": request.match_info["id"], "type": 2}})
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self._record(request.method, request.path, None)
+        return _json({"message": "404: Not Found", "code": 0}, status=404)
+
+    # -- gateway ------------------------------------------------------------------------------
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws = ws
+        await ws.send_str(json.dumps({"op": 10, "d": {"heartbeat_interval": 2000}}))
+        async for message in ws:
+            if message.type != WSMsgType.TEXT:
+                continue
+            frame = json.loads(message.data)
+            if frame["op"] == 1:
+                await ws.send_str(json.dumps({"op": 11}))
+            elif frame["op"] == 2:
+                self.identifies += 1
+                await self._ready(ws)
+            elif frame["op"] == 6:
+                self.resumes += 1
+                await self.dispatch("RESUMED", {})
+                self.connected.set()
+        return ws
+
+    async def _ready(self, ws: web.WebSocketResponse) -> None:
+        await self.dispatch("READY", {
+            "v": 10, "user": BOT_USER, "guilds": [{"id": GUILD_ID, "unavailable": True}],
+            "session_id": "session-1", "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
+            "application": {"id": BOT_ID, "flags": 0}, "private_channels": [],
+            "relationships": [], "presences": [],
+        })
+        await self.dispatch("GUILD_CREATE", {
+            "id": GUILD_ID, "name": "Lighthouse", "owner_id": "1", "icon": None,
+            "unavailable": False, "member_count": 2, "large": False, "features": [],
+            "roles": [{"id": GUILD_ID, "name": "@everyone", "permissions": "1024",
+                       "position": 0, "color": 0, "hoist": False, "managed": False,
+                       "mentionable": False, "flags": 0}],
+            "channels": [{"id": CHANNEL_ID, "type": 0, "name": "chat", "position": 0,
+                          "guild_id": GUILD_ID, "permission_overwrites": [], "nsfw": False,
+                          "parent_id": None}],
+            "members": [{"user": VIEWER, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+                         "deaf": False, "mute": False, "flags": 0}],
+            "emojis": [], "stickers": [], "threads": [], "stage_instances": [],
+            "guild_scheduled_events": [], "voice_states": [], "presences": [],
+            "verification_level": 0, "default_message_notifications": 0,
+            "explicit_content_filter": 0, "mfa_level": 0, "system_channel_flags": 0,
+            "premium_tier": 0, "preferred_locale": "zh-TW", "nsfw_level": 0,
+            "joined_at": "2026-01-01T00:00:00+00:00",
+        })
+        self.connected.set()
+
+    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
+        assert self._ws is not None, "no gateway connection"
+        await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq),
+                                            "d": data}))
+
+    async def drop_connection(self) -> None:
+        """Close the socket like a gateway restart; the client must come back by itself."""
+        self.connected.clear()
+        assert self._ws is not None
+        await self._ws.close(code=4000, message=b"server restart")
+
+    def posts_to(self, path_part: str) -> list[Any]:
+        return [body for method, path, body in self.calls
+                if method == "POST" and path_part in path and body is not None]

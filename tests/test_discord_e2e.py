@@ -1,0 +1,94 @@
+"""End to end: the real discord.py client against a local fake gateway + REST server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+discord = pytest.importorskip("discord")
+
+from adapters.discord_adapter import DiscordAdapter  # noqa: E402
+from bot.config import parse_config  # noqa: E402
+from bot.paths import DataPaths  # noqa: E402
+from bot.runtime import open_runtime  # noqa: E402
+from tests.fake_discord import BOT_USER, CHANNEL_ID, GUILD_ID, VIEWER, FakeDiscord  # noqa: E402
+
+
+@pytest.fixture
+async def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
+    import yarl
+
+    server = FakeDiscord()
+    await server.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["你好呀～"]}},
+                   "embedding": {"enabled": False}},
+        "adapters": {"discord": {"enabled": True}},
+        "limits": {"stream_edit_interval_s": 0},
+    }, env={"DISCORD_TOKEN": "fake-token"})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        adapter = DiscordAdapter(config, services=runtime)
+        task = asyncio.create_task(adapter.run(runtime.service.handle))
+        try:
+            await asyncio.wait_for(server.connected.wait(), 20)
+            await asyncio.wait_for(adapter.client.wait_until_ready(), 20)
+            yield server, adapter, runtime
+        finally:
+            await adapter.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop()
+
+
+async def test_connects_answers_a_mention_and_a_slash_command(live: Any) -> None:
+    server, adapter, runtime = live
+    assert server.identifies == 1
+    assert adapter.client.get_guild(int(GUILD_ID)) is not None
+    await server.dispatch("MESSAGE_CREATE", server.message_payload(
+        f"<@{BOT_USER['id']}> 你好", author=VIEWER, mentions=[BOT_USER]))
+    await server.wait_until(lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"))
+    [sent] = server.posts_to(f"/channels/{CHANNEL_ID}/messages")
+    assert sent["content"] == "你好呀～"
+    assert sent["allowed_mentions"] == {"parse": [], "replied_user": False}
+    assert await runtime.store.find_user("discord", VIEWER["id"]) is not None
+
+    await server.dispatch("INTERACTION_CREATE", {
+        "id": "7001", "application_id": BOT_USER["id"], "type": 2, "token": "tok",
+        "version": 1, "guild_id": GUILD_ID, "channel_id": CHANNEL_ID,
+        "channel": {"id": CHANNEL_ID, "type": 0, "guild_id": GUILD_ID, "name": "chat",
+                    "position": 0, "permission_overwrites": []},
+        "member": {"user": VIEWER, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
+                   "deaf": False, "mute": False, "flags": 0, "permissions": "0"},
+        "data": {"id": "900", "name": "gpu", "type": 1,
+                 "options": [{"name": "status", "type": 1, "options": []}]},
+        "locale": "en-US", "guild_locale": "zh-TW", "app_permissions": "0",
+        "entitlements": [], "authorizing_integration_owners": {}, "context": 0,
+        "attachment_size_limit": 10485760,
+    })
+    await server.wait_until(lambda: server.posts_to("/interactions/7001/tok/callback"))
+    [callback] = server.posts_to("/interactions/7001/tok/callback")
+    assert callback["type"] == 4
+    assert callback["data"]["embeds"][0]["title"] == "GPU status"
+
+
+async def test_reconnects_without_answering_twice(live: Any) -> None:
+    server, _adapter, _runtime = live
+    first = server.message_payload(f"<@{BOT_USER['id']}> one", author=VIEWER,
+                                   mentions=[BOT_USER])
+    await server.dispatch("MESSAGE_CREATE", first)
+    await server.wait_until(lambda: len(server.posts_to("/messages")) == 1)
+    await server.drop_connection()
+    await asyncio.wait_for(server.connected.wait(), 30)
+    assert server.resumes + server.identifies >= 2
+    await server.dispatch("MESSAGE_CREATE", server.message_payload(
+        f"<@{BOT_USER['id']}> two", author=VIEWER, mentions=[BOT_USER]))
+    await server.wait_until(lambda: len(server.posts_to("/messages")) == 2)
+    await asyncio.sleep(0.5)
+    assert len(server.posts_to("/messages")) == 2  # nothing answered twice
