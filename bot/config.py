@@ -142,8 +142,16 @@ class ConsoleAdapterConfig(_Section):
     user: str = "viewer"
 
 
+class DiscordGuildConfig(_Section):
+    """Settings of one Discord server (guild), keyed by its id under adapters.discord.guilds."""
+
+    channel_ids: list[int] = Field(default_factory=list)  # answer every message here
+    chinese_conversion: Literal["s2twp", "s2tw", "s2hk", "s2t", "off"] | None = None
+
+
 class DiscordAdapterConfig(_Section):
     enabled: bool = False
+    guilds: dict[int, DiscordGuildConfig] = Field(default_factory=dict)
     # Channels where the persona answers every message, not only mentions/replies.
     channel_ids: list[int] = Field(default_factory=list)
     # If non-empty, the persona only ever speaks in these channels (DMs aside).

@@ -53,6 +53,9 @@ class ChatEvent:
     is_self: bool = False
     roles: Roles = field(default_factory=Roles)
     reply_to_message_id: str | None = None
+    # A platform-level setting (e.g. a Discord server's language); per-user and per-channel
+    # overrides in vtuber.conversion_overrides still win.
+    conversion_mode: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

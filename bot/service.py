@@ -241,7 +241,7 @@ class ConversationService:
             queue_wait = time.monotonic() - exchange.received_at
             conversion = self._config.vtuber.conversion_overrides.mode_for(
                 event.platform, event.channel_id, event.user_id
-            )
+            ) or event.conversion_mode
             streaming = self._streaming_preview(event, language, conversion)
             reply = await self._engine.generate(
                 request, language=language, conversion_mode=conversion,

@@ -87,6 +87,8 @@ class FakeDiscord:
     # -- REST ---------------------------------------------------------------------------------
 
     async def _me(self, request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bot fake-token":
+            return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         return _json(BOT_USER)
 
     async def _application(self, request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ import pytest
 discord = pytest.importorskip("discord")
 
 from adapters.discord_adapter import DiscordAdapter  # noqa: E402
-from bot.config import parse_config  # noqa: E402
+from bot.config import DiscordGuildConfig, parse_config  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
 from tests.fake_discord import BOT_USER, CHANNEL_ID, GUILD_ID, VIEWER, FakeDiscord  # noqa: E402
@@ -92,3 +92,35 @@ async def test_reconnects_without_answering_twice(live: Any) -> None:
     await server.wait_until(lambda: len(server.posts_to("/messages")) == 2)
     await asyncio.sleep(0.5)
     assert len(server.posts_to("/messages")) == 2  # nothing answered twice
+
+
+async def test_rejected_token_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    from adapters.discord_adapter.adapter import DiscordLoginError
+
+    server = FakeDiscord()
+    await server.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "adapters": {"discord": {"enabled": True}}},
+                          env={"DISCORD_TOKEN": "wrong-token"})
+    try:
+        async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+            adapter = DiscordAdapter(config, services=runtime)
+            with pytest.raises(DiscordLoginError) as info:
+                await adapter.run(runtime.service.handle)
+            await adapter.close()
+    finally:
+        await server.stop()
+    assert "DISCORD_TOKEN" in str(info.value) and "\n" not in str(info.value)
+
+
+async def test_per_guild_channel_and_language(live: Any) -> None:
+    server, adapter, _runtime = live
+    adapter.config.adapters.discord.guilds = {
+        int(GUILD_ID): DiscordGuildConfig(channel_ids=[int(CHANNEL_ID)],
+                                          chinese_conversion="off")}
+    await server.dispatch("MESSAGE_CREATE", server.message_payload(
+        "no mention here", author=VIEWER, mentions=[]))
+    await server.wait_until(lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"))

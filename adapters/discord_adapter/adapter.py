@@ -106,7 +106,10 @@ class DiscordAdapter:
         reference = message.reference
         if reference is not None and isinstance(reference.resolved, discord.Message):
             return me is not None and reference.resolved.author.id == me.id
-        return message.channel.id in self.config.adapters.discord.channel_ids
+        rules = self.config.adapters.discord
+        guild = rules.guilds.get(message.guild.id)
+        return (message.channel.id in rules.channel_ids
+                or (guild is not None and message.channel.id in guild.channel_ids))
 
     def _clean_text(self, message: discord.Message) -> str:
         me = self.client.user
@@ -133,7 +136,14 @@ class DiscordAdapter:
             reply_to_message_id=(str(message.reference.message_id)
                                  if message.reference and message.reference.message_id
                                  else None),
+            conversion_mode=self._guild_conversion(message),
         )
+
+    def _guild_conversion(self, message: discord.Message) -> str | None:
+        if message.guild is None:
+            return None
+        guild = self.config.adapters.discord.guilds.get(message.guild.id)
+        return guild.chinese_conversion if guild is not None else None
 
     def _permitted(self, message: discord.Message) -> bool:
         """Allow/deny lists from the config (a blocked user's messages are not even stored)."""
@@ -172,7 +182,7 @@ class DiscordAdapter:
         self._handle = handle
         try:
             await self.client.start(self._token)
-        except discord.LoginFailure:
+        except discord.LoginFailure:  # 401 on login
             raise DiscordLoginError(
                 "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
             ) from None

@@ -125,7 +125,7 @@ def register_commands(tree: app_commands.CommandTree, adapter: DiscordAdapter) -
         await interaction.response.send_message(
             f"Done: deleted {sum(counts.values())} rows about you.", ephemeral=True)
 
-    @tree.command(name="export", description="Get a JSON file of your data")
+    @tree.command(name="export", description="Get a JSON file of your data by DM")
     async def export(interaction: discord.Interaction) -> None:
         data = await services.export(PLATFORM, str(interaction.user.id))
         if data is None:
@@ -133,9 +133,16 @@ def register_commands(tree: app_commands.CommandTree, adapter: DiscordAdapter) -
                                                     ephemeral=True)
             return
         payload = json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8")
-        await interaction.response.send_message(
-            "Your data:", file=discord.File(io.BytesIO(payload), "my-data.json"),
-            ephemeral=True)
+        try:
+            await interaction.user.send(
+                "Everything stored about you:",
+                file=discord.File(io.BytesIO(payload), "my-data.json"))
+        except discord.Forbidden:
+            await interaction.response.send_message(
+                "I could not DM you (are DMs from server members off?).", ephemeral=True)
+            return
+        await interaction.response.send_message("Sent you a DM with your data.",
+                                                ephemeral=True)
 
     @tree.command(name="link", description="Link your Twitch account (get a one-time code)")
     async def link(interaction: discord.Interaction) -> None:
