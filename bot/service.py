@@ -8,7 +8,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,6 +108,14 @@ class StreamingPreview:
         return self.message_id
 
 
+@dataclass(slots=True)
+class _Lane:
+    """One user's ordered lane: the lock, and how many messages hold or wait for it."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class Exchange:
     """What the service knows about an accepted message while answering it."""
@@ -134,7 +142,7 @@ class ConversationService:
         self._store = store
         self._clock = clock
         self._limiter = SlidingWindowLimiter(config.limits.user_messages_per_minute)
-        self._lanes: dict[tuple[str, str], asyncio.Lock] = {}
+        self._lanes: dict[tuple[str, str], _Lane] = {}
         self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
         self._pending = 0
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -166,15 +174,40 @@ class ConversationService:
                 self._in_flight.discard(task)
 
     async def _handle_accepted(self, event: ChatEvent, text: str) -> Reply:
-        persona_id = self.persona.id
+        # Take a place in this user's lane before the first await, so the user's messages
+        # are answered in the order they arrived even though storing them takes time.
+        key = (event.platform, event.user_id)
+        lane = self._lanes.setdefault(key, _Lane())
+        lane.users += 1
+        turn = asyncio.ensure_future(lane.lock.acquire())
+        try:
+            exchange = await self._accept(event, text)
+            if isinstance(exchange, Reply):
+                return exchange
+            self._pending += 1
+            try:
+                await turn
+                return await self._answer(exchange, text)
+            finally:
+                self._pending -= 1
+        finally:
+            if turn.done() and not turn.cancelled():
+                lane.lock.release()
+            else:
+                turn.cancel()  # left before our turn: give up the place
+            lane.users -= 1
+            if lane.users == 0:
+                self._lanes.pop(key, None)
+
+    async def _accept(self, event: ChatEvent, text: str) -> Exchange | Reply:
+        """Persist the message first, then apply the rate limit and the queue bound."""
         user_id = await self._store.resolve_user(event.platform, event.user_id,
                                                  event.display_name)
         message_id = await self._store.record_incoming(
-            user_id=user_id, persona_id=persona_id, platform=event.platform,
+            user_id=user_id, persona_id=self.persona.id, platform=event.platform,
             channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
             created_at=event.timestamp,
         )
-        exchange = Exchange(event, user_id, message_id, time.monotonic())
         # The event's own time, so replays rate-limit exactly as the live run did.
         if not self._limiter.allow(f"{event.platform}:{event.user_id}",
                                    event.timestamp.timestamp()):
@@ -184,16 +217,7 @@ class ConversationService:
             await self._store.set_status(message_id, "dropped")
             log.warning("queue full (%d pending): dropped message %d", self._pending, message_id)
             return Reply("", "dropped", reason="queue full")
-        self._pending += 1
-        try:
-            lane = self._lanes.setdefault((event.platform, event.user_id), asyncio.Lock())
-            async with lane:  # one user's messages are answered in order
-                return await self._answer(exchange, text)
-        finally:
-            self._pending -= 1
-            lane = self._lanes.get((event.platform, event.user_id))
-            if lane is not None and not lane.locked():
-                self._lanes.pop((event.platform, event.user_id), None)
+        return Exchange(event, user_id, message_id, time.monotonic())
 
     async def _answer(self, exchange: Exchange, text: str) -> Reply:
         event = exchange.event

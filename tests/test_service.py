@@ -200,3 +200,20 @@ async def test_retrieval_feeds_knowledge_to_system_and_memories_to_user_turns(
     assert notes and all(m.role == "user" for m in request.messages[1:-1:2])
     assert reply.trace is not None and reply.trace["retrieved"]
     assert {"id", "score", "source"} <= set(reply.trace["retrieved"][0])
+
+
+async def test_one_users_messages_are_answered_in_order(runtime: Runtime) -> None:
+    import asyncio
+
+    sinks = [RecordingSink() for _ in range(5)]
+    replies = await asyncio.gather(*(runtime.service.handle(event(f"msg {i}", sink=sinks[i]))
+                                     for i in range(5)))
+    assert all(r.status == "answered" for r in replies)
+    user_id = await runtime.store.find_user("discord", "ann")
+    assert user_id is not None
+    rows = await runtime.store.messages_for(user_id)
+    question_of = {r.content: r.id for r in rows if r.role == "user"}
+    answers = {r.reply_to_id: r.id for r in rows if r.role == "assistant"}
+    reply_ids = [answers[question_of[f"msg {i}"]] for i in range(5)]
+    assert reply_ids == sorted(reply_ids)  # answered in the order they arrived
+    assert runtime.service._lanes == {}
