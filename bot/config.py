@@ -195,6 +195,12 @@ class LimitsConfig(_Section):
     # Platforms that can edit messages show the reply while it is generated, editing it at
     # most once per this many seconds. 0 turns streaming off.
     stream_edit_interval_s: float = Field(1.0, ge=0)
+    # Busy chats: a message still waiting after this many seconds is dropped (0 = never).
+    stale_after_s: float = Field(0.0, ge=0)
+    # Answer only a viewer's newest waiting message; older waiting ones are dropped...
+    per_user_queue_of_one: bool = False
+    # ...or folded into that newest one, so a burst gets one answer that saw all of it.
+    coalesce_bursts: bool = False
 
 
 class LoggingConfig(_Section):

@@ -114,6 +114,8 @@ class _Lane:
 
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     users: int = 0
+    arrived: int = 0  # arrival counter: a message's place in this lane
+    burst: list[str] = field(default_factory=list)  # superseded texts, for coalescing
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +181,8 @@ class ConversationService:
         key = (event.platform, event.user_id)
         lane = self._lanes.setdefault(key, _Lane())
         lane.users += 1
+        lane.arrived += 1
+        place = lane.arrived
         turn = asyncio.ensure_future(lane.lock.acquire())
         try:
             exchange = await self._accept(event, text)
@@ -187,6 +191,11 @@ class ConversationService:
             self._pending += 1
             try:
                 await turn
+                dropped = await self._flood_control(lane, place, exchange, text)
+                if dropped is not None:
+                    return dropped
+                if lane.burst:
+                    text, lane.burst = "\n".join([*lane.burst, text]), []
                 return await self._answer(exchange, text)
             finally:
                 self._pending -= 1
@@ -198,6 +207,25 @@ class ConversationService:
             lane.users -= 1
             if lane.users == 0:
                 self._lanes.pop(key, None)
+
+    async def _flood_control(self, lane: _Lane, place: int, exchange: Exchange,
+                             text: str) -> Reply | None:
+        """When a message's turn comes: drop it if it went stale, or if a newer one from the
+        same viewer is waiting (queue of one; its text may be folded into the newer one)."""
+        limits = self._config.limits
+        age = (self._clock() - exchange.event.timestamp).total_seconds()
+        reason = None
+        if limits.stale_after_s and age > limits.stale_after_s:
+            reason = f"stale ({age:.1f} s old)"
+        elif (limits.per_user_queue_of_one or limits.coalesce_bursts) and \
+                place < lane.arrived:
+            reason = "superseded by a newer message"
+            if limits.coalesce_bursts:
+                lane.burst.append(text)
+        if reason is None:
+            return None
+        await self._store.set_status(exchange.message_id, "dropped")
+        return Reply("", "dropped", reason=reason)
 
     async def _accept(self, event: ChatEvent, text: str) -> Exchange | Reply:
         """Persist the message first, then apply the rate limit and the queue bound."""

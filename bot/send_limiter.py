@@ -1,0 +1,40 @@
+"""Outgoing message rate limits (e.g. Twitch chat: 20 messages per 30 s for a normal bot
+account, 100 per 30 s where the bot is a moderator or the broadcaster)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+
+TWITCH_USER_LIMIT = (20, 30.0)
+TWITCH_MODERATOR_LIMIT = (100, 30.0)
+
+
+class SendLimiter:
+    """At most ``limit`` sends in any ``window`` seconds; ``acquire`` waits for a slot.
+    Waiters are served in arrival order."""
+
+    def __init__(self, limit: int, window: float, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        if limit < 1 or window <= 0:
+            raise ValueError("limit must be >= 1 and window > 0")
+        self.limit = limit
+        self.window = window
+        self._clock = clock
+        self._sleep = sleep
+        self._sent: deque[float] = deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = self._clock()
+                while self._sent and now - self._sent[0] >= self.window:
+                    self._sent.popleft()
+                if len(self._sent) < self.limit:
+                    self._sent.append(now)
+                    return
+                await self._sleep(self.window - (now - self._sent[0]))

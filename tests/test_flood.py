@@ -1,0 +1,107 @@
+"""Flood control and send limits for busy chats (platform-neutral parts of the Twitch work)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from bot.config import parse_config
+from bot.paths import DataPaths
+from bot.runtime import Runtime, open_runtime
+from bot.send_limiter import SendLimiter
+from engine.backends.scripted import ScriptedBackend
+from engine.types import GenerationRequest
+from tests.test_service import RecordingSink, event
+
+
+async def test_send_limiter_never_exceeds_its_window() -> None:
+    now = [0.0]
+    sent_at: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    limiter = SendLimiter(3, 10.0, clock=lambda: now[0], sleep=fake_sleep)
+    for _ in range(10):
+        await limiter.acquire()
+        sent_at.append(now[0])
+    for index, moment in enumerate(sent_at):
+        in_window = [t for t in sent_at if moment <= t < moment + 10.0]
+        assert len(in_window) <= 3, (index, sent_at)
+    assert sent_at[-1] == pytest.approx(30.0)  # 10 sends at 3 per 10 s: the last at t=30
+
+
+@pytest.fixture
+async def flood_runtime(tmp_path: Path, request: pytest.FixtureRequest
+                        ) -> AsyncIterator[Runtime]:
+    limits = {"user_messages_per_minute": 1000, "max_pending": 1000,
+              "max_concurrent_generations": 4, **getattr(request, "param", {})}
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["ok"]}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": f"sqlite+aiosqlite:///{tmp_path / 'flood.db'}",
+                  "remember_messages_min_chars": 0},
+        "limits": limits,
+    }, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        backend = runtime.engine.backend
+        assert isinstance(backend, ScriptedBackend)
+        original = backend.generate
+
+        async def slow(request: GenerationRequest) -> AsyncIterator[str]:
+            await asyncio.sleep(0.02)  # generation takes time, so bursts pile up
+            async for chunk in original(request):
+                yield chunk
+
+        backend.generate = slow  # type: ignore[method-assign]
+        yield runtime
+
+
+@pytest.mark.parametrize("flood_runtime", [{"per_user_queue_of_one": True}], indirect=True)
+async def test_200_messages_from_50_viewers(flood_runtime: Runtime) -> None:
+    runtime = flood_runtime
+    sink = RecordingSink()
+    events = [event(f"訊息 {i}", user=f"viewer{i % 50}", sink=sink) for i in range(200)]
+    replies = await asyncio.gather(*(runtime.service.handle(e) for e in events))
+    assert {r.status for r in replies} <= {"answered", "dropped"}
+    assert len(sink.sent) == sum(r.status == "answered" for r in replies)
+    for viewer in range(50):
+        user_id = await runtime.store.find_user("discord", f"viewer{viewer}")
+        assert user_id is not None
+        inbound = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        assert len(inbound) == 4  # every message stored...
+        assert {m.status for m in inbound} <= {"answered", "dropped"}  # ...and settled
+    for viewer in range(50):  # each viewer's newest message always gets an answer
+        newest = max(i for i in range(200) if i % 50 == viewer)
+        assert replies[newest].status == "answered"
+
+
+@pytest.mark.parametrize("flood_runtime", [{"coalesce_bursts": True}], indirect=True)
+async def test_a_burst_gets_one_answer_that_saw_all_of_it(flood_runtime: Runtime) -> None:
+    runtime = flood_runtime
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    texts = ("first", "wait", "one more", "last")
+    replies = await asyncio.gather(*(runtime.service.handle(event(text)) for text in texts))
+    assert replies[-1].status == "answered"
+    dropped = [text for text, reply in zip(texts, replies, strict=True)
+               if reply.status == "dropped"]
+    assert dropped, "nothing was coalesced"
+    last_prompt = backend.requests[-1].messages[-1].content
+    assert last_prompt == "\n".join([*dropped, "last"])  # one answer that saw the burst
+
+
+@pytest.mark.parametrize("flood_runtime", [{"stale_after_s": 5}], indirect=True)
+async def test_stale_messages_are_dropped(flood_runtime: Runtime) -> None:
+    old = datetime.now(UTC) - timedelta(seconds=30)
+    stale = await flood_runtime.service.handle(event("still there?", timestamp=old))
+    fresh = await flood_runtime.service.handle(event("hello"))
+    assert stale.status == "dropped" and stale.reason is not None
+    assert "stale" in stale.reason
+    assert fresh.status == "answered"
+
+
