@@ -139,7 +139,7 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
     async with open_runtime(config, paths) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,
                                "banner": _banner(runtime), "stats": runtime.stats},
-                   "discord": {"services": runtime}}
+                   "discord": {"services": runtime}, "twitch": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
         log.info("running adapters: %s", ", ".join(names))
         await runtime.run_adapters(adapters)

@@ -166,6 +166,13 @@ class DiscordAdapterConfig(_Section):
 class TwitchAdapterConfig(_Section):
     enabled: bool = False
     channels: list[str] = Field(default_factory=list)
+    # Chance of answering a message that does not address the persona (0 = never).
+    random_reply_chance: float = Field(0.0, ge=0.0, le=1.0)
+    # Twitch's chat limit for the bot: 20 messages / 30 s, or 100 / 30 s if it is a moderator
+    # (or the broadcaster) in the channel.
+    bot_is_moderator: bool = False
+    send_limit: int | None = Field(None, ge=1)
+    send_window_s: float = Field(30.0, gt=0)
     ignored_bots: list[str] = Field(
         default_factory=lambda: ["nightbot", "streamelements", "moobot", "fossabot", "wizebot"]
     )

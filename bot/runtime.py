@@ -81,6 +81,10 @@ class Runtime:
     async def purge_message(self, platform: str, platform_message_id: str) -> int:
         return await self.store.purge_platform_message(platform, platform_message_id)
 
+    async def purge_messages(self, platform: str, channel_id: str,
+                             platform_user_id: str | None = None) -> int:
+        return await self.store.purge_messages(platform, channel_id, platform_user_id)
+
     async def trace(self, message_id: int) -> dict[str, Any] | None:
         return await reply_trace(self.store, message_id)
 
@@ -103,8 +107,12 @@ class Runtime:
 
     def persona_info(self) -> dict[str, Any]:
         persona = self.engine.persona
+        names = [n for n in persona.names.all() if n]
+        # What viewers call the persona in chat: full names, short forms, protected terms.
+        call_names = {*names, *(n.split()[0] for n in names), *persona.protected_terms}
         return {"id": persona.id, "names": persona.names.model_dump(),
-                "identity": persona.identity, "disclosure": persona.disclosure}
+                "call_names": sorted(call_names), "identity": persona.identity,
+                "disclosure": persona.disclosure}
 
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""

@@ -627,6 +627,32 @@ class Store:
             )
             return len(ids)
 
+    async def purge_messages(self, platform: str, channel_id: str,
+                             platform_user_id: str | None = None) -> int:
+        """Moderation: blank a channel's messages (chat cleared), or one viewer's there (ban or
+        timeout), and drop the memories made from them."""
+        async with self._sessions() as session, session.begin():
+            query = select(Message.id).where(Message.platform == platform,
+                                             Message.channel_id == channel_id,
+                                             Message.status != "purged")
+            if platform_user_id is not None:
+                user_id = await session.scalar(select(Identity.user_id).where(
+                    Identity.platform == platform,
+                    Identity.platform_user_id == platform_user_id))
+                if user_id is None:
+                    return 0
+                query = query.where(Message.user_id == user_id, Message.role == "user")
+            ids = list(await session.scalars(query))
+            if not ids:
+                return 0
+            await session.execute(
+                update(Message).where(Message.id.in_(ids)).values(content="", status="purged")
+            )
+            await session.execute(
+                delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids]))
+            )
+            return len(ids)
+
     # -- memories -------------------------------------------------------------------------
 
     async def add_memories(self, items: list[NewMemory]) -> list[int]:

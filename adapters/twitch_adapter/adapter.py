@@ -1,0 +1,235 @@
+"""The Twitch adapter: EventSub chat messages become ChatEvents; replies go out through
+Helix ``POST /chat/messages`` within Twitch's send limits, threaded to the parent message."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import twitchio
+from twitchio import eventsub
+
+from bot.config import AppConfig
+from bot.errors import BotError
+from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
+from bot.send_limiter import TWITCH_MODERATOR_LIMIT, TWITCH_USER_LIMIT, SendLimiter
+from bot.text_split import split_message
+
+log = logging.getLogger(__name__)
+PLATFORM = "twitch"
+TWITCH_LIMIT = 500
+
+
+class TwitchLoginError(BotError):
+    """Twitch refused the client credentials or the bot's user token."""
+
+    exit_code = 77  # EX_NOPERM
+
+
+class TwitchSink:
+    """ReplySink over one channel: 500-character pieces, each through the send limiter."""
+
+    supports_edits = False  # Twitch chat messages cannot be edited
+
+    def __init__(self, broadcaster: twitchio.PartialUser, bot_id: str, limiter: SendLimiter,
+                 reply_to: str | None) -> None:
+        self._broadcaster = broadcaster
+        self._bot_id = bot_id
+        self._limiter = limiter
+        self._reply_to = reply_to
+
+    async def send(self, text: str) -> str | None:
+        first: str | None = None
+        for piece in split_message(text, TWITCH_LIMIT):
+            await self._limiter.acquire()
+            sent = await self._broadcaster.send_message(
+                piece, self._bot_id, token_for=self._bot_id, reply_to_message_id=self._reply_to)
+            first = first or sent.id
+        return first
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.send(text)
+
+    async def typing(self) -> None:
+        return None
+
+
+class TwitchClient(twitchio.Client):
+    def __init__(self, adapter: TwitchAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.vtuber = adapter  # twitchio.Client already has an "adapter" (its web server)
+
+    async def setup_hook(self) -> None:
+        await self.vtuber.subscribe(self)
+
+    async def event_message(self, payload: twitchio.ChatMessage) -> None:
+        await self.vtuber.on_chat_message(payload)
+
+    async def event_message_delete(self, payload: Any) -> None:
+        await self.vtuber.on_message_deleted(str(payload.message_id))
+
+    async def event_chat_clear(self, payload: Any) -> None:
+        await self.vtuber.on_chat_cleared(str(payload.broadcaster.id), None)
+
+    async def event_chat_clear_user(self, payload: Any) -> None:
+        # Twitch sends this when a viewer is banned or timed out.
+        await self.vtuber.on_chat_cleared(str(payload.broadcaster.id), str(payload.user.id))
+
+
+class TwitchAdapter:
+    name = PLATFORM
+
+    def __init__(self, config: AppConfig, *, services: RuntimeServices,
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.services = services
+        secrets = config.secrets
+
+        def secret(value: Any) -> str:
+            return value.get_secret_value() if value is not None else ""
+
+        self._access = secret(secrets.twitch_access_token)
+        self._refresh = secret(secrets.twitch_refresh_token)
+        self.bot_id = secrets.twitch_bot_id or ""
+        self.client = TwitchClient(self, client_id=secret(secrets.twitch_client_id),
+                                   client_secret=secret(secrets.twitch_client_secret),
+                                   bot_id=self.bot_id, fetch_client_user=False)
+        self._limiters: dict[str, SendLimiter] = {}
+        self._rng = rng or random.Random()
+        self._handle: EventHandler | None = None
+        self.bot_login = ""
+
+    # -- connection -------------------------------------------------------------------------
+
+    async def subscribe(self, client: twitchio.Client) -> None:
+        """Called by twitchio's setup hook: register the bot's token, then subscribe to chat
+        (and deletions) of every configured channel over the EventSub websocket."""
+        if self._access:
+            validated = await client.add_token(self._access, self._refresh)
+            self.bot_login = validated.login or ""
+        channels = self.config.adapters.twitch.channels
+        users = await client.fetch_users(logins=channels) if channels else []
+        for user in users:
+            for subscription in (
+                eventsub.ChatMessageSubscription(broadcaster_user_id=user.id,
+                                                 user_id=self.bot_id),
+                eventsub.ChatMessageDeleteSubscription(broadcaster_user_id=user.id,
+                                                       user_id=self.bot_id),
+                eventsub.ChatClearSubscription(broadcaster_user_id=user.id,
+                                               user_id=self.bot_id),
+                eventsub.ChatClearUserMessagesSubscription(broadcaster_user_id=user.id,
+                                                           user_id=self.bot_id),
+            ):
+                await client.subscribe_websocket(payload=subscription, token_for=self.bot_id)
+        log.info("subscribed to chat in %s", ", ".join(u.name or u.id for u in users))
+
+    async def run(self, handle: EventHandler) -> None:
+        self._handle = handle
+        try:
+            # No OAuth web adapter and no token file: tokens live in the environment only.
+            await self.client.start(with_adapter=False, load_tokens=False, save_tokens=False)
+        except twitchio.HTTPException as exc:
+            if exc.status in (400, 401, 403):
+                raise TwitchLoginError(
+                    f"Twitch rejected the credentials (HTTP {exc.status}): check TWITCH_CLIENT_ID"
+                    ", TWITCH_CLIENT_SECRET and TWITCH_ACCESS_TOKEN") from None
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    # -- chat -------------------------------------------------------------------------------
+
+    def _limiter(self, broadcaster_id: str) -> SendLimiter:
+        """One send limiter per channel, matching Twitch's chat limits for this bot."""
+        if broadcaster_id not in self._limiters:
+            rules = self.config.adapters.twitch
+            limit, window = (TWITCH_MODERATOR_LIMIT if rules.bot_is_moderator
+                             else TWITCH_USER_LIMIT)
+            if rules.send_limit is not None:
+                limit, window = rules.send_limit, rules.send_window_s
+            # 10% headroom: Twitch counts when messages arrive, and network jitter can bunch
+            # sends that left within the window's edge.
+            self._limiters[broadcaster_id] = SendLimiter(limit, window * 1.1)
+        return self._limiters[broadcaster_id]
+
+    def _addressed(self, message: twitchio.ChatMessage) -> bool:
+        text = message.text.casefold()
+        names = [n.casefold() for n in self.services.persona_info()["call_names"]]
+        if self.bot_login:
+            names.append(f"@{self.bot_login.casefold()}")
+        if any(name in text for name in names):
+            return True
+        reply = message.reply
+        if reply is not None and str(reply.parent_user.id) == self.bot_id:
+            return True
+        chance = self.config.adapters.twitch.random_reply_chance
+        return chance > 0 and self._rng.random() < chance
+
+    def _roles(self, message: twitchio.ChatMessage) -> Roles:
+        chatter = message.chatter
+        admins = {login.casefold() for login in self.config.admins.twitch_logins}
+        return Roles(is_admin=(chatter.name or "").casefold() in admins,
+                     is_moderator=chatter.moderator, is_broadcaster=chatter.broadcaster)
+
+    async def on_chat_message(self, message: twitchio.ChatMessage) -> None:
+        chatter = message.chatter
+        login = (chatter.name or "").casefold()
+        ignored = {name.casefold() for name in self.config.adapters.twitch.ignored_bots}
+        if self._handle is None or str(chatter.id) == self.bot_id or login in ignored:
+            return
+        broadcaster = message.broadcaster
+        sink = TwitchSink(broadcaster, self.bot_id, self._limiter(str(broadcaster.id)),
+                          reply_to=message.id)
+        roles = self._roles(message)
+        text = message.text.strip()
+        if text.startswith("!"):
+            await self._command(text, message, roles, sink)
+            return
+        if not self._addressed(message):
+            return
+        await self._handle(ChatEvent(
+            platform=PLATFORM, channel_id=str(broadcaster.id), user_id=str(chatter.id),
+            display_name=chatter.display_name or login, text=text, sink=sink,
+            message_id=message.id, addressed=True, roles=roles,
+            reply_to_message_id=message.reply.parent_message_id if message.reply else None,
+        ))
+
+    async def _command(self, text: str, message: twitchio.ChatMessage, roles: Roles,
+                       sink: TwitchSink) -> None:
+        name, _, argument = text[1:].partition(" ")
+        user_id = str(message.chatter.id)
+        privileged = roles.is_admin or roles.is_moderator or roles.is_broadcaster
+        if name in ("gpu", "diagnose") and not privileged:
+            await sink.send(f"@{message.chatter.name} !{name} is for moderators.")
+        elif name == "gpu":
+            status = self.services.gpu_status()
+            devices = ", ".join(f"cuda:{d['index']} {d['used_memory_gb']}/"
+                                f"{d['total_memory_gb']} GiB" for d in status["devices"])
+            await sink.send(f"GPUs: {devices or 'none (CPU)'}; model {status['model']}")
+        elif name == "diagnose":
+            report = self.services.diagnose()
+            await sink.send(f"issues: {'; '.join(report['issues']) or 'none'} | queue "
+                            f"{report['queue_depth']} | latency {report['latency_ms']}")
+        elif name == "stats":
+            stats = await self.services.stats(PLATFORM, user_id)
+            await sink.send("No conversations yet." if stats is None else
+                            f"conversations {stats['conversation_count']}, mood "
+                            f"{stats['current_mood']}, intimacy {stats['intimacy_level']}")
+        elif name == "forget":
+            counts = await self.services.forget(PLATFORM, user_id)
+            await sink.send(f"Forgot you: {sum(counts.values())} rows deleted.")
+        elif name == "link" and argument.strip():
+            linked = await self.services.redeem_link_code(argument, PLATFORM, user_id,
+                                                          message.chatter.name or user_id)
+            await sink.send("Linked!" if linked else "That code is unknown or expired.")
+
+    async def on_chat_cleared(self, channel_id: str, user_id: str | None) -> None:
+        purged = await self.services.purge_messages(PLATFORM, channel_id, user_id)
+        log.info("moderation: purged %d message(s) in %s%s", purged, channel_id,
+                 f" from {user_id}" if user_id else "")
+
+    async def on_message_deleted(self, message_id: str) -> None:
+        if await self.services.purge_message(PLATFORM, message_id):
+            log.info("purged deleted Twitch message %s from memory", message_id)

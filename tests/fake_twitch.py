@@ -1,0 +1,202 @@
+"""A local stand-in for Twitch: the id server (token, validate), Helix (users, EventSub
+subscriptions, chat messages) and the EventSub websocket, recording every request."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+BOT_ID = "900"
+BOT_LOGIN = "pellbot"
+CHANNEL_ID = "100"
+CHANNEL_LOGIN = "lighthouse"
+BOT_TOKEN = "bot-user-token"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=json.dumps(data).encode("utf-8"), status=status,
+                        headers={"Content-Type": "application/json"})
+
+
+@dataclass
+class FakeTwitch:
+    keepalive_s: float = 3.0
+    port: int = 0
+    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+    sent_at: list[float] = field(default_factory=list)
+    subscriptions: list[dict[str, Any]] = field(default_factory=list)
+    sessions: int = 0
+    reject_credentials: bool = False
+    send_keepalives: bool = True
+    _ws: web.WebSocketResponse | None = None
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _runner: web.AppRunner | None = None
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/oauth2/token", self._token)
+        app.router.add_get("/oauth2/validate", self._validate)
+        app.router.add_get("/helix/users", self._users)
+        app.router.add_post("/helix/eventsub/subscriptions", self._subscribe)
+        app.router.add_post("/helix/chat/messages", self._chat)
+        app.router.add_get("/ws", self._websocket)
+        app.router.add_route("*", "/{tail:.*}", self._unknown)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._ws is not None:
+            await self._ws.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _record(self, method: str, path: str, body: Any) -> None:
+        self.calls.append((method, path, body))
+        self._changed.set()
+
+    async def wait_until(self, predicate: Any, seconds: float = 15) -> None:
+        async with asyncio.timeout(seconds):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+    # -- id server and Helix ---------------------------------------------------------------
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self._record("POST", request.path, dict(request.query))
+        if self.reject_credentials:
+            return _json({"status": 400, "message": "invalid client secret"}, status=400)
+        return _json({"access_token": "app-token", "expires_in": 5000000,
+                      "token_type": "bearer"})
+
+    async def _validate(self, request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").split(" ")[-1]
+        self._record("GET", request.path, token)
+        if token == BOT_TOKEN:
+            return _json({"client_id": "cid", "login": BOT_LOGIN, "user_id": BOT_ID,
+                          "scopes": ["user:read:chat", "user:write:chat", "user:bot"],
+                          "expires_in": 5000000})
+        if token == "app-token":
+            return _json({"client_id": "cid", "scopes": [], "expires_in": 5000000})
+        return _json({"status": 401, "message": "invalid access token"}, status=401)
+
+    async def _users(self, request: web.Request) -> web.Response:
+        self._record("GET", request.path, dict(request.query))
+        logins = request.query.getall("login", [])
+        return _json({"data": [{
+            "id": CHANNEL_ID if login == CHANNEL_LOGIN else "101", "login": login,
+            "display_name": login.title(), "type": "", "broadcaster_type": "partner",
+            "description": "", "profile_image_url": "", "offline_image_url": "",
+            "view_count": 0, "created_at": "2020-01-01T00:00:00Z"} for login in logins]})
+
+    async def _subscribe(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self._record("POST", request.path, body)
+        subscription = {"id": f"sub-{next(self._ids)}", "status": "enabled",
+                        "type": body["type"], "version": body["version"],
+                        "condition": body["condition"], "created_at": _now(),
+                        "transport": {**body["transport"], "connected_at": _now()},
+                        "cost": 0}
+        self.subscriptions.append(subscription)
+        return _json({"data": [subscription], "total": len(self.subscriptions),
+                      "total_cost": 0, "max_total_cost": 10}, status=202)
+
+    async def _chat(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.sent_at.append(asyncio.get_running_loop().time())
+        self._record("POST", request.path, body)
+        return _json({"data": [{"message_id": f"sent-{next(self._ids)}", "is_sent": True,
+                                "drop_reason": None}]})
+
+    async def _unknown(self, request: web.Request) -> web.Response:
+        self._record(request.method, request.path, None)
+        return _json({"error": "Not Found", "status": 404, "message": ""}, status=404)
+
+    # -- EventSub websocket --------------------------------------------------------------------
+
+    async def _websocket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._ws = ws
+        self.sessions += 1
+        session = f"session-{self.sessions}"
+        await self._send({"message_type": "session_welcome"}, {"session": {
+            "id": session, "status": "connected", "connected_at": _now(),
+            "keepalive_timeout_seconds": int(self.keepalive_s * 2) or 10,
+            "reconnect_url": None}})
+        self.welcomed.set()
+        keepalive = asyncio.create_task(self._keepalive(ws))
+        try:
+            async for _message in ws:
+                pass
+        finally:
+            keepalive.cancel()
+        return ws
+
+    async def _keepalive(self, ws: web.WebSocketResponse) -> None:
+        while not ws.closed:
+            await asyncio.sleep(self.keepalive_s)
+            if self.send_keepalives and not ws.closed:
+                await self._send({"message_type": "session_keepalive"}, {}, ws)
+
+    async def _send(self, metadata: dict[str, Any], payload: dict[str, Any],
+                    ws: web.WebSocketResponse | None = None) -> None:
+        target = ws or self._ws
+        assert target is not None
+        await target.send_str(json.dumps({
+            "metadata": {"message_id": f"evt-{next(self._ids)}", "message_timestamp": _now(),
+                         **metadata},
+            "payload": payload}))
+
+    async def notify(self, sub_type: str, event: dict[str, Any]) -> None:
+        subscription = next(s for s in reversed(self.subscriptions) if s["type"] == sub_type)
+        await self._send({"message_type": "notification", "subscription_type": sub_type,
+                          "subscription_version": subscription["version"]},
+                         {"subscription": subscription, "event": event})
+
+    def chat_event(self, text: str, *, user_id: str = "200", login: str = "viewer",
+                   badges: list[str] = (), message_id: str | None = None) -> dict[str, Any]:
+        return {
+            "broadcaster_user_id": CHANNEL_ID, "broadcaster_user_login": CHANNEL_LOGIN,
+            "broadcaster_user_name": "Lighthouse", "chatter_user_id": user_id,
+            "chatter_user_login": login, "chatter_user_name": login.title(),
+            "message_id": message_id or f"msg-{next(self._ids)}",
+            "message": {"text": text, "fragments": [
+                {"type": "text", "text": text, "cheermote": None, "emote": None,
+                 "mention": None}]},
+            "message_type": "text", "color": "#FF8800",
+            "badges": [{"set_id": badge, "id": "1", "info": ""} for badge in badges],
+            "cheer": None, "reply": None, "channel_points_custom_reward_id": None,
+            "channel_points_animation_id": None, "source_broadcaster_user_id": None,
+            "source_broadcaster_user_login": None, "source_broadcaster_user_name": None,
+            "source_message_id": None, "source_badges": None, "is_source_only": None,
+        }
+
+    async def drop_keepalives(self) -> None:
+        """Stop keepalives on the current session: the client must give up on it and
+        reconnect by itself."""
+        self.welcomed.clear()
+        self.send_keepalives = False
+
+    def sent_messages(self) -> list[dict[str, Any]]:
+        return [body for method, path, body in self.calls
+                if method == "POST" and path == "/helix/chat/messages"]

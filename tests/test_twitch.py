@@ -1,0 +1,218 @@
+"""The real twitchio 3 client against a local fake EventSub websocket + Helix + id server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+twitchio = pytest.importorskip("twitchio")
+
+from adapters.twitch_adapter import TwitchAdapter  # noqa: E402
+from bot.config import parse_config  # noqa: E402
+from bot.paths import DataPaths  # noqa: E402
+from bot.runtime import open_runtime  # noqa: E402
+from tests.fake_twitch import (  # noqa: E402
+    BOT_ID,
+    BOT_TOKEN,
+    CHANNEL_ID,
+    CHANNEL_LOGIN,
+    FakeTwitch,
+)
+
+ENV = {"TWITCH_CLIENT_ID": "cid", "TWITCH_CLIENT_SECRET": "secret", "TWITCH_BOT_ID": BOT_ID,
+       "TWITCH_ACCESS_TOKEN": BOT_TOKEN, "TWITCH_REFRESH_TOKEN": "refresh"}
+
+
+def _point_twitchio_at(server: FakeTwitch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(twitchio.http.Route, "BASE", f"{server.base}/helix/")
+    monkeypatch.setattr(twitchio.http.Route, "ID_BASE", f"{server.base}/")
+    monkeypatch.setattr(twitchio.eventsub.websockets, "WSS", f"ws://127.0.0.1:{server.port}/ws")
+
+
+@pytest.fixture
+async def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               request: pytest.FixtureRequest) -> AsyncIterator[Any]:
+    options = getattr(request, "param", {})
+    server = FakeTwitch(keepalive_s=options.get("keepalive_s", 3.0))
+    await server.start()
+    _point_twitchio_at(server, monkeypatch)
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["嗨～今晚也很亮喔"]}},
+                   "embedding": {"enabled": False}},
+        "adapters": {"twitch": {"enabled": True, "channels": [CHANNEL_LOGIN],
+                                **options.get("twitch", {})}},
+        "store": {"remember_messages_min_chars": 0},
+        "limits": {"user_messages_per_minute": 1000, "max_pending": 1000,
+                   **options.get("limits", {})},
+    }, env=ENV)
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        adapter = TwitchAdapter(config, services=runtime)
+        task = asyncio.create_task(adapter.run(runtime.service.handle))
+        try:
+            await server.wait_until(lambda: len(server.subscriptions) >= 4, 20)
+            yield server, adapter, runtime
+        finally:
+            await adapter.close()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await server.stop()
+
+
+async def test_subscribes_and_replies_to_a_mention(live: Any) -> None:
+    server, _adapter, runtime = live
+    types = sorted(s["type"] for s in server.subscriptions)
+    assert types == ["channel.chat.clear", "channel.chat.clear_user_messages",
+                     "channel.chat.message", "channel.chat.message_delete"]
+    for subscription in server.subscriptions:
+        assert subscription["condition"] == {"broadcaster_user_id": CHANNEL_ID,
+                                             "user_id": BOT_ID}
+        assert subscription["transport"]["method"] == "websocket"
+    event = server.chat_event("佩兒 你好", message_id="parent-1")
+    await server.notify("channel.chat.message", event)
+    await server.wait_until(lambda: server.sent_messages())
+    [sent] = server.sent_messages()
+    assert sent["broadcaster_id"] == CHANNEL_ID and sent["sender_id"] == BOT_ID
+    assert sent["message"] == "嗨～今晚也很亮喔"
+    assert sent["reply_parent_message_id"] == "parent-1"
+    user_id = await runtime.store.find_user("twitch", "200")
+    assert user_id is not None
+    [question, answer] = await runtime.store.messages_for(user_id)
+    assert question.status == "answered" and answer.role == "assistant"
+    assert not await asyncio.to_thread(Path(".tio.tokens.json").exists)  # no token file
+
+
+async def test_unaddressed_and_known_bots_are_ignored(live: Any) -> None:
+    server, _adapter, runtime = live
+    await server.notify("channel.chat.message", server.chat_event("just chatting"))
+    await server.notify("channel.chat.message",
+                        server.chat_event("佩兒 !commands", user_id="300", login="nightbot"))
+    await asyncio.sleep(0.5)
+    assert server.sent_messages() == []
+    assert await runtime.store.find_user("twitch", "300") is None
+
+
+async def test_diagnose_is_for_moderators(live: Any) -> None:
+    server, _adapter, _runtime = live
+    await server.notify("channel.chat.message", server.chat_event("!diagnose"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 1)
+    assert "for moderators" in server.sent_messages()[0]["message"]
+    await server.notify("channel.chat.message",
+                        server.chat_event("!diagnose", user_id="201", login="mod",
+                                          badges=["moderator"]))
+    await server.wait_until(lambda: len(server.sent_messages()) == 2)
+    assert server.sent_messages()[1]["message"].startswith("issues:")
+
+
+async def test_deleted_message_is_purged(live: Any) -> None:
+    server, _adapter, runtime = live
+    await server.notify("channel.chat.message",
+                        server.chat_event("佩兒 我的秘密", message_id="secret-1"))
+    await server.wait_until(lambda: server.sent_messages())
+    await server.notify("channel.chat.message_delete", {
+        "broadcaster_user_id": CHANNEL_ID, "broadcaster_user_login": CHANNEL_LOGIN,
+        "broadcaster_user_name": "Lighthouse", "target_user_id": "200",
+        "target_user_login": "viewer", "target_user_name": "Viewer",
+        "message_id": "secret-1"})
+    user_id = await runtime.store.find_user("twitch", "200")
+
+    for _ in range(200):  # the notification is handled in the client's own task
+        rows = await runtime.store.messages_for(user_id)
+        if rows[0].status == "purged":
+            break
+        await asyncio.sleep(0.05)
+    assert rows[0].status == "purged" and rows[0].content == ""
+
+
+@pytest.mark.parametrize("live", [{"keepalive_s": 1.0}], indirect=True)
+async def test_keepalive_loss_reconnects_and_resubscribes(live: Any) -> None:
+    server, _adapter, _runtime = live
+    await server.notify("channel.chat.message", server.chat_event("佩兒 one"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 1)
+    before = len(server.subscriptions)
+    await server.drop_keepalives()
+    await server.wait_until(lambda: server.sessions >= 2, 20)
+    server.send_keepalives = True
+    await server.wait_until(lambda: len(server.subscriptions) >= before + 4, 20)
+    assert {s["transport"]["session_id"] for s in server.subscriptions[before:]} == {
+        "session-2"}
+    await server.notify("channel.chat.message", server.chat_event("佩兒 two"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 2)
+    await asyncio.sleep(0.5)
+    assert len(server.sent_messages()) == 2  # nothing answered twice
+
+
+FLOOD = {"twitch": {"send_limit": 20, "send_window_s": 2.0},
+         "limits": {"per_user_queue_of_one": True, "stale_after_s": 4}}
+
+
+@pytest.mark.parametrize("live", [FLOOD], indirect=True)
+async def test_flood_of_200_messages_from_50_viewers(live: Any) -> None:
+    server, _adapter, runtime = live
+    for index in range(200):
+        await server.notify("channel.chat.message", server.chat_event(
+            f"佩兒 訊息 {index}", user_id=f"v{index % 50}", login=f"viewer{index % 50}"))
+        await asyncio.sleep(0.01)  # 200 messages in about 2 s
+
+    async def settled() -> list[str]:
+        statuses = []
+        for viewer in range(50):
+            user_id = await runtime.store.find_user("twitch", f"v{viewer}")
+            rows = [] if user_id is None else await runtime.store.messages_for(user_id)
+            statuses += [m.status for m in rows if m.role == "user"]
+        return statuses
+
+    for _ in range(300):
+        statuses = await settled()
+        if len(statuses) == 200 and "received" not in statuses:
+            break
+        await asyncio.sleep(0.1)
+    assert len(statuses) == 200, "every inbound message is stored"
+    assert set(statuses) <= {"answered", "dropped"}
+    assert "answered" in statuses and "dropped" in statuses
+    sends = server.sent_at
+    for start in sends:  # never more than 20 sends in any 2 s window
+        assert sum(1 for t in sends if start <= t < start + 2.0) <= 20
+
+
+async def test_rejected_credentials_are_one_line(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.twitch_adapter.adapter import TwitchLoginError
+
+    server = FakeTwitch(reject_credentials=True)
+    await server.start()
+    _point_twitchio_at(server, monkeypatch)
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "adapters": {"twitch": {"enabled": True,
+                                                   "channels": [CHANNEL_LOGIN]}}}, env=ENV)
+    try:
+        async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+            adapter = TwitchAdapter(config, services=runtime)
+            with pytest.raises(TwitchLoginError) as info:
+                await adapter.run(runtime.service.handle)
+            await adapter.close()
+    finally:
+        await server.stop()
+    assert "TWITCH_CLIENT_ID" in str(info.value) and "\n" not in str(info.value)
+    assert info.value.exit_code != 0
+
+
+async def test_ban_or_timeout_purges_that_viewers_messages(live: Any) -> None:
+    server, _adapter, runtime = live
+    await server.notify("channel.chat.message", server.chat_event("佩兒 spam spam"))
+    await server.wait_until(lambda: server.sent_messages())
+    await server.notify("channel.chat.clear_user_messages", {
+        "broadcaster_user_id": CHANNEL_ID, "broadcaster_user_login": CHANNEL_LOGIN,
+        "broadcaster_user_name": "Lighthouse", "target_user_id": "200",
+        "target_user_login": "viewer", "target_user_name": "Viewer"})
+    user_id = await runtime.store.find_user("twitch", "200")
+    for _ in range(200):
+        rows = await runtime.store.messages_for(user_id)
+        if rows[0].status == "purged":
+            break
+        await asyncio.sleep(0.05)
+    assert rows[0].status == "purged" and rows[0].content == ""
