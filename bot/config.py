@@ -196,6 +196,9 @@ class AdminsConfig(_Section):
 
 class LimitsConfig(_Section):
     user_messages_per_minute: int = Field(6, ge=1)
+    # Per channel, all viewers together; 0 = no channel limit. Over-limit messages are
+    # stored as dropped.
+    channel_messages_per_minute: int = Field(0, ge=0)
     max_pending: int = Field(64, ge=1)
     max_concurrent_generations: int = Field(4, ge=1)
     reply_timeout_s: float = Field(120.0, gt=0)

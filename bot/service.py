@@ -144,6 +144,10 @@ class ConversationService:
         self._store = store
         self._clock = clock
         self._limiter = SlidingWindowLimiter(config.limits.user_messages_per_minute)
+        self._channel_limiter = (
+            SlidingWindowLimiter(config.limits.channel_messages_per_minute)
+            if config.limits.channel_messages_per_minute else None
+        )
         self._lanes: dict[tuple[str, str], _Lane] = {}
         self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
         self._pending = 0
@@ -237,10 +241,14 @@ class ConversationService:
             created_at=event.timestamp,
         )
         # The event's own time, so replays rate-limit exactly as the live run did.
-        if not self._limiter.allow(f"{event.platform}:{event.user_id}",
-                                   event.timestamp.timestamp()):
+        moment = event.timestamp.timestamp()
+        if not self._limiter.allow(f"{event.platform}:{event.user_id}", moment):
             await self._store.set_status(message_id, "dropped")
             return Reply("", "dropped", reason="rate limited")
+        if self._channel_limiter is not None and not self._channel_limiter.allow(
+                f"{event.platform}:{event.channel_id}", moment):
+            await self._store.set_status(message_id, "dropped")
+            return Reply("", "dropped", reason="channel cooldown")
         if self._pending >= self._config.limits.max_pending:
             await self._store.set_status(message_id, "dropped")
             log.warning("queue full (%d pending): dropped message %d", self._pending, message_id)
