@@ -352,6 +352,8 @@ REQUIRED_SECRETS: dict[str, tuple[tuple[str, str], ...]] = {
         ("twitch_client_id", "TWITCH_CLIENT_ID"),
         ("twitch_client_secret", "TWITCH_CLIENT_SECRET"),
         ("twitch_bot_id", "TWITCH_BOT_ID"),
+        ("twitch_access_token", "TWITCH_ACCESS_TOKEN"),
+        ("twitch_refresh_token", "TWITCH_REFRESH_TOKEN"),
     ),
 }
 

@@ -104,3 +104,15 @@ def test_missing_token_for_enabled_adapter() -> None:
 def test_min_tokens_above_max_tokens_is_refused() -> None:
     with pytest.raises(ConfigError, match="min_tokens"):
         parse_config({"vtuber": {"response": {"max_tokens": 5, "min_tokens": 10}}}, env={})
+
+
+def test_twitch_needs_its_five_secrets() -> None:
+    config = parse_config({"adapters": {"twitch": {"enabled": True}}},
+                          env={"TWITCH_CLIENT_ID": "x"})
+    with pytest.raises(MissingSecretError) as info:
+        check_secrets(config, ["twitch"])
+    missing = " ".join(info.value.problems)
+    for name in ("TWITCH_CLIENT_SECRET", "TWITCH_BOT_ID", "TWITCH_ACCESS_TOKEN",
+                 "TWITCH_REFRESH_TOKEN"):
+        assert name in missing
+    assert "TWITCH_CLIENT_ID" not in missing
