@@ -372,3 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `vtuber-bot trace 2 | head`: the reader left early
+        sys.stderr.close()
+        return 0
