@@ -613,19 +613,11 @@ class Store:
     async def purge_platform_message(self, platform: str, platform_message_id: str) -> int:
         """Moderation: blank a deleted platform message, drop memories made from it."""
         async with self._sessions() as session, session.begin():
-            ids = list(await session.scalars(
+            ids = await session.scalars(
                 select(Message.id).where(Message.platform == platform,
                                          Message.platform_message_id == platform_message_id)
-            ))
-            if not ids:
-                return 0
-            await session.execute(
-                update(Message).where(Message.id.in_(ids)).values(content="", status="purged")
             )
-            await session.execute(
-                delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids]))
-            )
-            return len(ids)
+            return await _blank_messages(session, list(ids))
 
     async def purge_messages(self, platform: str, channel_id: str,
                              platform_user_id: str | None = None) -> int:
@@ -642,16 +634,7 @@ class Store:
                 if user_id is None:
                     return 0
                 query = query.where(Message.user_id == user_id, Message.role == "user")
-            ids = list(await session.scalars(query))
-            if not ids:
-                return 0
-            await session.execute(
-                update(Message).where(Message.id.in_(ids)).values(content="", status="purged")
-            )
-            await session.execute(
-                delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids]))
-            )
-            return len(ids)
+            return await _blank_messages(session, list(await session.scalars(query)))
 
     # -- memories -------------------------------------------------------------------------
 
@@ -817,6 +800,20 @@ def _row_dict(row: Any) -> dict[str, Any]:
             value = f"<{len(value)} bytes>"
         data[col.key] = value
     return data
+
+
+async def _blank_messages(session: AsyncSession, ids: list[int]) -> int:
+    """Purge messages: keep the rows (the audit trail of what happened) but not the words,
+    and drop the long-term memories made from them."""
+    if not ids:
+        return 0
+    await session.execute(
+        update(Message).where(Message.id.in_(ids)).values(content="", status="purged")
+    )
+    await session.execute(
+        delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids]))
+    )
+    return len(ids)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.local_server import LocalServer, json_response
+
 BOT_ID = "1000"
 GUILD_ID = "2000"
 CHANNEL_ID = "3000"
@@ -25,43 +27,18 @@ BOT_USER = {"id": BOT_ID, "username": "pell", "discriminator": "0", "global_name
             "avatar": None, "bot": True, "verified": True, "flags": 0, "mfa_enabled": False}
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    # discord.py parses a body only when Content-Type is exactly "application/json"
-    # (aiohttp's content_type= would append "; charset=utf-8").
-    return web.Response(body=json.dumps(data).encode("utf-8"), status=status,
-                        headers={"Content-Type": "application/json"})
+_json = json_response
 
 
 @dataclass
-class FakeDiscord:
-    port: int = 0
-    calls: list[tuple[str, str, Any]] = field(default_factory=list)
+class FakeDiscord(LocalServer):
     identifies: int = 0
     resumes: int = 0
-    _ws: web.WebSocketResponse | None = None
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _ids: itertools.count = field(default_factory=lambda: itertools.count(9000))
-    _runner: web.AppRunner | None = None
     connected: asyncio.Event = field(default_factory=asyncio.Event)
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def _record(self, method: str, path: str, body: Any) -> None:
-        self.calls.append((method, path, body))
-        self._changed.set()
-
-    async def wait_until(self, predicate: Any, seconds: float = 10) -> None:
-        """Wait until ``predicate()`` holds, re-checking after every REST call received."""
-        async with asyncio.timeout(seconds):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/api/v10/users/@me", self._me)
         app.router.add_get("/api/v10/oauth2/applications/@me", self._application)
@@ -71,18 +48,6 @@ class FakeDiscord:
         app.router.add_post("/api/v10/channels/{channel}/typing", self._typing)
         app.router.add_patch("/api/v10/channels/{channel}/messages/{message}", self._edit)
         app.router.add_post("/api/v10/interactions/{id}/{token}/callback", self._callback)
-        app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     # -- REST ---------------------------------------------------------------------------------
 
@@ -115,28 +80,24 @@ class FakeDiscord:
 
     async def _post_message(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self._record("POST", request.path, body)
+        self.record("POST", request.path, body)
         return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
                                           mentions=[]))
 
     async def _edit(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self._record("PATCH", request.path, body)
+        self.record("PATCH", request.path, body)
         return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
                                           mentions=[], message_id=request.match_info["message"]))
 
     async def _typing(self, request: web.Request) -> web.Response:
-        self._record("POST", request.path, None)
+        self.record("POST", request.path, None)
         return web.Response(status=204)
 
     async def _callback(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self._record("POST", request.path, body)
+        self.record("POST", request.path, body)
         return _json({"interaction": {"id": request.match_info["id"], "type": 2}})
-
-    async def _unknown(self, request: web.Request) -> web.Response:
-        self._record(request.method, request.path, None)
-        return _json({"message": "404: Not Found", "code": 0}, status=404)
 
     # -- gateway ------------------------------------------------------------------------------
 

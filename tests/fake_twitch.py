@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from tests.local_server import LocalServer, json_response
+
 BOT_ID = "900"
 BOT_LOGIN = "pellbot"
 CHANNEL_ID = "100"
@@ -23,66 +25,32 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f000Z")
 
 
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(data).encode("utf-8"), status=status,
-                        headers={"Content-Type": "application/json"})
+_json = json_response
 
 
 @dataclass
-class FakeTwitch:
+class FakeTwitch(LocalServer):
     keepalive_s: float = 3.0
-    port: int = 0
-    calls: list[tuple[str, str, Any]] = field(default_factory=list)
     sent_at: list[float] = field(default_factory=list)
     subscriptions: list[dict[str, Any]] = field(default_factory=list)
     sessions: int = 0
     reject_credentials: bool = False
     send_keepalives: bool = True
-    _ws: web.WebSocketResponse | None = None
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
-    _runner: web.AppRunner | None = None
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
     welcomed: asyncio.Event = field(default_factory=asyncio.Event)
 
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        app = web.Application()
+    def routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth2/token", self._token)
         app.router.add_get("/oauth2/validate", self._validate)
         app.router.add_get("/helix/users", self._users)
         app.router.add_post("/helix/eventsub/subscriptions", self._subscribe)
         app.router.add_post("/helix/chat/messages", self._chat)
         app.router.add_get("/ws", self._websocket)
-        app.router.add_route("*", "/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-
-    async def stop(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    def _record(self, method: str, path: str, body: Any) -> None:
-        self.calls.append((method, path, body))
-        self._changed.set()
-
-    async def wait_until(self, predicate: Any, seconds: float = 15) -> None:
-        async with asyncio.timeout(seconds):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
     # -- id server and Helix ---------------------------------------------------------------
 
     async def _token(self, request: web.Request) -> web.Response:
-        self._record("POST", request.path, dict(request.query))
+        self.record("POST", request.path, dict(request.query))
         if self.reject_credentials:
             return _json({"status": 400, "message": "invalid client secret"}, status=400)
         return _json({"access_token": "app-token", "expires_in": 5000000,
@@ -90,7 +58,7 @@ class FakeTwitch:
 
     async def _validate(self, request: web.Request) -> web.Response:
         token = request.headers.get("Authorization", "").split(" ")[-1]
-        self._record("GET", request.path, token)
+        self.record("GET", request.path, token)
         if token == BOT_TOKEN:
             return _json({"client_id": "cid", "login": BOT_LOGIN, "user_id": BOT_ID,
                           "scopes": ["user:read:chat", "user:write:chat", "user:bot"],
@@ -100,7 +68,7 @@ class FakeTwitch:
         return _json({"status": 401, "message": "invalid access token"}, status=401)
 
     async def _users(self, request: web.Request) -> web.Response:
-        self._record("GET", request.path, dict(request.query))
+        self.record("GET", request.path, dict(request.query))
         logins = request.query.getall("login", [])
         return _json({"data": [{
             "id": CHANNEL_ID if login == CHANNEL_LOGIN else "101", "login": login,
@@ -110,7 +78,7 @@ class FakeTwitch:
 
     async def _subscribe(self, request: web.Request) -> web.Response:
         body = await request.json()
-        self._record("POST", request.path, body)
+        self.record("POST", request.path, body)
         subscription = {"id": f"sub-{next(self._ids)}", "status": "enabled",
                         "type": body["type"], "version": body["version"],
                         "condition": body["condition"], "created_at": _now(),
@@ -123,13 +91,9 @@ class FakeTwitch:
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.sent_at.append(asyncio.get_running_loop().time())
-        self._record("POST", request.path, body)
+        self.record("POST", request.path, body)
         return _json({"data": [{"message_id": f"sent-{next(self._ids)}", "is_sent": True,
                                 "drop_reason": None}]})
-
-    async def _unknown(self, request: web.Request) -> web.Response:
-        self._record(request.method, request.path, None)
-        return _json({"error": "Not Found", "status": 404, "message": ""}, status=404)
 
     # -- EventSub websocket --------------------------------------------------------------------
 
