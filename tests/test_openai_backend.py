@@ -4,6 +4,7 @@ the tiny Qwen3 on CPU (same protocol as vLLM, llama.cpp server, Ollama)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -25,6 +26,33 @@ from engine.settings import EngineSettings
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
 
+@contextlib.contextmanager
+def _served(command: list[str], port: int, env: dict[str, str], log: Path,
+            seconds: float) -> Iterator[str]:
+    """Run an OpenAI-compatible server in its own process group until it answers /health;
+    yield its /v1 base URL; stop the whole group afterwards."""
+    with log.open("w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + seconds
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{command[0]} exited; see {log}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"server not healthy after {seconds:.0f} s; see {log}")
+                try:
+                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    time.sleep(0.5)
+            yield f"{base}/v1"
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -39,28 +67,10 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     port = _free_port()
     home = tmp_path_factory.mktemp("serve-home")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
-    process = subprocess.Popen(
-        [cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
-         "--device", "cpu"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {process.stderr.read()!r}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            raise RuntimeError("transformers serve did not become healthy in 90 s")
-        yield f"{base}/v1"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+    command = [cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
+               "--device", "cpu"]
+    with _served(command, port, env, home / "server.log", 90) as url:
+        yield url
 
 
 def settings_for(base_url: str, **openai: Any) -> EngineSettings:
@@ -163,31 +173,11 @@ def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
            "TMPDIR": str(home), "VLLM_CACHE_ROOT": str(home / "cache"),
            "HF_HOME": str(home / "hf")}
-    log_file = (home / "server.log").open("w")
-    process = subprocess.Popen(
-        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-         "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-         "--max-model-len", "2048", "--dtype", "bfloat16", "--enforce-eager"],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM exited; see {home / 'server.log'}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(1)
-        else:
-            raise RuntimeError(f"vLLM not healthy after 180 s; see {home / 'server.log'}")
-        yield f"{base}/v1"
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-        log_file.close()
+    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
+               "--max-model-len", "2048", "--dtype", "bfloat16", "--enforce-eager"]
+    with _served(command, port, env, home / "server.log", 180) as url:
+        yield url
 
 
 async def test_streams_from_real_vllm(vllm_server: str) -> None:
