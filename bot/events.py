@@ -42,7 +42,7 @@ class ChatEvent:
 
     platform: str
     channel_id: str
-    user_id: str
+    platform_user_id: str  # the platform's id for the author (the store's user id is an int)
     display_name: str
     text: str
     sink: ReplySink = field(repr=False, compare=False)

@@ -175,7 +175,7 @@ async def _message(runtime: Runtime, clock: _Clock, event: dict[str, Any],
     started = time.perf_counter()
     reply = await runtime.service.handle(ChatEvent(
         platform=event["platform"], channel_id=str(event.get("channel", "replay")),
-        user_id=user, display_name=str(event.get("name", user)), text=event["text"],
+        platform_user_id=user, display_name=str(event.get("name", user)), text=event["text"],
         sink=sink, timestamp=event["at"],
     ))
     latency = time.perf_counter() - started

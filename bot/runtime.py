@@ -198,7 +198,7 @@ async def open_runtime(
     store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
                              busy_timeout_ms=config.store.busy_timeout_ms)
     try:
-        engine = LLMManager(config.engine_dict(), cache_dir=paths.cache_dir, backend=backend)
+        engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend)
         try:
             await engine.start()
             retriever = await _open_retriever(config, engine, store)

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.config import EmbeddingConfig
 from engine.model_loader import load_embedder
-from engine.settings import EmbeddingSettings
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +17,8 @@ log = logging.getLogger(__name__)
 class Embedder:
     """Texts → float32 vectors. Thread-safe; call it off the event loop (it is blocking)."""
 
-    def __init__(self, settings: EmbeddingSettings, device: str = "cpu") -> None:
-        self._settings = settings
+    def __init__(self, config: EmbeddingConfig, device: str = "cpu") -> None:
+        self._config = config
         self._device = device
         self._lock = threading.Lock()
         self.model: Any = None
@@ -32,7 +32,7 @@ class Embedder:
         with self._lock:
             if self.model is None:
                 self.model, self.tokenizer, path = load_embedder(
-                    self._settings.model_path, self._device, self._settings.quantization)
+                    self._config.model_path, self._device, self._config.quantization)
                 log.info("Embedder loaded from %s on %s", path, self._device)
 
     @property
@@ -47,12 +47,12 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = []
-        size = self._settings.batch_size
+        size = self._config.batch_size
         with self._lock, torch.inference_mode():
             for start in range(0, len(texts), size):
                 batch = self.tokenizer(
                     texts[start:start + size], padding=True, truncation=True,
-                    max_length=self._settings.max_length, return_tensors="pt",
+                    max_length=self._config.max_length, return_tensors="pt",
                 ).to(self.model.device)
                 hidden = self.model(**batch).last_hidden_state
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

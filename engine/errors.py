@@ -25,3 +25,11 @@ class BackendUnavailableError(EngineError):
 
 class GenerationAborted(EngineError):
     """A request was cancelled before it finished."""
+
+
+class EngineConfigError(EngineError, ValueError):
+    """The engine's configuration is invalid: one line per problem in ``problems``."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))

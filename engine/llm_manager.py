@@ -9,15 +9,17 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from engine import chinese, gpu_manager
 from engine.backends import Backend, create_backend
+from engine.client import ChunkCallback, EngineHealth, PromptInputs
+from engine.config import EngineConfig
 from engine.embedder import Embedder
-from engine.errors import BackendUnavailableError, EngineError
+from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
 from engine.persona import (
     Persona,
     PersonaState,
@@ -33,7 +35,6 @@ from engine.response_generator import (
     build_messages,
     seed_history,
 )
-from engine.settings import EngineSettings
 from engine.text_filters import FilterOptions, clean_reply
 from engine.types import GenerationRequest
 
@@ -45,15 +46,14 @@ DEFAULT_USER = "default"
 class LLMManager:
     def __init__(
         self,
-        config: Mapping[str, Any],
+        config: Mapping[str, Any] | EngineConfig,
         *,
         cache_dir: str | Path | None = None,
         persona: Persona | None = None,
         backend: Backend | None = None,
     ) -> None:
-        self.settings = EngineSettings.from_config(
-            config, Path(cache_dir) if cache_dir is not None else None
-        )
+        self.config = EngineConfig.from_mapping(config)
+        self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._persona = persona
         self._backend = backend
         self._generator: ResponseGenerator | None = None
@@ -70,17 +70,17 @@ class LLMManager:
         if self._generator is not None:
             return
         if self._persona is None:
-            self._persona = load_persona(self.settings.persona_path)
-        backend = self._backend or create_backend(self.settings)
+            self._persona = load_persona(self.config.vtuber.persona)
+        backend = self._backend or create_backend(self.config.llm, self._cache_dir)
         await backend.start()
         self._backend = backend
         self._generator = ResponseGenerator(backend)
-        if self.settings.embedding.enabled:
-            self._embedder = Embedder(self.settings.embedding, self._embedder_device(backend))
+        if self.config.embedding.enabled:
+            self._embedder = Embedder(self.config.embedding, self._embedder_device(backend))
 
     def _embedder_device(self, backend: Backend) -> str:
         """Configured device, else the placement policy's choice, else whatever is free."""
-        wanted = self.settings.embedding.device
+        wanted = self.config.embedding.device
         if wanted != "auto":
             return "cuda:0" if wanted == "cuda" else wanted
         placement = getattr(backend, "placement", None)
@@ -137,41 +137,67 @@ class LLMManager:
         return PostProcessing(
             filter_options=FilterOptions(
                 persona_names=persona.names.all(),
-                filter_repetition=self.settings.response.filter_repetition,
+                filter_repetition=self.config.response.filter_repetition,
                 fallback=persona.fallback(),
                 system_prompt=persona.system_prompt(language),
             ),
-            conversion_mode=conversion_mode or self.settings.response.conversion_mode,
+            conversion_mode=conversion_mode or self.config.response.conversion_mode,
             protected_terms=tuple(persona.protected_terms),
         )
+
+    def build_request(self, inputs: PromptInputs) -> GenerationRequest:
+        """The one place prompts are assembled: persona system prompt in the viewer's
+        language, mood/intimacy hint, trusted context, the viewer's notes, history, message."""
+        persona = self.persona
+        language = prompt_language(inputs.text)
+        hint = state_hint(inputs.state, persona, language) if inputs.state else None
+        messages = build_messages(persona.system_prompt(language), inputs.text,
+                                  inputs.history, inputs.context, hint, inputs.user_notes)
+        return GenerationRequest(messages, self.config.sampling(), language=language)
 
     async def generate(
         self,
         request: GenerationRequest,
         *,
-        on_chunk: Callable[[str], Any] | None = None,
+        on_chunk: ChunkCallback | None = None,
         conversion_mode: str | None = None,
-        language: str = "zh",
     ) -> GeneratedReply:
         if self._generator is None:
             raise BackendUnavailableError("LLM manager is not initialised")
-        post = self.post_processing(conversion_mode, language)
-        return await self._generator.generate(request, post, on_chunk)
+        post = self.post_processing(conversion_mode, request.language)
+        reply = await self._generator.generate(request, post, on_chunk)
+        reply.context = {"backend": self.config.llm.backend, "model": self.model_name,
+                         "request_id": request.request_id,
+                         "sampling": request.sampling.trace()}
+        return reply
 
-    def preview(self, raw: str, *, language: str = "zh",
+    def preview(self, raw: str, request: GenerationRequest, *,
                 conversion_mode: str | None = None) -> str:
         """A partial reply as it may be shown while streaming: filtered and converted like the
         final one, but never the fallback line ("" while nothing is showable yet)."""
-        post = self.post_processing(conversion_mode, language)
+        post = self.post_processing(conversion_mode, request.language)
         cleaned = clean_reply(raw, post.filter_options)
         if "fallback" in cleaned.edits:
             return ""
         return chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
 
+    async def abort(self, request_id: str) -> None:
+        if self._backend is not None:
+            await self._backend.abort(request_id)
+
+    def health(self) -> EngineHealth:
+        backend = self._backend
+        if backend is None:
+            return EngineHealth(ok=False, backend=self.config.llm.backend, model="",
+                                detail=self.last_error or "not started")
+        report = backend.health()
+        return EngineHealth(ok=bool(report.get("ok")), backend=backend.name,
+                            model=self.model_name, detail=None)
+
     @property
     def model_name(self) -> str:
         info = self._backend.info() if self._backend is not None else {}
-        return str(info.get("model_dir") or info.get("model") or self.settings.backend)
+        return str(info.get("model_dir") or info.get("model") or self.config.llm.backend)
 
     def count_tokens(self, text: str) -> int:
         return self.backend.count_tokens(text)
@@ -192,15 +218,12 @@ class LLMManager:
         state = self._states.get(user_id, PersonaState(mood=persona.moods.baseline))
         if rag_enabled and self._rag is not None and context is None:
             context = await self._retrieve(prompt, user_id)
-        language = prompt_language(prompt)
-        messages = build_messages(persona.system_prompt(language), prompt,
-                                  seed_history(conversation_history), context,
-                                  state_hint(state, persona, language))
-        request = GenerationRequest(messages, self.settings.sampling())
+        request = self.build_request(PromptInputs(
+            prompt, seed_history(conversation_history), state, context))
         self._states[user_id] = advance(state, prompt, datetime.now(UTC), persona).state
         if stream:
             return self._stream(request)
-        reply = await self.generate(request, language=language)
+        reply = await self.generate(request)
         return reply.text
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
@@ -252,7 +275,7 @@ class LLMManager:
             "persona": self._persona.id if self._persona else None,
             "loading_mode": load.get("mode", info.get("backend")),
             "optimizations_applied": self._optimizations(info),
-            "embedding_model": self.settings.embedding.model_path or "all-MiniLM-L6-v2 (bundled)",
+            "embedding_model": self.config.embedding.model_path or "all-MiniLM-L6-v2 (bundled)",
             "embedding_loaded": bool(self._embedder and self._embedder.loaded),
             "gpu_cluster": {**self.get_gpu_status(),
                             "placement": info.get("placement")},
@@ -317,7 +340,11 @@ def _stats(state: PersonaState, persona: Persona) -> dict[str, Any]:
 
 async def create_llm_manager(config: Mapping[str, Any], **kwargs: Any) -> LLMManager | None:
     """Seed API: a started manager, or None (with resources released) if it cannot start."""
-    manager = LLMManager(config, **kwargs)
+    try:
+        manager = LLMManager(config, **kwargs)
+    except EngineConfigError as exc:
+        log.error("LLM manager config is invalid: %s", exc)
+        return None
     if await manager.initialize():
         return manager
     return None

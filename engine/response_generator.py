@@ -89,9 +89,12 @@ class GeneratedReply:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    # Who made it (backend, model, request id, sampling), filled in by the engine facade.
+    context: dict[str, Any] = field(default_factory=dict)
 
     def trace(self) -> dict[str, Any]:
         return {
+            **self.context,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "truncated": self.truncated,

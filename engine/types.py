@@ -31,11 +31,19 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def trace(self) -> dict[str, float | int | None]:
+        """What a reply's trace records of how it was sampled."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens,
+                "repetition_penalty": self.repetition_penalty}
+
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
     messages: tuple[ChatMessage, ...]
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # The viewer's language ("zh" or "en"): picks the persona wording the filters compare with.
+    language: str = "zh"
     request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
 
     def as_dicts(self) -> list[dict[str, Any]]:

@@ -11,10 +11,10 @@ import pytest
 
 from engine import create_llm_manager, diagnose_system, get_module_info, get_system_info
 from engine.backends.transformers_backend import TransformersBackend
+from engine.config import EngineConfig
 from engine.errors import ModelNotFoundError
 from engine.gpu_manager import GIB, DeviceInfo, diagnose_allocation, gpu_status, plan_placement
 from engine.model_loader import fallback_chain, resolve_llm_dir
-from engine.settings import EngineSettings
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
 
@@ -38,8 +38,8 @@ def request(text: str = "hello", max_new_tokens: int = 12) -> GenerationRequest:
 
 @pytest.fixture
 async def backend(tiny_model_dir: Path, tmp_path: Path) -> Any:
-    settings = EngineSettings.from_config(tiny_config(tiny_model_dir), cache_dir=tmp_path)
-    started = TransformersBackend(settings)
+    config = EngineConfig.from_mapping(tiny_config(tiny_model_dir))
+    started = TransformersBackend(config.llm, tmp_path)
     await started.start()
     yield started
     await started.close()
@@ -262,9 +262,8 @@ async def test_bitsandbytes_loads_through_the_real_loader_on_cpu(
     tiny_model_dir: Path, tmp_path: Path, mode: str
 ) -> None:
     pytest.importorskip("bitsandbytes")
-    settings = EngineSettings.from_config(tiny_config(tiny_model_dir, quantization=mode),
-                                          cache_dir=tmp_path)
-    quantized = TransformersBackend(settings)
+    config = EngineConfig.from_mapping(tiny_config(tiny_model_dir, quantization=mode))
+    quantized = TransformersBackend(config.llm, tmp_path)
     await quantized.start()
     try:
         assert quantized.report.mode == mode
@@ -315,10 +314,10 @@ def test_load_failures_walk_the_fallback_chain(tiny_model_dir: Path,
 
 
 def test_embeddings_are_normalised_vectors(tmp_path: Path) -> None:
+    from engine.config import EmbeddingConfig
     from engine.embedder import Embedder
-    from engine.settings import EmbeddingSettings
 
-    embedder = Embedder(EmbeddingSettings(batch_size=2))
+    embedder = Embedder(EmbeddingConfig(batch_size=2))
     vectors = embedder.encode(["the lighthouse keeper", "a keeper of the lighthouse",
                                "quarterly tax filing"])
     assert vectors.shape == (3, 384) and str(vectors.dtype) == "float32"

@@ -24,10 +24,10 @@ KNOWLEDGE = {
 
 @pytest.fixture(scope="module")
 def embedder() -> Any:
+    from engine.config import EmbeddingConfig
     from engine.embedder import Embedder
-    from engine.settings import EmbeddingSettings
 
-    return Embedder(EmbeddingSettings())
+    return Embedder(EmbeddingConfig())
 
 
 @pytest.fixture

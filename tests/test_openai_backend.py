@@ -21,8 +21,8 @@ import pytest
 
 from engine import create_llm_manager
 from engine.backends.openai_backend import OpenAIBackend
+from engine.config import EngineConfig, OpenAIBackendConfig
 from engine.errors import BackendUnavailableError
-from engine.settings import EngineSettings
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
 
@@ -73,12 +73,12 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         yield url
 
 
-def settings_for(base_url: str, **openai: Any) -> EngineSettings:
+def settings_for(base_url: str, **openai: Any) -> OpenAIBackendConfig:
     config = {"models": {"llm": {"backend": "openai",
                                  "openai": {"base_url": base_url, "max_retries": 1, **openai}},
                          "embedding": {"enabled": False}},
               "vtuber": {"response": {"max_tokens": 8, "enable_traditional_chinese": False}}}
-    return EngineSettings.from_config(config)
+    return EngineConfig.from_mapping(config).llm.openai
 
 
 def request(max_tokens: int = 8) -> GenerationRequest:

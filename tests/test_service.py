@@ -50,7 +50,7 @@ def make_config(db_url: str, **overrides: Any) -> AppConfig:
 
 def event(text: str, user: str = "ann", sink: RecordingSink | None = None,
           **kwargs: Any) -> ChatEvent:
-    return ChatEvent(platform="discord", channel_id="c1", user_id=user, display_name=user,
+    return ChatEvent(platform="discord", channel_id="c1", platform_user_id=user, display_name=user,
                      text=text, sink=sink or RecordingSink(), **kwargs)
 
 
@@ -216,4 +216,4 @@ async def test_one_users_messages_are_answered_in_order(runtime: Runtime) -> Non
     answers = {r.reply_to_id: r.id for r in rows if r.role == "assistant"}
     reply_ids = [answers[question_of[f"msg {i}"]] for i in range(5)]
     assert reply_ids == sorted(reply_ids)  # answered in the order they arrived
-    assert runtime.service._lanes == {}
+    assert len(runtime.service._lanes) == 0  # lanes are freed when nobody waits

@@ -80,7 +80,7 @@ class ConsoleAdapter:
         return ChatEvent(
             platform=PLATFORM,
             channel_id="console",
-            user_id=self._user,
+            platform_user_id=self._user,
             display_name=self._user,
             text=text,
             sink=sink,

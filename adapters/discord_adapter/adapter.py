@@ -123,7 +123,7 @@ class DiscordAdapter:
         return ChatEvent(
             platform=PLATFORM,
             channel_id=str(message.channel.id),
-            user_id=str(author.id),
+            platform_user_id=str(author.id),
             display_name=author.display_name,
             text=self._clean_text(message),
             sink=DiscordSink(message.channel, reply_to=message),

@@ -190,7 +190,8 @@ class TwitchAdapter:
         if not self._addressed(message):
             return
         await self._handle(ChatEvent(
-            platform=PLATFORM, channel_id=str(broadcaster.id), user_id=str(chatter.id),
+            platform=PLATFORM, channel_id=str(broadcaster.id),
+            platform_user_id=str(chatter.id),
             display_name=chatter.display_name or login, text=text, sink=sink,
             message_id=message.id, addressed=True, roles=roles,
             reply_to_message_id=message.reply.parent_message_id if message.reply else None,

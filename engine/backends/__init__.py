@@ -7,28 +7,26 @@ server; ``scripted`` is deterministic, for replay tests. Backends are created by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
 
 from engine.backends.base import Backend
-
-if TYPE_CHECKING:
-    from engine.settings import EngineSettings
+from engine.config import LLMConfig
 
 __all__ = ["Backend", "create_backend"]
 
 
-def create_backend(settings: EngineSettings, **kwargs: Any) -> Backend:
-    name = settings.backend
-    if name == "scripted":
+def create_backend(config: LLMConfig, cache_dir: Path | None = None) -> Backend:
+    """The backend ``config.backend`` names (``models.llm.backend``)."""
+    if config.backend == "scripted":
         from engine.backends.scripted import ScriptedBackend
 
-        return ScriptedBackend(settings.scripted_replies)
-    if name == "transformers":
+        return ScriptedBackend(config.scripted.replies)
+    if config.backend == "transformers":
         from engine.backends.transformers_backend import TransformersBackend
 
-        return TransformersBackend(settings, **kwargs)
-    if name == "openai":
+        return TransformersBackend(config, cache_dir)
+    if config.backend == "openai":
         from engine.backends.openai_backend import OpenAIBackend
 
-        return OpenAIBackend(settings)
-    raise ValueError(f"models.llm.backend: unknown backend {name!r}")
+        return OpenAIBackend(config.openai)
+    raise ValueError(f"models.llm.backend: unknown backend {config.backend!r}")

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
+from engine.config import OpenAIBackendConfig
 from engine.errors import BackendUnavailableError, EngineError
-from engine.settings import EngineSettings
 from engine.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -38,15 +38,14 @@ class _ExtrasRefused(Exception):
 class OpenAIBackend:
     name = "openai"
 
-    def __init__(self, settings: EngineSettings, transport: httpx.AsyncBaseTransport | None = None
-                 ) -> None:
-        options = settings.openai
-        self._base_url = str(options.get("base_url", "http://127.0.0.1:8000/v1")).rstrip("/")
-        self._model = str(options.get("model", "default"))
-        self._api_key = options.get("api_key")
-        self._timeout = float(options.get("timeout_s", 60.0))
-        self._max_retries = int(options.get("max_retries", 3))
-        self._extra_sampling = bool(options.get("extra_sampling", True))
+    def __init__(self, config: OpenAIBackendConfig,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self._base_url = config.base_url.rstrip("/")
+        self._model = config.model
+        self._api_key = config.api_key.get_secret_value() if config.api_key else None
+        self._timeout = config.timeout_s
+        self._max_retries = config.max_retries
+        self._extra_sampling = config.extra_sampling
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
         self._in_flight: dict[str, asyncio.Task[Any] | None] = {}

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import LLMConfig
 from engine.errors import BackendUnavailableError, EngineError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
-from engine.settings import EngineSettings
 from engine.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,15 @@ def _is_oom(error: BaseException) -> bool:
 class TransformersBackend:
     name = "transformers"
 
-    def __init__(self, settings: EngineSettings, placement: Placement | None = None) -> None:
-        self._settings = settings
+    def __init__(self, config: LLMConfig, cache_dir: Path | None = None,
+                 placement: Placement | None = None) -> None:
+        self._config = config
+        self._cache_dir = cache_dir
         self._placement = placement
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._aborts: dict[str, threading.Event] = {}
-        self.max_batch_size = settings.max_batch_size
+        self.max_batch_size = config.max_batch_size
         self.model: Any = None
         self.tokenizer: Any = None
         self.report = LoadReport()
@@ -152,16 +154,16 @@ class TransformersBackend:
         self._worker.start()
 
     def _load(self) -> None:
-        settings = self._settings
+        config = self._config
         if self._placement is None:
-            self._placement = plan_placement(discover_devices(), settings.device)
-        cache = settings.cache_dir or Path.cwd() / ".cache"
-        self.model_dir = resolve_llm_dir(settings.model_path, settings.gguf_file, cache)
+            self._placement = plan_placement(discover_devices(), config.device)
+        cache = self._cache_dir or Path.cwd() / ".cache"
+        self.model_dir = resolve_llm_dir(config.model_path, config.gguf_file, cache)
         self.model, self.tokenizer = load_llm(
-            self.model_dir, settings.quantization, self._placement, self.report
+            self.model_dir, config.quantization, self._placement, self.report
         )
         on_gpu = self._placement.llm_device != "cpu" and self.report.mode != "cpu"
-        wanted = settings.static_cache
+        wanted = config.static_cache
         # A static KV cache lets transformers compile the decode step; bitsandbytes layers do
         # not compile, so 4/8-bit stays on the dynamic cache.
         self.static_cache = wanted == "on" or (
@@ -214,7 +216,7 @@ class TransformersBackend:
     def _collect(self, first: _Job) -> list[Any]:
         """The first job plus whatever arrives within the batching window."""
         batch: list[Any] = [first]
-        deadline = time.monotonic() + self._settings.batch_window_ms / 1000
+        deadline = time.monotonic() + self._config.batch_window_ms / 1000
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -309,7 +311,7 @@ class TransformersBackend:
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Chat template; drop the oldest history turns while the prompt is over budget."""
         messages = request.as_dicts()
-        budget = self._settings.max_length - request.sampling.max_new_tokens
+        budget = self._config.max_length - request.sampling.max_new_tokens
         while True:
             ids = self.tokenizer.apply_chat_template(
                 messages, add_generation_prompt=True, enable_thinking=False,

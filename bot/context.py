@@ -1,0 +1,80 @@
+"""Context for one reply: the viewer's stored state, recent history within a token budget,
+and retrieved memories, handed to the engine, which assembles the prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bot.state_rules import to_persona_state
+from engine.client import EngineClient, PromptInputs
+from engine.types import GenerationRequest
+from memory.rag import MemoryRetriever, RetrievedChunk
+from memory.store import HistoryMessage, Store
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedPrompt:
+    """A request ready for the engine, and what went into it (for the trace)."""
+
+    request: GenerationRequest
+    history: list[HistoryMessage]
+    retrieved: list[RetrievedChunk]
+
+    def trace(self) -> dict[str, Any]:
+        return {"history_message_ids": [item.id for item in self.history],
+                "retrieved": [chunk.trace() for chunk in self.retrieved]}
+
+
+class ContextBuilder:
+    def __init__(self, engine: EngineClient, store: Store, retriever: MemoryRetriever | None,
+                 *, history_messages: int, history_token_budget: int,
+                 remember_min_chars: int) -> None:
+        self._engine = engine
+        self._store = store
+        self._retriever = retriever
+        self._history_messages = history_messages
+        self._budget = history_token_budget
+        self._remember_min_chars = remember_min_chars
+
+    async def prepare(self, user_id: int, text: str) -> PreparedPrompt:
+        persona = self._engine.persona
+        state = await self._store.get_state(user_id, persona.id, persona.moods.baseline)
+        history = await self._store.recent_history(user_id, persona.id, self._history_messages)
+        history = self.within_budget(history)
+        retrieved = await self._retrieve(text, user_id)
+        knowledge = "\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona")
+        request = self._engine.build_request(PromptInputs(
+            text=text,
+            history=[(item.role, item.content) for item in history],
+            state=to_persona_state(state),
+            context=knowledge or None,
+            user_notes=[c.text for c in retrieved if c.scope == "user"],
+        ))
+        return PreparedPrompt(request, history, retrieved)
+
+    def within_budget(self, history: list[HistoryMessage]) -> list[HistoryMessage]:
+        """Keep the newest messages whose tokens fit the budget, starting on a user turn."""
+        kept: list[HistoryMessage] = []
+        used = 0
+        for item in reversed(history):
+            cost = self._engine.count_tokens(item.content)
+            if used + cost > self._budget:
+                break
+            kept.append(item)
+            used += cost
+        kept.reverse()
+        while kept and kept[0].role != "user":
+            kept.pop(0)
+        return kept
+
+    async def _retrieve(self, text: str, user_id: int) -> list[RetrievedChunk]:
+        if self._retriever is None:
+            return []
+        return await self._retriever.search(text, user_id=user_id)
+
+    async def remember(self, user_id: int, message_id: int, text: str) -> None:
+        """Keep a viewer's longer messages as long-term memories (retrievable later)."""
+        minimum = self._remember_min_chars
+        if self._retriever is not None and minimum and len(text) >= minimum:
+            await self._retriever.remember(user_id, text, f"message:{message_id}")

@@ -1,0 +1,61 @@
+"""The one interface the runtime uses to talk to the engine (in the spirit of vLLM's
+``EngineClient``): build a request from what the runtime knows, generate (streaming through
+``on_chunk``), preview a partial reply, abort, count tokens, report health.
+
+``LLMManager`` implements it; tests may substitute anything with the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypedDict
+
+from engine.persona import Persona, PersonaState
+from engine.response_generator import GeneratedReply
+from engine.types import GenerationRequest
+
+ChunkCallback = Callable[[str], Awaitable[None] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class PromptInputs:
+    """Everything a prompt is made of; the engine decides how it is assembled.
+
+    ``context`` is operator-written reference material (persona knowledge) and may join the
+    system turn; ``user_notes`` are things the viewer wrote earlier (long-term memories) and
+    stay in a user turn of their own, so nothing a viewer wrote speaks with the system's voice.
+    """
+
+    text: str
+    history: Sequence[tuple[str, str]] = ()  # (role, text), oldest first
+    state: PersonaState | None = None
+    context: str | None = None
+    user_notes: Sequence[str] = ()
+
+
+class EngineHealth(TypedDict):
+    ok: bool
+    backend: str
+    model: str
+    detail: str | None
+
+
+class EngineClient(Protocol):
+    @property
+    def persona(self) -> Persona: ...
+
+    def build_request(self, inputs: PromptInputs) -> GenerationRequest: ...
+
+    async def generate(self, request: GenerationRequest, *,
+                       on_chunk: ChunkCallback | None = None,
+                       conversion_mode: str | None = None) -> GeneratedReply: ...
+
+    def preview(self, raw: str, request: GenerationRequest, *,
+                conversion_mode: str | None = None) -> str: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def count_tokens(self, text: str) -> int: ...
+
+    def health(self) -> EngineHealth: ...

