@@ -126,7 +126,7 @@ async def _populate(store: Store, embedder: Any) -> int:
 
 async def _rows_mentioning(store: Store, user_id: int) -> list[str]:
     found = []
-    async with store._sessions() as session:
+    async with store.database.read() as session:
         for table in Base.metadata.sorted_tables:
             for row in (await session.execute(select(table))).mappings():
                 for key, value in row.items():
@@ -194,7 +194,7 @@ async def test_link_identity_merges_history_and_state(store: Store) -> None:
     assert len(await store.messages_for(discord_user)) == 2
     state = await store.get_state(discord_user, "pell", "calm")
     assert state.conversation_count == 3 and state.intimacy == 10
-    async with store._sessions() as session:
+    async with store.database.read() as session:
         users = (await session.execute(text("SELECT id FROM users"))).all()
     assert [row[0] for row in users] == [discord_user]
     separate = await store.unlink_identity("twitch", "ann_tv")

@@ -139,3 +139,36 @@ async def test_read_only_file_is_refused(tmp_path: Path) -> None:
     path.chmod(stat.S_IRUSR)
     with pytest.raises(StoreError, match="read-only"):
         await Store.open(f"sqlite+aiosqlite:///{path}")
+
+
+async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: Path) -> None:
+    from sqlalchemy import event
+
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'kinds.db'}")
+    begins: list[str] = []
+
+    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("BEGIN"):
+            begins.append(statement)
+
+    event.listen(store.database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        user = await store.resolve_user("console", "viewer", "viewer")
+        assert begins == ["BEGIN IMMEDIATE"]
+        begins.clear()
+        assert await store.find_user("console", "viewer") == user
+        await store.recent_history(user, "pell", 5)
+        assert begins == ["BEGIN", "BEGIN"]
+    finally:
+        await store.close()
+
+
+async def test_records_handed_out_are_frozen(store: Store) -> None:
+    from dataclasses import FrozenInstanceError
+
+    user = await store.resolve_user("console", "viewer", "viewer")
+    message_id = await _exchange(store, user, "hi", "hello")
+    message = await store.get_message(message_id)
+    assert message is not None and message.status == "answered"
+    with pytest.raises(FrozenInstanceError):
+        message.content = "changed"  # type: ignore[misc]

@@ -1,0 +1,143 @@
+"""Messages: intake, status, history, transcripts."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import aliased
+
+from memory.models import Identity, Message
+from memory.store.database import Database
+from memory.store.records import (
+    HistoryMessage,
+    StoredMessage,
+    TranscriptRow,
+    aware,
+    aware_now,
+)
+
+
+def stored_message(row: Message) -> StoredMessage:
+    return StoredMessage(
+        id=row.id, user_id=row.user_id, persona_id=row.persona_id, role=row.role,
+        content=row.content, status=row.status, platform=row.platform,
+        channel_id=row.channel_id, platform_message_id=row.platform_message_id,
+        reply_to_id=row.reply_to_id, trace=row.trace, created_at=aware_now(row.created_at),
+    )
+
+
+class Conversations:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def record_incoming(
+        self,
+        *,
+        user_id: int,
+        persona_id: str,
+        platform: str,
+        channel_id: str | None,
+        platform_message_id: str | None,
+        text: str,
+        created_at: datetime,
+    ) -> int:
+        """Persist a user's message (status ``received``) before anything else happens."""
+        [message_id] = await self.record_incoming_many([{
+            "user_id": user_id, "persona_id": persona_id, "platform": platform,
+            "channel_id": channel_id, "platform_message_id": platform_message_id,
+            "content": text, "created_at": created_at,
+        }])
+        return message_id
+
+    async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
+        """Batched ``record_incoming`` (one transaction): for bursts, imports and replays.
+        Each item holds the ``Message`` columns (``content``, not ``text``)."""
+        if not items:
+            return []
+        async with self._db.write() as session:
+            rows = [Message(role="user", status="received", **item) for item in items]
+            session.add_all(rows)
+            await session.flush()
+            return [row.id for row in rows]
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        async with self._db.write() as session:
+            await session.execute(
+                update(Message).where(Message.id == message_id).values(status=status))
+
+    async def recent_history(self, user_id: int, persona_id: str,
+                             limit: int) -> list[HistoryMessage]:
+        """The last ``limit`` messages of finished exchanges, oldest first."""
+        if limit <= 0:
+            return []
+        async with self._db.read() as session:
+            rows = await session.execute(
+                select(Message.id, Message.role, Message.content, Message.created_at)
+                .where(Message.user_id == user_id, Message.persona_id == persona_id,
+                       Message.status.in_(("answered", "sent")))
+                .order_by(Message.id.desc())
+                .limit(limit)
+            )
+            history = [HistoryMessage(id=r.id, role=r.role, content=r.content,
+                                      created_at=aware_now(r.created_at)) for r in rows]
+        history.reverse()
+        return history
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        async with self._db.read() as session:
+            row = await session.get(Message, message_id)
+            return stored_message(row) if row is not None else None
+
+    async def reply_to(self, message_id: int) -> StoredMessage | None:
+        """The assistant message answering ``message_id``, if any."""
+        async with self._db.read() as session:
+            row = await session.scalar(
+                select(Message).where(Message.reply_to_id == message_id,
+                                      Message.role == "assistant").limit(1))
+            return stored_message(row) if row is not None else None
+
+    async def messages_for(self, user_id: int,
+                           persona_id: str | None = None) -> list[StoredMessage]:
+        query = select(Message).where(Message.user_id == user_id).order_by(Message.id)
+        if persona_id is not None:
+            query = query.where(Message.persona_id == persona_id)
+        async with self._db.read() as session:
+            return [stored_message(row) for row in await session.scalars(query)]
+
+    async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
+                              platform_user_id: str | None = None,
+                              channel_id: str | None = None,
+                              since: datetime | None = None) -> list[TranscriptRow]:
+        """Answered user messages with their replies, oldest first, for transcripts."""
+        reply = aliased(Message)
+        query = (
+            select(Message.platform, Identity.platform_user_id, Identity.display_name,
+                   Message.channel_id, Message.content, Message.created_at,
+                   reply.content.label("reply"))
+            .join(Identity, (Identity.user_id == Message.user_id)
+                  & (Identity.platform == Message.platform))
+            .outerjoin(reply, (reply.reply_to_id == Message.id) & (reply.role == "assistant"))
+            .where(Message.persona_id == persona_id, Message.role == "user",
+                   Message.status == "answered")
+            .order_by(Message.id)
+        )
+        for column, value in ((Message.platform, platform),
+                              (Identity.platform_user_id, platform_user_id),
+                              (Message.channel_id, channel_id)):
+            if value is not None:
+                query = query.where(column == value)
+        if since is not None:
+            query = query.where(Message.created_at >= since)
+        async with self._db.read() as session:
+            rows = await session.execute(query)
+            return [
+                TranscriptRow(platform=r.platform, user=r.platform_user_id,
+                              name=r.display_name, channel=r.channel_id, text=r.content,
+                              at=aware_now(r.created_at).isoformat(), reply=r.reply)
+                for r in rows
+            ]
+
+
+__all__ = ["Conversations", "aware", "stored_message"]

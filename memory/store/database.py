@@ -1,0 +1,130 @@
+"""Opening the database: file checks, migration, SQLite tuning, and the two kinds of unit of
+work. Reads are deferred transactions; writes on SQLite are ``BEGIN IMMEDIATE``, because the
+driver's default deferred transactions silently lose read-modify-write updates under
+concurrency. PostgreSQL uses row locks (``SELECT ... FOR UPDATE``) where it matters.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from memory.errors import StoreError
+from memory.migrate import upgrade_to_head
+from memory.models import User
+from memory.urls import mask_url
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+_READ_ONLY = "vtuber_read_only"
+
+
+def sqlite_url(path: Path) -> str:
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _writable(path: Path) -> bool:
+    return os.access(path, os.W_OK)
+
+
+def check_sqlite_file(path: Path) -> None:
+    """Refuse, before touching it, a file that is not SQLite or cannot be written."""
+    if path.is_dir():
+        raise StoreError(f"store: {path} is a directory, expected a SQLite file")
+    if path.exists():
+        with path.open("rb") as handle:
+            header = handle.read(len(SQLITE_MAGIC))
+        if header and header != SQLITE_MAGIC:
+            raise StoreError(f"store: {path} is not a SQLite database; refusing to touch it")
+        if not path.stat().st_size == 0 and not _writable(path):
+            raise StoreError(f"store: {path} is read-only; the store needs write access")
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not _writable(parent):
+        raise StoreError(f"store: directory {parent} is not writable")
+
+
+def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        for pragma in (
+            "PRAGMA journal_mode=WAL",
+            "PRAGMA synchronous=NORMAL",
+            "PRAGMA foreign_keys=ON",
+            f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
+        ):
+            cursor.execute(pragma)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        read_only = connection.get_execution_options().get(_READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class Database:
+    """The engine and its two session factories: ``read()`` and ``write()`` units of work."""
+
+    def __init__(self, engine: AsyncEngine, url: str) -> None:
+        self.engine = engine
+        self.url = url
+        self._writes = async_sessionmaker(engine, expire_on_commit=False)
+        self._reads = async_sessionmaker(engine.execution_options(**{_READ_ONLY: True}),
+                                         expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @classmethod
+    async def open(cls, url: str, *, auto_migrate: bool, busy_timeout_ms: int) -> Database:
+        if url.startswith("sqlite"):
+            path = url.split(":///", 1)[1] if ":///" in url else ""
+            if path and path != ":memory:":
+                check_sqlite_file(Path(path))
+        try:
+            if auto_migrate:
+                await upgrade_to_head(url, busy_timeout_ms)
+            engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            if engine.dialect.name == "sqlite":
+                _tune_sqlite(engine, busy_timeout_ms)
+            database = cls(engine, url)
+            async with database.read() as session:
+                await session.execute(select(User.id).limit(1))
+        except (OperationalError, DBAPIError, OSError) as exc:
+            raise StoreError(f"store: cannot open {mask_url(url)}: {first_line(exc)}") from exc
+        return database
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A deferred transaction: readers never wait for the write lock."""
+        async with self._reads() as session, session.begin():
+            yield session
+
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncSession]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite); commits on success."""
+        async with self._writes() as session, session.begin():
+            yield session
+
+    async def close(self) -> None:
+        await self.engine.dispose()

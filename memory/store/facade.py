@@ -1,0 +1,194 @@
+"""``Store``: the one object the runtime holds. A thin facade over the store's parts
+(identities, conversations, state, privacy, memories), so callers need not know the seams."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from memory.store.conversations import Conversations
+from memory.store.database import Database
+from memory.store.identities import Identities
+from memory.store.privacy import Privacy
+from memory.store.records import (
+    ExportedUserData,
+    HistoryMessage,
+    NewMemory,
+    StateRule,
+    StateSnapshot,
+    StoredMemory,
+    StoredMessage,
+    TimelinePoint,
+    TranscriptRow,
+    UserStats,
+)
+from memory.store.search import Memories
+from memory.store.state import States
+
+
+class Store:
+    """Async repository over the conversation database (SQLite or PostgreSQL)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.identities = Identities(db)
+        self.conversations = Conversations(db)
+        self.states = States(db)
+        self.privacy = Privacy(db)
+        self.memories = Memories(db)
+
+    @classmethod
+    async def open(cls, url: str, *, auto_migrate: bool = True,
+                   busy_timeout_ms: int = 10_000) -> Store:
+        """Open (and by default migrate) the database at ``url``. A SQLite file locked by
+        another process for longer than ``busy_timeout_ms`` is a StoreError."""
+        return cls(await Database.open(url, auto_migrate=auto_migrate,
+                                       busy_timeout_ms=busy_timeout_ms))
+
+    @property
+    def database(self) -> Database:
+        """Units of work (``read()``/``write()``) for code that needs raw SQL, such as tests."""
+        return self._db
+
+    @property
+    def url(self) -> str:
+        return self._db.url
+
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    # -- identities -------------------------------------------------------------------------
+
+    async def find_user(self, platform: str, platform_user_id: str) -> int | None:
+        return await self.identities.find_user(platform, platform_user_id)
+
+    async def resolve_user(self, platform: str, platform_user_id: str, display_name: str) -> int:
+        return await self.identities.resolve_user(platform, platform_user_id, display_name)
+
+    async def link_identity(self, user_id: int, platform: str, platform_user_id: str,
+                            display_name: str) -> int:
+        return await self.identities.link_identity(user_id, platform, platform_user_id,
+                                                   display_name)
+
+    async def unlink_identity(self, platform: str, platform_user_id: str) -> int | None:
+        return await self.identities.unlink_identity(platform, platform_user_id)
+
+    # -- conversations ----------------------------------------------------------------------
+
+    async def record_incoming(self, *, user_id: int, persona_id: str, platform: str,
+                              channel_id: str | None, platform_message_id: str | None,
+                              text: str, created_at: datetime) -> int:
+        return await self.conversations.record_incoming(
+            user_id=user_id, persona_id=persona_id, platform=platform, channel_id=channel_id,
+            platform_message_id=platform_message_id, text=text, created_at=created_at)
+
+    async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
+        return await self.conversations.record_incoming_many(items)
+
+    async def set_status(self, message_id: int, status: str) -> None:
+        await self.conversations.set_status(message_id, status)
+
+    async def recent_history(self, user_id: int, persona_id: str,
+                             limit: int) -> list[HistoryMessage]:
+        return await self.conversations.recent_history(user_id, persona_id, limit)
+
+    async def get_message(self, message_id: int) -> StoredMessage | None:
+        return await self.conversations.get_message(message_id)
+
+    async def reply_to(self, message_id: int) -> StoredMessage | None:
+        return await self.conversations.reply_to(message_id)
+
+    async def messages_for(self, user_id: int,
+                           persona_id: str | None = None) -> list[StoredMessage]:
+        return await self.conversations.messages_for(user_id, persona_id)
+
+    async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
+                              platform_user_id: str | None = None,
+                              channel_id: str | None = None,
+                              since: datetime | None = None) -> list[TranscriptRow]:
+        return await self.conversations.transcript_rows(
+            persona_id, platform=platform, platform_user_id=platform_user_id,
+            channel_id=channel_id, since=since)
+
+    # -- state ------------------------------------------------------------------------------
+
+    async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
+        return await self.states.get_state(user_id, persona_id, default_mood)
+
+    async def update_state(self, user_id: int, persona_id: str, default_mood: str,
+                           rule: StateRule, message_id: int | None = None) -> StateSnapshot:
+        return await self.states.update_state(user_id, persona_id, default_mood, rule,
+                                              message_id)
+
+    async def complete_exchange(self, *, user_message_id: int, reply_text: str,
+                                trace: dict[str, Any], platform_message_id: str | None,
+                                default_mood: str, rule: StateRule,
+                                created_at: datetime) -> tuple[int, StateSnapshot]:
+        return await self.states.complete_exchange(
+            user_message_id=user_message_id, reply_text=reply_text, trace=trace,
+            platform_message_id=platform_message_id, default_mood=default_mood, rule=rule,
+            created_at=created_at)
+
+    async def state_timeline(self, user_id: int, persona_id: str,
+                             limit: int = 500) -> list[TimelinePoint]:
+        return await self.states.state_timeline(user_id, persona_id, limit)
+
+    async def stats(self, platform: str, platform_user_id: str, persona_id: str,
+                    default_mood: str) -> UserStats | None:
+        """The seed's ``get_conversation_stats`` shape for one user, or None if unknown."""
+        user_id = await self.find_user(platform, platform_user_id)
+        if user_id is None:
+            return None
+        state = await self.get_state(user_id, persona_id, default_mood)
+        last = state.last_interaction_at
+        return UserStats(
+            user_id=user_id, platform=platform, platform_user_id=platform_user_id,
+            persona_id=persona_id, conversation_count=state.conversation_count,
+            current_mood=state.mood, mood_intensity=round(state.mood_intensity, 3),
+            intimacy_level=round(state.intimacy, 2),
+            last_interaction_at=last.isoformat() if last else None,
+        )
+
+    # -- privacy ----------------------------------------------------------------------------
+
+    async def delete_user_data(self, user_id: int) -> dict[str, int]:
+        return await self.privacy.delete_user_data(user_id)
+
+    async def export_user_data(self, user_id: int) -> ExportedUserData:
+        return await self.privacy.export_user_data(user_id)
+
+    async def purge_platform_message(self, platform: str, platform_message_id: str) -> int:
+        return await self.privacy.purge_platform_message(platform, platform_message_id)
+
+    async def purge_messages(self, platform: str, channel_id: str,
+                             platform_user_id: str | None = None) -> int:
+        return await self.privacy.purge_messages(platform, channel_id, platform_user_id)
+
+    # -- memories ---------------------------------------------------------------------------
+
+    async def add_memories(self, items: list[NewMemory]) -> list[int]:
+        return await self.memories.add_memories(items)
+
+    async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
+        return await self.memories.source_hashes(persona_id, scope)
+
+    async def delete_sources(self, persona_id: str, sources: list[str]) -> int:
+        return await self.memories.delete_sources(persona_id, sources)
+
+    async def memory_vectors(self, persona_id: str, after_id: int = 0,
+                             batch: int = 50_000) -> list[tuple[int, int | None, bytes]]:
+        return await self.memories.memory_vectors(persona_id, after_id, batch)
+
+    async def memory_ids(self, persona_id: str) -> set[int]:
+        return await self.memories.memory_ids(persona_id)
+
+    async def get_memories(self, ids: list[int]) -> dict[int, StoredMemory]:
+        return await self.memories.get_memories(ids)
+
+    async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
+                             limit: int) -> list[int]:
+        return await self.memories.lexical_search(terms, persona_id, user_id, limit)

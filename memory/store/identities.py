@@ -1,0 +1,110 @@
+"""Who is who: platform identities → users, created on first sight, linked across platforms."""
+
+from __future__ import annotations
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from memory.errors import StoreError
+from memory.models import Identity, Memory, Message, RelationshipState, StateEvent, User
+from memory.store.database import Database
+
+
+def identity_is(platform: str, platform_user_id: str) -> tuple[object, object]:
+    return (Identity.platform == platform, Identity.platform_user_id == platform_user_id)
+
+
+class Identities:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def find_user(self, platform: str, platform_user_id: str) -> int | None:
+        async with self._db.read() as session:
+            return await session.scalar(
+                select(Identity.user_id).where(*identity_is(platform, platform_user_id)))
+
+    async def resolve_user(self, platform: str, platform_user_id: str, display_name: str) -> int:
+        """The user id behind a platform identity, created on first sight."""
+        try:
+            async with self._db.write() as session:
+                user_id = await session.scalar(
+                    select(Identity.user_id).where(*identity_is(platform, platform_user_id)))
+                if user_id is not None:
+                    return user_id
+                user = User(display_name=display_name)
+                session.add(user)
+                await session.flush()
+                session.add(Identity(user_id=user.id, platform=platform,
+                                     platform_user_id=platform_user_id,
+                                     display_name=display_name))
+                return user.id
+        except IntegrityError:
+            pass  # another task created the same identity first; theirs wins
+        found = await self.find_user(platform, platform_user_id)
+        if found is None:
+            raise StoreError(f"store: identity {platform}:{platform_user_id} vanished")
+        return found
+
+    async def link_identity(self, user_id: int, platform: str, platform_user_id: str,
+                            display_name: str) -> int:
+        """Attach a platform identity to ``user_id`` (e.g. a viewer's Twitch account to their
+        Discord user). If that identity already had a user of its own, that user's messages,
+        memories and audit rows move over and its relationship state is merged (conversation
+        counts added, the higher intimacy kept), then the emptied user is deleted."""
+        async with self._db.write() as session:
+            identity = await session.scalar(
+                select(Identity).where(*identity_is(platform, platform_user_id)))
+            if identity is None:
+                session.add(Identity(user_id=user_id, platform=platform,
+                                     platform_user_id=platform_user_id,
+                                     display_name=display_name))
+                return user_id
+            old = identity.user_id
+            if old == user_id:
+                return user_id
+            for model in (Message, Memory, StateEvent):
+                await session.execute(update(model).where(model.user_id == old)
+                                      .values(user_id=user_id))
+            await _merge_states(session, old, user_id)
+            await session.execute(update(Identity).where(Identity.user_id == old)
+                                  .values(user_id=user_id))
+            await session.execute(delete(User).where(User.id == old))
+            return user_id
+
+    async def unlink_identity(self, platform: str, platform_user_id: str) -> int | None:
+        """Give a linked identity a user of its own again (history stays where it is)."""
+        async with self._db.write() as session:
+            identity = await session.scalar(
+                select(Identity).where(*identity_is(platform, platform_user_id)))
+            if identity is None:
+                return None
+            others = await session.scalar(select(func.count()).select_from(Identity).where(
+                Identity.user_id == identity.user_id))
+            if others == 1:
+                return identity.user_id  # not linked to anything
+            user = User(display_name=identity.display_name)
+            session.add(user)
+            await session.flush()
+            identity.user_id = user.id
+            return user.id
+
+
+async def _merge_states(session: AsyncSession, source: int, target: int) -> None:
+    rows = (await session.scalars(select(RelationshipState).where(
+        RelationshipState.user_id.in_((source, target))))).all()
+    by_persona: dict[str, dict[int, RelationshipState]] = {}
+    for row in rows:
+        by_persona.setdefault(row.persona_id, {})[row.user_id] = row
+    for pair in by_persona.values():
+        moved, kept = pair.get(source), pair.get(target)
+        if moved is None:
+            continue
+        if kept is None:
+            moved.user_id = target
+            continue
+        kept.conversation_count += moved.conversation_count
+        kept.intimacy = max(kept.intimacy, moved.intimacy)
+        kept.version += 1
+        await session.delete(moved)
+    await session.flush()

@@ -1,0 +1,132 @@
+"""What the store hands out: frozen records, never live ORM rows."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypedDict
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
+
+
+def aware_now(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryMessage:
+    id: int
+    role: str
+    content: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: int
+    user_id: int
+    persona_id: str
+    role: str
+    content: str
+    status: str
+    platform: str
+    channel_id: str | None
+    platform_message_id: str | None
+    reply_to_id: int | None
+    trace: dict[str, Any] | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMemory:
+    id: int
+    scope: str  # persona | user
+    persona_id: str
+    user_id: int | None
+    text: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewMemory:
+    scope: str  # persona | user
+    persona_id: str
+    text: str
+    source: str
+    user_id: int | None = None
+    source_hash: str | None = None
+    embedding: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StateSnapshot:
+    mood: str
+    mood_intensity: float = 0.0
+    intimacy: float = 0.0
+    intimacy_gained_today: float = 0.0
+    conversation_count: int = 0
+    last_interaction_at: datetime | None = None
+    version: int = 0
+
+
+# The fields a state rule may change (``version`` is the store's own).
+STATE_FIELDS = (
+    "mood",
+    "mood_intensity",
+    "intimacy",
+    "intimacy_gained_today",
+    "conversation_count",
+    "last_interaction_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What a state rule decided: the new state and why (kept in the audit trail)."""
+
+    new: StateSnapshot
+    cause: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+StateRule = Callable[[StateSnapshot], StateChange]
+
+
+@dataclass(frozen=True, slots=True)
+class TimelinePoint:
+    at: datetime
+    intimacy: float
+    mood: str
+
+
+class UserStats(TypedDict):
+    """The seed's ``get_conversation_stats`` keys for one user, plus who they are."""
+
+    user_id: int
+    platform: str
+    platform_user_id: str
+    persona_id: str
+    conversation_count: int
+    current_mood: str
+    mood_intensity: float
+    intimacy_level: float
+    last_interaction_at: str | None
+
+
+class TranscriptRow(TypedDict):
+    platform: str
+    user: str
+    name: str
+    channel: str | None
+    text: str
+    at: str
+    reply: str | None
+
+
+ExportedUserData = dict[str, list[dict[str, Any]]]
