@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from bot import __version__
+from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, BotError, ConfigError
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
-from bot.runtime import Runtime, build_adapters, open_runtime, store_url
+from bot.runtime import Runtime, build_adapters, open_runtime, open_store, store_url
 from engine.errors import EngineError
 from engine.persona import PersonaError, load_persona
 from memory.errors import StoreError
@@ -46,7 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="override logging.level from the config")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_runtime_commands(sub)
+    _add_data_commands(sub)
+    _add_persona_commands(sub)
+    return parser
 
+
+Subparsers = argparse._SubParsersAction  # the type add_subparsers() returns
+
+
+def _add_runtime_commands(sub: Subparsers) -> None:
     chat = sub.add_parser("chat", help="talk to the persona in this terminal")
     chat.add_argument("--once", metavar="TEXT", help="answer one message and exit")
     chat.add_argument("--user", metavar="NAME", help="who you are (default: adapters.console.user)")
@@ -66,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     gpu = sub.add_parser("gpu-status", help="GPUs, memory and the placement plan")
     gpu.add_argument("--json", action="store_true")
 
+
+def _add_data_commands(sub: Subparsers) -> None:
     replay = sub.add_parser("replay", help="re-run a transcript through the full pipeline")
     replay.add_argument("file", nargs="?", help="transcript JSONL (or --from-db)")
     replay.add_argument("--from-db", action="store_true",
@@ -82,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     trace = sub.add_parser("trace", help="show the stored trace of a reply")
     trace.add_argument("message_id", type=int, help="a reply's id, or the id of its question")
 
+
+def _add_persona_commands(sub: Subparsers) -> None:
     persona = sub.add_parser("persona", help="check or import persona files")
     persona_sub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
     check = persona_sub.add_parser("check", help="validate a persona YAML file")
@@ -92,7 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("card")
     imported.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
     imported.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    return parser
 
 
 def _iso_time(text: str) -> datetime:
@@ -122,7 +135,7 @@ async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths
     async with open_runtime(config, paths) as runtime:
         adapter = adapter_class(
             config, user=args.user, once=args.once, speaker=runtime.engine.persona.names.zh,
-            banner=_banner(runtime), stats=runtime.stats,
+            banner=_banner(runtime), services=runtime,
         )
         await runtime.run_adapters([adapter])
     return 0
@@ -138,7 +151,7 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
         load_adapter_class(name)
     async with open_runtime(config, paths) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,
-                               "banner": _banner(runtime), "stats": runtime.stats},
+                               "banner": _banner(runtime), "services": runtime},
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
         log.info("running adapters: %s", ", ".join(names))
@@ -147,33 +160,25 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
 
 
 async def cmd_stats(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    from bot.commands import format_stats
     from bot.stats import user_chart, user_stats
-    from memory.store import Store
 
     persona = load_persona(config.vtuber.persona)
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
-                             busy_timeout_ms=config.store.busy_timeout_ms)
-    try:
+    async with open_store(config, paths) as store:
         stats = await user_stats(store, persona, args.platform, args.user)
         chart = await user_chart(store, persona, args.platform, args.user) if args.chart else None
-    finally:
-        await store.close()
-    if stats is None:
-        stats = {"platform": args.platform, "platform_user_id": args.user,
-                 "persona_id": persona.id, "conversation_count": 0,
-                 "current_mood": persona.moods.baseline, "intimacy_level": 0.0,
-                 "intimacy_tier": persona.tier_for(0).name, "intimacy_trend": "steady",
-                 "known": False}
-    else:
-        stats["known"] = True
+    summary = StatsSummary(conversation_count=0, current_mood=persona.moods.baseline,
+                           intimacy_level=0.0, intimacy_tier=persona.tier_for(0).name,
+                           intimacy_trend="steady")
+    payload: dict[str, Any] = {"platform": args.platform, "platform_user_id": args.user,
+                               "persona_id": persona.id, **summary, **(stats or {}),
+                               "known": stats is not None}
     if chart is not None:
         await asyncio.to_thread(Path(args.chart).write_bytes, chart)
     if args.json:
-        _print_json(stats)
+        _print_json(payload)
     else:
-        print(f"{args.platform}:{args.user} — conversations: {stats['conversation_count']}, "
-              f"mood: {stats['current_mood']}, intimacy: {stats['intimacy_level']} "
-              f"({stats['intimacy_tier']}, {stats['intimacy_trend']})")
+        print(f"{args.platform}:{args.user} — {format_stats(stats or summary)}")
     return 0
 
 
@@ -256,17 +261,12 @@ def cmd_persona(args: argparse.Namespace) -> int:
 async def _stored_transcript(args: argparse.Namespace, config: AppConfig,
                              paths: DataPaths) -> list[dict[str, Any]]:
     from bot.replay import export_transcript
-    from memory.store import Store
 
     persona = load_persona(config.vtuber.persona)
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
-                             busy_timeout_ms=config.store.busy_timeout_ms)
-    try:
+    async with open_store(config, paths) as store:
         return await export_transcript(store, persona.id, persona.moods.baseline,
                                        platform=args.platform, user=args.user,
                                        channel=args.channel, since=args.since)
-    finally:
-        await store.close()
 
 
 async def cmd_export_transcript(args: argparse.Namespace, config: AppConfig,
@@ -310,16 +310,10 @@ async def cmd_replay(args: argparse.Namespace, config: AppConfig, paths: DataPat
 
 
 async def cmd_trace(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
-    from memory.store import Store
-
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
-                             busy_timeout_ms=config.store.busy_timeout_ms)
     from bot.stats import reply_trace
 
-    try:
+    async with open_store(config, paths) as store:
         found = await reply_trace(store, args.message_id)
-    finally:
-        await store.close()
     if found is None:
         print(f"error: no reply with a trace for message {args.message_id}", file=sys.stderr)
         return 1

@@ -17,14 +17,22 @@ from bot.config import AppConfig
 from bot.events import Adapter
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
+from bot.reports import (
+    PersonaInfo,
+    ReplyTrace,
+    RuntimeDiagnosis,
+    RuntimeGpuStatus,
+    ViewerStats,
+)
 from bot.service import Clock, ConversationService, utcnow
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
 from engine.persona import knowledge_folder
+from engine.reports import OptimizeReport
 from engine.system_info import diagnose_system
 from memory.rag import MemoryRetriever
-from memory.store import Store, sqlite_url
+from memory.store import ExportedUserData, Store, sqlite_url
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +72,7 @@ class Runtime:
         await self.store.link_identity(owner, platform, platform_user_id, display_name)
         return True
 
-    async def stats(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
+    async def stats(self, platform: str, platform_user_id: str) -> ViewerStats | None:
         return await user_stats(self.store, self.engine.persona, platform, platform_user_id)
 
     async def chart(self, platform: str, platform_user_id: str) -> bytes | None:
@@ -74,7 +82,8 @@ class Runtime:
         user_id = await self.store.find_user(platform, platform_user_id)
         return {} if user_id is None else await self.store.delete_user_data(user_id)
 
-    async def export(self, platform: str, platform_user_id: str) -> dict[str, Any] | None:
+    async def export(self, platform: str,
+                     platform_user_id: str) -> ExportedUserData | None:
         user_id = await self.store.find_user(platform, platform_user_id)
         return None if user_id is None else await self.store.export_user_data(user_id)
 
@@ -85,34 +94,33 @@ class Runtime:
                              platform_user_id: str | None = None) -> int:
         return await self.store.purge_messages(platform, channel_id, platform_user_id)
 
-    async def trace(self, message_id: int) -> dict[str, Any] | None:
+    async def trace(self, message_id: int) -> ReplyTrace | None:
         return await reply_trace(self.store, message_id)
 
-    def gpu_status(self) -> dict[str, Any]:
+    def gpu_status(self) -> RuntimeGpuStatus:
         info = self.engine.get_model_info()
-        return {**info["gpu_cluster"], "model": self.engine.model_name,
-                "loading_mode": info["loading_mode"]}
+        return RuntimeGpuStatus(**self.engine.get_gpu_status(), model=self.engine.model_name,
+                                loading_mode=info["loading_mode"],
+                                placement=info["gpu_cluster"]["placement"])
 
-    def gpu_optimize(self) -> dict[str, Any]:
+    def gpu_optimize(self) -> OptimizeReport:
         return self.engine.optimize_gpu_memory()
 
-    def diagnose(self) -> dict[str, Any]:
-        report = diagnose_system()
-        report["model"] = {k: v for k, v in self.engine.get_model_info().items()
-                           if k != "gpu_cluster"}
-        report["allocation_warnings"] = self.engine.diagnose_gpu_allocation()["warnings"]
-        report["queue_depth"] = self.service.pending
-        report["latency_ms"] = self.service.latency_percentiles()
-        return report
+    def diagnose(self) -> RuntimeDiagnosis:
+        model = {k: v for k, v in self.engine.get_model_info().items() if k != "gpu_cluster"}
+        return RuntimeDiagnosis(
+            **diagnose_system(), model=model,
+            allocation_warnings=self.engine.diagnose_gpu_allocation()["warnings"],
+            queue_depth=self.service.pending, latency_ms=self.service.latency_percentiles())
 
-    def persona_info(self) -> dict[str, Any]:
+    def persona_info(self) -> PersonaInfo:
         persona = self.engine.persona
         names = [n for n in persona.names.all() if n]
         # What viewers call the persona in chat: full names, short forms, protected terms.
         call_names = {*names, *(n.split()[0] for n in names), *persona.protected_terms}
-        return {"id": persona.id, "names": persona.names.model_dump(),
-                "call_names": sorted(call_names), "identity": persona.identity,
-                "disclosure": persona.disclosure}
+        return PersonaInfo(id=persona.id, names=persona.names.model_dump(),
+                           call_names=sorted(call_names), identity=persona.identity,
+                           disclosure=persona.disclosure)
 
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""
@@ -187,6 +195,17 @@ async def _open_retriever(config: AppConfig, engine: LLMManager,
 
 
 @contextlib.asynccontextmanager
+async def open_store(config: AppConfig, paths: DataPaths) -> AsyncIterator[Store]:
+    """The configured store, closed on exit (for commands that need no engine)."""
+    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
+                             busy_timeout_ms=config.store.busy_timeout_ms)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
 async def open_runtime(
     config: AppConfig,
     paths: DataPaths,
@@ -195,9 +214,7 @@ async def open_runtime(
     clock: Clock = utcnow,
 ) -> AsyncIterator[Runtime]:
     """Open store and engine; always close both, in reverse order."""
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
-                             busy_timeout_ms=config.store.busy_timeout_ms)
-    try:
+    async with open_store(config, paths) as store:
         engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend)
         try:
             await engine.start()
@@ -207,5 +224,3 @@ async def open_runtime(
             yield Runtime(config, paths, store, engine, service)
         finally:
             await engine.aclose()
-    finally:
-        await store.close()

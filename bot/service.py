@@ -14,12 +14,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypedDict
+from typing import Any
 
 from bot.config import AppConfig
 from bot.context import ContextBuilder, PreparedPrompt
 from bot.events import ChatEvent, Reply
 from bot.flow import Lanes, SlidingWindowLimiter, Ticket
+from bot.reports import LatencySummary
 from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
@@ -262,16 +263,16 @@ class ConversationService:
 
         return StreamingPreview(event.sink, preview, interval)
 
-    def latency_percentiles(self) -> LatencyReport:
+    def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (receipt to sent), in milliseconds."""
         if not self._latencies:
-            return LatencyReport(p50=None, p95=None, samples=0)
+            return LatencySummary(p50=None, p95=None, samples=0)
         ordered = sorted(self._latencies)
 
         def pick(q: float) -> float:
             return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
-        return LatencyReport(p50=pick(0.5), p95=pick(0.95), samples=len(ordered))
+        return LatencySummary(p50=pick(0.5), p95=pick(0.95), samples=len(ordered))
 
     async def drain(self, grace_s: float) -> None:
         """Wait for in-flight replies (graceful shutdown)."""
@@ -280,9 +281,3 @@ class ConversationService:
             log.info("waiting for %d in-flight repl%s", len(tasks),
                      "y" if len(tasks) == 1 else "ies")
             await asyncio.wait(tasks, timeout=grace_s)
-
-
-class LatencyReport(TypedDict):
-    p50: float | None
-    p95: float | None
-    samples: int

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 from datetime import timedelta
-from typing import Any
 
+from bot.reports import ReplyTrace, ViewerStats
 from engine.persona import Persona
 from memory.store import Store, TimelinePoint
 
@@ -29,14 +29,13 @@ def trend(points: list[TimelinePoint]) -> str:
 
 
 async def user_stats(store: Store, persona: Persona, platform: str,
-                     platform_user_id: str) -> dict[str, Any] | None:
+                     platform_user_id: str) -> ViewerStats | None:
     stats = await store.stats(platform, platform_user_id, persona.id, persona.moods.baseline)
     if stats is None:
         return None
     points = await store.state_timeline(stats["user_id"], persona.id)
-    stats["intimacy_tier"] = persona.tier_for(stats["intimacy_level"]).name
-    stats["intimacy_trend"] = trend(points)
-    return stats
+    return ViewerStats(**stats, intimacy_tier=persona.tier_for(stats["intimacy_level"]).name,
+                       intimacy_trend=trend(points))
 
 
 _MOOD_COLOURS = [(93, 173, 226), (244, 208, 63), (231, 76, 60), (142, 68, 173),
@@ -85,12 +84,12 @@ async def user_chart(store: Store, persona: Persona, platform: str,
     return render_chart(points, list(persona.moods.states))
 
 
-async def reply_trace(store: Store, message_id: int) -> dict[str, Any] | None:
+async def reply_trace(store: Store, message_id: int) -> ReplyTrace | None:
     """The stored trace of a reply, given its id or the id of the question it answers."""
     message = await store.get_message(message_id)
     if message is not None and message.role == "user":
         message = await store.reply_to(message.id)
     if message is None or message.trace is None:
         return None
-    return {"message_id": message.id, "reply_to": message.reply_to_id,
-            "content": message.content, "trace": message.trace}
+    return ReplyTrace(message_id=message.id, reply_to=message.reply_to_id,
+                      content=message.content, trace=message.trace)

@@ -15,6 +15,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.reports import (
+    AllocationReport,
+    DeviceStatus,
+    GpuStatus,
+    OptimizeReport,
+    PlacementReport,
+)
+
 log = logging.getLogger(__name__)
 
 GIB = 1024**3
@@ -30,7 +38,7 @@ class DeviceInfo:
     total_bytes: int
     free_bytes: int
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> DeviceStatus:
         used = self.total_bytes - self.free_bytes
         return {
             "index": self.index,
@@ -55,7 +63,7 @@ class Placement:
     def device_map(self) -> str | None:
         return "auto" if len(self.llm_gpus) > 1 else None
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> PlacementReport:
         return {
             "llm_device": self.llm_device,
             "llm_gpus": list(self.llm_gpus),
@@ -122,7 +130,7 @@ def plan_placement(
     )
 
 
-def gpu_status(devices: list[DeviceInfo] | None = None) -> dict[str, Any]:
+def gpu_status(devices: list[DeviceInfo] | None = None) -> GpuStatus:
     """The seed's ``get_gpu_status`` shape, plus a per-device list."""
     devices = discover_devices() if devices is None else devices
     return {
@@ -134,7 +142,7 @@ def gpu_status(devices: list[DeviceInfo] | None = None) -> dict[str, Any]:
     }
 
 
-def optimize_gpu_memory() -> dict[str, Any]:
+def optimize_gpu_memory() -> OptimizeReport:
     """Collect garbage and return cached CUDA blocks to the driver; report what was freed."""
     before = gpu_status()
     collected = gc.collect()
@@ -163,7 +171,7 @@ def layer_device_map(model: Any) -> dict[str, str]:
 
 
 def diagnose_allocation(model: Any | None, placement: Placement | None = None,
-                        imbalance_ratio: float = 2.0) -> dict[str, Any]:
+                        imbalance_ratio: float = 2.0) -> AllocationReport:
     """Layer → device map with imbalance warnings (a GPU holding far more layers than another)."""
     warnings: list[str] = []
     layer_map = layer_device_map(model) if model is not None else {}

@@ -28,6 +28,7 @@ from engine.persona import (
     prompt_language,
     state_hint,
 )
+from engine.reports import AllocationReport, GpuStatus, OptimizeReport
 from engine.response_generator import (
     GeneratedReply,
     PostProcessing,
@@ -256,13 +257,13 @@ class LLMManager:
     def embedder(self) -> Embedder | None:
         return self._embedder
 
-    def get_gpu_status(self) -> dict[str, Any]:
+    def get_gpu_status(self) -> GpuStatus:
         return gpu_manager.gpu_status()
 
-    def optimize_gpu_memory(self) -> dict[str, Any]:
+    def optimize_gpu_memory(self) -> OptimizeReport:
         return gpu_manager.optimize_gpu_memory()
 
-    def diagnose_gpu_allocation(self) -> dict[str, Any]:
+    def diagnose_gpu_allocation(self) -> AllocationReport:
         return gpu_manager.diagnose_allocation(self.llm_model,
                                                getattr(self._backend, "placement", None))
 

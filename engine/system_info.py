@@ -12,6 +12,7 @@ import sys
 from typing import Any
 
 from engine import gpu_manager
+from engine.reports import SystemDiagnosis
 
 _COMPONENTS = ("gpu_manager", "model_loader", "response_generator", "llm_manager")
 _PUBLIC_API = (
@@ -56,7 +57,7 @@ def get_system_info() -> dict[str, Any]:
     }
 
 
-def diagnose_system(info: dict[str, Any] | None = None) -> dict[str, Any]:
+def diagnose_system(info: dict[str, Any] | None = None) -> SystemDiagnosis:
     """Problems that would stop or slow the engine, each with a recommendation."""
     info = info or get_system_info()
     issues: list[str] = []

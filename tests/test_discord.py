@@ -12,12 +12,12 @@ import pytest
 discord = pytest.importorskip("discord")
 dpytest = pytest.importorskip("discord.ext.test")
 
+from adapters.common.text_split import split_message  # noqa: E402
 from adapters.discord_adapter import DiscordAdapter  # noqa: E402
 from adapters.discord_adapter.sink import DiscordSink  # noqa: E402
 from bot.config import parse_config  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import Runtime, open_runtime  # noqa: E402
-from bot.text_split import split_message  # noqa: E402
 
 # ~5,000 characters of distinct sentences (repeated ones would be removed by the filter).
 LONG_REPLY = "".join(f"第{i}顆星今晚也很亮喔，我們一起把它畫進星圖裡吧。" for i in range(200))
@@ -240,16 +240,21 @@ async def test_diagnose_is_admin_only(env: Any, responses: list[dict]) -> None:
     await _invoke(adapter.client, _interaction(adapter.client, "diagnose", member, admin=False))
     assert responses, "no interaction response"
     refused = responses[-1]["payload"]["data"]
-    assert "Only admins" in refused["content"] and refused["flags"] & 64  # ephemeral
+    assert "Only moderators and admins" in refused["content"]
+    assert refused["flags"] & 64  # ephemeral
     await _invoke(adapter.client, _interaction(adapter.client, "diagnose", member, admin=True))
     allowed = responses[-1]["payload"]["data"]
     assert "issues:" in allowed["content"] and allowed["flags"] & 64
 
 
-async def test_gpu_status_answers_with_an_embed(env: Any, responses: list[dict]) -> None:
+async def test_gpu_status_answers_operators_with_an_embed(env: Any,
+                                                         responses: list[dict]) -> None:
     adapter, _runtime, _sends = env
     member = dpytest.get_config().members[0]
     await _invoke(adapter.client, _interaction(adapter.client, "gpu", member, admin=False,
+                                               subcommand="status"))
+    assert "Only moderators" in responses[-1]["payload"]["data"]["content"]
+    await _invoke(adapter.client, _interaction(adapter.client, "gpu", member, admin=True,
                                                subcommand="status"))
     embed = responses[-1]["payload"]["data"]["embeds"][0]
     assert embed["title"] == "GPU status"

@@ -65,7 +65,8 @@ async def test_connects_answers_a_mention_and_a_slash_command(live: Any) -> None
         "channel": {"id": CHANNEL_ID, "type": 0, "guild_id": GUILD_ID, "name": "chat",
                     "position": 0, "permission_overwrites": []},
         "member": {"user": VIEWER, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
-                   "deaf": False, "mute": False, "flags": 0, "permissions": "0"},
+                   # Manage Messages (8192): a moderator, who may see the GPU status.
+                   "deaf": False, "mute": False, "flags": 0, "permissions": "8192"},
         "data": {"id": "900", "name": "gpu", "type": 1,
                  "options": [{"name": "status", "type": 1, "options": []}]},
         "locale": "en-US", "guild_locale": "zh-TW", "app_permissions": "0",

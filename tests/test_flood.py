@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from adapters.common.send_limiter import SendLimiter
 from bot.config import parse_config
 from bot.paths import DataPaths
 from bot.runtime import Runtime, open_runtime
-from bot.send_limiter import SendLimiter
 from engine.backends.scripted import ScriptedBackend
 from engine.types import GenerationRequest
 from tests.test_service import RecordingSink, event

@@ -99,12 +99,27 @@ async def test_diagnose_is_for_moderators(live: Any) -> None:
     server, _adapter, _runtime = live
     await server.notify("channel.chat.message", server.chat_event("!diagnose"))
     await server.wait_until(lambda: len(server.sent_messages()) == 1)
-    assert "for moderators" in server.sent_messages()[0]["message"]
+    assert "Only moderators" in server.sent_messages()[0]["message"]
     await server.notify("channel.chat.message",
                         server.chat_event("!diagnose", user_id="201", login="mod",
                                           badges=["moderator"]))
     await server.wait_until(lambda: len(server.sent_messages()) == 2)
     assert server.sent_messages()[1]["message"].startswith("issues:")
+
+
+async def test_forget_asks_for_confirmation_first(live: Any) -> None:
+    server, _adapter, runtime = live
+    await server.notify("channel.chat.message", server.chat_event("佩兒 你好"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 1)
+    assert await runtime.store.find_user("twitch", "200") is not None
+    await server.notify("channel.chat.message", server.chat_event("!forget"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 2)
+    assert "!forget confirm" in server.sent_messages()[1]["message"]
+    assert await runtime.store.find_user("twitch", "200") is not None  # nothing deleted yet
+    await server.notify("channel.chat.message", server.chat_event("!forget confirm"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 3)
+    assert "deleted" in server.sent_messages()[2]["message"]
+    assert await runtime.store.find_user("twitch", "200") is None
 
 
 async def test_deleted_message_is_purged(live: Any) -> None:

@@ -6,17 +6,16 @@ import asyncio
 import itertools
 import sys
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TextIO
+from typing import TextIO
 
+from bot import commands
+from bot.commands import Caller
 from bot.config import AppConfig
-from bot.events import ChatEvent, EventHandler, Roles
+from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
 
 PLATFORM = "console"
 QUIT_COMMANDS = {"/quit", "/exit"}
 HELP = "Commands: /stats (your relationship stats), /help, /quit (or Ctrl-D)."
-
-StatsProvider = Callable[[str, str], Awaitable[dict[str, Any] | None]]
 
 
 class ConsoleSink:
@@ -63,7 +62,7 @@ class ConsoleAdapter:
         once: str | None = None,
         speaker: str = "",
         banner: str = "",
-        stats: StatsProvider | None = None,
+        services: RuntimeServices | None = None,
         stdin: TextIO | None = None,
         stdout: TextIO | None = None,
     ) -> None:
@@ -71,7 +70,7 @@ class ConsoleAdapter:
         self._once = once
         self._speaker = speaker
         self._banner = banner
-        self._stats = stats
+        self._services = services
         self._stdin = stdin or sys.stdin
         self._out = stdout or sys.stdout
         self._counter = itertools.count(1)
@@ -119,15 +118,11 @@ class ConsoleAdapter:
         self._out.flush()
 
     async def _command(self, text: str) -> None:
-        if text == "/stats" and self._stats is not None:
-            stats = await self._stats(PLATFORM, self._user)
-            if stats is None:
-                self._out.write("No conversation yet.\n")
-            else:
-                self._out.write(
-                    f"conversations: {stats['conversation_count']}, "
-                    f"mood: {stats['current_mood']}, intimacy: {stats['intimacy_level']}\n"
-                )
+        if text == "/stats" and self._services is not None:
+            # Whoever holds the terminal owns the bot.
+            caller = Caller(PLATFORM, self._user, self._user, Roles(is_admin=True))
+            result = await commands.stats(self._services, caller)
+            self._out.write(result.plain_text() + "\n")
             return
         self._out.write(HELP + "\n")
 

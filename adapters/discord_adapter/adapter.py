@@ -11,10 +11,11 @@ import discord
 from discord import app_commands
 
 from adapters.discord_adapter.commands import register_commands
+from adapters.discord_adapter.roles import member_roles
 from adapters.discord_adapter.sink import DiscordSink
 from bot.config import AppConfig
 from bot.errors import BotError
-from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
+from bot.events import ChatEvent, EventHandler, RuntimeServices
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
@@ -24,18 +25,6 @@ class DiscordLoginError(BotError):
     """Discord refused the token."""
 
     exit_code = 77  # EX_NOPERM
-
-
-def is_admin(config: AppConfig, user: discord.abc.User) -> bool:
-    """Configured admin user/role ids, or Administrator in the guild."""
-    admins = config.admins
-    if user.id in admins.discord_user_ids:
-        return True
-    if isinstance(user, discord.Member):
-        if user.guild_permissions.administrator:
-            return True
-        return any(role.id in admins.discord_role_ids for role in user.roles)
-    return False
 
 
 class _VTuberEvents:
@@ -49,7 +38,7 @@ class _VTuberEvents:
         self.tree = app_commands.CommandTree(self)  # type: ignore[arg-type]
 
     async def setup_hook(self) -> None:
-        register_commands(self.tree, self.adapter)
+        register_commands(self.tree, self.adapter.config, self.adapter.services)
 
     async def on_ready(self) -> None:
         client: Any = self
@@ -132,7 +121,7 @@ class DiscordAdapter:
             addressed=self._addressed(message),
             is_bot=author.bot,
             is_self=self.client.user is not None and author.id == self.client.user.id,
-            roles=Roles(is_admin=is_admin(self.config, author)),
+            roles=member_roles(self.config, author),
             reply_to_message_id=(str(message.reference.message_id)
                                  if message.reference and message.reference.message_id
                                  else None),

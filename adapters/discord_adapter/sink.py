@@ -7,7 +7,7 @@ from typing import Any
 
 import discord
 
-from bot.text_split import split_message
+from adapters.common.text_split import split_message
 
 DISCORD_LIMIT = 2000
 NO_PINGS = discord.AllowedMentions.none()

@@ -10,15 +10,21 @@ from typing import Any
 import twitchio
 from twitchio import eventsub
 
+from adapters.common.send_limiter import SendLimiter
+from adapters.common.text_split import split_message
+from bot import commands
+from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
 from bot.errors import BotError
 from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
-from bot.send_limiter import TWITCH_MODERATOR_LIMIT, TWITCH_USER_LIMIT, SendLimiter
-from bot.text_split import split_message
 
 log = logging.getLogger(__name__)
 PLATFORM = "twitch"
 TWITCH_LIMIT = 500
+# Twitch's chat send limits: 20 messages per 30 s for a normal bot account, 100 per 30 s where
+# the bot is a moderator or the broadcaster.
+TWITCH_USER_LIMIT = (20, 30.0)
+TWITCH_MODERATOR_LIMIT = (100, 30.0)
 
 
 class TwitchLoginError(BotError):
@@ -199,32 +205,29 @@ class TwitchAdapter:
 
     async def _command(self, text: str, message: twitchio.ChatMessage, roles: Roles,
                        sink: TwitchSink) -> None:
+        """``!word argument`` onto the neutral commands; unknown words are left alone."""
         name, _, argument = text[1:].partition(" ")
-        user_id = str(message.chatter.id)
-        privileged = roles.is_admin or roles.is_moderator or roles.is_broadcaster
-        if name in ("gpu", "diagnose") and not privileged:
-            await sink.send(f"@{message.chatter.name} !{name} is for moderators.")
-        elif name == "gpu":
-            status = self.services.gpu_status()
-            devices = ", ".join(f"cuda:{d['index']} {d['used_memory_gb']}/"
-                                f"{d['total_memory_gb']} GiB" for d in status["devices"])
-            await sink.send(f"GPUs: {devices or 'none (CPU)'}; model {status['model']}")
-        elif name == "diagnose":
-            report = self.services.diagnose()
-            await sink.send(f"issues: {'; '.join(report['issues']) or 'none'} | queue "
-                            f"{report['queue_depth']} | latency {report['latency_ms']}")
-        elif name == "stats":
-            stats = await self.services.stats(PLATFORM, user_id)
-            await sink.send("No conversations yet." if stats is None else
-                            f"conversations {stats['conversation_count']}, mood "
-                            f"{stats['current_mood']}, intimacy {stats['intimacy_level']}")
-        elif name == "forget":
-            counts = await self.services.forget(PLATFORM, user_id)
-            await sink.send(f"Forgot you: {sum(counts.values())} rows deleted.")
-        elif name == "link" and argument.strip():
-            linked = await self.services.redeem_link_code(argument, PLATFORM, user_id,
-                                                          message.chatter.name or user_id)
-            await sink.send("Linked!" if linked else "That code is unknown or expired.")
+        chatter = message.chatter
+        caller = Caller(PLATFORM, str(chatter.id), chatter.name or str(chatter.id), roles)
+        result = await self._run_command(name.casefold(), argument.strip(), caller)
+        if result is not None:
+            await sink.send(result.plain_text(" | "))
+
+    async def _run_command(self, name: str, argument: str,
+                           caller: Caller) -> CommandResult | None:
+        services = self.services
+        if name == "gpu":
+            return await commands.gpu_status(services, caller)
+        if name == "diagnose":
+            return await commands.diagnose(services, caller)
+        if name == "stats":
+            return await commands.stats(services, caller)
+        if name == "forget":
+            return await commands.forget(services, caller, argument.casefold() == "confirm",
+                                         confirm_hint="!forget confirm")
+        if name == "link" and argument:
+            return await commands.redeem_link(services, caller, argument)
+        return None
 
     async def on_chat_cleared(self, channel_id: str, user_id: str | None) -> None:
         purged = await self.services.purge_messages(PLATFORM, channel_id, user_id)

@@ -1,5 +1,4 @@
-"""Outgoing message rate limits (e.g. Twitch chat: 20 messages per 30 s for a normal bot
-account, 100 per 30 s where the bot is a moderator or the broadcaster)."""
+"""Outgoing message rate limits (a platform's chat send limits, such as Twitch's)."""
 
 from __future__ import annotations
 
@@ -7,9 +6,6 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
-
-TWITCH_USER_LIMIT = (20, 30.0)
-TWITCH_MODERATOR_LIMIT = (100, 30.0)
 
 
 class SendLimiter:
