@@ -23,10 +23,12 @@ run: $(VENV)/.stamp-run
 
 test: $(VENV)/.stamp-dev $(VLLM_VENV)/.stamp
 	@$(PY) -m ruff check --quiet .
+	@$(PY) -m mypy
 	VTUBER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest $(ARGS)
 
 lint: $(VENV)/.stamp-dev
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
@@ -62,4 +64,4 @@ $(VLLM_VENV)/.stamp:
 	@touch $@
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache .mypy_cache

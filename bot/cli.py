@@ -11,10 +11,10 @@ import asyncio
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot import __version__
 from bot.commands.format import StatsSummary
@@ -30,7 +30,7 @@ from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 
-Command = Callable[[argparse.Namespace, AppConfig, DataPaths], Awaitable[int]]
+Command = Callable[[argparse.Namespace, AppConfig, DataPaths], Coroutine[Any, Any, int]]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-Subparsers = argparse._SubParsersAction  # the type add_subparsers() returns
+if TYPE_CHECKING:  # what add_subparsers() returns (generic only for type checkers)
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _add_runtime_commands(sub: Subparsers) -> None:
@@ -196,18 +197,19 @@ async def cmd_migrate(args: argparse.Namespace, config: AppConfig, paths: DataPa
 async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
     from engine.system_info import diagnose_system
 
-    report = diagnose_system()
-    report["config"] = config.masked_dump()
-    report["data_dir"] = str(paths.data_dir)
+    diagnosis = diagnose_system()
+    report = {**diagnosis, "config": config.masked_dump(), "data_dir": str(paths.data_dir),
+              # What the engine is given (secrets are never dumped).
+              "engine_config": config.engine_config().model_dump(mode="json")}
     if args.json:
         _print_json(report)
         return 0
     print(f"data dir: {paths.data_dir}")
-    print("issues:" if report["issues"] else "issues: none")
-    for issue in report["issues"]:
+    print("issues:" if diagnosis["issues"] else "issues: none")
+    for issue in diagnosis["issues"]:
         print(f"  - {issue}")
-    print("recommendations:" if report["recommendations"] else "recommendations: none")
-    for item in report["recommendations"]:
+    print("recommendations:" if diagnosis["recommendations"] else "recommendations: none")
+    for item in diagnosis["recommendations"]:
         print(f"  - {item}")
     return 0
 
@@ -217,16 +219,15 @@ async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: Dat
 
     devices = discover_devices()
     status = gpu_status(devices)
-    status["placement"] = plan_placement(devices, config.models.llm.device).as_dict()
+    placement = plan_placement(devices, config.models.llm.device).as_dict()
     if args.json:
-        _print_json(status)
+        _print_json({**status, "placement": placement})
         return 0
     print(f"GPUs: {status['gpu_count']}  total {status['total_memory_gb']} GiB, "
           f"available {status['available_memory_gb']} GiB")
     for device in status["devices"]:
         print(f"  cuda:{device['index']} {device['name']}: {device['used_memory_gb']} / "
               f"{device['total_memory_gb']} GiB used")
-    placement = status["placement"]
     print(f"LLM on {placement['llm_device']}, embedder on {placement['embedder_device']}")
     return 0
 

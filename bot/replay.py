@@ -158,6 +158,12 @@ class _CaptureSink:
 _ZERO = {"conversation_count": 0, "current_mood": None, "intimacy_level": 0.0}
 
 
+async def _stats_of(runtime: Runtime, platform: str, user: str) -> dict[str, Any]:
+    """A viewer's stats as a plain dict (zeros for a viewer not seen yet)."""
+    stats = await runtime.stats(platform, user)
+    return dict(stats) if stats is not None else dict(_ZERO)
+
+
 class _Clock:
     def __init__(self) -> None:
         self.now = datetime.now(UTC)
@@ -170,7 +176,7 @@ async def _message(runtime: Runtime, clock: _Clock, event: dict[str, Any],
                    report: ReplayReport) -> None:
     clock.now = event["at"]
     user = str(event["user"])
-    previous = await runtime.stats(event["platform"], user) or dict(_ZERO)
+    previous = await _stats_of(runtime, event["platform"], user)
     sink = _CaptureSink()
     started = time.perf_counter()
     reply = await runtime.service.handle(ChatEvent(
@@ -179,7 +185,7 @@ async def _message(runtime: Runtime, clock: _Clock, event: dict[str, Any],
         sink=sink, timestamp=event["at"],
     ))
     latency = time.perf_counter() - started
-    stats = await runtime.stats(event["platform"], user) or dict(_ZERO)
+    stats = await _stats_of(runtime, event["platform"], user)
     retrieved: list[int] = []
     if reply.message_id is not None:
         message = await runtime.store.get_message(reply.message_id)
@@ -214,15 +220,15 @@ async def replay(
                 if event["type"] == "restart":
                     break
                 if event["type"] == "expect":
-                    stats = await runtime.stats(event["platform"], str(event["user"]))
+                    stats = await _stats_of(runtime, event["platform"], str(event["user"]))
                     report.checks += 1
-                    report.mismatches += compare(stats or dict(_ZERO), event["stats"],
-                                                 event["_where"])
+                    report.mismatches += compare(stats, event["stats"], event["_where"])
                     continue
                 users.add((event["platform"], str(event["user"])))
                 await _message(runtime, clock, event, report)
             for platform, user in sorted(users):
-                report.final_stats[f"{platform}:{user}"] = await runtime.stats(platform, user)
+                report.final_stats[f"{platform}:{user}"] = await _stats_of(runtime, platform,
+                                                                           user)
         if not pending:
             return report
         backend = None  # a restart builds a new engine, as a real restart would

@@ -29,6 +29,7 @@ class LatencySummary(TypedDict):
 
 
 class RuntimeDiagnosis(SystemDiagnosis):
+    engine_config: dict[str, Any]  # the settings the running engine holds (no secrets)
     model: dict[str, Any]
     allocation_warnings: list[str]
     queue_depth: int

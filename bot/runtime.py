@@ -110,6 +110,7 @@ class Runtime:
         model = {k: v for k, v in self.engine.get_model_info().items() if k != "gpu_cluster"}
         return RuntimeDiagnosis(
             **diagnose_system(), model=model,
+            engine_config=self.engine.config.model_dump(mode="json"),
             allocation_warnings=self.engine.diagnose_gpu_allocation()["warnings"],
             queue_depth=self.service.pending, latency_ms=self.service.latency_percentiles())
 
@@ -125,11 +126,12 @@ class Runtime:
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""
         loop = asyncio.get_running_loop()
-        tasks = {asyncio.create_task(a.run(self.service.handle), name=f"adapter-{a.name}")
-                 for a in adapters}
+        tasks: set[asyncio.Task[Any]] = {
+            asyncio.create_task(a.run(self.service.handle), name=f"adapter-{a.name}")
+            for a in adapters}
         stop = asyncio.Event()
         installed = _install_signal_handlers(loop, stop)
-        waiter = asyncio.create_task(stop.wait())
+        waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         failure: BaseException | None = None
         try:
             pending = set(tasks)

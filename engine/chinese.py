@@ -28,7 +28,7 @@ def convert(text: str, mode: str, protected: tuple[str, ...] = ()) -> str:
         raise ValueError(f"unknown Chinese conversion mode {mode!r}; allowed: {', '.join(MODES)}")
     shielded, originals = _shield(text, protected)
     converter = _converter(mode)
-    converted = converter.convert(shielded)
+    converted: str = converter.convert(shielded)
     # OpenCC's phrase tables are not idempotent ("云" → "云" → "雲" once a neighbour changed):
     # convert to a fixed point so nothing in a reply would still change.
     for _ in range(3):

@@ -21,6 +21,7 @@ from engine.types import SamplingParams
 
 ConversionMode = Literal["s2twp", "s2tw", "s2hk", "s2t", "off"]
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
+MIN_TOKENS_DEFAULT = 10
 
 
 class Section(BaseModel):
@@ -90,11 +91,22 @@ class ModelsConfig(Section):
 
 class ResponseConfig(Section):
     max_tokens: int = Field(150, ge=1, le=8192)
-    min_tokens: int = Field(10, ge=0, le=8192)
+    min_tokens: int = Field(MIN_TOKENS_DEFAULT, ge=0, le=8192)
     filter_repetition: bool = True
     enable_traditional_chinese: bool = True
     # Overrides enable_traditional_chinese when set.
     chinese_conversion: ConversionMode | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_min_fits_max(cls, data: Any) -> Any:
+        """A short ``max_tokens`` alone lowers the default ``min_tokens`` with it; only an
+        explicit ``min_tokens`` above ``max_tokens`` is an error."""
+        if isinstance(data, dict) and "min_tokens" not in data:
+            maximum = data.get("max_tokens")
+            if isinstance(maximum, int) and 0 < maximum < MIN_TOKENS_DEFAULT:
+                return {**data, "min_tokens": maximum}
+        return data
 
     @model_validator(mode="after")
     def _min_below_max(self) -> ResponseConfig:

@@ -251,7 +251,8 @@ class LLMManager:
         """Blocking: call from a worker thread inside async code."""
         if self._embedder is None:
             raise BackendUnavailableError("embeddings are disabled or the manager is not started")
-        return self._embedder.encode(list(texts)).tolist()
+        vectors: list[list[float]] = self._embedder.encode(list(texts)).tolist()
+        return vectors
 
     @property
     def embedder(self) -> Embedder | None:
@@ -269,7 +270,7 @@ class LLMManager:
 
     def get_model_info(self) -> dict[str, Any]:
         info = self._backend.info() if self._backend is not None else {"backend": None}
-        load = info.get("load", {})
+        load: dict[str, Any] = info.get("load") or {}
         return {
             **info,
             "initialized": self._generator is not None,

@@ -46,7 +46,7 @@ class IncrementalDecoder:
 
     def push(self, token_ids: list[int]) -> str:
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text: str = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character; wait for more
             return ""
         delta = text[self._emitted:]
@@ -54,7 +54,7 @@ class IncrementalDecoder:
         return delta
 
     def flush(self) -> str:
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text: str = self._tokenizer.decode(self._ids, skip_special_tokens=True)
         delta = text[self._emitted:]
         self._emitted = len(text)
         return delta.rstrip("\ufffd")

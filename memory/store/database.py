@@ -60,8 +60,8 @@ def check_sqlite_file(path: Path) -> None:
         raise StoreError(f"store: directory {parent} is not writable")
 
 
-def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _tune_sqlite(sql_engine: AsyncEngine, busy_timeout_ms: int) -> None:
+    @event.listens_for(sql_engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
         dbapi_connection.isolation_level = None
@@ -75,25 +75,26 @@ def _tune_sqlite(engine: AsyncEngine, busy_timeout_ms: int) -> None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(sql_engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         read_only = connection.get_execution_options().get(_READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 class Database:
-    """The engine and its two session factories: ``read()`` and ``write()`` units of work."""
+    """SQLAlchemy's engine (``sql_engine``, not to be confused with the LLM engine) and its two
+    session factories: ``read()`` and ``write()`` units of work."""
 
-    def __init__(self, engine: AsyncEngine, url: str) -> None:
-        self.engine = engine
+    def __init__(self, sql_engine: AsyncEngine, url: str) -> None:
+        self.sql_engine = sql_engine
         self.url = url
-        self._writes = async_sessionmaker(engine, expire_on_commit=False)
-        self._reads = async_sessionmaker(engine.execution_options(**{_READ_ONLY: True}),
+        self._writes = async_sessionmaker(sql_engine, expire_on_commit=False)
+        self._reads = async_sessionmaker(sql_engine.execution_options(**{_READ_ONLY: True}),
                                          expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
-        return self.engine.dialect.name
+        return self.sql_engine.dialect.name
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool, busy_timeout_ms: int) -> Database:
@@ -104,10 +105,10 @@ class Database:
         try:
             if auto_migrate:
                 await upgrade_to_head(url, busy_timeout_ms)
-            engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
-            if engine.dialect.name == "sqlite":
-                _tune_sqlite(engine, busy_timeout_ms)
-            database = cls(engine, url)
+            sql_engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            if sql_engine.dialect.name == "sqlite":
+                _tune_sqlite(sql_engine, busy_timeout_ms)
+            database = cls(sql_engine, url)
             async with database.read() as session:
                 await session.execute(select(User.id).limit(1))
         except (OperationalError, DBAPIError, OSError) as exc:
@@ -127,4 +128,4 @@ class Database:
             yield session
 
     async def close(self) -> None:
-        await self.engine.dispose()
+        await self.sql_engine.dispose()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, and_, delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -11,8 +11,8 @@ from memory.models import Identity, Memory, Message, RelationshipState, StateEve
 from memory.store.database import Database
 
 
-def identity_is(platform: str, platform_user_id: str) -> tuple[object, object]:
-    return (Identity.platform == platform, Identity.platform_user_id == platform_user_id)
+def identity_is(platform: str, platform_user_id: str) -> ColumnElement[bool]:
+    return and_(Identity.platform == platform, Identity.platform_user_id == platform_user_id)
 
 
 class Identities:
@@ -22,14 +22,14 @@ class Identities:
     async def find_user(self, platform: str, platform_user_id: str) -> int | None:
         async with self._db.read() as session:
             return await session.scalar(
-                select(Identity.user_id).where(*identity_is(platform, platform_user_id)))
+                select(Identity.user_id).where(identity_is(platform, platform_user_id)))
 
     async def resolve_user(self, platform: str, platform_user_id: str, display_name: str) -> int:
         """The user id behind a platform identity, created on first sight."""
         try:
             async with self._db.write() as session:
                 user_id = await session.scalar(
-                    select(Identity.user_id).where(*identity_is(platform, platform_user_id)))
+                    select(Identity.user_id).where(identity_is(platform, platform_user_id)))
                 if user_id is not None:
                     return user_id
                 user = User(display_name=display_name)
@@ -54,7 +54,7 @@ class Identities:
         counts added, the higher intimacy kept), then the emptied user is deleted."""
         async with self._db.write() as session:
             identity = await session.scalar(
-                select(Identity).where(*identity_is(platform, platform_user_id)))
+                select(Identity).where(identity_is(platform, platform_user_id)))
             if identity is None:
                 session.add(Identity(user_id=user_id, platform=platform,
                                      platform_user_id=platform_user_id,
@@ -76,7 +76,7 @@ class Identities:
         """Give a linked identity a user of its own again (history stays where it is)."""
         async with self._db.write() as session:
             identity = await session.scalar(
-                select(Identity).where(*identity_is(platform, platform_user_id)))
+                select(Identity).where(identity_is(platform, platform_user_id)))
             if identity is None:
                 return None
             others = await session.scalar(select(func.count()).select_from(Identity).where(

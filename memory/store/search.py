@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import operator
 
-from sqlalchemy import case, column, delete, func, or_, select, table
+from sqlalchemy import ColumnElement, case, column, delete, func, or_, select, table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memory.models import Memory
@@ -90,7 +90,7 @@ class Memories:
             return await _contains_search(session, terms, persona_id, user_id, limit)
 
 
-def _visible_to(user_id: int | None) -> object:
+def _visible_to(user_id: int | None) -> ColumnElement[bool]:
     return or_(Memory.scope == "persona", Memory.user_id == user_id)
 
 
