@@ -151,7 +151,8 @@ class LLMManager:
         language, mood/intimacy hint, trusted context, the viewer's notes, history, message."""
         persona = self.persona
         language = prompt_language(inputs.text)
-        hint = state_hint(inputs.state, persona, language) if inputs.state else None
+        hint = (state_hint(inputs.state, persona, language) if inputs.state is not None
+                else None)
         messages = build_messages(persona.system_prompt(language), inputs.text,
                                   inputs.history, inputs.context, hint, inputs.user_notes)
         return GenerationRequest(messages, self.config.sampling(), language=language)

@@ -69,9 +69,10 @@ class CommandResult:
     refused: bool = False
 
     def plain_text(self, separator: str = "\n") -> str:
+        """One text, lines joined by ``separator`` (" | " for one-line chats like Twitch)."""
         parts = [f"{self.title}: {self.text}" if self.title else self.text]
         parts.extend(f"{name}: {value}" for name, value in self.fields)
-        return separator.join(p for p in parts if p)
+        return separator.join(line for part in parts for line in part.splitlines() if line)
 
 
 P = ParamSpec("P")
