@@ -39,6 +39,18 @@ class ReplySink(Protocol):
         ...
 
 
+class DeliveryError(Exception):
+    """A sink could not deliver. Adapters translate their platform's errors into this:
+    ``retryable`` for 429/5xx and timeouts (the service retries with backoff, honouring
+    ``retry_after``), not for a refusal that would fail again (403, 404)."""
+
+    def __init__(self, message: str, *, retryable: bool,
+                 retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
 @dataclass(frozen=True, slots=True)
 class Roles:
     is_admin: bool = False
@@ -73,8 +85,10 @@ class Reply:
     """The outcome of one event, for adapters and tests."""
 
     text: str
-    status: str  # answered | dropped | failed
+    status: str  # answered | dropped | failed | expired
     message_id: int | None = None
+    # Why it ended so: rate_limited, channel_cooldown, queue_full, duplicate, empty,
+    # bot_author, stale, superseded, shutdown, store, backend, send, timeout.
     reason: str | None = None
 
 

@@ -1,28 +1,66 @@
-"""Flow control in memory: sliding-window rate limits and per-viewer ordered lanes."""
+"""Flow control in memory, decided before any database work: sliding-window rate limits,
+recently seen message keys, and per-viewer ordered lanes. Every structure is bounded."""
 
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict, deque
+from collections import OrderedDict, deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+
+MAX_TRACKED_KEYS = 50_000
 
 
 class SlidingWindowLimiter:
-    """At most ``limit`` events per key in any ``window`` seconds."""
+    """At most ``limit`` events per key in any ``window`` seconds. Keys idle for a whole
+    window are forgotten; beyond ``max_keys`` the least recently seen are."""
 
-    def __init__(self, limit: int, window: float = 60.0) -> None:
+    def __init__(self, limit: int, window: float = 60.0,
+                 max_keys: int = MAX_TRACKED_KEYS) -> None:
         self._limit = limit
         self._window = window
-        self._events: dict[str, deque[float]] = defaultdict(deque)
+        self._max_keys = max_keys
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._events)
 
     def allow(self, key: str, now: float) -> bool:
-        events = self._events[key]
+        events = self._events.pop(key, None) or deque()
+        self._events[key] = events  # most recently seen last
         while events and now - events[0] >= self._window:
             events.popleft()
+        if len(self._events) > self._max_keys:
+            self._forget(now)
         if len(events) >= self._limit:
             return False
         events.append(now)
         return True
+
+    def _forget(self, now: float) -> None:
+        for key in [k for k, e in self._events.items() if not e or now - e[-1] >= self._window]:
+            del self._events[key]
+        while len(self._events) > self._max_keys:
+            self._events.popitem(last=False)
+
+
+class RecentKeys:
+    """The last ``size`` keys seen (a redelivered platform message is caught here before any
+    database work; the database's unique key catches the rest)."""
+
+    def __init__(self, size: int = MAX_TRACKED_KEYS) -> None:
+        self._size = size
+        self._keys: OrderedDict[Hashable, None] = OrderedDict()
+
+    def seen(self, key: Hashable) -> bool:
+        """True if ``key`` was seen before; remembers it either way."""
+        if key in self._keys:
+            self._keys.move_to_end(key)
+            return True
+        self._keys[key] = None
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+        return False
 
 
 @dataclass(slots=True)

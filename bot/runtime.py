@@ -223,6 +223,10 @@ async def open_runtime(
             retriever = await _open_retriever(config, engine, store)
             service = ConversationService(config, engine, store, clock=clock,
                                           retriever=retriever)
-            yield Runtime(config, paths, store, engine, service)
+            await service.recover()
+            try:
+                yield Runtime(config, paths, store, engine, service)
+            finally:
+                await service.drain(DRAIN_TIMEOUT_S)
         finally:
             await engine.aclose()

@@ -1,82 +1,101 @@
-"""ConversationService: one inbound ChatEvent → policy → persisted → context → engine →
-persisted reply and state → sent. See docs/ARCHITECTURE.md, "One message, end to end".
+"""ConversationService: one inbound ChatEvent → admission → recorded → answered, and the one
+error boundary that owns every message's lifecycle (docs/ARCHITECTURE.md, "One message").
 
-Flow control (rate limits, lanes) lives in ``bot.flow``, context building in ``bot.context``,
-streaming previews in ``bot.streaming``; this module is the answer path and its error boundary.
+``received → answered | dropped | failed | expired``, each final state with a reason. Admission
+(flood control, rate limits, the pending bound, duplicates) is decided in memory before any
+database work; refused messages are recorded as ``dropped`` in the background, in batches.
+Whatever fails later (store, backend, send, timeout, shutdown) ends the message with a reason,
+the viewer gets the reply or at most one in-character fallback, and one log line names it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from bot.answer import Answerer, Attempt, Exchange
 from bot.config import AppConfig
-from bot.context import ContextBuilder, PreparedPrompt
+from bot.context import ContextBuilder
+from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply
-from bot.flow import Lanes, SlidingWindowLimiter, Ticket
+from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
 from bot.reports import LatencySummary
-from bot.state_rules import persona_rule
-from bot.streaming import StreamingPreview, supports_edits
+from bot.text import storable
 from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.persona import Persona
-from engine.response_generator import GeneratedReply
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
-from memory.store import Store
+from memory.store import IntakeItem, IntakeOutcome, IntakeWriter, Store
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+# Failures we expect and describe in one line; anything else is a bug and logs its traceback.
+EXPECTED_FAILURES = (StoreError, EngineError, DeliveryFailed, TimeoutError)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-@dataclass(frozen=True, slots=True)
-class Exchange:
-    """What the service knows about an accepted message while answering it."""
+def sanitized(event: ChatEvent) -> ChatEvent:
+    """No NUL and no lone surrogates in anything that reaches the store."""
+    return dataclasses.replace(
+        event, text=storable(event.text), display_name=storable(event.display_name),
+        platform_user_id=storable(event.platform_user_id),
+        channel_id=storable(event.channel_id),
+        message_id=storable(event.message_id) if event.message_id is not None else None)
 
-    event: ChatEvent
-    user_id: int
-    message_id: int
-    received_at: float
+
+class StoreHealth:
+    """Tells the operator once when the store goes away and once when it is back."""
+
+    def __init__(self) -> None:
+        self.ok = True
+
+    def failed(self, exc: BaseException) -> None:
+        if self.ok:
+            self.ok = False
+            log.error("store unavailable: %s (replies go on; failures are logged per message)",
+                      exc)
+
+    def succeeded(self) -> None:
+        if not self.ok:
+            self.ok = True
+            log.info("store is reachable again")
 
 
 class ConversationService:
-    def __init__(
-        self,
-        config: AppConfig,
-        engine: EngineClient,
-        store: Store,
-        *,
-        clock: Clock = utcnow,
-        retriever: MemoryRetriever | None = None,
-    ) -> None:
+    def __init__(self, config: AppConfig, engine: EngineClient, store: Store, *,
+                 clock: Clock = utcnow, retriever: MemoryRetriever | None = None) -> None:
         self._config = config
         self._engine = engine
         self._store = store
         self._clock = clock
-        self._context = ContextBuilder(
+        context = ContextBuilder(
             engine, store, retriever,
             history_messages=config.store.history_messages,
             history_token_budget=config.store.history_token_budget,
             remember_min_chars=config.store.remember_messages_min_chars,
         )
+        self._answerer = Answerer(config, engine, store, context, clock)
         limits = config.limits
         self._limiter = SlidingWindowLimiter(limits.user_messages_per_minute)
         self._channel_limiter = (SlidingWindowLimiter(limits.channel_messages_per_minute)
                                  if limits.channel_messages_per_minute else None)
+        self._recent = RecentKeys()
         self._lanes = Lanes()
-        self._generation_slots = asyncio.Semaphore(limits.max_concurrent_generations)
+        self._writer = IntakeWriter(store.intake)
+        self.store_health = StoreHealth()
         self._pending = 0
+        self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._latencies: deque[float] = deque(maxlen=500)
 
@@ -88,45 +107,148 @@ class ConversationService:
     def pending(self) -> int:
         return self._pending
 
+    # -- intake -------------------------------------------------------------------------------
+
     async def handle(self, event: ChatEvent) -> Reply:
-        """Answer one event. Never raises for model or store trouble: the user gets an
-        in-character fallback and the cause goes to the log."""
+        """Take one event to a final state. Never raises for store, model or platform trouble:
+        the viewer gets the reply or one in-character fallback, the log gets the cause."""
         if event.is_self or event.is_bot:
-            return Reply("", "dropped", reason="bot author")
+            return Reply("", "dropped", reason="bot_author")
+        event = sanitized(event)
         text = event.text.strip()
+        if event.message_id is not None and self._recent.seen(
+                (event.platform, event.channel_id, event.message_id)):
+            return Reply("", "dropped", reason="duplicate")
+        refusal = self._refusal(event, text)
+        if refusal is not None:
+            self._record_drop(event, text, refusal)
+            return Reply("", "dropped", reason=refusal)
+        return await self._admitted(event, text)
+
+    def _refusal(self, event: ChatEvent, text: str) -> str | None:
+        """Admission, in memory: the reason to drop, or None to answer."""
+        if self._closing:
+            return "shutdown"
         if not text:
-            return Reply("", "dropped", reason="empty")
+            return "empty"
+        # The event's own time, so replays rate-limit exactly as the live run did.
+        moment = event.timestamp.timestamp()
+        if not self._limiter.allow(f"{event.platform}:{event.platform_user_id}", moment):
+            return "rate_limited"
+        if self._channel_limiter is not None and not self._channel_limiter.allow(
+                f"{event.platform}:{event.channel_id}", moment):
+            return "channel_cooldown"
+        if self._pending >= self._config.limits.max_pending:
+            return "queue_full"
+        return None
+
+    def _intake_item(self, event: ChatEvent, text: str, status: str = "received",
+                     reason: str | None = None) -> IntakeItem:
+        return IntakeItem(
+            platform=event.platform, platform_user_id=event.platform_user_id,
+            display_name=event.display_name, persona_id=self.persona.id,
+            channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
+            created_at=event.timestamp, status=status, reason=reason)
+
+    def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
+        """Record a refused message in the background (batched; it costs no transaction of
+        its own and never delays the chat)."""
+        future = self._writer.submit(self._intake_item(event, text, "dropped", reason))
+        future.add_done_callback(self._after_drop_recorded)
+
+    def _after_drop_recorded(self, future: asyncio.Future[IntakeOutcome]) -> None:
+        if future.cancelled():
+            return
+        if (exc := future.exception()) is not None:
+            self.store_health.failed(exc)
+        else:
+            self.store_health.succeeded()
+
+    async def _admitted(self, event: ChatEvent, text: str) -> Reply:
+        admitted_at = time.monotonic()
+        self._pending += 1
+        # A place in this viewer's lane before the first await keeps arrival order.
+        ticket = self._lanes.enter((event.platform, event.platform_user_id))
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
         try:
-            return await self._handle_accepted(event, text)
+            exchange = await self._record(event, text, admitted_at)
+            if isinstance(exchange, Reply):
+                return exchange
+            return await self._lifecycle(exchange, ticket, text)
         finally:
+            self._pending -= 1
+            self._lanes.leave(ticket)
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _handle_accepted(self, event: ChatEvent, text: str) -> Reply:
-        # Take a place in this viewer's lane before the first await, so the viewer's messages
-        # are answered in the order they arrived even though storing them takes time.
-        ticket = self._lanes.enter((event.platform, event.platform_user_id))
+    async def _record(self, event: ChatEvent, text: str,
+                      admitted_at: float) -> Exchange | Reply:
         try:
-            exchange = await self._accept(event, text)
-            if isinstance(exchange, Reply):
-                return exchange
-            self._pending += 1
-            try:
-                await ticket.turn
-                dropped = await self._flood_control(ticket, exchange, text)
-                if dropped is not None:
-                    return dropped
-                lane = ticket.lane
-                if lane.burst:
-                    text, lane.burst = "\n".join([*lane.burst, text]), []
-                return await self._answer(exchange, text)
-            finally:
-                self._pending -= 1
-        finally:
-            self._lanes.leave(ticket)
+            outcome = await self._writer.submit(self._intake_item(event, text))
+        except StoreError as exc:
+            self.store_health.failed(exc)
+            log.error("message %s from %s:%s failed (store): not recorded: %s",
+                      event.message_id, event.platform, event.platform_user_id, exc)
+            return Reply(await self._fallback(event, None), "failed", reason="store")
+        self.store_health.succeeded()
+        if outcome.message_id is None:
+            return Reply("", "dropped", reason="duplicate")
+        return Exchange(event, outcome.user_id, outcome.message_id, admitted_at)
+
+    # -- the lifecycle's one owner ------------------------------------------------------------
+
+    async def _lifecycle(self, exchange: Exchange, ticket: Ticket, text: str) -> Reply:
+        attempt = Attempt()
+        try:
+            await ticket.turn
+            dropped = await self._flood_control(ticket, exchange, text)
+            if dropped is not None:
+                return dropped
+            if ticket.lane.burst:
+                text, ticket.lane.burst = "\n".join([*ticket.lane.burst, text]), []
+            async with asyncio.timeout(self._config.limits.reply_timeout_s):
+                reply_id = await self._answerer.answer(exchange, text, attempt)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._end(exchange.message_id, "expired", "shutdown"))
+            log.warning("message %d expired (shutdown)", exchange.message_id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the one error boundary; the cause is logged
+            return await self._failed(exchange, attempt, exc)
+        self._latencies.append(time.monotonic() - exchange.received_at)
+        return Reply(attempt.text, "answered", message_id=reply_id)
+
+    async def _failed(self, exchange: Exchange, attempt: Attempt, exc: Exception) -> Reply:
+        reason = "timeout" if isinstance(exc, TimeoutError) else attempt.stage
+        if isinstance(exc, StoreError):
+            self.store_health.failed(exc)
+        log.error("message %d failed (%s)%s: %s: %s", exchange.message_id, reason,
+                  " after the reply was delivered" if attempt.delivered else "",
+                  type(exc).__name__, exc, exc_info=not isinstance(exc, EXPECTED_FAILURES))
+        await self._end(exchange.message_id, "failed", reason)
+        if attempt.delivered:
+            return Reply(attempt.text, "failed", reason=reason)
+        fallback = await self._fallback(exchange.event, exchange.message_id)
+        return Reply(fallback, "failed", reason=reason)
+
+    async def _fallback(self, event: ChatEvent, message_id: int | None) -> str:
+        """Send the one in-character fallback line (retried like any send)."""
+        fallback = self.persona.fallback(message_id or 0)
+        try:
+            await deliver(lambda: event.sink.send(fallback), "fallback")
+        except DeliveryFailed as exc:
+            log.error("message %s: the fallback could not be delivered either: %s",
+                      message_id if message_id is not None else event.message_id, exc)
+        return fallback
+
+    async def _end(self, message_id: int, status: str, reason: str) -> None:
+        try:
+            await self._store.set_status(message_id, status, reason)
+        except StoreError as exc:
+            self.store_health.failed(exc)
+            log.error("message %d: could not record %s (%s): %s", message_id, status, reason,
+                      exc)
 
     async def _flood_control(self, ticket: Ticket, exchange: Exchange,
                              text: str) -> Reply | None:
@@ -136,135 +258,57 @@ class ConversationService:
         age = (self._clock() - exchange.event.timestamp).total_seconds()
         reason = None
         if limits.stale_after_s and age > limits.stale_after_s:
-            reason = f"stale ({age:.1f} s old)"
+            reason = "stale"
         elif ((limits.per_user_queue_of_one or limits.coalesce_bursts)
               and ticket.lane.newer_waiting(ticket.place)):
-            reason = "superseded by a newer message"
+            reason = "superseded"
             if limits.coalesce_bursts:
                 ticket.lane.burst.append(text)
         if reason is None:
             return None
-        await self._store.set_status(exchange.message_id, "dropped")
+        await self._end(exchange.message_id, "dropped", reason)
         return Reply("", "dropped", reason=reason)
 
-    async def _accept(self, event: ChatEvent, text: str) -> Exchange | Reply:
-        """Persist the message first, then apply the rate limit and the queue bound."""
-        user_id = await self._store.resolve_user(event.platform, event.platform_user_id,
-                                                 event.display_name)
-        message_id = await self._store.record_incoming(
-            user_id=user_id, persona_id=self.persona.id, platform=event.platform,
-            channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
-            created_at=event.timestamp,
-        )
-        reason = self._admission_refusal(event)
-        if reason is not None:
-            await self._store.set_status(message_id, "dropped")
-            if reason == "queue full":
-                log.warning("queue full (%d pending): dropped message %d", self._pending,
-                            message_id)
-            return Reply("", "dropped", reason=reason)
-        return Exchange(event, user_id, message_id, time.monotonic())
+    # -- start-up and shutdown ----------------------------------------------------------------
 
-    def _admission_refusal(self, event: ChatEvent) -> str | None:
-        # The event's own time, so replays rate-limit exactly as the live run did.
-        moment = event.timestamp.timestamp()
-        if not self._limiter.allow(f"{event.platform}:{event.platform_user_id}", moment):
-            return "rate limited"
-        if self._channel_limiter is not None and not self._channel_limiter.allow(
-                f"{event.platform}:{event.channel_id}", moment):
-            return "channel cooldown"
-        if self._pending >= self._config.limits.max_pending:
-            return "queue full"
-        return None
+    async def recover(self) -> int:
+        """Start-up: messages an earlier run left ``received`` (it crashed or was killed) end
+        ``expired(crash)``. A SQLite file has one process, so all of them; on PostgreSQL only
+        rows older than twice the reply timeout (younger ones may be in flight in another
+        process sharing the database)."""
+        cutoff = self._clock() - timedelta(seconds=2 * self._config.limits.reply_timeout_s)
+        before = None if self._store.dialect == "sqlite" else cutoff
+        expired = await self._store.expire_received("crash", before=before)
+        if expired:
+            log.warning("start-up: %d message(s) an earlier run left unanswered ended "
+                        "expired (crash)", expired)
+        return expired
 
-    async def _answer(self, exchange: Exchange, text: str) -> Reply:
-        event = exchange.event
-        try:
-            async with asyncio.timeout(self._config.limits.reply_timeout_s):
-                return await self._generate_and_store(exchange, text)
-        except (EngineError, StoreError, TimeoutError, RuntimeError, OSError) as exc:
-            log.exception("reply to message %d failed: %s", exchange.message_id, exc)
-            await self._mark_failed(exchange.message_id)
-            fallback = self.persona.fallback(exchange.message_id)
-            try:
-                await event.sink.send(fallback)
-            except (OSError, RuntimeError) as send_exc:
-                log.error("could not send fallback for message %d: %s", exchange.message_id,
-                          send_exc)
-            return Reply(fallback, "failed", reason=f"{type(exc).__name__}: {exc}")
+    def stop_intake(self) -> None:
+        """From now on every new message is dropped (shutdown); in-flight ones go on."""
+        self._closing = True
 
-    async def _mark_failed(self, message_id: int) -> None:
-        try:
-            await self._store.set_status(message_id, "failed")
-        except StoreError as exc:
-            log.error("could not mark message %d failed: %s", message_id, exc)
+    async def drain(self, grace_s: float) -> None:
+        """Stop intake, wait up to ``grace_s`` for in-flight replies, end the rest
+        ``expired(shutdown)``, then write what the intake still holds."""
+        self.stop_intake()
+        tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
+        if tasks:
+            log.info("waiting for %d in-flight repl%s", len(tasks),
+                     "y" if len(tasks) == 1 else "ies")
+            _done, late = await asyncio.wait(tasks, timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+        await self.flush()
 
-    async def _generate_and_store(self, exchange: Exchange, text: str) -> Reply:
-        event = exchange.event
-        prompt = await self._context.prepare(exchange.user_id, text)
-        await event.sink.typing()
-        async with self._generation_slots:
-            queue_wait = time.monotonic() - exchange.received_at
-            streaming = self._streaming_preview(event, prompt)
-            reply = await self._engine.generate(
-                prompt.request, conversion_mode=self._conversion_mode(event),
-                on_chunk=streaming.on_chunk if streaming else None,
-            )
-        await self._context.remember(exchange.user_id, exchange.message_id, text)
-        reply_id = await self._store_reply(exchange, text, reply,
-                                           self._trace(exchange, prompt, reply, queue_wait))
-        if streaming is not None:
-            await streaming.finish(reply.text)
-        else:
-            await event.sink.send(reply.text)
-        self._latencies.append(time.monotonic() - exchange.received_at)
-        return Reply(reply.text, "answered", message_id=reply_id)
-
-    def _trace(self, exchange: Exchange, prompt: PreparedPrompt, reply: GeneratedReply,
-               queue_wait: float) -> dict[str, Any]:
-        trace = {**reply.trace(), **prompt.trace()}
-        trace["timings_ms"]["queue_wait"] = round(queue_wait * 1000, 1)
-        trace["timings_ms"]["total"] = round((time.monotonic() - exchange.received_at) * 1000, 1)
-        return trace
-
-    async def _store_reply(self, exchange: Exchange, text: str, reply: GeneratedReply,
-                           trace: dict[str, Any]) -> int:
-        """Reply, state change (with its audit row) and the question's status, in one unit."""
-        persona = self.persona
-        now = self._clock()
-        reply_id, new_state = await self._store.complete_exchange(
-            user_message_id=exchange.message_id,
-            reply_text=reply.text,
-            trace=trace,
-            platform_message_id=None,
-            default_mood=persona.moods.baseline,
-            rule=persona_rule(persona, text, now),
-            created_at=now,
-        )
-        log.debug("answered %d with %d (mood %s, intimacy %.2f)", exchange.message_id, reply_id,
-                  new_state.mood, new_state.intimacy)
-        return reply_id
-
-    def _conversion_mode(self, event: ChatEvent) -> str | None:
-        """Per-user, then per-channel overrides, then the platform's own setting."""
-        return self._config.vtuber.conversion_overrides.mode_for(
-            event.platform, event.channel_id, event.platform_user_id
-        ) or event.conversion_mode
-
-    def _streaming_preview(self, event: ChatEvent,
-                           prompt: PreparedPrompt) -> StreamingPreview | None:
-        interval = self._config.limits.stream_edit_interval_s
-        if not interval or not supports_edits(event.sink):
-            return None
-        conversion = self._conversion_mode(event)
-
-        def preview(raw: str) -> str:
-            return self._engine.preview(raw, prompt.request, conversion_mode=conversion)
-
-        return StreamingPreview(event.sink, preview, interval)
+    async def flush(self) -> None:
+        """Wait until every message taken so far is recorded (drops are written behind)."""
+        await self._writer.flush()
 
     def latency_percentiles(self) -> LatencySummary:
-        """p50/p95 of recent reply latencies (receipt to sent), in milliseconds."""
+        """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         if not self._latencies:
             return LatencySummary(p50=None, p95=None, samples=0)
         ordered = sorted(self._latencies)
@@ -273,11 +317,3 @@ class ConversationService:
             return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
         return LatencySummary(p50=pick(0.5), p95=pick(0.95), samples=len(ordered))
-
-    async def drain(self, grace_s: float) -> None:
-        """Wait for in-flight replies (graceful shutdown)."""
-        tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
-        if tasks:
-            log.info("waiting for %d in-flight repl%s", len(tasks),
-                     "y" if len(tasks) == 1 else "ies")
-            await asyncio.wait(tasks, timeout=grace_s)

@@ -1,11 +1,18 @@
-"""Streaming previews: a reply shown while it is generated, on platforms that can edit."""
+"""Streaming previews: a reply shown while it is generated, on platforms that can edit.
+
+Previews are cosmetic: a failed preview send or edit stops the previews (logged at debug) and
+never fails the reply; the final text then goes out as a normal, retried send."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 
+from bot.delivery import DeliveryFailed, cosmetic, deliver
 from bot.events import ReplySink
+
+log = logging.getLogger(__name__)
 
 
 class StreamingPreview:
@@ -19,29 +26,44 @@ class StreamingPreview:
         self._raw: list[str] = []
         self._last = 0.0
         self._shown = ""
+        self._broken = False
         self.message_id: str | None = None
 
     async def on_chunk(self, chunk: str) -> None:
         self._raw.append(chunk)
         now = time.monotonic()
-        if now - self._last < self._interval:
+        if self._broken or now - self._last < self._interval:
             return
         text = self._preview("".join(self._raw))
         if not text or text == self._shown:
             return
         self._last = now
+        self._broken = not await cosmetic(self._show(text), "preview")
+        if not self._broken:
+            self._shown = text
+
+    async def _show(self, text: str) -> None:
         if self.message_id is None:
             self.message_id = await self._sink.send(text)
         else:
             await self._sink.edit(self.message_id, text)
-        self._shown = text
 
     async def finish(self, final: str) -> str | None:
-        if self.message_id is None:
-            return await self._sink.send(final)
-        if final != self._shown:
-            await self._sink.edit(self.message_id, final)
-        return self.message_id
+        """Deliver the final text (retried); return the platform id of the message."""
+        shown_id = self.message_id
+        if shown_id is not None and not self._broken:
+            if final == self._shown:
+                return shown_id
+
+            async def edit() -> str | None:
+                await self._sink.edit(shown_id, final)
+                return shown_id
+
+            try:
+                return await deliver(edit, "final edit")
+            except DeliveryFailed as exc:
+                log.debug("final edit failed (%s); sending the reply anew", exc)
+        return await deliver(lambda: self._sink.send(final), "send")
 
 
 def supports_edits(sink: ReplySink) -> bool:

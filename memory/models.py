@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -29,6 +30,10 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+INTAKE_WHERE = "role = 'user' AND platform_message_id IS NOT NULL"
+RECEIVED_WHERE = "status = 'received'"
 
 
 def utcnow() -> datetime:
@@ -108,6 +113,11 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_user_persona_id", "user_id", "persona_id", "id"),
         Index("ix_messages_platform_message", "platform", "platform_message_id"),
+        # Idempotent intake: a redelivered platform message is the same row, in every process.
+        Index("uq_messages_intake", "platform", "channel_id", "platform_message_id",
+              unique=True, sqlite_where=text(INTAKE_WHERE), postgresql_where=text(INTAKE_WHERE)),
+        Index("ix_messages_received", "id", sqlite_where=text(RECEIVED_WHERE),
+              postgresql_where=text(RECEIVED_WHERE)),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -115,8 +125,10 @@ class Message(Base):
     persona_id: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     content: Mapped[str] = mapped_column(Text)
-    # received | answered | dropped | failed | purged (user messages); sent (assistant)
+    # received | answered | dropped | failed | expired | purged (user messages); sent (assistant)
     status: Mapped[str] = mapped_column(String(16))
+    # Why a message ended as it did: rate_limited, queue_full, backend, store, send, shutdown, ...
+    status_reason: Mapped[str | None] = mapped_column(String(40), default=None)
     platform: Mapped[str] = mapped_column(String(32))
     channel_id: Mapped[str | None] = mapped_column(String(128), default=None)
     platform_message_id: Mapped[str | None] = mapped_column(String(128), default=None)

@@ -111,4 +111,4 @@ async def test_stale_messages_are_dropped(flood_runtime: Runtime) -> None:
 async def test_channel_cooldown_applies_to_all_viewers_together(flood_runtime: Runtime) -> None:
     replies = [await flood_runtime.service.handle(event("hi", user=f"u{i}")) for i in range(5)]
     assert [r.status for r in replies] == ["answered"] * 3 + ["dropped"] * 2
-    assert replies[-1].reason == "channel cooldown"
+    assert replies[-1].reason == "channel_cooldown"

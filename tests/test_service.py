@@ -122,6 +122,7 @@ async def test_rate_limited_messages_are_kept_as_dropped(runtime: Runtime) -> No
                 for i in range(limit + 2)]
     assert statuses.count("answered") == limit
     assert statuses[-2:] == ["dropped", "dropped"]
+    await runtime.service.flush()  # refused messages are recorded behind, in batches
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
     stored = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]

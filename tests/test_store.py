@@ -8,12 +8,13 @@ import stat
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from memory import migrate
 from memory.errors import SchemaTooNewError, StoreError
-from memory.store import StateChange, StateSnapshot, Store
+from memory.store import IntakeItem, StateChange, StateSnapshot, Store
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -172,3 +173,64 @@ async def test_records_handed_out_are_frozen(store: Store) -> None:
     assert message is not None and message.status == "answered"
     with pytest.raises(FrozenInstanceError):
         message.content = "changed"  # type: ignore[misc]
+
+
+def _item(text: str, message_id: str | None, user: str = "ann", **kwargs: Any) -> IntakeItem:
+    return IntakeItem(platform="twitch", platform_user_id=user, display_name=user,
+                      persona_id="pell", channel_id="c1", platform_message_id=message_id,
+                      text=text, created_at=NOW, **kwargs)
+
+
+async def test_intake_is_idempotent_per_platform_message(store: Store) -> None:
+    first = await store.intake([_item("hi", "m1"), _item("yo", "m2", user="bob"),
+                                _item("no id", None)])
+    assert all(not o.duplicate for o in first)
+    assert first[0].user_id == first[2].user_id != first[1].user_id
+    again = await store.intake([_item("hi", "m1"), _item("new", "m3")])
+    assert again[0].duplicate and not again[1].duplicate
+    assert again[0].user_id == first[0].user_id
+    rows = await store.messages_for(first[0].user_id)
+    assert sorted(r.content for r in rows) == ["hi", "new", "no id"]
+
+
+async def test_intake_of_concurrent_batches_makes_one_user_per_viewer(store: Store) -> None:
+    batches = [[_item(f"{n}", f"m{n}-{i}", user=f"v{i}") for i in range(5)] for n in range(6)]
+    outcomes = await asyncio.gather(*(store.intake(batch) for batch in batches))
+    users = {o.user_id for batch in outcomes for o in batch}
+    assert len(users) == 5
+    assert {await store.find_user("twitch", f"v{i}") for i in range(5)} == users
+
+
+async def test_final_states_keep_their_reason(store: Store) -> None:
+    [dropped, waiting] = await store.intake([
+        _item("spam", "m1", status="dropped", reason="rate_limited"), _item("hi", "m2")])
+    assert await store.expire_received("crash") == 1
+    user = dropped.user_id
+    rows = {r.content: (r.status, r.status_reason) for r in await store.messages_for(user)}
+    assert rows == {"spam": ("dropped", "rate_limited"), "hi": ("expired", "crash")}
+    assert waiting.message_id is not None
+
+
+async def test_driver_errors_leave_the_store_as_store_error(store: Store) -> None:
+    await store.close()  # a disposed engine reconnects; a dropped schema is a driver error
+    broken = await Store.open(store.url, auto_migrate=False)
+    try:
+        async with broken.database.write() as session:
+            from sqlalchemy import text
+
+            await session.execute(text("DROP TABLE state_events"))
+        with pytest.raises(StoreError):
+            await broken.state_timeline(1, "pell")
+    finally:
+        await broken.close()
+
+
+async def test_a_message_purged_while_answered_stays_purged(store: Store) -> None:
+    [outcome] = await store.intake([_item("my secret", "secret-1")])
+    assert outcome.message_id is not None
+    assert await store.purge_platform_message("twitch", "secret-1") == 1
+    await store.complete_exchange(
+        user_message_id=outcome.message_id, reply_text="ok", trace={},
+        platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
+    question = await store.get_message(outcome.message_id)
+    assert question is not None and (question.status, question.content) == ("purged", "")

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import sys
 import threading
+import uuid
 from typing import TextIO
 
 from bot import commands
@@ -74,6 +75,8 @@ class ConsoleAdapter:
         self._stdin = stdin or sys.stdin
         self._out = stdout or sys.stdout
         self._counter = itertools.count(1)
+        # Message ids must not repeat across runs (the store keeps each platform id once).
+        self._session = uuid.uuid4().hex[:12]
 
     def _event(self, text: str, sink: ConsoleSink) -> ChatEvent:
         return ChatEvent(
@@ -83,7 +86,7 @@ class ConsoleAdapter:
             display_name=self._user,
             text=text,
             sink=sink,
-            message_id=f"console-in-{next(self._counter)}",
+            message_id=f"console-{self._session}-{next(self._counter)}",
             addressed=True,
             roles=Roles(is_admin=True),  # whoever holds the terminal owns the bot
         )

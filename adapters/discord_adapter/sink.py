@@ -1,13 +1,28 @@
 """ReplySink over a Discord channel: 2000-character pieces split on sentence ends, every send
-with ``AllowedMentions.none()`` so model text can never ping @everyone, a role or a user."""
+with ``AllowedMentions.none()`` so model text can never ping @everyone, a role or a user.
+Discord's HTTP errors leave as ``DeliveryError`` (429 and 5xx retryable)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import discord
 
 from adapters.common.text_split import split_message
+from bot.events import DeliveryError
+
+
+@asynccontextmanager
+async def delivery_errors() -> AsyncIterator[None]:
+    try:
+        yield
+    except discord.HTTPException as exc:
+        retryable = exc.status == 429 or exc.status >= 500
+        raise DeliveryError(f"Discord answered {exc.status}: {exc.text or exc}",
+                            retryable=retryable,
+                            retry_after=getattr(exc, "retry_after", None)) from exc
 
 DISCORD_LIMIT = 2000
 NO_PINGS = discord.AllowedMentions.none()
@@ -22,6 +37,10 @@ class DiscordSink:
         self._sent: dict[str, discord.Message] = {}
 
     async def send(self, text: str) -> str | None:
+        async with delivery_errors():
+            return await self._send(text)
+
+    async def _send(self, text: str) -> str | None:
         first_id: str | None = None
         for index, piece in enumerate(split_message(text, DISCORD_LIMIT)):
             reference = self._reply_to if index == 0 and self._reply_to is not None else None
@@ -40,10 +59,11 @@ class DiscordSink:
         if message is None:
             return
         first, *rest = split_message(text, DISCORD_LIMIT) or [""]
-        await message.edit(content=first, allowed_mentions=NO_PINGS)
-        for piece in rest:
-            sent = await self._channel.send(piece, allowed_mentions=NO_PINGS)
-            self._sent[str(sent.id)] = sent
+        async with delivery_errors():
+            await message.edit(content=first, allowed_mentions=NO_PINGS)
+            for piece in rest:
+                sent = await self._channel.send(piece, allowed_mentions=NO_PINGS)
+                self._sent[str(sent.id)] = sent
 
     async def typing(self) -> None:
         # One typing notice (lasts ~10 s); the reply itself ends it.

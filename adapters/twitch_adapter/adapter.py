@@ -16,7 +16,7 @@ from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
 from bot.errors import BotError
-from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
+from bot.events import ChatEvent, DeliveryError, EventHandler, Roles, RuntimeServices
 
 log = logging.getLogger(__name__)
 PLATFORM = "twitch"
@@ -49,8 +49,13 @@ class TwitchSink:
         first: str | None = None
         for piece in split_message(text, TWITCH_LIMIT):
             await self._limiter.acquire()
-            sent = await self._broadcaster.send_message(
-                piece, self._bot_id, token_for=self._bot_id, reply_to_message_id=self._reply_to)
+            try:
+                sent = await self._broadcaster.send_message(
+                    piece, self._bot_id, token_for=self._bot_id,
+                    reply_to_message_id=self._reply_to)
+            except twitchio.HTTPException as exc:
+                raise DeliveryError(f"Twitch answered {exc.status}: {exc}",
+                                    retryable=exc.status == 429 or exc.status >= 500) from exc
             first = first or sent.id
         return first
 

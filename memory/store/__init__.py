@@ -7,9 +7,12 @@
 
 from memory.store.database import sqlite_url
 from memory.store.facade import Store
+from memory.store.intake import IntakeWriter
 from memory.store.records import (
     ExportedUserData,
     HistoryMessage,
+    IntakeItem,
+    IntakeOutcome,
     NewMemory,
     StateChange,
     StateRule,
@@ -24,6 +27,9 @@ from memory.store.records import (
 __all__ = [
     "ExportedUserData",
     "HistoryMessage",
+    "IntakeItem",
+    "IntakeOutcome",
+    "IntakeWriter",
     "NewMemory",
     "StateChange",
     "StateRule",

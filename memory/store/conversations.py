@@ -25,6 +25,7 @@ def stored_message(row: Message) -> StoredMessage:
         content=row.content, status=row.status, platform=row.platform,
         channel_id=row.channel_id, platform_message_id=row.platform_message_id,
         reply_to_id=row.reply_to_id, trace=row.trace, created_at=aware_now(row.created_at),
+        status_reason=row.status_reason,
     )
 
 
@@ -62,10 +63,22 @@ class Conversations:
             await session.flush()
             return [row.id for row in rows]
 
-    async def set_status(self, message_id: int, status: str) -> None:
+    async def set_status(self, message_id: int, status: str,
+                         reason: str | None = None) -> None:
         async with self._db.write() as session:
-            await session.execute(
-                update(Message).where(Message.id == message_id).values(status=status))
+            await session.execute(update(Message).where(Message.id == message_id)
+                                  .values(status=status, status_reason=reason))
+
+    async def expire_received(self, reason: str, before: datetime | None = None) -> int:
+        """End every user message still ``received`` (older than ``before``, if given) as
+        ``expired`` with ``reason``: crash recovery and shutdown."""
+        query = update(Message).where(Message.status == "received", Message.role == "user")
+        if before is not None:
+            query = query.where(Message.created_at < before)
+        async with self._db.write() as session:
+            result = await session.execute(
+                query.values(status="expired", status_reason=reason))
+            return int(getattr(result, "rowcount", 0) or 0)
 
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:

@@ -7,13 +7,13 @@ concurrency. PostgreSQL uses row locks (``SELECT ... FOR UPDATE``) where it matt
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import event, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -21,12 +21,13 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from memory.errors import StoreError
+from memory.errors import IntegrityViolation, StoreError
 from memory.migrate import upgrade_to_head
 from memory.models import User
 from memory.urls import mask_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
 _READ_ONLY = "vtuber_read_only"
 
 
@@ -37,6 +38,18 @@ def sqlite_url(path: Path) -> str:
 def first_line(exc: BaseException) -> str:
     text = str(getattr(exc, "orig", None) or exc)
     return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+@contextmanager
+def store_errors() -> Iterator[None]:
+    """The store's edge: whatever the driver raises (SQLAlchemy, aiosqlite, asyncpg, the OS)
+    leaves as a one-line ``StoreError``."""
+    try:
+        yield
+    except IntegrityError as exc:
+        raise IntegrityViolation(f"store: {first_line(exc)}") from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise StoreError(f"store: {first_line(exc)}") from exc
 
 
 def _writable(path: Path) -> bool:
@@ -70,6 +83,9 @@ def _tune_sqlite(sql_engine: AsyncEngine, busy_timeout_ms: int) -> None:
             "PRAGMA journal_mode=WAL",
             "PRAGMA synchronous=NORMAL",
             "PRAGMA foreign_keys=ON",
+            # Keep the WAL small, so a nearly full disk recovers once space returns.
+            "PRAGMA wal_autocheckpoint=1000",
+            f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}",
             f"PRAGMA busy_timeout={int(busy_timeout_ms)}",
         ):
             cursor.execute(pragma)
@@ -118,14 +134,16 @@ class Database:
     @asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:
         """A deferred transaction: readers never wait for the write lock."""
-        async with self._reads() as session, session.begin():
-            yield session
+        with store_errors():
+            async with self._reads() as session, session.begin():
+                yield session
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncSession]:
         """A write transaction (``BEGIN IMMEDIATE`` on SQLite); commits on success."""
-        async with self._writes() as session, session.begin():
-            yield session
+        with store_errors():
+            async with self._writes() as session, session.begin():
+                yield session
 
     async def close(self) -> None:
         await self.sql_engine.dispose()

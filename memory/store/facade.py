@@ -9,10 +9,13 @@ from typing import Any
 from memory.store.conversations import Conversations
 from memory.store.database import Database
 from memory.store.identities import Identities
+from memory.store.intake import Intake
 from memory.store.privacy import Privacy
 from memory.store.records import (
     ExportedUserData,
     HistoryMessage,
+    IntakeItem,
+    IntakeOutcome,
     NewMemory,
     StateRule,
     StateSnapshot,
@@ -36,6 +39,7 @@ class Store:
         self.states = States(db)
         self.privacy = Privacy(db)
         self.memories = Memories(db)
+        self.intake_log = Intake(db)
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool = True,
@@ -89,8 +93,17 @@ class Store:
     async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
         return await self.conversations.record_incoming_many(items)
 
-    async def set_status(self, message_id: int, status: str) -> None:
-        await self.conversations.set_status(message_id, status)
+    async def set_status(self, message_id: int, status: str,
+                         reason: str | None = None) -> None:
+        await self.conversations.set_status(message_id, status, reason)
+
+    async def expire_received(self, reason: str, before: datetime | None = None) -> int:
+        return await self.conversations.expire_received(reason, before)
+
+    async def intake(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
+        """Record inbound messages (viewers created on first sight) in one transaction;
+        a platform message recorded before comes back with ``message_id`` None."""
+        return await self.intake_log.record(items)
 
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from sqlalchemy import ColumnElement, and_, delete, func, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memory.errors import StoreError
+from memory.errors import IntegrityViolation, StoreError
 from memory.models import Identity, Memory, Message, RelationshipState, StateEvent, User
 from memory.store.database import Database
 
@@ -39,7 +38,7 @@ class Identities:
                                      platform_user_id=platform_user_id,
                                      display_name=display_name))
                 return user.id
-        except IntegrityError:
+        except IntegrityViolation:
             pass  # another task created the same identity first; theirs wins
         found = await self.find_user(platform, platform_user_id)
         if found is None:

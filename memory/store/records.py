@@ -41,6 +41,7 @@ class StoredMessage:
     reply_to_id: int | None
     trace: dict[str, Any] | None
     created_at: datetime
+    status_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +52,36 @@ class StoredMemory:
     user_id: int | None
     text: str
     source: str
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeItem:
+    """An inbound message to record: ``received`` (to be answered) or already final
+    (``dropped`` with its reason)."""
+
+    platform: str
+    platform_user_id: str
+    display_name: str
+    persona_id: str
+    channel_id: str | None
+    platform_message_id: str | None
+    text: str
+    created_at: datetime
+    status: str = "received"
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeOutcome:
+    """The viewer's user id and the stored message's id; ``message_id`` is None when the
+    platform message was already recorded (a redelivery)."""
+
+    user_id: int
+    message_id: int | None
+
+    @property
+    def duplicate(self) -> bool:
+        return self.message_id is None
 
 
 @dataclass(frozen=True, slots=True)

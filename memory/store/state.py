@@ -85,7 +85,9 @@ class States:
                 reply_to_id=question.id, trace=trace, created_at=created_at,
             )
             session.add(reply)
-            question.status = "answered"
+            if question.status != "purged":  # a moderator may have deleted it meanwhile
+                question.status = "answered"
+                question.status_reason = None
             await session.flush()
             state = await self._apply_rule(
                 session, question.user_id, question.persona_id, default_mood, rule, question.id

@@ -1,0 +1,115 @@
+"""The answer path of one admitted message: context → engine → delivery → the store.
+
+``Answerer.answer`` raises on failure; it records on the ``Attempt`` how far it got (the stage
+names the reason: ``store``, ``backend``, ``send``) and whether the viewer already has the
+reply, so the service's error boundary can end the message and send at most one fallback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from bot.config import AppConfig
+from bot.context import ContextBuilder, PreparedPrompt
+from bot.delivery import cosmetic, deliver
+from bot.events import ChatEvent
+from bot.state_rules import persona_rule
+from bot.streaming import StreamingPreview, supports_edits
+from engine.client import EngineClient
+from engine.response_generator import GeneratedReply
+from memory.store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """What the service knows about an admitted, recorded message while answering it."""
+
+    event: ChatEvent
+    user_id: int
+    message_id: int
+    received_at: float  # time.monotonic() at admission
+
+
+@dataclass(slots=True)
+class Attempt:
+    """How far an answer got: the stage it is in, and whether the viewer has the reply."""
+
+    stage: str = "store"  # store (reading context) | backend | send | store (recording)
+    delivered: bool = False
+    text: str = ""  # the reply, once generated
+
+
+class Answerer:
+    def __init__(self, config: AppConfig, engine: EngineClient, store: Store,
+                 context: ContextBuilder, clock: Any) -> None:
+        self._config = config
+        self._engine = engine
+        self._store = store
+        self._context = context
+        self._clock = clock
+        self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+
+    async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
+        """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""
+        event = exchange.event
+        prompt = await self._context.prepare(exchange.user_id, text)
+        attempt.stage = "backend"
+        await cosmetic(event.sink.typing(), "typing")
+        async with self._generation_slots:
+            queue_wait = time.monotonic() - exchange.received_at
+            streaming = self._streaming_preview(event, prompt)
+            reply = await self._engine.generate(
+                prompt.request, conversion_mode=self.conversion_mode(event),
+                on_chunk=streaming.on_chunk if streaming else None,
+            )
+        attempt.stage, attempt.text = "send", reply.text
+        if streaming is not None:
+            sent_id = await streaming.finish(reply.text)
+        else:
+            sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
+        attempt.delivered = True
+        attempt.stage = "store"
+        await self._context.remember(exchange.user_id, exchange.message_id, text)
+        trace = self._trace(exchange, prompt, reply, queue_wait)
+        return await self._record(exchange, text, reply, trace, sent_id)
+
+    def _trace(self, exchange: Exchange, prompt: PreparedPrompt, reply: GeneratedReply,
+               queue_wait: float) -> dict[str, Any]:
+        trace = {**reply.trace(), **prompt.trace()}
+        trace["timings_ms"]["queue_wait"] = round(queue_wait * 1000, 1)
+        trace["timings_ms"]["total"] = round((time.monotonic() - exchange.received_at) * 1000, 1)
+        return trace
+
+    async def _record(self, exchange: Exchange, text: str, reply: GeneratedReply,
+                      trace: dict[str, Any], sent_id: str | None) -> int:
+        """Reply, state change (with its audit row) and the question's status, in one unit."""
+        persona = self._engine.persona
+        now: datetime = self._clock()
+        reply_id, _state = await self._store.complete_exchange(
+            user_message_id=exchange.message_id, reply_text=reply.text, trace=trace,
+            platform_message_id=sent_id, default_mood=persona.moods.baseline,
+            rule=persona_rule(persona, text, now), created_at=now,
+        )
+        return reply_id
+
+    def conversion_mode(self, event: ChatEvent) -> str | None:
+        """Per-user, then per-channel overrides, then the platform's own setting."""
+        return self._config.vtuber.conversion_overrides.mode_for(
+            event.platform, event.channel_id, event.platform_user_id
+        ) or event.conversion_mode
+
+    def _streaming_preview(self, event: ChatEvent,
+                           prompt: PreparedPrompt) -> StreamingPreview | None:
+        interval = self._config.limits.stream_edit_interval_s
+        if not interval or not supports_edits(event.sink):
+            return None
+        conversion = self.conversion_mode(event)
+
+        def preview(raw: str) -> str:
+            return self._engine.preview(raw, prompt.request, conversion_mode=conversion)
+
+        return StreamingPreview(event.sink, preview, interval)

@@ -1,0 +1,283 @@
+"""Every message ends final, with a reason: fault injection at each stage of the pipeline, on
+SQLite and PostgreSQL. The viewer gets the reply or exactly one fallback; one log line names
+the message."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bot.config import parse_config
+from bot.events import ChatEvent, DeliveryError
+from bot.paths import DataPaths
+from bot.runtime import Runtime, open_runtime
+from engine.backends.scripted import ScriptedBackend
+from engine.types import GenerationRequest
+from memory.errors import StoreError
+from memory.store import IntakeItem
+
+REPLY = "第一個回覆。"
+
+
+class FlakySink:
+    """A sink that fails the way platforms do, on demand."""
+
+    supports_edits = False
+
+    def __init__(self, *, send_failures: list[Exception] | None = None,
+                 typing_error: Exception | None = None,
+                 edit_error: Exception | None = None, edits: bool = False) -> None:
+        self.sent: list[str] = []
+        self.edited: list[str] = []
+        self._send_failures = list(send_failures or [])
+        self._typing_error = typing_error
+        self._edit_error = edit_error
+        self.supports_edits = edits
+        self._ids = itertools.count(1)
+
+    async def send(self, text: str) -> str:
+        if self._send_failures:
+            raise self._send_failures.pop(0)
+        self.sent.append(text)
+        return f"out-{next(self._ids)}"
+
+    async def edit(self, message_id: str, text: str) -> None:
+        if self._edit_error is not None:
+            raise self._edit_error
+        self.edited.append(text)
+
+    async def typing(self) -> None:
+        if self._typing_error is not None:
+            raise self._typing_error
+
+
+def config_for(db_url: str, **limits: Any) -> Any:
+    return parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": db_url, "remember_messages_min_chars": 0},
+        "limits": {"stream_edit_interval_s": 0.0001, **limits},
+    }, env={})
+
+
+@pytest.fixture
+async def runtime(db_url: str, tmp_path: Path) -> AsyncIterator[Runtime]:
+    async with open_runtime(config_for(db_url), DataPaths.resolve(tmp_path)) as opened:
+        yield opened
+
+
+_ids = itertools.count(1)
+
+
+def event(sink: Any, text: str = "你好", **kwargs: Any) -> ChatEvent:
+    kwargs.setdefault("message_id", f"m{next(_ids)}")
+    return ChatEvent(platform="discord", channel_id="c1", platform_user_id="ann",
+                     display_name="Ann", text=text, sink=sink, **kwargs)
+
+
+async def user_rows(runtime: Runtime, user: str = "ann") -> list[Any]:
+    await runtime.service.flush()
+    user_id = await runtime.store.find_user("discord", user)
+    assert user_id is not None
+    return [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+
+
+def failure_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "bot.service" and r.levelno >= logging.ERROR
+            and "store unavailable" not in r.getMessage()]
+
+
+def fails_with(error: Exception) -> Callable[..., Any]:
+    async def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise error
+
+    return broken
+
+
+async def test_store_error_on_accept(runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime.store, "intake", fails_with(StoreError("store: disk I/O")))
+    runtime.service._writer._record = runtime.store.intake  # the writer holds the method
+    sink = FlakySink()
+    reply = await runtime.service.handle(event(sink))
+    assert (reply.status, reply.reason) == ("failed", "store")
+    assert sink.sent == [reply.text] and reply.text in runtime.engine.persona.fallback_lines
+    assert len(failure_lines(caplog)) == 1
+
+
+async def test_store_error_on_history_read(runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime.store, "recent_history", fails_with(StoreError("store: gone")))
+    sink = FlakySink()
+    reply = await runtime.service.handle(event(sink))
+    assert (reply.status, reply.reason) == ("failed", "store")
+    assert sink.sent == [reply.text]
+    [row] = await user_rows(runtime)
+    assert (row.status, row.status_reason) == ("failed", "store")
+    [line] = failure_lines(caplog)
+    assert f"message {row.id} failed (store)" in line
+
+
+async def test_store_error_on_completion_keeps_the_delivered_reply(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(runtime.store, "complete_exchange", fails_with(StoreError("store: x")))
+    sink = FlakySink()
+    reply = await runtime.service.handle(event(sink))
+    assert (reply.status, reply.reason) == ("failed", "store")
+    assert sink.sent == [REPLY]  # the viewer has the reply; no fallback on top
+    [row] = await user_rows(runtime)
+    assert (row.status, row.status_reason) == ("failed", "store")
+    assert "after the reply was delivered" in failure_lines(caplog)[0]
+
+
+@pytest.mark.parametrize("error", [ValueError("bad token"), KeyError("choices"),
+                                   RuntimeError("CUDA error")])
+async def test_backend_raising_mid_stream(runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
+                                          caplog: pytest.LogCaptureFixture,
+                                          error: Exception) -> None:
+    async def half_then_error(request: GenerationRequest) -> AsyncIterator[str]:
+        yield "半句"
+        raise error
+
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    monkeypatch.setattr(backend, "generate", half_then_error)
+    sink = FlakySink(edits=True)
+    reply = await runtime.service.handle(event(sink))
+    assert (reply.status, reply.reason) == ("failed", "backend")
+    assert sink.sent[-1] == reply.text and sink.sent.count(reply.text) == 1
+    [row] = await user_rows(runtime)
+    assert (row.status, row.status_reason) == ("failed", "backend")
+    assert len(failure_lines(caplog)) == 1
+
+
+async def test_typing_failure_is_cosmetic(runtime: Runtime) -> None:
+    sink = FlakySink(typing_error=DeliveryError("503", retryable=True))
+    reply = await runtime.service.handle(event(sink))
+    assert reply.status == "answered" and sink.sent == [REPLY]
+
+
+async def test_preview_edit_failure_is_cosmetic(runtime: Runtime,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    async def word_by_word(request: GenerationRequest) -> AsyncIterator[str]:
+        for piece in ("第一個", "回覆", "。"):
+            await asyncio.sleep(0.01)
+            yield piece
+
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    monkeypatch.setattr(backend, "generate", word_by_word)
+    sink = FlakySink(edits=True, edit_error=DeliveryError("edit refused", retryable=False))
+    reply = await runtime.service.handle(event(sink))
+    assert reply.status == "answered"
+    assert sink.sent[-1] == REPLY  # the final text arrived, as a new message
+    [row] = await user_rows(runtime)
+    assert row.status == "answered"
+
+
+async def test_send_failing_once_then_succeeding(runtime: Runtime) -> None:
+    sink = FlakySink(send_failures=[DeliveryError("503", retryable=True)])
+    reply = await runtime.service.handle(event(sink))
+    assert reply.status == "answered" and sink.sent == [REPLY]
+
+
+async def test_send_failing_for_good(runtime: Runtime,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    sink = FlakySink(send_failures=[DeliveryError("403 Missing Access", retryable=False)])
+    reply = await runtime.service.handle(event(sink))
+    assert (reply.status, reply.reason) == ("failed", "send")
+    assert sink.sent == [reply.text]  # the fallback, once
+    [row] = await user_rows(runtime)
+    assert (row.status, row.status_reason) == ("failed", "send")
+    assert len(failure_lines(caplog)) == 1
+
+
+async def test_the_reply_records_its_platform_message_id(runtime: Runtime) -> None:
+    sink = FlakySink()
+    reply = await runtime.service.handle(event(sink))
+    assert reply.message_id is not None
+    stored = await runtime.store.get_message(reply.message_id)
+    assert stored is not None and stored.platform_message_id == "out-1"
+
+
+async def test_a_redelivered_message_is_answered_once(runtime: Runtime, db_url: str,
+                                                      tmp_path: Path) -> None:
+    sink = FlakySink()
+    first = event(sink, message_id="evt-1")
+    replies = await asyncio.gather(runtime.service.handle(first),
+                                   runtime.service.handle(first))
+    assert sorted(r.status for r in replies) == ["answered", "dropped"]
+    # Another process (its own memory) sees the same platform message: the database says no.
+    async with open_runtime(config_for(db_url), DataPaths.resolve(tmp_path / "b")) as other:
+        again = await other.service.handle(event(sink, message_id="evt-1"))
+    assert (again.status, again.reason) == ("dropped", "duplicate")
+    assert sink.sent == [REPLY]
+    assert len(await user_rows(runtime)) == 1
+
+
+async def test_unstorable_text_is_sanitised(runtime: Runtime) -> None:
+    sink = FlakySink()
+    bad = "hi\x00 there \ud800!"
+    reply = await runtime.service.handle(ChatEvent(
+        platform="discord", channel_id="c1", platform_user_id="ann", display_name="A\x00nn",
+        text=bad, sink=sink, message_id="nul-1"))
+    assert reply.status == "answered"
+    [row] = await user_rows(runtime)
+    assert row.content == "hi there !"
+
+
+async def test_empty_messages_are_recorded_as_dropped(runtime: Runtime) -> None:
+    reply = await runtime.service.handle(event(FlakySink(), text="   "))
+    assert (reply.status, reply.reason) == ("dropped", "empty")
+    [row] = await user_rows(runtime)
+    assert (row.status, row.status_reason) == ("dropped", "empty")
+
+
+async def test_start_up_expires_what_a_crash_left_received(db_url: str,
+                                                           tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    config = config_for(db_url)
+    paths = DataPaths.resolve(tmp_path)
+    async with open_runtime(config, paths) as runtime:
+        long_ago = datetime.now(UTC) - timedelta(hours=1)
+        await runtime.store.intake([IntakeItem("discord", "ann", "Ann", "pell", "c1", "old-1",
+                                               "lost in a crash", long_ago)])
+        await runtime.store.intake([IntakeItem("discord", "ann", "Ann", "pell", "c1", "new-1",
+                                               "in flight elsewhere", datetime.now(UTC))])
+    async with open_runtime(config, paths) as runtime:
+        rows = {r.content: (r.status, r.status_reason) for r in await user_rows(runtime)}
+        dialect = runtime.store.dialect
+    assert rows["lost in a crash"] == ("expired", "crash")
+    # A SQLite file has one process; on PostgreSQL a young row may be another process's.
+    young = ("expired", "crash") if dialect == "sqlite" else ("received", None)
+    assert rows["in flight elsewhere"] == young
+
+
+async def test_shutdown_expires_what_cannot_finish(runtime: Runtime,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    async def never_done(request: GenerationRequest) -> AsyncIterator[str]:
+        await asyncio.sleep(3600)
+        yield ""
+
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    monkeypatch.setattr(backend, "generate", never_done)
+    sink = FlakySink()
+    tasks = [asyncio.create_task(runtime.service.handle(event(sink))) for _ in range(3)]
+    await asyncio.sleep(0.2)
+    await runtime.service.drain(grace_s=0.2)
+    late = await runtime.service.handle(event(sink))
+    assert (late.status, late.reason) == ("dropped", "shutdown")
+    await asyncio.gather(*tasks, return_exceptions=True)
+    rows = await user_rows(runtime)
+    assert sorted((r.status, r.status_reason) for r in rows) == [
+        ("dropped", "shutdown")] + [("expired", "shutdown")] * 3
