@@ -137,6 +137,9 @@ class LimitsConfig(Section):
     per_user_queue_of_one: bool = False
     # ...or folded into that newest one, so a burst gets one answer that saw all of it.
     coalesce_bursts: bool = False
+    # On SIGINT/SIGTERM: new messages are refused at once, in-flight replies get this long to
+    # finish; what is still unfinished then ends expired (shutdown).
+    shutdown_grace_s: float = Field(30.0, ge=0, le=600)
 
 
 class LoggingConfig(Section):

@@ -36,7 +36,6 @@ from memory.store import ExportedUserData, Store, sqlite_url
 
 log = logging.getLogger(__name__)
 
-DRAIN_TIMEOUT_S = 30.0
 
 
 LINK_CODE_TTL_S = 600
@@ -143,7 +142,7 @@ class Runtime:
                                 if not t.cancelled() and t.exception()), None)
             if stop.is_set():
                 log.info("stop requested; finishing in-flight replies")
-                await self.service.drain(DRAIN_TIMEOUT_S)
+                await self.service.drain(self.config.limits.shutdown_grace_s)
         finally:
             waiter.cancel()
             for task in tasks:
@@ -227,6 +226,6 @@ async def open_runtime(
             try:
                 yield Runtime(config, paths, store, engine, service)
             finally:
-                await service.drain(DRAIN_TIMEOUT_S)
+                await service.drain(config.limits.shutdown_grace_s)
         finally:
             await engine.aclose()

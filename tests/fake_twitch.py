@@ -131,11 +131,15 @@ class FakeTwitch(LocalServer):
                          **metadata},
             "payload": payload}))
 
-    async def notify(self, sub_type: str, event: dict[str, Any]) -> None:
+    async def notify(self, sub_type: str, event: dict[str, Any],
+                     envelope_id: str | None = None) -> None:
+        """Send a notification; the same ``envelope_id`` twice is Twitch redelivering it."""
         subscription = next(s for s in reversed(self.subscriptions) if s["type"] == sub_type)
-        await self._send({"message_type": "notification", "subscription_type": sub_type,
-                          "subscription_version": subscription["version"]},
-                         {"subscription": subscription, "event": event})
+        metadata = {"message_type": "notification", "subscription_type": sub_type,
+                    "subscription_version": subscription["version"]}
+        if envelope_id is not None:
+            metadata["message_id"] = envelope_id
+        await self._send(metadata, {"subscription": subscription, "event": event})
 
     def chat_event(self, text: str, *, user_id: str = "200", login: str = "viewer",
                    badges: list[str] = (), message_id: str | None = None) -> dict[str, Any]:

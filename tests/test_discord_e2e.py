@@ -125,3 +125,18 @@ async def test_per_guild_channel_and_language(live: Any) -> None:
     await server.dispatch("MESSAGE_CREATE", server.message_payload(
         "no mention here", author=VIEWER, mentions=[]))
     await server.wait_until(lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"))
+
+
+async def test_a_replayed_message_create_is_answered_once(live: Any) -> None:
+    server, _adapter, runtime = live
+    payload = server.message_payload(f"<@{BOT_USER['id']}> 你好", author=VIEWER,
+                                      mentions=[BOT_USER], message_id="777")
+    await server.dispatch("MESSAGE_CREATE", payload)
+    await server.dispatch("MESSAGE_CREATE", payload)  # a gateway resume replays events
+    await server.wait_until(lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"))
+    await asyncio.sleep(0.5)
+    assert len(server.posts_to(f"/channels/{CHANNEL_ID}/messages")) == 1
+    await runtime.service.flush()
+    user_id = await runtime.store.find_user("discord", VIEWER["id"])
+    rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    assert len(rows) == 1

@@ -281,3 +281,63 @@ async def test_shutdown_expires_what_cannot_finish(runtime: Runtime,
     rows = await user_rows(runtime)
     assert sorted((r.status, r.status_reason) for r in rows) == [
         ("dropped", "shutdown")] + [("expired", "shutdown")] * 3
+
+
+class SlowBackend(ScriptedBackend):
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        await asyncio.sleep(0.3)
+        async for chunk in super().generate(request):
+            yield chunk
+
+
+class BurstAdapter:
+    """Thirty viewers at once, then a quiet channel until the runtime stops it."""
+
+    name = "burst"
+
+    def __init__(self, sink: FlakySink) -> None:
+        self.sink = sink
+        self.replies: list[Any] = []
+
+    async def run(self, handle: Callable[[ChatEvent], Any]) -> None:
+        async def one(i: int) -> None:
+            self.replies.append(await handle(ChatEvent(
+                platform="discord", channel_id="c1", platform_user_id=f"v{i}",
+                display_name=f"v{i}", text="你好", sink=self.sink, message_id=f"burst-{i}")))
+
+        tasks = [asyncio.create_task(one(i)) for i in range(30)]
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_sigterm_with_thirty_in_flight(db_url: str, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    config = config_for(db_url, shutdown_grace_s=1.0, max_concurrent_generations=4,
+                        user_messages_per_minute=100)
+    sink = FlakySink()
+    adapter = BurstAdapter(sink)
+    async with open_runtime(config, DataPaths.resolve(tmp_path),
+                            backend=SlowBackend([REPLY])) as runtime:
+        running = asyncio.create_task(runtime.run_adapters([adapter]))
+        await asyncio.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(running, 20)  # returns normally: `vtuber-bot run` exits 0
+        await runtime.service.flush()
+        rows = []
+        for i in range(30):
+            user_id = await runtime.store.find_user("discord", f"v{i}")
+            assert user_id is not None
+            rows += [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    finals = {(r.status, r.status_reason) for r in rows}
+    assert len(rows) == 30
+    assert finals <= {("answered", None), ("expired", "shutdown")}
+    assert ("answered", None) in finals and ("expired", "shutdown") in finals
+    answered = sum(r.status == "answered" for r in rows)
+    assert len(sink.sent) == answered  # no fallback sent while shutting down

@@ -112,6 +112,21 @@ async def test_diagnose_is_for_moderators(live: Any) -> None:
     assert server.sent_messages()[1]["message"].startswith("issues:")
 
 
+async def test_redelivered_chat_messages_are_answered_once(live: Any) -> None:
+    server, _adapter, runtime = live
+    event = server.chat_event("佩兒 你好", message_id="dup-1")
+    await server.notify("channel.chat.message", event, envelope_id="evt-same")
+    await server.notify("channel.chat.message", event, envelope_id="evt-same")  # redelivery
+    await server.notify("channel.chat.message", event)  # the same chat message, new envelope
+    await server.wait_until(lambda: server.sent_messages())
+    await asyncio.sleep(0.5)
+    assert len(server.sent_messages()) == 1
+    await runtime.service.flush()
+    user_id = await runtime.store.find_user("twitch", "200")
+    rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    assert len(rows) == 1
+
+
 async def test_forget_asks_for_confirmation_first(live: Any) -> None:
     server, _adapter, runtime = live
     await server.notify("channel.chat.message", server.chat_event("佩兒 你好"))

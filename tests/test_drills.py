@@ -1,0 +1,105 @@
+"""Drills a live show goes through: the process killed with SIGKILL mid-chat, on SQLite and on
+PostgreSQL. Nothing committed is lost, nothing stays ``received`` after the restart, and every
+answered question has its reply (the exchange is one unit of work)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bot.config import load_config
+from bot.paths import DataPaths
+from bot.runtime import open_runtime
+
+REPLY = "收到囉"
+
+
+def _write_config(tmp_path: Path, db_url: str) -> Path:
+    path = tmp_path / "drill.yaml"
+    path.write_text(yaml.safe_dump({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": db_url, "remember_messages_min_chars": 0},
+        "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000},
+    }, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _pump(stream: Any, lines: queue.Queue[str]) -> None:
+    for line in iter(stream.readline, ""):
+        lines.put(line)
+
+
+def _chat_under_load(config: Path, data_dir: Path, rate: float, kill_after: int) -> list[str]:
+    """Feed ``vtuber-bot chat`` at ``rate`` msg/s; SIGKILL it after ``kill_after`` messages;
+    return what it printed."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "bot", "--config", str(config), "--data-dir", str(data_dir),
+         "--log-level", "ERROR", "chat", "--user", "viewer"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert process.stdin is not None and process.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True).start()
+    printed: list[str] = []
+    deadline = time.monotonic() + 60
+    while not any("/quit" in line for line in printed):  # the help line: the REPL is up
+        assert time.monotonic() < deadline, "the REPL did not start"
+        printed.append(lines.get(timeout=60))
+    try:
+        for i in range(kill_after):
+            process.stdin.write(f"message {i}\n")
+            process.stdin.flush()
+            time.sleep(1 / rate)
+        process.kill()  # SIGKILL: no handler, no finally, no flush
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    while not lines.empty():
+        printed.append(lines.get_nowait())
+    return printed
+
+
+async def _after_restart(config: Path, data_dir: Path) -> dict[str, Any]:
+    app_config = load_config(config, env={})
+    async with open_runtime(app_config, DataPaths.resolve(data_dir)) as runtime:
+        user_id = await runtime.store.find_user("console", "viewer")
+        assert user_id is not None
+        rows = await runtime.store.messages_for(user_id)
+        integrity = None
+        if runtime.store.dialect == "sqlite":
+            from sqlalchemy import text
+
+            async with runtime.store.database.read() as session:
+                integrity = (await session.execute(text("PRAGMA integrity_check"))).scalar()
+    questions = [r for r in rows if r.role == "user"]
+    replies = {r.reply_to_id for r in rows if r.role == "assistant"}
+    return {"questions": questions, "replies": replies, "integrity": integrity}
+
+
+def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) -> None:
+    config = _write_config(tmp_path, db_url)
+    data_dir = tmp_path / "data"
+    printed = _chat_under_load(config, data_dir, rate=50, kill_after=100)
+    shown = sum(line.count(REPLY) for line in printed)
+    assert shown > 10, "the drill needs a running chat to kill"
+    state = asyncio.run(_after_restart(config, data_dir))
+    questions = state["questions"]
+    assert [q for q in questions if q.status == "received"] == []
+    answered = [q for q in questions if q.status == "answered"]
+    # Each answered question has its reply, and a reply is recorded right after it is shown,
+    # so at most the one being recorded at the kill is missing.
+    assert all(q.id in state["replies"] for q in answered)
+    assert len(answered) >= shown - 1
+    assert {q.status_reason for q in questions if q.status == "expired"} <= {"crash"}
+    assert state["integrity"] in (None, "ok")
