@@ -26,6 +26,7 @@ from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply
 from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
 from bot.reports import LatencySummary
+from bot.spool import Spool
 from bot.text import storable
 from engine.client import EngineClient
 from engine.errors import EngineError
@@ -93,6 +94,7 @@ class ConversationService:
         self._recent = RecentKeys()
         self._lanes = Lanes()
         self._writer = IntakeWriter(store.intake)
+        self._spool = Spool(store)
         self.store_health = StoreHealth()
         self._pending = 0
         self._closing = False
@@ -153,16 +155,17 @@ class ConversationService:
     def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
         """Record a refused message in the background (batched; it costs no transaction of
         its own and never delays the chat)."""
-        future = self._writer.submit(self._intake_item(event, text, "dropped", reason))
-        future.add_done_callback(self._after_drop_recorded)
+        item = self._intake_item(event, text, "dropped", reason)
+        future = self._writer.submit(item)
 
-    def _after_drop_recorded(self, future: asyncio.Future[IntakeOutcome]) -> None:
-        if future.cancelled():
-            return
-        if (exc := future.exception()) is not None:
-            self.store_health.failed(exc)
-        else:
-            self.store_health.succeeded()
+        def recorded(future: asyncio.Future[IntakeOutcome]) -> None:
+            if future.cancelled() or future.exception() is None:
+                self.store_health.succeeded()
+                return
+            self.store_health.failed(future.exception() or StoreError("store"))
+            self._spool.add_intake(item)
+
+        future.add_done_callback(recorded)
 
     async def _admitted(self, event: ChatEvent, text: str) -> Reply:
         admitted_at = time.monotonic()
@@ -185,12 +188,14 @@ class ConversationService:
 
     async def _record(self, event: ChatEvent, text: str,
                       admitted_at: float) -> Exchange | Reply:
+        item = self._intake_item(event, text)
         try:
-            outcome = await self._writer.submit(self._intake_item(event, text))
+            outcome = await self._writer.submit(item)
         except StoreError as exc:
             self.store_health.failed(exc)
-            log.error("message %s from %s:%s failed (store): not recorded: %s",
-                      event.message_id, event.platform, event.platform_user_id, exc)
+            log.error("message %s from %s:%s failed (store): spooled until the store is "
+                      "back: %s", event.message_id, event.platform, event.platform_user_id, exc)
+            self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store"))
             return Reply(await self._fallback(event, None), "failed", reason="store")
         self.store_health.succeeded()
         if outcome.message_id is None:
@@ -247,8 +252,8 @@ class ConversationService:
             await self._store.set_status(message_id, status, reason)
         except StoreError as exc:
             self.store_health.failed(exc)
-            log.error("message %d: could not record %s (%s): %s", message_id, status, reason,
-                      exc)
+            log.debug("message %d: %s (%s) spooled: %s", message_id, status, reason, exc)
+            self._spool.add_status(message_id, status, reason)
 
     async def _flood_control(self, ticket: Ticket, exchange: Exchange,
                              text: str) -> Reply | None:
@@ -301,11 +306,19 @@ class ConversationService:
                 task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
-        await self.flush()
+        await self.flush(spool_timeout_s=5)
 
-    async def flush(self) -> None:
-        """Wait until every message taken so far is recorded (drops are written behind)."""
+    async def flush(self, spool_timeout_s: float = 0) -> None:
+        """Wait until every message taken so far is recorded (drops are written behind);
+        with ``spool_timeout_s``, also try that long to write what a store outage spooled."""
         await self._writer.flush()
+        if spool_timeout_s:
+            await self._spool.flush(spool_timeout_s)
+
+    @property
+    def spooled(self) -> int:
+        """Writes waiting for the store to come back."""
+        return len(self._spool)
 
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""

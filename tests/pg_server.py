@@ -38,6 +38,8 @@ class PostgresServer:
     base: Path
     port: int = 0
     user: str | None = None  # OS user that owns the cluster when we are root
+    # Crash-safe commits (fsync, synchronous_commit): for drills that kill the server.
+    durable: bool = False
 
     @property
     def data_dir(self) -> Path:
@@ -62,8 +64,14 @@ class PostgresServer:
         self.port = _free_port()
         self._run(str(self.bin_dir / "initdb"), "-D", str(self.data_dir), "-U", "postgres",
                   "-A", "trust", "-E", "UTF8", "--locale=C.UTF-8", "--no-sync")
-        options = (f"-F -p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (again, after ``stop``) on the same port."""
+        options = f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1"
+        if not self.durable:  # a throw-away test cluster need not survive a crash
+            options += (" -F -c fsync=off -c synchronous_commit=off "
+                        "-c full_page_writes=off")
         self._run(str(self.bin_dir / "pg_ctl"), "-D", str(self.data_dir), "-o", options,
                   "-l", str(self.base / "log.txt"), "-w", "-t", "30", "start")
         deadline = time.monotonic() + 15

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from bot.config import load_config
@@ -103,3 +104,93 @@ def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) 
     assert len(answered) >= shown - 1
     assert {q.status_reason for q in questions if q.status == "expired"} <= {"crash"}
     assert state["integrity"] in (None, "ok")
+
+
+@pytest.fixture
+def own_postgres(tmp_path: Path) -> Any:
+    """A PostgreSQL server of this test's own, so stopping it disturbs no other test."""
+    from tests.pg_server import PostgresServer, find_pg_bin
+
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if os.environ.get("VTUBER_REQUIRE_POSTGRES"):
+            pytest.fail("PostgreSQL server binaries not found and VTUBER_REQUIRE_POSTGRES set")
+        pytest.skip("no PostgreSQL server binaries on this machine")
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="vtuber-pg-outage-"))
+    server = PostgresServer(bin_dir, base, durable=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    async def send(self, text: str) -> str:
+        self.sent.append(text)
+        return f"out-{len(self.sent)}"
+
+    async def edit(self, message_id: str, text: str) -> None:
+        return None
+
+    async def typing(self) -> None:
+        return None
+
+
+async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: Any,
+                                                                tmp_path: Path) -> None:
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+
+    url = own_postgres.create_database("outage")
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": url, "remember_messages_min_chars": 0},
+        "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000},
+    }, env={})
+    sink = _Sink()
+    offered = 0
+
+    async def offer(seconds: float) -> list[Any]:
+        nonlocal offered
+        replies = []
+        end = asyncio.get_running_loop().time() + seconds
+        while asyncio.get_running_loop().time() < end:
+            offered += 1
+            replies.append(await runtime.service.handle(ChatEvent(
+                platform="twitch", channel_id="c", platform_user_id=f"v{offered % 7}",
+                display_name="v", text=f"hello {offered}", sink=sink,
+                message_id=f"m{offered}")))
+            await asyncio.sleep(0.05)
+        return replies
+
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        before = await offer(1.0)
+        await asyncio.to_thread(own_postgres.stop)  # pg_ctl stop -m immediate
+        during = await offer(5.0)
+        await asyncio.to_thread(own_postgres.resume)
+        after = await offer(1.5)
+        await runtime.service.flush(spool_timeout_s=10)
+        assert runtime.service.spooled == 0
+        counts: dict[str, int] = {}
+        for i in range(7):
+            user_id = await runtime.store.find_user("twitch", f"v{i}")
+            assert user_id is not None
+            for row in await runtime.store.messages_for(user_id):
+                if row.role == "user":
+                    counts[row.status] = counts.get(row.status, 0) + 1
+    replies = before + during + after
+    assert all(r.status in ("answered", "failed", "dropped") for r in replies)
+    assert any(r.status == "failed" and r.reason == "store" for r in during)
+    assert after[-1].status == "answered"
+    assert sum(counts.values()) == offered  # none missing
+    assert "received" not in counts  # none stuck
+    assert len(sink.sent) == offered  # each viewer got the reply or one fallback

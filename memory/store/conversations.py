@@ -69,6 +69,15 @@ class Conversations:
             await session.execute(update(Message).where(Message.id == message_id)
                                   .values(status=status, status_reason=reason))
 
+    async def set_statuses(self, changes: list[tuple[int, str, str | None]]) -> None:
+        """Several (message id, status, reason) in one transaction."""
+        if not changes:
+            return
+        async with self._db.write() as session:
+            for message_id, status, reason in changes:
+                await session.execute(update(Message).where(Message.id == message_id)
+                                      .values(status=status, status_reason=reason))
+
     async def expire_received(self, reason: str, before: datetime | None = None) -> int:
         """End every user message still ``received`` (older than ``before``, if given) as
         ``expired`` with ``reason``: crash recovery and shutdown."""

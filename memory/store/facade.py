@@ -97,6 +97,9 @@ class Store:
                          reason: str | None = None) -> None:
         await self.conversations.set_status(message_id, status, reason)
 
+    async def set_statuses(self, changes: list[tuple[int, str, str | None]]) -> None:
+        await self.conversations.set_statuses(changes)
+
     async def expire_received(self, reason: str, before: datetime | None = None) -> int:
         return await self.conversations.expire_received(reason, before)
 

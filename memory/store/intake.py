@@ -9,7 +9,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import delete, select, text, tuple_
+from sqlalchemy import delete, select, text, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -89,7 +89,21 @@ class Intake:
                      .returning(Message.id))
         if item.platform_message_id is None:
             statement = _insert(self._db.dialect)(Message).values(**values).returning(Message.id)
-        return (await session.execute(statement)).scalar()
+        message_id: int | None = (await session.execute(statement)).scalar()
+        if message_id is None and item.status != "received":
+            await self._settle(session, item)
+        return message_id
+
+    @staticmethod
+    async def _settle(session: AsyncSession, item: IntakeItem) -> None:
+        """A final state for a message already recorded ``received`` (its first write
+        committed, but the answer was lost with the connection): the final state wins."""
+        await session.execute(
+            update(Message)
+            .where(Message.platform == item.platform, Message.channel_id == item.channel_id,
+                   Message.platform_message_id == item.platform_message_id,
+                   Message.role == "user", Message.status == "received")
+            .values(status=item.status, status_reason=item.reason))
 
 
 class IntakeWriter:
