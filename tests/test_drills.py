@@ -30,7 +30,10 @@ def _write_config(tmp_path: Path, db_url: str) -> Path:
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
                    "embedding": {"enabled": False}},
         "store": {"url": db_url, "remember_messages_min_chars": 0},
-        "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000},
+        # PostgreSQL may be shared by several processes, so start-up only expires rows older
+        # than twice the reply timeout; a short one keeps the drill short.
+        "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000,
+                   "reply_timeout_s": 1},
     }, allow_unicode=True), encoding="utf-8")
     return path
 
@@ -94,6 +97,7 @@ def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) 
     printed = _chat_under_load(config, data_dir, rate=50, kill_after=100)
     shown = sum(line.count(REPLY) for line in printed)
     assert shown > 10, "the drill needs a running chat to kill"
+    time.sleep(2.5)  # past 2 x reply_timeout_s: nothing of the killed run can be in flight
     state = asyncio.run(_after_restart(config, data_dir))
     questions = state["questions"]
     assert [q for q in questions if q.status == "received"] == []

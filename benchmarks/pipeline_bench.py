@@ -1,0 +1,172 @@
+"""Conversation pipeline under chat load: scripted backend (so the LLM is not the bottleneck),
+SQLite in a temporary folder, this machine's CPU.
+
+    python -m benchmarks.pipeline_bench [--rate 2000] [--seconds 30] [--viewers 2000]
+
+Run it from any checkout of the project (an older one too, for the baseline in the same run):
+it only uses ``open_runtime``, ``ConversationService.handle`` and the store.
+
+Printed: every message's final state, admitted-message latency (admission to reply, the
+scripted backend answers at once), event-loop lag (responsiveness), CPU per message, RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import gc
+import os
+import resource
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bot.config import parse_config
+from bot.events import ChatEvent
+from bot.paths import DataPaths
+from bot.runtime import open_runtime
+
+
+class NullSink:
+    async def send(self, text: str) -> str:
+        return "x"
+
+    async def edit(self, message_id: str, text: str) -> None:
+        return None
+
+    async def typing(self) -> None:
+        return None
+
+
+def _event(index: int, viewer: int, sink: NullSink) -> ChatEvent:
+    names = {f.name for f in dataclasses.fields(ChatEvent)}
+    user_field = "platform_user_id" if "platform_user_id" in names else "user_id"
+    return ChatEvent(**{"platform": "twitch", "channel_id": "stream", user_field: f"v{viewer}",
+                        "display_name": f"viewer {viewer}", "text": f"佩兒 你好 #{index}",
+                        "sink": sink, "message_id": f"m{index}"})
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+async def _lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
+    """How late a 10 ms timer fires: the event loop's responsiveness."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        started = loop.time()
+        await asyncio.sleep(0.01)
+        lags.append(loop.time() - started - 0.01)
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+async def _offer(runtime: Any, rate: float, seconds: float, viewers: int
+                 ) -> tuple[list[Any], list[float], float]:
+    sink = NullSink()
+    latencies: list[float] = []
+
+    async def one(index: int) -> Any:
+        started = time.perf_counter()
+        reply = await runtime.service.handle(_event(index, index % viewers, sink))
+        if reply.status == "answered":
+            latencies.append(time.perf_counter() - started)
+        return reply
+
+    tasks = []
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    total = int(rate * seconds)
+    for index in range(total):
+        due = start + index / rate
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(index)))
+    offered_for = loop.time() - start
+    replies = await asyncio.gather(*tasks, return_exceptions=True)
+    return replies, latencies, offered_for
+
+
+async def _stored_states(runtime: Any) -> Counter[str]:
+    from sqlalchemy import text
+
+    store = runtime.store
+    session_cm = (store.database.read() if hasattr(store, "database")
+                  else store._sessions.begin())  # older checkouts
+    async with session_cm as session:
+        rows = await session.execute(text(
+            "SELECT status, COUNT(*) FROM messages WHERE role = 'user' GROUP BY status"))
+        return Counter({status: count for status, count in rows})
+
+
+async def scenario(rate: float, seconds: float, viewers: int) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="vtuber-pipeline-bench-"))
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["收到～"]}},
+                   "embedding": {"enabled": False}},
+        "store": {"remember_messages_min_chars": 0, "rag_enabled": False},
+    }, env={})
+    gc.collect()
+    rss_before = _rss_mb()
+    async with open_runtime(config, DataPaths.resolve(folder)) as runtime:
+        stop, lags = asyncio.Event(), []
+        probe = asyncio.create_task(_lag_probe(stop, lags))
+        cpu_before = time.process_time()
+        wall_before = time.perf_counter()
+        replies, latencies, offered_for = await _offer(runtime, rate, seconds, viewers)
+        if hasattr(runtime.service, "flush"):
+            await runtime.service.flush()
+        drained = time.perf_counter() - wall_before
+        cpu = time.process_time() - cpu_before
+        stop.set()
+        await probe
+        stored = await _stored_states(runtime)
+        rss_after = _rss_mb()
+    errors = [r for r in replies if isinstance(r, BaseException)]
+    outcomes = Counter(f"{r.status}:{r.reason}" if r.reason else r.status
+                       for r in replies if not isinstance(r, BaseException))
+    return {"offered": len(replies), "offered_rate": len(replies) / offered_for,
+            "drained_s": drained, "outcomes": outcomes, "raised": len(errors),
+            "stored": stored, "lat_p50_ms": _pct(latencies, 0.5) * 1000,
+            "lat_p99_ms": _pct(latencies, 0.99) * 1000,
+            "lag_max_ms": max(lags, default=0) * 1000, "lag_p99_ms": _pct(lags, 0.99) * 1000,
+            "cpu_ms_per_msg": cpu / max(1, len(replies)) * 1000,
+            "rss_growth_mb": rss_after - rss_before}
+
+
+def _print(label: str, result: dict[str, Any]) -> None:
+    print(f"\n## {label}")
+    print(f"offered {result['offered']} msg at {result['offered_rate']:.0f} msg/s; all final "
+          f"after {result['drained_s']:.1f} s; handle() raised: {result['raised']}")
+    print(f"outcomes (returned): {dict(result['outcomes'])}")
+    print(f"stored user messages by status: {dict(result['stored'])} "
+          f"(total {sum(result['stored'].values())})")
+    print(f"answered latency p50 {result['lat_p50_ms']:.1f} ms, p99 {result['lat_p99_ms']:.1f} ms"
+          f" | loop lag p99 {result['lag_p99_ms']:.1f} ms, max {result['lag_max_ms']:.1f} ms")
+    print(f"CPU {result['cpu_ms_per_msg']:.3f} ms/msg | RSS growth "
+          f"{result['rss_growth_mb']:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=2000)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--viewers", type=int, default=2000)
+    args = parser.parse_args()
+    result = asyncio.run(scenario(args.rate, args.seconds, args.viewers))
+    _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers",
+           result)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
