@@ -94,6 +94,9 @@ class ConversationService:
         self._recent = RecentKeys()
         self._lanes = Lanes()
         self._writer = IntakeWriter(store.intake)
+        # Drops wait longer and go in bigger batches: a flood's bookkeeping must not hold the
+        # write lock the answers need.
+        self._drop_writer = IntakeWriter(store.intake, max_batch=2000, max_delay_s=0.1)
         self._spool = Spool(store)
         self.store_health = StoreHealth()
         self._pending = 0
@@ -156,7 +159,7 @@ class ConversationService:
         """Record a refused message in the background (batched; it costs no transaction of
         its own and never delays the chat)."""
         item = self._intake_item(event, text, "dropped", reason)
-        future = self._writer.submit(item)
+        future = self._drop_writer.submit(item)
 
         def recorded(future: asyncio.Future[IntakeOutcome]) -> None:
             if future.cancelled() or future.exception() is None:
@@ -312,6 +315,7 @@ class ConversationService:
         """Wait until every message taken so far is recorded (drops are written behind);
         with ``spool_timeout_s``, also try that long to write what a store outage spooled."""
         await self._writer.flush()
+        await self._drop_writer.flush()
         if spool_timeout_s:
             await self._spool.flush(spool_timeout_s)
 
