@@ -39,8 +39,8 @@ class ContextBuilder:
 
     async def prepare(self, user_id: int, text: str) -> PreparedPrompt:
         persona = self._engine.persona
-        state = await self._store.get_state(user_id, persona.id, persona.moods.baseline)
-        history = await self._store.recent_history(user_id, persona.id, self._history_messages)
+        state, history = await self._store.reply_context(
+            user_id, persona.id, persona.moods.baseline, self._history_messages)
         history = self.within_budget(history)
         retrieved = await self._retrieve(text, user_id)
         knowledge = "\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona")

@@ -96,7 +96,7 @@ class ConversationService:
         self._writer = IntakeWriter(store.intake)
         # Drops wait longer and go in bigger batches: a flood's bookkeeping must not hold the
         # write lock the answers need.
-        self._drop_writer = IntakeWriter(store.intake, max_batch=2000, max_delay_s=0.1)
+        self._drop_writer = IntakeWriter(store.intake_final, max_batch=2000, max_delay_s=0.1)
         self._spool = Spool(store)
         self.store_health = StoreHealth()
         self._pending = 0
@@ -161,7 +161,7 @@ class ConversationService:
         item = self._intake_item(event, text, "dropped", reason)
         future = self._drop_writer.submit(item)
 
-        def recorded(future: asyncio.Future[IntakeOutcome]) -> None:
+        def recorded(future: asyncio.Future[IntakeOutcome | None]) -> None:
             if future.cancelled() or future.exception() is None:
                 self.store_health.succeeded()
                 return
@@ -201,7 +201,7 @@ class ConversationService:
             self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store"))
             return Reply(await self._fallback(event, None), "failed", reason="store")
         self.store_health.succeeded()
-        if outcome.message_id is None:
+        if outcome is None or outcome.message_id is None:
             return Reply("", "dropped", reason="duplicate")
         return Exchange(event, outcome.user_id, outcome.message_id, admitted_at)
 

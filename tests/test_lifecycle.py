@@ -114,7 +114,7 @@ async def test_store_error_on_accept(runtime: Runtime, monkeypatch: pytest.Monke
 
 async def test_store_error_on_history_read(runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
-    monkeypatch.setattr(runtime.store, "recent_history", fails_with(StoreError("store: gone")))
+    monkeypatch.setattr(runtime.store, "reply_context", fails_with(StoreError("store: gone")))
     sink = FlakySink()
     reply = await runtime.service.handle(event(sink))
     assert (reply.status, reply.reason) == ("failed", "store")

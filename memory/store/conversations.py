@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from memory.models import Identity, Message
@@ -92,18 +93,23 @@ class Conversations:
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:
         """The last ``limit`` messages of finished exchanges, oldest first."""
+        async with self._db.read() as session:
+            return await self.read_history(session, user_id, persona_id, limit)
+
+    @staticmethod
+    async def read_history(session: AsyncSession, user_id: int, persona_id: str,
+                           limit: int) -> list[HistoryMessage]:
         if limit <= 0:
             return []
-        async with self._db.read() as session:
-            rows = await session.execute(
-                select(Message.id, Message.role, Message.content, Message.created_at)
-                .where(Message.user_id == user_id, Message.persona_id == persona_id,
-                       Message.status.in_(("answered", "sent")))
-                .order_by(Message.id.desc())
-                .limit(limit)
-            )
-            history = [HistoryMessage(id=r.id, role=r.role, content=r.content,
-                                      created_at=aware_now(r.created_at)) for r in rows]
+        rows = await session.execute(
+            select(Message.id, Message.role, Message.content, Message.created_at)
+            .where(Message.user_id == user_id, Message.persona_id == persona_id,
+                   Message.status.in_(("answered", "sent")))
+            .order_by(Message.id.desc())
+            .limit(limit)
+        )
+        history = [HistoryMessage(id=r.id, role=r.role, content=r.content,
+                                  created_at=aware_now(r.created_at)) for r in rows]
         history.reverse()
         return history
 

@@ -108,6 +108,10 @@ class Store:
         a platform message recorded before comes back with ``message_id`` None."""
         return await self.intake_log.record(items)
 
+    async def intake_final(self, items: list[IntakeItem]) -> None:
+        """Record messages already final (dropped), in one statement; duplicates skipped."""
+        await self.intake_log.record_final(items)
+
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:
         return await self.conversations.recent_history(user_id, persona_id, limit)
@@ -152,6 +156,16 @@ class Store:
     async def state_timeline(self, user_id: int, persona_id: str,
                              limit: int = 500) -> list[TimelinePoint]:
         return await self.states.state_timeline(user_id, persona_id, limit)
+
+    async def reply_context(self, user_id: int, persona_id: str, default_mood: str,
+                            history_limit: int) -> tuple[StateSnapshot, list[HistoryMessage]]:
+        """What a reply needs from the store, in one read transaction: the viewer's state and
+        their recent finished exchanges (oldest first)."""
+        async with self._db.read() as session:
+            state = await self.states.read_state(session, user_id, persona_id, default_mood)
+            history = await self.conversations.read_history(session, user_id, persona_id,
+                                                            history_limit)
+        return state, history
 
     async def stats(self, platform: str, platform_user_id: str, persona_id: str,
                     default_mood: str) -> UserStats | None:

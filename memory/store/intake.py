@@ -54,13 +54,11 @@ class Intake:
         created = [User(display_name=names[key]) for key in missing]
         session.add_all(created)
         await session.flush()
-        insert = _insert(self._db.dialect)
-        for key, user in zip(missing, created, strict=True):
-            statement = insert(Identity).values(
-                user_id=user.id, platform=key[0], platform_user_id=key[1],
-                display_name=names[key]).on_conflict_do_nothing(
-                index_elements=["platform", "platform_user_id"])
-            await session.execute(statement)
+        statement = _insert(self._db.dialect)(Identity).on_conflict_do_nothing(
+            index_elements=["platform", "platform_user_id"])
+        await session.execute(statement, [
+            {"user_id": user.id, "platform": key[0], "platform_user_id": key[1],
+             "display_name": names[key]} for key, user in zip(missing, created, strict=True)])
         found.update(await self._known(session, missing))
         # Another process created some of these viewers first: theirs win, ours go.
         orphans = [u.id for key, u in zip(missing, created, strict=True) if found[key] != u.id]
@@ -75,13 +73,22 @@ class Intake:
             .where(tuple_(Identity.platform, Identity.platform_user_id).in_(keys)))
         return {(r.platform, r.platform_user_id): r.user_id for r in rows}
 
+    async def record_final(self, items: list[IntakeItem]) -> None:
+        """Record messages that are already final (dropped with a reason) in one transaction
+        and one statement: nobody waits for their ids, and a redelivered one is skipped."""
+        if not items:
+            return
+        async with self._db.write() as session:
+            users = await self._resolve_users(session, items)
+            rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
+            statement = _insert(self._db.dialect)(Message).on_conflict_do_nothing(
+                index_elements=["platform", "channel_id", "platform_message_id"],
+                index_where=text(INTAKE_WHERE))
+            await session.execute(statement, rows)
+
     async def _insert_message(self, session: AsyncSession, item: IntakeItem,
                               user_id: int) -> int | None:
-        values = {"user_id": user_id, "persona_id": item.persona_id, "role": "user",
-                  "content": item.text, "status": item.status, "status_reason": item.reason,
-                  "platform": item.platform, "channel_id": item.channel_id,
-                  "platform_message_id": item.platform_message_id,
-                  "created_at": item.created_at}
+        values = _values(item, user_id)
         statement = (_insert(self._db.dialect)(Message).values(**values)
                      .on_conflict_do_nothing(
                          index_elements=["platform", "channel_id", "platform_message_id"],
@@ -106,23 +113,32 @@ class Intake:
             .values(status=item.status, status_reason=item.reason))
 
 
+def _values(item: IntakeItem, user_id: int) -> dict[str, Any]:
+    return {"user_id": user_id, "persona_id": item.persona_id, "role": "user",
+            "content": item.text, "status": item.status, "status_reason": item.reason,
+            "platform": item.platform, "channel_id": item.channel_id,
+            "platform_message_id": item.platform_message_id, "created_at": item.created_at}
+
+
 class IntakeWriter:
     """Group commit: submissions arriving while a batch is written wait for the next one
     (at most ``max_batch`` items); one transaction per batch instead of one per message."""
 
-    def __init__(self, record: Callable[[list[IntakeItem]], Awaitable[list[IntakeOutcome]]],
+    def __init__(self, record: Callable[[list[IntakeItem]],
+                                        Awaitable[list[IntakeOutcome] | None]],
                  *, max_batch: int = 256, max_delay_s: float = 0.002) -> None:
-        self._record = record
+        self._record = record  # returns an outcome per item, or None when nobody needs them
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
-        self._queue: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome]]] = []
+        self._queue: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def submit(self, item: IntakeItem) -> asyncio.Future[IntakeOutcome]:
+    def submit(self, item: IntakeItem) -> asyncio.Future[IntakeOutcome | None]:
         """Queue ``item``; the future resolves once its batch committed (or fails with the
         batch's ``StoreError``)."""
-        future: asyncio.Future[IntakeOutcome] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[IntakeOutcome | None] = (
+            asyncio.get_running_loop().create_future())
         self._queue.append((item, future))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="intake-writer")
@@ -135,7 +151,8 @@ class IntakeWriter:
                                   self._queue[self._max_batch:])
             await self._write(batch)
 
-    async def _write(self, batch: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome]]]
+    async def _write(self,
+                     batch: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]]
                      ) -> None:
         try:
             outcomes = await self._record([item for item, _ in batch])
@@ -146,7 +163,8 @@ class IntakeWriter:
                 if not future.done():
                     future.set_exception(exc)
             return
-        for (_, future), outcome in zip(batch, outcomes, strict=True):
+        results = outcomes if outcomes is not None else [None] * len(batch)
+        for (_, future), outcome in zip(batch, results, strict=True):
             if not future.done():
                 future.set_result(outcome)
 

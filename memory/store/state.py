@@ -51,8 +51,13 @@ class States:
 
     async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
         async with self._db.read() as session:
-            row = await session.scalar(_state_query(user_id, persona_id))
-            return snapshot(row) if row else StateSnapshot(mood=default_mood)
+            return await self.read_state(session, user_id, persona_id, default_mood)
+
+    @staticmethod
+    async def read_state(session: AsyncSession, user_id: int, persona_id: str,
+                         default_mood: str) -> StateSnapshot:
+        row = await session.scalar(_state_query(user_id, persona_id))
+        return snapshot(row) if row else StateSnapshot(mood=default_mood)
 
     async def update_state(self, user_id: int, persona_id: str, default_mood: str,
                            rule: StateRule, message_id: int | None = None) -> StateSnapshot:
