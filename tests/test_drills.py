@@ -198,3 +198,73 @@ async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: An
     assert sum(counts.values()) == offered  # none missing
     assert "received" not in counts  # none stuck
     assert len(sink.sent) == offered  # each viewer got the reply or one fallback
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Any:
+    """A 2 MiB file system of our own (tmpfs), where root may mount one."""
+    import contextlib
+    import shutil
+
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    if shutil.which("mount") is None or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+            capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount_point
+    finally:
+        with contextlib.suppress(OSError):
+            subprocess.run(["umount", "-l", str(mount_point)], check=False,
+                           capture_output=True)
+
+
+def _fill(folder: Path, leave_bytes: int) -> Path:
+    filler = folder / "filler"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with filler.open("wb") as handle:
+        handle.write(b"\0" * max(0, free - leave_bytes))
+    return filler
+
+
+async def test_full_disk_fails_cleanly_and_recovers(small_disk: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "store": {"remember_messages_min_chars": 0, "rag_enabled": False},
+        "limits": {"user_messages_per_minute": 100_000},
+    }, env={})
+    sink = _Sink()
+
+    def said(index: int) -> ChatEvent:
+        return ChatEvent(platform="twitch", channel_id="c", platform_user_id="ann",
+                         display_name="Ann", text=f"hello {index} " + "x" * 400, sink=sink,
+                         message_id=f"m{index}")
+
+    async with open_runtime(config, DataPaths.resolve(small_disk / "data")) as runtime:
+        before = [await runtime.service.handle(said(i)) for i in range(5)]
+        assert {r.status for r in before} == {"answered"}
+        filler = _fill(small_disk, leave_bytes=0)
+        during = [await runtime.service.handle(said(i)) for i in range(5, 40)]
+        assert any(r.status == "failed" and r.reason == "store" for r in during)
+        assert not any("Traceback" in r.getMessage() for r in caplog.records)
+        filler.unlink()  # space returns
+        after = await runtime.service.handle(said(40))
+        assert after.status == "answered"
+        await runtime.service.flush(spool_timeout_s=10)
+        assert runtime.service.spooled == 0
+        user_id = await runtime.store.find_user("twitch", "ann")
+        assert user_id is not None
+        rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        from sqlalchemy import text
+
+        async with runtime.store.database.read() as session:
+            integrity = (await session.execute(text("PRAGMA integrity_check"))).scalar()
+    assert integrity == "ok"
+    assert len(rows) == 41 and "received" not in {r.status for r in rows}
+    assert len(sink.sent) == 41  # the reply or one fallback each
