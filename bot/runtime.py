@@ -48,6 +48,7 @@ class Runtime:
     store: Store
     engine: LLMManager
     service: ConversationService
+    retriever: MemoryRetriever | None = None
     # One-time codes for linking accounts across platforms: code → (platform, user, expiry).
     link_codes: dict[str, tuple[str, str, float]] = field(default_factory=dict)
 
@@ -69,7 +70,14 @@ class Runtime:
         if owner is None:
             owner = await self.store.resolve_user(entry[0], entry[1], entry[1])
         await self.store.link_identity(owner, platform, platform_user_id, display_name)
+        self._memories_changed()
         return True
+
+    def _memories_changed(self) -> None:
+        """Memories were deleted or changed owner: the dense index is rebuilt before the
+        next search (privacy: no viewer may see another's memory through a stale index)."""
+        if self.retriever is not None:
+            self.retriever.invalidate()
 
     async def stats(self, platform: str, platform_user_id: str) -> ViewerStats | None:
         return await user_stats(self.store, self.engine.persona, platform, platform_user_id)
@@ -79,7 +87,11 @@ class Runtime:
 
     async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]:
         user_id = await self.store.find_user(platform, platform_user_id)
-        return {} if user_id is None else await self.store.delete_user_data(user_id)
+        if user_id is None:
+            return {}
+        counts = await self.store.delete_user_data(user_id)
+        self._memories_changed()
+        return counts
 
     async def export(self, platform: str,
                      platform_user_id: str) -> ExportedUserData | None:
@@ -87,11 +99,15 @@ class Runtime:
         return None if user_id is None else await self.store.export_user_data(user_id)
 
     async def purge_message(self, platform: str, platform_message_id: str) -> int:
-        return await self.store.purge_platform_message(platform, platform_message_id)
+        purged = await self.store.purge_platform_message(platform, platform_message_id)
+        self._memories_changed()
+        return purged
 
     async def purge_messages(self, platform: str, channel_id: str,
                              platform_user_id: str | None = None) -> int:
-        return await self.store.purge_messages(platform, channel_id, platform_user_id)
+        purged = await self.store.purge_messages(platform, channel_id, platform_user_id)
+        self._memories_changed()
+        return purged
 
     async def trace(self, message_id: int) -> ReplyTrace | None:
         return await reply_trace(self.store, message_id)
@@ -224,7 +240,7 @@ async def open_runtime(
                                           retriever=retriever)
             await service.recover()
             try:
-                yield Runtime(config, paths, store, engine, service)
+                yield Runtime(config, paths, store, engine, service, retriever)
             finally:
                 await service.drain(config.limits.shutdown_grace_s)
         finally:

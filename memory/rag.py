@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from memory.store import NewMemory, Store
+from memory.store import NewMemory, Store, StoredMemory
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class MemoryRetriever:
         self._candidates = candidates
         self._index = VectorIndex()
         self._lock = asyncio.Lock()
+        self._stale = False
 
     async def _embed(self, texts: list[str]) -> list[bytes | None]:
         if self._embedder is None or not texts:
@@ -208,8 +209,15 @@ class MemoryRetriever:
             live = await self._store.memory_ids(self._persona_id)
             self._index.keep_only(live)
 
+    def invalidate(self) -> None:
+        """Memories were deleted, purged or moved to another user: rebuild the dense index
+        from the store before the next search (ids may even be reused by SQLite)."""
+        self._stale = True
+
     async def _refresh(self) -> None:
         async with self._lock:
+            if self._stale:
+                self._index, self._stale = VectorIndex(), False
             while rows := await self._store.memory_vectors(self._persona_id,
                                                            self._index.last_id):
                 self._index.add(rows)
@@ -229,8 +237,10 @@ class MemoryRetriever:
         for ranking in (dense_ids, lexical_ids):
             for rank, memory_id in enumerate(ranking):
                 fused[memory_id] = fused.get(memory_id, 0.0) + 1.0 / (RRF_K + rank + 1)
-        best = sorted(fused, key=lambda i: fused[i], reverse=True)[:k]
-        rows = await self._store.get_memories(best)
+        ranked = sorted(fused, key=lambda i: fused[i], reverse=True)
+        rows = await self._store.get_memories(ranked)
+        # Who may see a memory is decided from the stored row, never from the cached index.
+        visible = [i for i in ranked if i in rows and _visible(rows[i], user_id)][:k]
         return [
             RetrievedChunk(
                 id=i, text=rows[i].text, source=rows[i].source, scope=rows[i].scope,
@@ -238,5 +248,9 @@ class MemoryRetriever:
                 dense_rank=dense_ids.index(i) if i in dense_ids else None,
                 lexical_rank=lexical_ids.index(i) if i in lexical_ids else None,
             )
-            for i in best if i in rows
+            for i in visible
         ]
+
+
+def _visible(memory: StoredMemory, user_id: int | None) -> bool:
+    return memory.scope == "persona" or (user_id is not None and memory.user_id == user_id)

@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 
 from memory.models import Base
 from memory.rag import MemoryRetriever, lexical_terms
-from memory.store import StateChange, StateSnapshot, Store
+from memory.store import IntakeItem, StateChange, StateSnapshot, Store
 
 KNOWLEDGE = {
     "home.md": "# 燈塔\n佩兒住在海邊的舊燈塔，每天晚上修理燈塔的燈。\n",
@@ -200,3 +200,71 @@ async def test_link_identity_merges_history_and_state(store: Store) -> None:
     separate = await store.unlink_identity("twitch", "ann_tv")
     assert separate is not None and separate != discord_user
     assert await store.find_user("discord", "42") == discord_user
+
+
+async def _remember_said(store: Store, retriever: MemoryRetriever, user: int, message_id: str,
+                         words: str) -> int:
+    [outcome] = await store.intake([IntakeItem(
+        "twitch", f"viewer-{user}", "v", "pell", "c", message_id, words,
+        datetime.now(UTC))])
+    assert outcome.message_id is not None
+    return await retriever.remember(user, words, f"message:{outcome.message_id}")
+
+
+def _texts(results: list[Any]) -> str:
+    return " | ".join(r.text for r in results)
+
+
+@pytest.mark.parametrize("invalidate", [True, False], ids=["invalidated", "stale-index"])
+async def test_purge_then_another_viewers_memory_does_not_leak(store: Store, embedder: Any,
+                                                               invalidate: bool) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder, k=5)
+    a = await store.resolve_user("twitch", "viewer-a", "A")
+    c = await store.resolve_user("twitch", "viewer-c", "C")
+    await _remember_said(store, retriever, a, "a-1", "my cat Mochi sleeps by the lighthouse")
+    assert "Mochi" in _texts(await retriever.search("where does my cat sleep", user_id=a))
+    assert await store.purge_platform_message("twitch", "a-1") == 1
+    if invalidate:
+        retriever.invalidate()
+    # On SQLite the freed highest id may be handed to the next memory: viewer C's.
+    await _remember_said(store, retriever, c, "c-1", "C: my home address is 12 Harbour Road")
+    seen_by_a = _texts(await retriever.search("my home address and my cat", user_id=a))
+    assert "Harbour" not in seen_by_a and "Mochi" not in seen_by_a
+    assert "Harbour" in _texts(await retriever.search("my home address", user_id=c))
+
+
+@pytest.mark.parametrize("invalidate", [True, False], ids=["invalidated", "stale-index"])
+async def test_forget_then_a_new_viewer_sees_nothing_of_others(store: Store, embedder: Any,
+                                                               invalidate: bool) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder, k=5)
+    a = await store.resolve_user("twitch", "viewer-a", "A")
+    c = await store.resolve_user("twitch", "viewer-c", "C")
+    await _remember_said(store, retriever, c, "c-1", "C: my phone number is 0912 345 678")
+    await _remember_said(store, retriever, a, "a-1", "A: my password hint is lighthouse")
+    await retriever.search("phone number", user_id=a)  # warm the dense index
+    await store.delete_user_data(a)
+    if invalidate:
+        retriever.invalidate()
+    newcomer = await store.resolve_user("twitch", "viewer-b", "B")  # may get A's old id
+    seen = _texts(await retriever.search("my phone number and password hint",
+                                         user_id=newcomer))
+    assert "0912" not in seen and "password" not in seen
+    # Deleted text is not retrievable by anyone, lexically or by meaning.
+    assert "password" not in _texts(await retriever.search("password hint lighthouse",
+                                                           user_id=c))
+
+
+async def test_linked_then_unlinked_viewer_keeps_memories_apart(store: Store,
+                                                                embedder: Any) -> None:
+    retriever = MemoryRetriever(store, "pell", embedder, k=5)
+    main = await store.resolve_user("discord", "ann", "Ann")
+    alt = await store.resolve_user("twitch", "viewer-alt", "Ann")
+    await _remember_said(store, retriever, alt, "alt-1", "I secretly collect sea glass")
+    await store.link_identity(main, "twitch", "viewer-alt", "Ann")
+    retriever.invalidate()
+    assert "sea glass" in _texts(await retriever.search("what do I collect", user_id=main))
+    separate = await store.unlink_identity("twitch", "viewer-alt")
+    assert separate is not None and separate != main
+    retriever.invalidate()
+    assert "sea glass" not in _texts(await retriever.search("what do I collect",
+                                                            user_id=separate))
