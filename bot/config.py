@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
@@ -159,6 +160,18 @@ class Secrets(BaseModel):
     twitch_refresh_token: SecretStr | None = None
     openai_api_key: SecretStr | None = None
     database_url: SecretStr | None = None
+
+    def values(self) -> list[str]:
+        """Every secret as plain text (for masking), with a database URL's password too."""
+        found = []
+        for value in self.model_dump().values():
+            if isinstance(value, SecretStr):
+                found.append(value.get_secret_value())
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                found.append(password)
+        return found
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], openai_key_env: str = "OPENAI_API_KEY") -> Secrets:

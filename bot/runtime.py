@@ -6,15 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import signal
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import AppConfig
 from bot.events import Adapter
+from bot.linking import LinkCodes
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.reports import (
@@ -38,7 +37,6 @@ log = logging.getLogger(__name__)
 
 
 
-LINK_CODE_TTL_S = 600
 
 
 @dataclass(slots=True)
@@ -49,26 +47,22 @@ class Runtime:
     engine: LLMManager
     service: ConversationService
     retriever: MemoryRetriever | None = None
-    # One-time codes for linking accounts across platforms: code → (platform, user, expiry).
-    link_codes: dict[str, tuple[str, str, float]] = field(default_factory=dict)
+    # One-time codes for linking accounts across platforms.
+    link_codes: LinkCodes = field(default_factory=LinkCodes)
 
     def create_link_code(self, platform: str, platform_user_id: str) -> str:
         """A short-lived code the viewer types on another platform (``!link CODE``)."""
-        now = time.monotonic()
-        for code in [c for c, (_, _, expiry) in self.link_codes.items() if expiry < now]:
-            del self.link_codes[code]
-        code = secrets.token_hex(3).upper()
-        self.link_codes[code] = (platform, platform_user_id, now + LINK_CODE_TTL_S)
-        return code
+        return self.link_codes.create(platform, platform_user_id)
 
     async def redeem_link_code(self, code: str, platform: str, platform_user_id: str,
                                display_name: str) -> bool:
-        entry = self.link_codes.pop(code.strip().upper(), None)
-        if entry is None or entry[2] < time.monotonic() or entry[0] == platform:
+        request = self.link_codes.redeem(code, platform, platform_user_id)
+        if request is None:
             return False
-        owner = await self.store.find_user(entry[0], entry[1])
+        owner = await self.store.find_user(request.platform, request.platform_user_id)
         if owner is None:
-            owner = await self.store.resolve_user(entry[0], entry[1], entry[1])
+            owner = await self.store.resolve_user(request.platform, request.platform_user_id,
+                                                  request.platform_user_id)
         await self.store.link_identity(owner, platform, platform_user_id, display_name)
         self._memories_changed()
         return True

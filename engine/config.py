@@ -93,6 +93,9 @@ class ResponseConfig(Section):
     max_tokens: int = Field(150, ge=1, le=8192)
     min_tokens: int = Field(MIN_TOKENS_DEFAULT, ge=0, le=8192)
     filter_repetition: bool = True
+    # A viewer's message is cut to this many characters (with "…") before it joins a prompt,
+    # so a wall of text can never push the persona's system prompt out of the context.
+    max_input_chars: int = Field(500, ge=20, le=20_000)
     enable_traditional_chinese: bool = True
     # Overrides enable_traditional_chinese when set.
     chinese_conversion: ConversionMode | None = None

@@ -150,10 +150,12 @@ class LLMManager:
         """The one place prompts are assembled: persona system prompt in the viewer's
         language, mood/intimacy hint, trusted context, the viewer's notes, history, message."""
         persona = self.persona
-        language = prompt_language(inputs.text)
+        limit = self.config.response.max_input_chars
+        text = inputs.text if len(inputs.text) <= limit else inputs.text[:limit - 1] + "…"
+        language = prompt_language(text)
         hint = (state_hint(inputs.state, persona, language) if inputs.state is not None
                 else None)
-        messages = build_messages(persona.system_prompt(language), inputs.text,
+        messages = build_messages(persona.system_prompt(language), text,
                                   inputs.history, inputs.context, hint, inputs.user_notes)
         return GenerationRequest(messages, self.config.sampling(), language=language)
 

@@ -13,10 +13,18 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import EngineError
 
@@ -31,10 +39,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+NonBlank = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]
+
+
 class Names(_Strict):
-    zh: str
+    zh: NonBlank  # viewers call the persona by its names: a blank one would match everything
     en: str = ""
     ja: str = ""
+
+    @field_validator("en", "ja")
+    @classmethod
+    def _stripped(cls, value: str) -> str:
+        return value.strip()
 
     def all(self) -> tuple[str, ...]:
         return tuple(n for n in (self.zh, self.en, self.ja) if n)
@@ -114,8 +130,11 @@ class Persona(_Strict):
     moods: MoodRules
     intimacy: IntimacyRules
     knowledge_dir: str | None = None
-    protected_terms: list[str] = Field(default_factory=list)
-    fallback_lines: list[str] = Field(default_factory=lambda: ["……欸？剛剛恍神了，再說一次好嗎？"])
+    # Never converted between scripts; an empty term would match every message.
+    protected_terms: list[NonBlank] = Field(default_factory=list)
+    # The in-character lines sent when a reply fails: at least one, none blank.
+    fallback_lines: list[NonBlank] = Field(
+        default_factory=lambda: ["……欸？剛剛恍神了，再說一次好嗎？"], min_length=1)
 
     def system_prompt(self, language: str = "zh") -> str:
         """The fixed part of the system prompt (state hints are appended per user)."""

@@ -116,3 +116,30 @@ def test_twitch_needs_its_five_secrets() -> None:
                  "TWITCH_REFRESH_TOKEN"):
         assert name in missing
     assert "TWITCH_CLIENT_ID" not in missing
+
+
+def test_secrets_are_masked_in_every_log_line_and_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from bot.config import Secrets
+    from bot.logging_setup import configure_logging
+
+    secrets = Secrets.from_env({"TWITCH_CLIENT_SECRET": "cs-0123456789",
+                                "VTUBER_DATABASE_URL": "postgresql://bot:pw-s3cret@db/chat"})
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging("INFO", secrets.values())
+        log = logging.getLogger("tests.masking")
+        log.error("token endpoint said: client_secret=%s", "cs-0123456789")
+        try:
+            raise RuntimeError("connect to postgresql://bot:pw-s3cret@db/chat failed")
+        except RuntimeError:
+            log.exception("store unavailable")
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "client_secret=***" in err and "Traceback" in err
+    assert "cs-0123456789" not in err and "pw-s3cret" not in err

@@ -56,6 +56,7 @@ EVERY_SETTING: dict[str, Any] = {
     "vtuber.response.max_tokens": 90,
     "vtuber.response.min_tokens": 5,
     "vtuber.response.filter_repetition": False,
+    "vtuber.response.max_input_chars": 800,
     "vtuber.response.enable_traditional_chinese": False,
     "vtuber.response.chinese_conversion": "s2hk",
 }

@@ -214,3 +214,26 @@ def test_bundled_persona_is_valid_and_discloses_ai() -> None:
     assert "AI" in PERSONA.disclosure
     assert PERSONA.language == "zh-TW"
     assert PERSONA.moods.baseline in PERSONA.moods.states
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"fallback_lines": []}, "fallback_lines"),
+    ({"fallback_lines": ["  "]}, "fallback_lines"),
+    ({"names": {"zh": " ", "en": "Pell"}}, "names.zh"),
+    ({"protected_terms": [""]}, "protected_terms"),
+])
+def test_persona_check_refuses_what_breaks_at_run_time(tmp_path: Path, change: dict,
+                                                       field: str) -> None:
+    from importlib.resources import files
+
+    import yaml
+
+    from engine.persona import BUNDLED_PERSONA, PersonaError
+
+    data = yaml.safe_load(files("engine").joinpath("personas", BUNDLED_PERSONA)
+                          .read_text("utf-8"))
+    data.update(change)
+    path = tmp_path / "broken.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    with pytest.raises(PersonaError, match=field.replace(".", r"\.")):
+        load_persona(path)

@@ -218,3 +218,16 @@ async def test_one_users_messages_are_answered_in_order(runtime: Runtime) -> Non
     reply_ids = [answers[question_of[f"msg {i}"]] for i in range(5)]
     assert reply_ids == sorted(reply_ids)  # answered in the order they arrived
     assert len(runtime.service._lanes) == 0  # lanes are freed when nobody waits
+
+
+async def test_a_4000_character_message_keeps_the_persona_prompt_first(
+        runtime: Runtime) -> None:
+    reply = await runtime.service.handle(event("長" * 4000))
+    assert reply.status == "answered"
+    request = scripted(runtime).requests[-1]
+    persona = runtime.engine.persona
+    assert request.messages[0].role == "system"
+    assert request.messages[0].content.startswith(persona.system_prompt("zh")[:200])
+    limit = runtime.config.vtuber.response.max_input_chars
+    assert len(request.messages[-1].content) == limit
+    assert request.messages[-1].content.endswith("…")

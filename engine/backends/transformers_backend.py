@@ -309,18 +309,29 @@ class TransformersBackend:
         log.debug("batch of %d generated in %.2f s", len(jobs), time.monotonic() - started)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Chat template; drop the oldest history turns while the prompt is over budget."""
+        """Chat template within the budget. The system prompt (the persona and its rules) is
+        never cut: the oldest other turns go first, then the viewer's message is shortened."""
         messages = request.as_dicts()
-        budget = self._config.max_length - request.sampling.max_new_tokens
-        while True:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, enable_thinking=False,
-            )
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        budget = max(1, self._config.max_length - request.sampling.max_new_tokens)
+        for _ in range(64):
+            ids = self._render(messages)
+            if len(ids) <= budget:
+                return ids
             droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
-            if len(ids) <= budget or not droppable:
-                return ids[-budget:] if budget > 0 else ids
-            del messages[droppable[0]]
+            if droppable:
+                del messages[droppable[0]]
+            elif len(messages[-1]["content"]) > 1:
+                text = messages[-1]["content"]
+                messages[-1] = {**messages[-1], "content": text[:len(text) // 2] + "…"}
+            else:
+                break
+        return ids[:budget]  # a system prompt longer than the context: nothing else fits
+
+    def _render(self, messages: list[dict[str, Any]]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, enable_thinking=False,
+        )
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _encode_batch(self, requests: list[GenerationRequest]) -> dict[str, Any]:
         import torch
