@@ -50,6 +50,9 @@ class Runtime:
     # One-time codes for linking accounts across platforms.
     link_codes: LinkCodes = field(default_factory=LinkCodes)
 
+    def allow_command(self, platform: str, platform_user_id: str) -> bool:
+        return self.service.allow_command(platform, platform_user_id)
+
     def create_link_code(self, platform: str, platform_user_id: str) -> str:
         """A short-lived code the viewer types on another platform (``!link CODE``)."""
         return self.link_codes.create(platform, platform_user_id)

@@ -147,6 +147,11 @@ class ConversationService:
             return "queue_full"
         return None
 
+    def allow_command(self, platform: str, platform_user_id: str) -> bool:
+        """Commands spend the same per-viewer budget as chat (a flood of ``!link`` guesses or
+        ``!stats`` is a flood all the same)."""
+        return self._limiter.allow(f"{platform}:{platform_user_id}", time.time())
+
     def _intake_item(self, event: ChatEvent, text: str, status: str = "received",
                      reason: str | None = None) -> IntakeItem:
         return IntakeItem(

@@ -365,3 +365,41 @@ async def test_link_code_links_a_twitch_identity(env: Any, responses: list[dict]
     assert await runtime.store.find_user("twitch", "ann_tv") == discord_user
     stats = await runtime.stats("twitch", "ann_tv")
     assert stats is not None and stats["conversation_count"] == 1
+
+
+async def test_a_long_streamed_reply_posts_its_overflow_once() -> None:
+    from adapters.discord_adapter.sink import DiscordSink
+
+    class FakeMessage:
+        def __init__(self, channel: Any, content: str) -> None:
+            self.id, self.content, self.channel = next(channel.ids), content, channel
+
+        async def edit(self, *, content: str, **_: Any) -> FakeMessage:
+            self.content = content
+            self.channel.edits += 1
+            return self
+
+    class FakeChannel:
+        def __init__(self) -> None:
+            import itertools
+
+            self.ids = itertools.count(1)
+            self.messages: list[FakeMessage] = []
+            self.edits = 0
+
+        async def send(self, content: str, **_: Any) -> FakeMessage:
+            message = FakeMessage(self, content)
+            self.messages.append(message)
+            return message
+
+        async def typing(self) -> None:
+            return None
+
+    channel = FakeChannel()
+    sink = DiscordSink(channel)
+    head = await sink.send("start")
+    assert head is not None
+    for length in (1500, 2500, 2800, 3000):  # the reply grows past 2,000 characters
+        await sink.edit(head, "字" * length)
+    assert len(channel.messages) == 2  # the head and one overflow message, never re-posted
+    assert "".join(m.content for m in channel.messages) == "字" * 3000

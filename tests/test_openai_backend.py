@@ -205,3 +205,26 @@ async def test_seed_api_over_real_vllm(vllm_server: str) -> None:
         assert all(isinstance(reply, str) and reply for reply in replies)
     finally:
         await manager.aclose()
+
+
+async def test_a_stream_cut_before_it_finished_is_an_error_not_a_reply() -> None:
+    bodies: list[dict[str, Any]] = []
+
+    def handler(http_request: httpx.Request) -> httpx.Response:
+        if http_request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        import json as json_module
+
+        bodies.append(json_module.loads(http_request.content))
+        body = 'data: {"choices":[{"delta":{"content":"Hi"},"index":0}]}\n\n'  # then nothing
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    backend = OpenAIBackend(settings_for("http://test/v1"), transport=httpx.MockTransport(handler))
+    await backend.start()
+    try:
+        with pytest.raises(BackendUnavailableError, match="ended before the reply finished"):
+            _ = [c async for c in backend.generate(request())]
+    finally:
+        await backend.close()
+    # Thinking models are asked to answer, not think.
+    assert bodies[0]["chat_template_kwargs"] == {"enable_thinking": False}

@@ -127,6 +127,16 @@ async def test_redelivered_chat_messages_are_answered_once(live: Any) -> None:
     assert len(rows) == 1
 
 
+@pytest.mark.parametrize("live", [{"limits": {"user_messages_per_minute": 3}}],
+                         indirect=True)
+async def test_commands_spend_the_chat_budget(live: Any) -> None:
+    server, _adapter, _runtime = live
+    for attempt in range(8):
+        await server.notify("channel.chat.message", server.chat_event(f"!link WRONG{attempt}"))
+    await asyncio.sleep(1.0)
+    assert len(server.sent_messages()) == 3  # the rest were refused without a word
+
+
 async def test_forget_asks_for_confirmation_first(live: Any) -> None:
     server, _adapter, runtime = live
     await server.notify("channel.chat.message", server.chat_event("佩兒 你好"))

@@ -35,6 +35,9 @@ class DiscordSink:
         self._channel = channel
         self._reply_to = reply_to
         self._sent: dict[str, discord.Message] = {}
+        # A streamed reply over 2,000 characters: the messages holding its overflow, so each
+        # edit updates them in place instead of posting the overflow again.
+        self._overflow: dict[str, list[discord.Message]] = {}
 
     async def send(self, text: str) -> str | None:
         async with delivery_errors():
@@ -59,11 +62,20 @@ class DiscordSink:
         if message is None:
             return
         first, *rest = split_message(text, DISCORD_LIMIT) or [""]
+        overflow = self._overflow.setdefault(message_id, [])
         async with delivery_errors():
-            await message.edit(content=first, allowed_mentions=NO_PINGS)
-            for piece in rest:
-                sent = await self._channel.send(piece, allowed_mentions=NO_PINGS)
-                self._sent[str(sent.id)] = sent
+            if message.content != first:
+                edited = await message.edit(content=first, allowed_mentions=NO_PINGS)
+                self._sent[message_id] = edited or message
+            for index, piece in enumerate(rest):
+                if index < len(overflow):
+                    if overflow[index].content != piece:
+                        edited = await overflow[index].edit(content=piece,
+                                                            allowed_mentions=NO_PINGS)
+                        overflow[index] = edited or overflow[index]
+                else:
+                    overflow.append(await self._channel.send(piece,
+                                                             allowed_mentions=NO_PINGS))
 
     async def typing(self) -> None:
         # One typing notice (lasts ~10 s); the reply itself ends it.

@@ -25,6 +25,7 @@ TWITCH_LIMIT = 500
 # the bot is a moderator or the broadcaster.
 TWITCH_USER_LIMIT = (20, 30.0)
 TWITCH_MODERATOR_LIMIT = (100, 30.0)
+COMMANDS = frozenset({"gpu", "diagnose", "stats", "forget", "link"})
 
 
 class TwitchLoginError(BotError):
@@ -213,6 +214,10 @@ class TwitchAdapter:
         """``!word argument`` onto the neutral commands; unknown words are left alone."""
         name, _, argument = text[1:].partition(" ")
         chatter = message.chatter
+        if name.casefold() not in COMMANDS:
+            return  # another bot's command (!uptime, ...): not ours to answer
+        if not self.services.allow_command(PLATFORM, str(chatter.id)):
+            return  # over the viewer's chat budget: commands are not a way around it
         caller = Caller(PLATFORM, str(chatter.id), chatter.name or str(chatter.id), roles)
         result = await self._run_command(name.casefold(), argument.strip(), caller)
         if result is not None:

@@ -24,6 +24,9 @@ from engine.types import GenerationRequest
 log = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+# Fields beyond the OpenAI API that vLLM and llama.cpp understand; a server that refuses them
+# (400/422 naming one) gets requests without them from then on.
+_EXTRA_FIELDS = ("top_k", "repetition_penalty", "min_tokens", "chat_template_kwargs")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 
 
@@ -94,7 +97,10 @@ class OpenAIBackend:
             body["seed"] = sampling.seed
         if self._extra_sampling:  # vLLM / llama.cpp extensions; others ignore or refuse them
             body.update(top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty,
-                        min_tokens=sampling.min_new_tokens)
+                        min_tokens=sampling.min_new_tokens,
+                        # Qwen3-style templates: a thinking model would spend the whole
+                        # budget thinking; live chat wants the answer.
+                        chat_template_kwargs={"enable_thinking": False})
         return body
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
@@ -137,41 +143,46 @@ class OpenAIBackend:
                 if response.status_code >= 400:
                     detail = (await response.aread()).decode("utf-8", "replace")[:300]
                     if (self._extra_sampling and response.status_code in (400, 422)
-                            and any(f in detail for f in ("top_k", "repetition_penalty"))):
+                            and any(f in detail for f in _EXTRA_FIELDS)):
                         raise _ExtrasRefused(detail)
                     raise EngineError(f"{self._base_url} refused the request: "
                                       f"HTTP {response.status_code}: {detail}")
+                finished = False
                 async for line in response.aiter_lines():
-                    text = self._parse_event(line)
+                    text, ended = self._parse_event(line)
+                    finished = finished or ended
                     if text is None:
                         break
                     if text:
                         yield text
+                if not finished:  # a cut connection must not pass for a complete reply
+                    raise _Retryable("the stream ended before the reply finished")
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
                 httpx.ReadTimeout) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
 
-    def _parse_event(self, line: str) -> str | None:
-        """Text of one SSE line; "" for anything without text; None at ``[DONE]``."""
+    def _parse_event(self, line: str) -> tuple[str | None, bool]:
+        """(text of one SSE line, whether it ends the reply): "" for anything without text,
+        None at ``[DONE]``; a ``finish_reason`` ends the reply too."""
         if not line.startswith("data:"):
-            return ""
+            return "", False
         payload = line[5:].strip()
         if payload == "[DONE]":
-            return None
+            return None, True
         try:
             event = json.loads(payload)
         except json.JSONDecodeError:
             log.debug("ignoring a malformed stream event: %.80s", payload)
-            return ""
+            return "", False
         if event.get("usage"):
             self.last_usage = event["usage"]
         choices = event.get("choices") or []
         if not choices:
-            return ""
+            return "", False
         choice = choices[0]
         if choice.get("finish_reason"):
             self.last_finish_reason = choice["finish_reason"]
-        return (choice.get("delta") or {}).get("content") or ""
+        return (choice.get("delta") or {}).get("content") or "", bool(choice.get("finish_reason"))
 
     async def abort(self, request_id: str) -> None:
         task = self._in_flight.get(request_id)
