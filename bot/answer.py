@@ -8,6 +8,7 @@ reply, so the service's error boundary can end the message and send at most one 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,7 +22,10 @@ from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
 from engine.response_generator import GeneratedReply
+from memory.errors import StoreError
 from memory.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,9 +77,13 @@ class Answerer:
             sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
         attempt.delivered = True
         attempt.stage = "store"
-        await self._context.remember(exchange.user_id, exchange.message_id, text)
         trace = self._trace(exchange, prompt, reply, queue_wait)
-        return await self._record(exchange, text, reply, trace, sent_id)
+        reply_id = await self._record(exchange, text, reply, trace, sent_id)
+        try:  # a long-term memory is a bonus: losing one must not fail the exchange
+            await self._context.remember(exchange.user_id, exchange.message_id, text)
+        except StoreError as exc:
+            log.warning("message %d: not kept as a memory: %s", exchange.message_id, exc)
+        return reply_id
 
     def _trace(self, exchange: Exchange, prompt: PreparedPrompt, reply: GeneratedReply,
                queue_wait: float) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engine import chinese, gpu_manager
+from engine import gpu_manager
 from engine.backends import Backend, create_backend
 from engine.client import ChunkCallback, EngineHealth, PromptInputs
 from engine.config import EngineConfig
@@ -34,9 +34,10 @@ from engine.response_generator import (
     PostProcessing,
     ResponseGenerator,
     build_messages,
+    finish_text,
     seed_history,
 )
-from engine.text_filters import FilterOptions, clean_reply
+from engine.text_filters import FilterOptions
 from engine.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,19 @@ class LLMManager:
     def post_processing(self, conversion_mode: str | None = None,
                         language: str = "zh") -> PostProcessing:
         persona = self.persona
+        # The viewer's language first; an echo of the other language's prompt is a leak too.
+        prompts = tuple(dict.fromkeys(persona.system_prompt(lang)
+                                      for lang in (language, "zh", "en")))
         return PostProcessing(
             filter_options=FilterOptions(
                 persona_names=persona.names.all(),
                 filter_repetition=self.config.response.filter_repetition,
                 fallback=persona.fallback(),
-                system_prompt=persona.system_prompt(language),
+                system_prompt="\n".join(prompts),
             ),
             conversion_mode=conversion_mode or self.config.response.conversion_mode,
             protected_terms=tuple(persona.protected_terms),
+            echo_sources=prompts,
         )
 
     def build_request(self, inputs: PromptInputs) -> GenerationRequest:
@@ -180,10 +185,8 @@ class LLMManager:
         """A partial reply as it may be shown while streaming: filtered and converted like the
         final one, but never the fallback line ("" while nothing is showable yet)."""
         post = self.post_processing(conversion_mode, request.language)
-        cleaned = clean_reply(raw, post.filter_options)
-        if "fallback" in cleaned.edits:
-            return ""
-        return chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
+        text, edits = finish_text(raw, post)
+        return "" if "fallback" in edits else text
 
     async def abort(self, request_id: str) -> None:
         if self._backend is not None:

@@ -7,6 +7,8 @@ token, so it can never open a new role.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -15,7 +17,7 @@ from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
-from engine.text_filters import FilterOptions, clean_reply
+from engine.text_filters import FilterOptions, clean_reply, remove_system_echo
 from engine.types import ChatMessage, GenerationRequest
 
 # Anything shaped like a control token (<|im_start|>, <|eot_id|>, ...), plus zero-width
@@ -109,6 +111,34 @@ class PostProcessing:
     filter_options: FilterOptions = field(default_factory=FilterOptions)
     conversion_mode: str = "off"
     protected_terms: tuple[str, ...] = ()
+    # Texts the viewer must never see echoed (the system prompt in every language).
+    echo_sources: tuple[str, ...] = ()
+
+
+@functools.lru_cache(maxsize=64)
+def _in_script(text: str, mode: str) -> str:
+    return chinese.convert(text, mode)
+
+
+def finish_text(raw: str, post: PostProcessing,
+                truncated: bool = False) -> tuple[str, list[str]]:
+    """The output stage every text the viewer sees goes through, previews included: filters,
+    script conversion, then the echo check again in the viewer's script (a Simplified copy of
+    the prompt only matches it once converted). Returns the text and the edits made."""
+    options = dataclasses.replace(post.filter_options, truncated=truncated)
+    cleaned = clean_reply(raw, options)
+    text = chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
+    edits = list(cleaned.edits)
+    for source in post.echo_sources:
+        for prompt in {source, _in_script(source, post.conversion_mode)}:
+            unechoed = remove_system_echo(text, prompt)
+            if unechoed != text and "system_echo" not in edits:
+                edits.append("system_echo")
+            text = unechoed
+    if not text.strip() and "fallback" not in edits:
+        edits.append("fallback")
+        text = options.fallback
+    return text.strip(), edits
 
 
 class ResponseGenerator:
@@ -138,22 +168,13 @@ class ResponseGenerator:
         raw = "".join(pieces)
         completion_tokens = self.backend.count_tokens(raw)
         truncated = completion_tokens >= request.sampling.max_new_tokens - 1
-        options = FilterOptions(
-            persona_names=post.filter_options.persona_names,
-            filter_repetition=post.filter_options.filter_repetition,
-            max_sentence_repeat=post.filter_options.max_sentence_repeat,
-            truncated=truncated,
-            fallback=post.filter_options.fallback,
-            system_prompt=post.filter_options.system_prompt,
-        )
-        cleaned = clean_reply(raw, options)
-        text = chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
+        text, edits = finish_text(raw, post, truncated)
         prompt_tokens = sum(self.backend.count_tokens(m.content) for m in request.messages)
         return GeneratedReply(
             text=text,
             raw_text=raw,
             truncated=truncated,
-            filter_edits=cleaned.edits,
+            filter_edits=edits,
             conversion_mode=post.conversion_mode,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

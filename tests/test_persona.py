@@ -237,3 +237,37 @@ def test_persona_check_refuses_what_breaks_at_run_time(tmp_path: Path, change: d
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     with pytest.raises(PersonaError, match=field.replace(".", r"\.")):
         load_persona(path)
+
+
+async def test_prompt_echoes_are_caught_in_either_script_and_language() -> None:
+    from engine import LLMManager
+    from engine.backends.scripted import ScriptedBackend
+    from engine.client import PromptInputs
+
+    persona = load_persona(None)
+    zh_line = next(line.strip() for line in persona.system_prompt("zh").splitlines()
+                   if len(line.strip()) >= 12)
+    en_line = next(line.strip() for line in persona.system_prompt("en").splitlines()
+                   if len(line.strip()) >= 12)
+    simplified = _to_simplified(zh_line)
+    replies = [f"好呀～{simplified}", f"今天很開心！{en_line}"]
+    manager = LLMManager({"models": {"llm": {"backend": "scripted"},
+                                     "embedding": {"enabled": False}}},
+                         backend=ScriptedBackend(replies))
+    await manager.start()
+    try:
+        for _ in replies:
+            request = manager.build_request(PromptInputs("你好"))
+            reply = await manager.generate(request)
+            assert zh_line not in reply.text and simplified not in reply.text
+            assert en_line not in reply.text
+            assert "system_echo" in reply.filter_edits
+            assert manager.preview(replies[0], request).find(zh_line) == -1
+    finally:
+        await manager.aclose()
+
+
+def _to_simplified(text: str) -> str:
+    import opencc
+
+    return opencc.OpenCC("t2s.json").convert(text)
