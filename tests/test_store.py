@@ -234,3 +234,32 @@ async def test_a_message_purged_while_answered_stays_purged(store: Store) -> Non
         platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
     question = await store.get_message(outcome.message_id)
     assert question is not None and (question.status, question.content) == ("purged", "")
+
+
+async def test_upgrading_a_database_with_redelivered_duplicates(db_url: str) -> None:
+    """Older versions stored a redelivered platform message twice: 0003 keeps one key."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    await migrate._run(db_url, "upgrade", "0002")
+    engine = create_async_engine(db_url)
+    async with engine.begin() as conn:
+        user = (await conn.execute(text(
+            "INSERT INTO users (display_name, created_at) VALUES ('ann', CURRENT_TIMESTAMP) "
+            "RETURNING id"))).scalar_one()
+        for content in ("hi", "hi again"):
+            await conn.execute(text(
+                "INSERT INTO messages (user_id, persona_id, role, content, status, platform, "
+                "channel_id, platform_message_id, created_at) VALUES (:user, 'pell', 'user', "
+                ":content, 'answered', 'twitch', 'c1', 'm-1', CURRENT_TIMESTAMP)"),
+                {"content": content, "user": user})
+    await engine.dispose()
+    await migrate.upgrade_to_head(db_url)
+    store = await Store.open(db_url)
+    try:
+        rows = await store.messages_for(user)
+        assert [r.platform_message_id for r in rows] == ["m-1", None]
+        [again] = await store.intake([_item("hi", "m-1")])
+        assert again.duplicate
+    finally:
+        await store.close()
