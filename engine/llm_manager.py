@@ -145,6 +145,7 @@ class LLMManager:
                 filter_repetition=self.config.response.filter_repetition,
                 fallback=persona.fallback(),
                 system_prompt="\n".join(prompts),
+                echo_allowed=persona.own_phrases(),
             ),
             conversion_mode=conversion_mode or self.config.response.conversion_mode,
             protected_terms=tuple(persona.protected_terms),

@@ -153,6 +153,12 @@ class Persona(_Strict):
             lines.append(f"範例——觀眾：{example.user} ／ 你：{example.assistant}")
         return "\n".join(line for line in lines if line)
 
+    def own_phrases(self) -> tuple[str, ...]:
+        """Parts of the prompt the persona may say itself without that being an echo."""
+        return (*self.names.all(), *self.catchphrases, *self.protected_terms,
+                *(example.assistant for example in self.example_dialogues), self.greeting,
+                *self.fallback_lines)
+
     def _english_prompt(self, text: EnglishText) -> str:
         lines = [
             f"You are {self.names.en}, {text.identity}",

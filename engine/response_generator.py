@@ -17,7 +17,12 @@ from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
-from engine.text_filters import FilterOptions, clean_reply, remove_system_echo
+from engine.text_filters import (
+    FilterOptions,
+    clean_reply,
+    remove_partial_echo,
+    remove_system_echo,
+)
 from engine.types import ChatMessage, GenerationRequest
 
 # Anything shaped like a control token (<|im_start|>, <|eot_id|>, ...), plus zero-width
@@ -131,7 +136,8 @@ def finish_text(raw: str, post: PostProcessing,
     edits = list(cleaned.edits)
     for source in post.echo_sources:
         for prompt in {source, _in_script(source, post.conversion_mode)}:
-            unechoed = remove_system_echo(text, prompt)
+            unechoed = remove_partial_echo(remove_system_echo(text, prompt), prompt,
+                                           options.echo_allowed)
             if unechoed != text and "system_echo" not in edits:
                 edits.append("system_echo")
             text = unechoed

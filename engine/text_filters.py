@@ -7,23 +7,33 @@ trimmed back to its last complete sentence.
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S | re.I)
 _STRAY_THINK = re.compile(r"</?think>", re.I)
+# Llama 2's system block, opened and maybe never closed.
+_SYS_BLOCK = re.compile(r"<<SYS>>.*?(?:<</SYS>>|\Z)", re.S | re.I)
 # ChatML / Llama / Mistral control tokens. Anchored on the exact shapes so that ordinary text
 # such as "friend", ">_<" or "<3" is never touched (the upstream cut replies at "<|end|>" with
 # an unescaped regex that matched the letters e, n, d).
-_SPECIAL_TOKENS = re.compile(r"<\|[\w.:-]{1,40}\|>|</s>|<s>|\[/?INST\]", re.I)
+_SPECIAL_TOKENS = re.compile(
+    r"<\|[\w.:-]{1,40}\|>|</s>|<s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<bos>|<eos>",
+    re.I)
 _GENERIC_ROLES = (
     "user", "human", "assistant", "system", "ai", "bot", "viewer",
     "用戶", "用户", "使用者", "觀眾", "观众", "助手", "助理", "系統", "系统",
 )
 # Roles that mean "the model started writing the other side of the conversation".
-_OTHER_SIDE = ("user", "human", "viewer", "用戶", "用户", "使用者", "觀眾", "观众")
+_OTHER_SIDE = ("user", "human", "viewer", "system", "用戶", "用户", "使用者", "觀眾", "观众",
+               "系統", "系统")
+# What a bare role line of a chat template (ChatML, Gemma) says for the model's own side.
+_OWN_SIDE = ("assistant", "model", "ai", "bot")
+# Where a role label may start in the middle of a line: after a sentence end or a space.
+_MID_LINE = r"(?<=[\s。！？!?～~…])"
 _SENTENCE = re.compile(r".+?(?:[。！？!?～~…]+[」』”’）)]*|\.(?=\s|$)|\n+|$)", re.S)
 _TERMINAL = re.compile(r"(?:[。！？!?～~…]|\.)[」』”’）)]*\s*$")
 _MAX_PASSES = 8
@@ -38,6 +48,8 @@ class FilterOptions:
     truncated: bool = False
     fallback: str = "……嗯？"
     system_prompt: str = ""
+    # Phrases of the prompt the persona may say itself (names, catchphrases, examples).
+    echo_allowed: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -46,32 +58,59 @@ class FilterResult:
     edits: list[str] = field(default_factory=list)
 
 
-def _role_names(options: FilterOptions) -> list[str]:
+def _folded(word: str) -> str:
+    """A pattern for ``word`` that also matches its full-width form (ＵＳＥＲ, ａｉ)."""
+    parts = []
+    for char in word:
+        if char.isascii() and char.isalpha():
+            lower, upper = char.lower(), char.upper()
+            parts.append(f"[{lower}{upper}{chr(ord(lower) + 0xFEE0)}{chr(ord(upper) + 0xFEE0)}]")
+        else:
+            parts.append(re.escape(char))
+    return "".join(parts)
+
+
+def _alternatives(words: Iterable[str]) -> str:
+    return "|".join(_folded(w) for w in sorted(set(words), key=len, reverse=True))
+
+
+def _role_names(options: FilterOptions) -> str:
     names = [n for n in options.persona_names if n.strip()]
-    return [re.escape(n) for n in sorted({*names, *_GENERIC_ROLES}, key=len, reverse=True)]
+    return _alternatives([*names, *_GENERIC_ROLES])
 
 
 def strip_reasoning(text: str) -> str:
-    return _STRAY_THINK.sub("", _THINK.sub("", text))
+    text = _THINK.sub("", text)
+    close = text.lower().rfind("</think>")
+    if close >= 0:  # the opening tag was lost: everything before the close was thinking
+        text = text[close + len("</think>"):]
+    return _STRAY_THINK.sub("", text)
 
 
 def strip_special_tokens(text: str) -> str:
-    return _SPECIAL_TOKENS.sub("", text)
+    return _SPECIAL_TOKENS.sub("", _SYS_BLOCK.sub("", text))
+
+
+_OTHER_TURN = re.compile(
+    rf"(?:^|\n)\s*(?:{_alternatives(_OTHER_SIDE)})\s*(?:[:：]|\n|$)"
+    rf"|{_MID_LINE}(?:{_alternatives(_OTHER_SIDE)})\s*[:：]", re.I)
+_OWN_ROLE_LINE = re.compile(rf"^\s*(?:{_alternatives(_OWN_SIDE)})\s*$\n?", re.I | re.M)
 
 
 def cut_fabricated_turn(text: str) -> str:
-    """Drop everything from a line where the model starts speaking as the user."""
-    other = "|".join(re.escape(r) for r in _OTHER_SIDE)
-    match = re.search(rf"(?:^|\n)\s*(?:{other})\s*[:：]", text, re.I)
+    """Drop everything from where the model starts speaking as the viewer (or the system):
+    a role label at a line start or mid-line, or a bare role line of a chat template."""
+    match = _OTHER_TURN.search(text)
     return text[: match.start()] if match and match.start() > 0 else text
 
 
 def strip_role_prefixes(text: str, options: FilterOptions) -> str:
-    names = "|".join(_role_names(options))
-    pattern = re.compile(rf"^\s*(?:{names})\s*[:：]\s*", re.I | re.M)
+    names = _role_names(options)
+    pattern = re.compile(rf"^\s*(?:{names})\s*[:：]\s*|{_MID_LINE}(?:{names})\s*[:：]\s*",
+                         re.I | re.M)
     previous = None
     while previous != text:  # "Assistant: 露米：hi" needs two passes
-        previous, text = text, pattern.sub("", text)
+        previous, text = text, _OWN_ROLE_LINE.sub("", pattern.sub("", text))
     return text
 
 
@@ -110,6 +149,35 @@ def trim_to_last_sentence(text: str) -> str:
     return stripped[: last + len(complete[-1].rstrip())]
 
 
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
+ECHO_NGRAM = 12  # consecutive characters shared with the prompt that make an echo
+
+
+@functools.lru_cache(maxsize=32)
+def _prompt_ngrams(prompt: str, n: int) -> frozenset[str]:
+    """The prompt's n-character runs that are mostly CJK (so punctuation or a common English
+    phrase never counts as an echo)."""
+    return frozenset(prompt[i:i + n] for i in range(len(prompt) - n + 1)
+                     if len(_CJK.findall(prompt[i:i + n])) >= n * 2 // 3)
+
+
+def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
+                        n: int = ECHO_NGRAM) -> str:
+    """Remove every run of ``n``+ characters the reply shares with the prompt, except inside
+    ``allowed`` phrases (the persona's names, catchphrases, example answers)."""
+    grams = _prompt_ngrams(prompt, n)
+    if not grams or len(text) < n:
+        return text
+    masked = text
+    for phrase in sorted({a for a in allowed if a}, key=len, reverse=True):
+        masked = masked.replace(phrase, "\x00" * len(phrase))
+    echo = [False] * len(text)
+    for start in range(len(text) - n + 1):
+        if masked[start:start + n] in grams:
+            echo[start:start + n] = [True] * n
+    return "".join(char for char, echoed in zip(text, echo, strict=True) if not echoed)
+
+
 def remove_system_echo(text: str, system_prompt: str) -> str:
     """Remove any line of the system prompt the model copied into its reply."""
     if not system_prompt:
@@ -137,7 +205,9 @@ def clean_reply(text: str, options: FilterOptions | None = None) -> FilterResult
         ("special_tokens", strip_special_tokens),
         ("fabricated_turn", cut_fabricated_turn),
         ("role_prefix", lambda t: strip_role_prefixes(t, options)),
-        ("system_echo", lambda t: remove_system_echo(t, options.system_prompt)),
+        ("system_echo", lambda t: remove_partial_echo(
+            remove_system_echo(t, options.system_prompt), options.system_prompt,
+            options.echo_allowed)),
         ("repetition", lambda t: drop_repeated_sentences(t, options.max_sentence_repeat)
          if options.filter_repetition else t),
         ("truncated_sentence", lambda t: trim_to_last_sentence(t) if options.truncated else t),
