@@ -37,7 +37,7 @@ from engine.response_generator import (
     finish_text,
     seed_history,
 )
-from engine.text_filters import FilterOptions
+from engine.text_filters import FilterOptions, complete_sentences
 from engine.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,11 @@ class LLMManager:
         final one, but never the fallback line ("" while nothing is showable yet)."""
         post = self.post_processing(conversion_mode, request.language)
         text, edits = finish_text(raw, post)
-        return "" if "fallback" in edits else text
+        if "fallback" in edits:
+            return ""
+        # Only whole sentences: a prompt echo or a role label still being written is only
+        # recognisable once complete, and must never have been shown by then.
+        return complete_sentences(text)
 
     async def abort(self, request_id: str) -> None:
         if self._backend is not None:

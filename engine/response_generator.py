@@ -135,7 +135,8 @@ def finish_text(raw: str, post: PostProcessing,
     text = chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
     edits = list(cleaned.edits)
     for source in post.echo_sources:
-        for prompt in {source, _in_script(source, post.conversion_mode)}:
+        # The prompt in the viewer's script first: that is the script the reply is in now.
+        for prompt in dict.fromkeys((_in_script(source, post.conversion_mode), source)):
             unechoed = remove_partial_echo(remove_system_echo(text, prompt), prompt,
                                            options.echo_allowed)
             if unechoed != text and "system_echo" not in edits:

@@ -87,8 +87,13 @@ def strip_reasoning(text: str) -> str:
     return _STRAY_THINK.sub("", text)
 
 
+# Llama's [INST] opens a viewer turn: keep that meaning as a label the turn cutter knows.
+_INST_OPEN = re.compile(r"\[INST\]", re.I)
+
+
 def strip_special_tokens(text: str) -> str:
-    return _SPECIAL_TOKENS.sub("", _SYS_BLOCK.sub("", text))
+    text = _INST_OPEN.sub("\nuser: ", _SYS_BLOCK.sub("", text))
+    return _SPECIAL_TOKENS.sub("", text)
 
 
 _OTHER_TURN = re.compile(
@@ -112,6 +117,15 @@ def strip_role_prefixes(text: str, options: FilterOptions) -> str:
     while previous != text:  # "Assistant: 露米：hi" needs two passes
         previous, text = text, _OWN_ROLE_LINE.sub("", pattern.sub("", text))
     return text
+
+
+_SENTENCE_END = re.compile(r"[。！？!?～~…]+[」』”’）)]*|\.(?=\s)|\n")
+
+
+def complete_sentences(text: str) -> str:
+    """``text`` up to its last finished sentence ("" if none has finished yet)."""
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()].rstrip() if ends else ""
 
 
 def split_sentences(text: str) -> list[str]:
@@ -153,29 +167,81 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 ECHO_NGRAM = 12  # consecutive characters shared with the prompt that make an echo
 
 
+_PLACEHOLDER = 0xE000  # private-use characters stand for the persona's own phrases
+
+
+def _mask(text: str, allowed: tuple[str, ...]) -> tuple[str, list[tuple[int, int]]]:
+    """``text`` with each allowed phrase as one placeholder character, and for every character
+    of the result the span of ``text`` it stands for."""
+    masked: list[str] = []
+    spans: list[tuple[int, int]] = []
+    index = 0
+    while index < len(text):
+        phrase = next(((k, p) for k, p in enumerate(allowed) if text.startswith(p, index)),
+                      None)
+        if phrase is None:
+            masked.append(text[index])
+            spans.append((index, index + 1))
+            index += 1
+        else:
+            masked.append(chr(_PLACEHOLDER + phrase[0]))
+            spans.append((index, index + len(phrase[1])))
+            index += len(phrase[1])
+    return "".join(masked), spans
+
+
+def _echo_weight(run: str) -> int:
+    return sum(1 for char in run if _CJK.match(char) or ord(char) >= _PLACEHOLDER)
+
+
 @functools.lru_cache(maxsize=32)
-def _prompt_ngrams(prompt: str, n: int) -> frozenset[str]:
+def _prompt_ngrams(prompt: str, allowed: tuple[str, ...], n: int) -> frozenset[str]:
     """The prompt's n-character runs that are mostly CJK (so punctuation or a common English
-    phrase never counts as an echo)."""
-    return frozenset(prompt[i:i + n] for i in range(len(prompt) - n + 1)
-                     if len(_CJK.findall(prompt[i:i + n])) >= n * 2 // 3)
+    phrase never counts as an echo), the persona's own phrases as single placeholders."""
+    masked, _ = _mask(prompt, allowed)
+    return frozenset(masked[i:i + n] for i in range(len(masked) - n + 1)
+                     if _echo_weight(masked[i:i + n]) >= n * 2 // 3)
 
 
 def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
                         n: int = ECHO_NGRAM) -> str:
-    """Remove every run of ``n``+ characters the reply shares with the prompt, except inside
-    ``allowed`` phrases (the persona's names, catchphrases, example answers)."""
-    grams = _prompt_ngrams(prompt, n)
-    if not grams or len(text) < n:
+    """Remove every run of ``n``+ characters the reply shares with the prompt. The persona's
+    own phrases (``allowed``: names, catchphrases, example answers) are not an echo by
+    themselves, but are removed with the run around them when that run is one."""
+    phrases = tuple(sorted({a for a in allowed if a.strip()}, key=len, reverse=True))[:256]
+    grams = _prompt_ngrams(prompt, phrases, n)
+    if not prompt or len(text) < ECHO_WORDS:
         return text
-    masked = text
-    for phrase in sorted({a for a in allowed if a}, key=len, reverse=True):
-        masked = masked.replace(phrase, "\x00" * len(phrase))
+    masked, spans = _mask(text, phrases)
     echo = [False] * len(text)
-    for start in range(len(text) - n + 1):
+
+    def mark(first: int, last: int) -> None:  # masked positions first..last, inclusive
+        begin, end = spans[first][0], spans[last][1]
+        echo[begin:end] = [True] * (end - begin)
+
+    for start in range(len(masked) - n + 1):
         if masked[start:start + n] in grams:
-            echo[start:start + n] = [True] * n
+            mark(start, start + n - 1)
+    words = [(m.group().casefold(), m.start(), m.end() - 1) for m in _WORD.finditer(masked)]
+    shingles = _prompt_shingles(prompt, phrases)
+    for index in range(len(words) - ECHO_WORDS + 1):
+        window = words[index:index + ECHO_WORDS]
+        if tuple(word for word, _, _ in window) in shingles:
+            mark(window[0][1], window[-1][2])
     return "".join(char for char, echoed in zip(text, echo, strict=True) if not echoed)
+
+
+_WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[\ue000-\ue0ff]")
+ECHO_WORDS = 6  # consecutive words shared with the prompt that make an echo (English)
+
+
+@functools.lru_cache(maxsize=32)
+def _prompt_shingles(prompt: str, allowed: tuple[str, ...]) -> frozenset[tuple[str, ...]]:
+    masked, _ = _mask(prompt, allowed)
+    words = [m.group().casefold() for m in _WORD.finditer(masked)
+             if not _CJK.match(m.group())]
+    return frozenset(tuple(words[i:i + ECHO_WORDS])
+                     for i in range(len(words) - ECHO_WORDS + 1))
 
 
 def remove_system_echo(text: str, system_prompt: str) -> str:

@@ -21,7 +21,7 @@ from bot.runtime import Runtime, open_runtime  # noqa: E402
 
 # ~5,000 characters of distinct sentences (repeated ones would be removed by the filter).
 LONG_REPLY = "".join(f"第{i}顆星今晚也很亮喔，我們一起把它畫進星圖裡吧。" for i in range(200))
-REPLIES = ["你好呀～", "Hi @everyone and <@123> and <@&456>!", LONG_REPLY]
+REPLIES = ["你好呀～", "Hi @everyone. And <@123> and <@&456>!", LONG_REPLY]
 
 
 @pytest.fixture
@@ -320,7 +320,7 @@ async def test_reply_streams_by_editing_one_message(env: Any,
     await dpytest.empty_queue()
     sends.clear()
     edits.clear()
-    await _say(f"<@{adapter.client.user.id}> second")  # "Hi @everyone and <@123> ..."
+    await _say(f"<@{adapter.client.user.id}> second")  # "Hi @everyone. And <@123> ..."
     await asyncio.sleep(0.2)
     assert len(sends) == 1, "the reply should appear once, then grow by edits"
     assert edits, "no streaming edits"
