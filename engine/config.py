@@ -11,10 +11,19 @@ their meaning.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from engine.errors import EngineConfigError
 from engine.types import SamplingParams
@@ -126,10 +135,29 @@ class ResponseConfig(Section):
         return "s2twp" if self.enable_traditional_chinese else "off"
 
 
+class ModerationConfig(Section):
+    # Regular expressions (case-insensitive, any language or script): a reply matching one
+    # is replaced by the persona's fallback line, and the trace records which one.
+    blocklist: list[str] = Field(default_factory=list)
+
+    @field_validator("blocklist")
+    @classmethod
+    def _compiles(cls, patterns: list[str]) -> list[str]:
+        for pattern in patterns:
+            if not pattern.strip():
+                raise ValueError("an empty pattern would block every reply")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a regular expression: {exc}") from None
+        return patterns
+
+
 class VTuberConfig(Section):
     # None selects the bundled original character (engine/personas/pell.yaml).
     persona: str | None = None
     response: ResponseConfig = Field(default_factory=ResponseConfig)
+    moderation: ModerationConfig = Field(default_factory=ModerationConfig)
 
 
 class EngineConfig(BaseModel):

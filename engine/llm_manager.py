@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from engine.persona import (
 )
 from engine.reports import AllocationReport, GpuStatus, OptimizeReport
 from engine.response_generator import (
+    Blocklist,
     GeneratedReply,
     PostProcessing,
     ResponseGenerator,
@@ -53,11 +54,15 @@ class LLMManager:
         cache_dir: str | Path | None = None,
         persona: Persona | None = None,
         backend: Backend | None = None,
+        moderate: Callable[[str], str | None] | None = None,
     ) -> None:
         self.config = EngineConfig.from_mapping(config)
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._persona = persona
         self._backend = backend
+        # An external moderation hook, else the config's blocklist (if any).
+        blocklist = self.config.vtuber.moderation.blocklist
+        self._moderate = moderate or (Blocklist(blocklist) if blocklist else None)
         self._generator: ResponseGenerator | None = None
         self._embedder: Embedder | None = None
         self._rag: Any = None
@@ -140,6 +145,7 @@ class LLMManager:
         prompts = tuple(dict.fromkeys(persona.system_prompt(lang)
                                       for lang in (language, "zh", "en")))
         return PostProcessing(
+            moderate=self._moderate,
             filter_options=FilterOptions(
                 persona_names=persona.names.all(),
                 filter_repetition=self.config.response.filter_repetition,

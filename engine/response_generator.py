@@ -118,6 +118,9 @@ class PostProcessing:
     protected_terms: tuple[str, ...] = ()
     # Texts the viewer must never see echoed (the system prompt in every language).
     echo_sources: tuple[str, ...] = ()
+    # Says why a finished text must not be shown (None: fine). The hook for a blocklist or an
+    # external moderation service.
+    moderate: Callable[[str], str | None] | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,10 +145,24 @@ def finish_text(raw: str, post: PostProcessing,
             if unechoed != text and "system_echo" not in edits:
                 edits.append("system_echo")
             text = unechoed
+    verdict = post.moderate(text) if post.moderate is not None and text.strip() else None
+    if verdict is not None:
+        edits.append(f"moderation: {verdict}")
+        text = ""
     if not text.strip() and "fallback" not in edits:
         edits.append("fallback")
         text = options.fallback
     return text.strip(), edits
+
+
+class Blocklist:
+    """Case-insensitive patterns; ``__call__`` names the first that matches."""
+
+    def __init__(self, patterns: list[str]) -> None:
+        self._patterns = [(p, re.compile(p, re.I)) for p in patterns]
+
+    def __call__(self, text: str) -> str | None:
+        return next((f"blocklist {p!r}" for p, rx in self._patterns if rx.search(text)), None)
 
 
 class ResponseGenerator:

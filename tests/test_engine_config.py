@@ -59,6 +59,7 @@ EVERY_SETTING: dict[str, Any] = {
     "vtuber.response.max_input_chars": 800,
     "vtuber.response.enable_traditional_chinese": False,
     "vtuber.response.chinese_conversion": "s2hk",
+    "vtuber.moderation.blocklist": ["(?i)kill yourself"],
 }
 # Not settable from YAML: the key comes from the environment variable api_key_env names.
 FROM_ENVIRONMENT = {"models.llm.openai.api_key"}

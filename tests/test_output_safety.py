@@ -155,3 +155,38 @@ async def _final(manager: LLMManager, raw: str, conversion: str = "s2twp") -> st
     reply = await manager.generate(manager.build_request(PromptInputs("你好")),
                                    conversion_mode=conversion)
     return reply.text
+
+
+async def test_the_blocklist_replaces_a_reply_with_the_fallback() -> None:
+    manager = LLMManager({"models": {"llm": {"backend": "scripted"},
+                                     "embedding": {"enabled": False}},
+                          "vtuber": {"moderation": {"blocklist": ["stupid", "笨蛋"]}}},
+                         backend=ScriptedBackend(["You are so STUPID. Bye."]))
+    await manager.start()
+    try:
+        request = manager.build_request(PromptInputs("hi"))
+        reply = await manager.generate(request)
+        assert reply.text in PERSONA.fallback_lines
+        assert "moderation: blocklist 'stupid'" in reply.filter_edits
+        assert manager.preview("You are so STUPID. Bye.", request) == ""
+    finally:
+        await manager.aclose()
+
+
+async def test_an_external_moderation_hook_decides() -> None:
+    seen: list[str] = []
+
+    def external(text: str) -> str | None:
+        seen.append(text)
+        return "external: insult" if "idiot" in text else None
+
+    manager = LLMManager({"models": {"llm": {"backend": "scripted"},
+                                     "embedding": {"enabled": False}}},
+                         backend=ScriptedBackend(["What an idiot question."]), moderate=external)
+    await manager.start()
+    try:
+        reply = await manager.generate(manager.build_request(PromptInputs("hi")))
+        assert reply.text in PERSONA.fallback_lines and seen
+        assert "moderation: external: insult" in reply.filter_edits
+    finally:
+        await manager.aclose()
