@@ -17,7 +17,14 @@ from hypothesis import strategies as st
 
 from engine.character_card import card_to_persona, persona_to_card, read_card
 from engine.chinese import convert
-from engine.persona import Persona, PersonaState, load_persona, prompt_language, state_hint
+from engine.persona import (
+    Persona,
+    PersonaState,
+    advance,
+    load_persona,
+    prompt_language,
+    state_hint,
+)
 from engine.response_generator import build_messages
 from engine.text_filters import FilterOptions, clean_reply
 
@@ -271,3 +278,53 @@ def _to_simplified(text: str) -> str:
     import opencc
 
     return opencc.OpenCC("t2s.json").convert(text)
+
+
+_FIELD_TEXT = st.text(st.characters(blacklist_categories=("Cs",)), max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(names=st.fixed_dictionaries({"zh": _FIELD_TEXT, "en": _FIELD_TEXT}),
+       fallback_lines=st.lists(_FIELD_TEXT, max_size=3),
+       protected_terms=st.lists(_FIELD_TEXT, max_size=3),
+       catchphrases=st.lists(_FIELD_TEXT, max_size=3),
+       message=_FIELD_TEXT)
+def test_any_persona_that_passes_check_answers_without_raising(
+        names: dict, fallback_lines: list, protected_terms: list, catchphrases: list,
+        message: str) -> None:
+    import asyncio
+    from datetime import UTC, datetime
+    from importlib.resources import files
+
+    import yaml
+    from pydantic import ValidationError
+
+    from engine import LLMManager
+    from engine.backends.scripted import ScriptedBackend
+    from engine.client import PromptInputs
+    from engine.persona import BUNDLED_PERSONA
+
+    data = yaml.safe_load(files("engine").joinpath("personas", BUNDLED_PERSONA)
+                          .read_text("utf-8"))
+    data.update(names=names, fallback_lines=fallback_lines, protected_terms=protected_terms,
+                catchphrases=catchphrases)
+    try:
+        persona = Persona.model_validate(data)
+    except ValidationError:
+        return  # `persona check` refuses it: nothing to run
+    state = advance(PersonaState(mood=persona.moods.baseline), message,
+                    datetime.now(UTC), persona).state
+
+    async def answer() -> str:
+        manager = LLMManager({"models": {"llm": {"backend": "scripted"},
+                                         "embedding": {"enabled": False}}},
+                             persona=persona, backend=ScriptedBackend(["{user_text}"]))
+        await manager.start()
+        try:
+            request = manager.build_request(PromptInputs(message or "hi", state=state))
+            manager.preview(message, request)
+            return (await manager.generate(request)).text
+        finally:
+            await manager.aclose()
+
+    assert asyncio.run(answer())
