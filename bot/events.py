@@ -53,9 +53,12 @@ class DeliveryError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Roles:
-    is_admin: bool = False
+    is_admin: bool = False  # bot-wide, from the config only
     is_moderator: bool = False
     is_broadcaster: bool = False
+    # Administrator of the server (Discord guild) the command runs in: a moderator there, and
+    # an admin of that server's own data (its messages' traces, its members' stats) only.
+    is_server_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,5 +47,6 @@ class PersonaInfo(TypedDict):
 class ReplyTrace(TypedDict):
     message_id: int
     reply_to: int | None
+    channel_id: str | None
     content: str
     trace: dict[str, Any]

@@ -92,4 +92,5 @@ async def reply_trace(store: Store, message_id: int) -> ReplyTrace | None:
     if message is None or message.trace is None:
         return None
     return ReplyTrace(message_id=message.id, reply_to=message.reply_to_id,
-                      content=message.content, trace=message.trace)
+                      channel_id=message.channel_id, content=message.content,
+                      trace=message.trace)

@@ -403,3 +403,53 @@ async def test_a_long_streamed_reply_posts_its_overflow_once() -> None:
         await sink.edit(head, "字" * length)
     assert len(channel.messages) == 2  # the head and one overflow message, never re-posted
     assert "".join(m.content for m in channel.messages) == "字" * 3000
+
+
+async def test_a_guild_admin_reaches_only_that_guilds_data(env: Any,
+                                                          responses: list[dict]) -> None:
+    from bot.events import ChatEvent
+
+    adapter, runtime, _sends = env
+
+    class Quiet:
+        async def send(self, text: str) -> str:
+            return "x"
+
+        async def edit(self, message_id: str, text: str) -> None:
+            return None
+
+        async def typing(self) -> None:
+            return None
+
+    elsewhere = await runtime.service.handle(ChatEvent(
+        platform="twitch", channel_id="twitch-channel", platform_user_id="v1",
+        display_name="v1", text="hello from twitch", sink=Quiet(), message_id="tw-1"))
+    assert elsewhere.message_id is not None
+    member = dpytest.get_config().members[0]
+    trace = [{"name": "message_id", "type": 4, "value": elsewhere.message_id}]
+    await _invoke(adapter.client, _interaction(adapter.client, "trace", member, admin=True,
+                                               options=trace))
+    assert "No trace" in responses[-1]["payload"]["data"]["content"]
+    adapter.config.admins.discord_user_ids = [member.id]  # a bot-wide admin, from config
+    await _invoke(adapter.client, _interaction(adapter.client, "trace", member, admin=False,
+                                               options=trace))
+    assert '"backend": "scripted"' in responses[-1]["payload"]["data"]["content"]
+
+
+async def test_a_server_admin_sees_stats_of_that_servers_members_only() -> None:
+    from bot import commands
+    from bot.commands import Caller
+    from bot.events import Roles
+
+    class Services:
+        async def stats(self, platform: str, user: str) -> dict:
+            return {"conversation_count": 1, "current_mood": "calm", "intimacy_level": 1.0,
+                    "intimacy_tier": "stranger", "intimacy_trend": "steady"}
+
+        async def chart(self, platform: str, user: str) -> None:
+            return None
+
+    server_admin = Caller("discord", "1", "admin", Roles(is_server_admin=True))
+    outside = await commands.stats(Services(), server_admin, "2", target_in_server=False)
+    inside = await commands.stats(Services(), server_admin, "2", target_in_server=True)
+    assert outside.refused and not inside.refused

@@ -10,7 +10,7 @@ import io
 import discord
 from discord import app_commands
 
-from adapters.discord_adapter.roles import interaction_roles
+from adapters.discord_adapter.roles import guild_channels, interaction_roles
 from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
@@ -23,7 +23,7 @@ DISCORD_LIMIT = 2000
 def _caller(config: AppConfig, interaction: discord.Interaction) -> Caller:
     user = interaction.user
     return Caller(PLATFORM, str(user.id), user.display_name,
-                  interaction_roles(config, interaction))
+                  interaction_roles(config, interaction), guild_channels(interaction))
 
 
 def _embed(result: CommandResult) -> discord.Embed:
@@ -108,8 +108,11 @@ def _register_viewer_commands(tree: app_commands.CommandTree, config: AppConfig,
     async def stats(interaction: discord.Interaction,
                     user: discord.User | None = None) -> None:
         target = str(user.id) if user is not None else None
+        in_guild = (isinstance(user, discord.Member) and interaction.guild_id is not None
+                    and user.guild.id == interaction.guild_id)
         await respond(interaction, await commands.stats(
-            services, _caller(config, interaction), target, with_chart=True))
+            services, _caller(config, interaction), target, target_in_server=in_guild,
+            with_chart=True))
 
     @tree.command(name="forget", description="Delete everything the persona knows about you")
     async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:

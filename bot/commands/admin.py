@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from bot.commands.base import Access, Caller, CommandResult, requires
+from bot.commands.base import REFUSALS, Access, Caller, CommandResult, requires
 from bot.events import RuntimeServices
 
 
@@ -42,10 +42,13 @@ async def diagnose(services: RuntimeServices, caller: Caller, /) -> CommandResul
     return CommandResult("\n".join(lines))
 
 
-@requires(Access.ADMIN)
+@requires(Access.EVERYONE)  # bot-wide admins; a server's admins for that server's messages
 async def trace(services: RuntimeServices, caller: Caller, /, message_id: int) -> CommandResult:
+    roles = caller.roles
+    if not (roles.is_admin or roles.is_server_admin):
+        return CommandResult(REFUSALS[Access.ADMIN], refused=True)
     found = await services.trace(message_id)
-    if found is None:
+    if found is None or not (roles.is_admin or found["channel_id"] in caller.server_channels):
         return CommandResult(f"No trace for message {message_id}.")
     return CommandResult(json.dumps(found["trace"], ensure_ascii=False, indent=1),
                          preformatted=True)

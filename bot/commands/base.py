@@ -27,7 +27,7 @@ def allowed(roles: Roles, access: Access) -> bool:
     if access is Access.EVERYONE or roles.is_admin:
         return True
     if access is Access.MODERATOR:
-        return roles.is_moderator or roles.is_broadcaster
+        return roles.is_moderator or roles.is_broadcaster or roles.is_server_admin
     return False
 
 
@@ -45,6 +45,8 @@ class Caller:
     platform_user_id: str
     display_name: str
     roles: Roles = field(default_factory=Roles)
+    # The channels of the server the command runs in: a server admin's reach.
+    server_channels: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

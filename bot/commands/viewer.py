@@ -21,10 +21,13 @@ LINK_CODE_MINUTES = 10
 
 @requires(Access.EVERYONE)
 async def stats(services: RuntimeServices, caller: Caller, /, target: str | None = None, *,
-                with_chart: bool = False) -> CommandResult:
-    """The caller's stats; admins may name another viewer (``target``: a platform user id)."""
+                target_in_server: bool = False, with_chart: bool = False) -> CommandResult:
+    """The caller's stats. Bot-wide admins may name any viewer (``target``: a platform user
+    id); a server's admins only a member of that server (``target_in_server``)."""
     user = target or caller.platform_user_id
-    if user != caller.platform_user_id and not allowed(caller.roles, Access.ADMIN):
+    server_admin = caller.roles.is_server_admin and target_in_server
+    if (user != caller.platform_user_id and not allowed(caller.roles, Access.ADMIN)
+            and not server_admin):
         return CommandResult(REFUSALS[Access.ADMIN], refused=True)
     numbers = await services.stats(caller.platform, user)
     if numbers is None:
