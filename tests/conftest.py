@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import network_guard
-from tests.pg_server import PostgresServer, find_pg_bin
+from tests.pg_server import PostgresServer, running_server
 
 network_guard.install()
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -41,21 +41,8 @@ def tiny_model_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer | None]:
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        if os.environ.get("VTUBER_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) not found, and "
-                        "VTUBER_REQUIRE_POSTGRES is set")
-        yield None
-        return
-    base = Path(tempfile.mkdtemp(prefix="vtuber-pg-"))
-    server = PostgresServer(bin_dir, base)
-    server.start()
-    try:
+    with running_server("vtuber-pg-") as server:
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 _db_names = itertools.count(1)

@@ -13,7 +13,9 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,3 +101,24 @@ def _user_exists(name: str) -> bool:
     except KeyError:
         return False
     return True
+
+
+@contextlib.contextmanager
+def running_server(prefix: str, *, durable: bool = False) -> Iterator[PostgresServer | None]:
+    """A throw-away cluster for the ``with`` block; None where the machine has no server
+    binaries (an error instead when VTUBER_REQUIRE_POSTGRES is set, as in CI)."""
+    bin_dir = find_pg_bin()
+    if bin_dir is None:
+        if os.environ.get("VTUBER_REQUIRE_POSTGRES"):
+            raise RuntimeError("PostgreSQL server binaries (initdb, pg_ctl) not found, and "
+                               "VTUBER_REQUIRE_POSTGRES is set")
+        yield None
+        return
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    server = PostgresServer(bin_dir, base, durable=durable)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(base, ignore_errors=True)

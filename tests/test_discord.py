@@ -408,22 +408,14 @@ async def test_a_long_streamed_reply_posts_its_overflow_once() -> None:
 async def test_a_guild_admin_reaches_only_that_guilds_data(env: Any,
                                                           responses: list[dict]) -> None:
     from bot.events import ChatEvent
+    from tests.sinks import RecordingSink
 
     adapter, runtime, _sends = env
 
-    class Quiet:
-        async def send(self, text: str) -> str:
-            return "x"
-
-        async def edit(self, message_id: str, text: str) -> None:
-            return None
-
-        async def typing(self) -> None:
-            return None
-
     elsewhere = await runtime.service.handle(ChatEvent(
         platform="twitch", channel_id="twitch-channel", platform_user_id="v1",
-        display_name="v1", text="hello from twitch", sink=Quiet(), message_id="tw-1"))
+        display_name="v1", text="hello from twitch", sink=RecordingSink(),
+        message_id="tw-1"))
     assert elsewhere.message_id is not None
     member = dpytest.get_config().members[0]
     trace = [{"name": "message_id", "type": 4, "value": elsewhere.message_id}]

@@ -20,6 +20,7 @@ import yaml
 from bot.config import load_config
 from bot.paths import DataPaths
 from bot.runtime import open_runtime
+from tests.sinks import RecordingSink
 
 REPLY = "收到囉"
 
@@ -113,39 +114,12 @@ def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) 
 @pytest.fixture
 def own_postgres(tmp_path: Path) -> Any:
     """A PostgreSQL server of this test's own, so stopping it disturbs no other test."""
-    from tests.pg_server import PostgresServer, find_pg_bin
+    from tests.pg_server import running_server
 
-    bin_dir = find_pg_bin()
-    if bin_dir is None:
-        if os.environ.get("VTUBER_REQUIRE_POSTGRES"):
-            pytest.fail("PostgreSQL server binaries not found and VTUBER_REQUIRE_POSTGRES set")
-        pytest.skip("no PostgreSQL server binaries on this machine")
-    import shutil
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="vtuber-pg-outage-"))
-    server = PostgresServer(bin_dir, base, durable=True)
-    server.start()
-    try:
+    with running_server("vtuber-pg-outage-", durable=True) as server:
+        if server is None:
+            pytest.skip("no PostgreSQL server binaries on this machine")
         yield server
-    finally:
-        server.stop()
-        shutil.rmtree(base, ignore_errors=True)
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-
-    async def send(self, text: str) -> str:
-        self.sent.append(text)
-        return f"out-{len(self.sent)}"
-
-    async def edit(self, message_id: str, text: str) -> None:
-        return None
-
-    async def typing(self) -> None:
-        return None
 
 
 async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: Any,
@@ -160,7 +134,7 @@ async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: An
         "store": {"url": url, "remember_messages_min_chars": 0},
         "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000},
     }, env={})
-    sink = _Sink()
+    sink = RecordingSink()
     offered = 0
 
     async def offer(seconds: float) -> list[Any]:
@@ -239,7 +213,7 @@ async def test_full_disk_fails_cleanly_and_recovers(small_disk: Path,
         "store": {"remember_messages_min_chars": 0, "rag_enabled": False},
         "limits": {"user_messages_per_minute": 100_000},
     }, env={})
-    sink = _Sink()
+    sink = RecordingSink()
 
     def said(index: int) -> ChatEvent:
         return ChatEvent(platform="twitch", channel_id="c", platform_user_id="ann",

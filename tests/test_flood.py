@@ -15,7 +15,8 @@ from bot.paths import DataPaths
 from bot.runtime import Runtime, open_runtime
 from engine.backends.scripted import ScriptedBackend
 from engine.types import GenerationRequest
-from tests.test_service import RecordingSink, event
+from tests.sinks import RecordingSink
+from tests.test_service import event
 
 
 async def test_send_limiter_never_exceeds_its_window() -> None:

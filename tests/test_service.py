@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,23 +17,7 @@ from engine.backends.scripted import ScriptedBackend
 from engine.errors import EngineError
 from engine.types import GenerationRequest
 from memory.store import Store
-
-
-class RecordingSink:
-    def __init__(self) -> None:
-        self.sent: list[str] = []
-        self.typing_calls = 0
-        self._ids = itertools.count(1)
-
-    async def send(self, text: str) -> str:
-        self.sent.append(text)
-        return f"out-{next(self._ids)}"
-
-    async def edit(self, message_id: str, text: str) -> None:
-        self.sent.append(text)
-
-    async def typing(self) -> None:
-        self.typing_calls += 1
+from tests.sinks import RecordingSink
 
 
 def make_config(db_url: str, **overrides: Any) -> AppConfig:

@@ -92,7 +92,6 @@ def requires(access: Access) -> Callable[[CommandFunction[P]], CommandFunction[P
                 return CommandResult(REFUSALS[access], refused=True)
             return await command(services, caller, *args, **kwargs)
 
-        gated.access = access  # type: ignore[attr-defined]
         return gated
 
     return decorate
