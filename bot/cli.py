@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bot import __version__
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
-from bot.errors import EXIT_CONFIG, BotError, ConfigError
+from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, BotError, ConfigError
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
@@ -370,3 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `vtuber-bot trace 2 | head`: the reader left early
         sys.stderr.close()
         return 0
+    except Exception:  # a bug: its traceback goes through the masking log formatter
+        log.exception("unexpected error (a bug: please report it with this traceback)")
+        return EXIT_SOFTWARE

@@ -34,3 +34,11 @@ class AdapterUnavailableError(BotError):
     """An adapter named in config cannot be loaded (extra not installed, or unknown)."""
 
     exit_code = EXIT_UNAVAILABLE
+
+
+class PlatformUnreachableError(BotError):
+    """A chat platform could not be reached, or answered 429/5xx, while logging in. The message
+    names the platform and the HTTP status or error class only: a library's own text may quote
+    a URL with a client secret in it."""
+
+    exit_code = EXIT_UNAVAILABLE

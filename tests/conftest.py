@@ -12,14 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from tests import network_guard
+from tests import network_guard, secret_guard
 from tests.pg_server import PostgresServer, running_server
 
 network_guard.install()
+secret_guard.install()
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def no_secret_in_logs() -> Iterator[None]:
+    """Fails the test during which a configured secret reached a log record or CLI output."""
+    seen = len(secret_guard.leaks)
+    yield
+    new = secret_guard.leaks[seen:]
+    if new:
+        pytest.fail("secret leaked:\n" + "\n".join(sorted(set(new))), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -37,6 +37,7 @@ class FakeDiscord(LocalServer):
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
     _ids: itertools.count = field(default_factory=lambda: itertools.count(9000))
     connected: asyncio.Event = field(default_factory=asyncio.Event)
+    me_status: int | None = None  # answer the login request with this error status
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
@@ -52,6 +53,8 @@ class FakeDiscord(LocalServer):
     # -- REST ---------------------------------------------------------------------------------
 
     async def _me(self, request: web.Request) -> web.Response:
+        if self.me_status is not None:
+            return web.Response(status=self.me_status, text="upstream connect error")
         if request.headers.get("Authorization") != "Bot fake-token":
             return _json({"message": "401: Unauthorized", "code": 0}, status=401)
         return _json(BOT_USER)

@@ -35,6 +35,7 @@ class FakeTwitch(LocalServer):
     subscriptions: list[dict[str, Any]] = field(default_factory=list)
     sessions: int = 0
     reject_credentials: bool = False
+    token_status: int | None = None  # answer the token endpoint with this error status
     send_keepalives: bool = True
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     welcomed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -53,6 +54,8 @@ class FakeTwitch(LocalServer):
         self.record("POST", request.path, dict(request.query))
         if self.reject_credentials:
             return _json({"status": 400, "message": "invalid client secret"}, status=400)
+        if self.token_status is not None:
+            return web.Response(status=self.token_status, text="Service Unavailable")
         return _json({"access_token": "app-token", "expires_in": 5000000,
                       "token_type": "bearer"})
 

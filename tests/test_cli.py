@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
 import pytest
 
 from memory.store import Store
+from tests import secret_guard
 
 SCRIPTED = """
 models:
@@ -47,8 +52,10 @@ def vtuber(*args: str, stdin: str | None = None, cwd: Path | None = None,
            ) -> subprocess.CompletedProcess[str]:
     command = [*_offline_prefix(), sys.executable, "-m", "bot", *args]
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd,
-                          env=full_env, timeout=timeout, check=False)
+    result = subprocess.run(command, input=stdin, capture_output=True, text=True, cwd=cwd,
+                            env=full_env, timeout=timeout, check=False)
+    secret_guard.observe_process(env, result.stdout, result.stderr)
+    return result
 
 
 @pytest.fixture
@@ -147,6 +154,45 @@ def test_missing_discord_token_is_one_line(tmp_path: Path) -> None:
     assert errors == ["config error: adapters.discord.enabled is true but the environment "
                       "variable DISCORD_TOKEN is not set"]
     assert "Traceback" not in result.stderr
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def _root_logging_restored() -> Iterator[None]:
+    """``main`` configures the root logger for a process; give the test session its own back."""
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
+
+
+def test_run_with_discord_unreachable_is_one_line_exit_69(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    discord = pytest.importorskip("discord")
+    from bot import cli
+
+    config = tmp_path / "discord.yaml"
+    config.write_text(SCRIPTED + "adapters:\n  console: {enabled: false}\n"
+                      "  discord: {enabled: true}\n",
+                      encoding="utf-8")
+    monkeypatch.setenv("DISCORD_TOKEN", "discord-token-cli-7731")
+    # In-process, so that the client can be pointed at a local port nobody listens on.
+    monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{_closed_port()}/api")
+    with _root_logging_restored():
+        code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"), "run"])
+    err = capsys.readouterr().err
+    assert code == 69, err
+    assert "error: cannot reach Discord (ClientConnectorError): check the network" in err
+    assert "Traceback" not in err and "discord-token-cli-7731" not in err
 
 
 def test_run_with_nothing_enabled(tmp_path: Path) -> None:

@@ -143,3 +143,24 @@ def test_secrets_are_masked_in_every_log_line_and_traceback(
     err = capsys.readouterr().err
     assert "client_secret=***" in err and "Traceback" in err
     assert "cs-0123456789" not in err and "pw-s3cret" not in err
+
+
+def test_the_session_secret_guard_sees_a_leak() -> None:
+    """The suite-wide check (tests/secret_guard.py) is live: a secret logged by product code,
+    in a message or a traceback, is caught. The leaks are taken back so this test passes."""
+    import logging
+
+    from bot.config import Secrets
+    from tests import secret_guard
+
+    Secrets.from_env({"OPENAI_API_KEY": "sk-guard-probe-0042"})
+    before = len(secret_guard.leaks)
+    log = logging.getLogger("bot.probe")
+    log.info("key is %s", "sk-guard-probe-0042")
+    try:
+        raise RuntimeError("auth failed for sk-guard-probe-0042")
+    except RuntimeError:
+        log.warning("request failed", exc_info=True)
+    caught = secret_guard.leaks[before:]
+    del secret_guard.leaks[before:]
+    assert len(caught) == 2 and all("bot.probe" in line for line in caught)

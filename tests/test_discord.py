@@ -345,7 +345,7 @@ async def test_blocked_user_and_denied_channel_are_ignored(env: Any) -> None:
 
 def test_sharded_option_uses_the_auto_sharded_client() -> None:
     config = parse_config({"adapters": {"discord": {"enabled": True, "sharded": True}}},
-                          env={"DISCORD_TOKEN": "t"})
+                          env={"DISCORD_TOKEN": "discord-token-3481"})
     adapter = DiscordAdapter(config, services=object())  # type: ignore[arg-type]
     assert isinstance(adapter.client, discord.AutoShardedClient)
     mentions = adapter.client.allowed_mentions

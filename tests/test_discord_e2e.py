@@ -13,6 +13,7 @@ discord = pytest.importorskip("discord")
 
 from adapters.discord_adapter import DiscordAdapter  # noqa: E402
 from bot.config import DiscordGuildConfig, parse_config  # noqa: E402
+from bot.errors import BotError, PlatformUnreachableError  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
 from tests.fake_discord import BOT_USER, CHANNEL_ID, GUILD_ID, VIEWER, FakeDiscord  # noqa: E402
@@ -95,26 +96,52 @@ async def test_reconnects_without_answering_twice(live: Any) -> None:
     assert len(server.posts_to("/messages")) == 2  # nothing answered twice
 
 
-async def test_rejected_token_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-                                          ) -> None:
-    from adapters.discord_adapter.adapter import DiscordLoginError
-
-    server = FakeDiscord()
+async def _login_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                       server: FakeDiscord | None, token: str = "fake-token") -> BaseException:
+    """Start the adapter against ``server`` (None: a port nobody listens on); return what
+    ``run`` raised."""
+    closed = server is None
+    server = server or FakeDiscord()
     await server.start()
+    if closed:
+        await server.stop()
     monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
     config = parse_config({"models": {"llm": {"backend": "scripted"},
                                       "embedding": {"enabled": False}},
                            "adapters": {"discord": {"enabled": True}}},
-                          env={"DISCORD_TOKEN": "wrong-token"})
+                          env={"DISCORD_TOKEN": token})
     try:
         async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
             adapter = DiscordAdapter(config, services=runtime)
-            with pytest.raises(DiscordLoginError) as info:
-                await adapter.run(runtime.service.handle)
+            with pytest.raises(BotError) as info:
+                await asyncio.wait_for(adapter.run(runtime.service.handle), 30)
             await adapter.close()
     finally:
         await server.stop()
-    assert "DISCORD_TOKEN" in str(info.value) and "\n" not in str(info.value)
+    return info.value
+
+
+async def test_rejected_token_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    from adapters.discord_adapter.adapter import DiscordLoginError
+
+    error = await _login_error(tmp_path, monkeypatch, FakeDiscord(), token="wrong-token")
+    assert isinstance(error, DiscordLoginError) and error.exit_code == 77
+    assert "DISCORD_TOKEN" in str(error) and "\n" not in str(error)
+
+
+async def test_discord_answering_503_at_login_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    error = await _login_error(tmp_path, monkeypatch, FakeDiscord(me_status=503))
+    assert isinstance(error, PlatformUnreachableError) and error.exit_code == 69
+    assert str(error) == "Discord answered HTTP 503 while logging in; try again later"
+
+
+async def test_unreachable_discord_is_one_line(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    error = await _login_error(tmp_path, monkeypatch, None)
+    assert isinstance(error, PlatformUnreachableError) and error.exit_code == 69
+    assert str(error).startswith("cannot reach Discord (") and "\n" not in str(error)
 
 
 async def test_per_guild_channel_and_language(live: Any) -> None:

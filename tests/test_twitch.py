@@ -13,6 +13,7 @@ twitchio = pytest.importorskip("twitchio")
 
 from adapters.twitch_adapter import TwitchAdapter  # noqa: E402
 from bot.config import parse_config  # noqa: E402
+from bot.errors import BotError, PlatformUnreachableError  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
 from tests.fake_twitch import (  # noqa: E402
@@ -23,8 +24,9 @@ from tests.fake_twitch import (  # noqa: E402
     FakeTwitch,
 )
 
-ENV = {"TWITCH_CLIENT_ID": "cid", "TWITCH_CLIENT_SECRET": "secret", "TWITCH_BOT_ID": BOT_ID,
-       "TWITCH_ACCESS_TOKEN": BOT_TOKEN, "TWITCH_REFRESH_TOKEN": "refresh"}
+ENV = {"TWITCH_CLIENT_ID": "tw-client-id-5127", "TWITCH_CLIENT_SECRET": "tw-client-secret-5127",
+       "TWITCH_BOT_ID": BOT_ID, "TWITCH_ACCESS_TOKEN": BOT_TOKEN,
+       "TWITCH_REFRESH_TOKEN": "tw-refresh-5127"}
 
 
 def _point_twitchio_at(server: FakeTwitch, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -223,12 +225,16 @@ async def test_flood_of_200_messages_from_50_viewers(live: Any) -> None:
         assert sum(1 for t in sends if start <= t < start + 2.0) <= 20
 
 
-async def test_rejected_credentials_are_one_line(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from adapters.twitch_adapter.adapter import TwitchLoginError
-
-    server = FakeTwitch(reject_credentials=True)
-    await server.start()
+async def _login_error(tmp_path: Path, server: FakeTwitch | None,
+                       monkeypatch: pytest.MonkeyPatch) -> BaseException:
+    """Start the adapter against ``server`` (None: a port nobody listens on); return what
+    ``run`` raised."""
+    if server is None:
+        server = FakeTwitch()
+        await server.start()
+        await server.stop()  # its port is now closed
+    else:
+        await server.start()
     _point_twitchio_at(server, monkeypatch)
     config = parse_config({"models": {"llm": {"backend": "scripted"},
                                       "embedding": {"enabled": False}},
@@ -237,13 +243,36 @@ async def test_rejected_credentials_are_one_line(tmp_path: Path,
     try:
         async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
             adapter = TwitchAdapter(config, services=runtime)
-            with pytest.raises(TwitchLoginError) as info:
-                await adapter.run(runtime.service.handle)
+            with pytest.raises(BotError) as info:
+                await asyncio.wait_for(adapter.run(runtime.service.handle), 30)
             await adapter.close()
     finally:
         await server.stop()
-    assert "TWITCH_CLIENT_ID" in str(info.value) and "\n" not in str(info.value)
-    assert info.value.exit_code != 0
+    return info.value
+
+
+async def test_rejected_credentials_are_one_line(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from adapters.twitch_adapter.adapter import TwitchLoginError
+
+    error = await _login_error(tmp_path, FakeTwitch(reject_credentials=True), monkeypatch)
+    assert isinstance(error, TwitchLoginError) and error.exit_code == 77
+    assert "TWITCH_CLIENT_ID" in str(error) and "\n" not in str(error)
+
+
+@pytest.mark.parametrize("status", [503, 429])
+async def test_token_endpoint_failure_is_one_line_without_the_secret(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, status: int) -> None:
+    error = await _login_error(tmp_path, FakeTwitch(token_status=status), monkeypatch)
+    assert isinstance(error, PlatformUnreachableError) and error.exit_code == 69
+    assert str(error) == f"Twitch answered HTTP {status} while logging in; try again later"
+
+
+async def test_unreachable_twitch_is_one_line(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    error = await _login_error(tmp_path, None, monkeypatch)
+    assert isinstance(error, PlatformUnreachableError) and error.exit_code == 69
+    assert str(error).startswith("cannot reach Twitch (") and "\n" not in str(error)
 
 
 async def test_ban_or_timeout_purges_that_viewers_messages(live: Any) -> None:

@@ -7,6 +7,7 @@ import logging
 import re
 from typing import Any
 
+import aiohttp
 import discord
 from discord import app_commands
 
@@ -14,7 +15,7 @@ from adapters.discord_adapter.commands import register_commands
 from adapters.discord_adapter.roles import member_roles
 from adapters.discord_adapter.sink import DiscordSink
 from bot.config import AppConfig
-from bot.errors import BotError
+from bot.errors import BotError, PlatformUnreachableError
 from bot.events import ChatEvent, EventHandler, RuntimeServices
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,13 @@ class DiscordAdapter:
             raise DiscordLoginError(
                 "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
             ) from None
+        except discord.HTTPException as exc:
+            raise PlatformUnreachableError(
+                f"Discord answered HTTP {exc.status} while logging in; try again later"
+            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PlatformUnreachableError(
+                f"cannot reach Discord ({type(exc).__name__}): check the network") from None
 
     async def close(self) -> None:
         await self.client.close()

@@ -7,6 +7,7 @@ import logging
 import random
 from typing import Any
 
+import aiohttp
 import twitchio
 from twitchio import eventsub
 
@@ -15,7 +16,7 @@ from adapters.common.text_split import split_message
 from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
-from bot.errors import BotError
+from bot.errors import BotError, PlatformUnreachableError
 from bot.events import ChatEvent, DeliveryError, EventHandler, Roles, RuntimeServices
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,13 @@ class TwitchAdapter:
                 raise TwitchLoginError(
                     f"Twitch rejected the credentials (HTTP {exc.status}): check TWITCH_CLIENT_ID"
                     ", TWITCH_CLIENT_SECRET and TWITCH_ACCESS_TOKEN") from None
-            raise
+            # Only the status: twitchio's text can quote the token URL with the client secret.
+            raise PlatformUnreachableError(
+                f"Twitch answered HTTP {exc.status} while logging in; try again later"
+            ) from None
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            raise PlatformUnreachableError(
+                f"cannot reach Twitch ({type(exc).__name__}): check the network") from None
 
     async def close(self) -> None:
         await self.client.close()
