@@ -139,6 +139,11 @@ async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths
             banner=_banner(runtime), services=runtime,
         )
         await runtime.run_adapters([adapter])
+    outcome = adapter.once_outcome
+    if outcome is not None and outcome.status != "answered":
+        # A script calling `chat --once` must be able to tell a fallback from an answer.
+        print(f"error: the message ended {outcome.status} ({outcome.reason})", file=sys.stderr)
+        return 1
     return 0
 
 

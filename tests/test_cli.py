@@ -291,3 +291,26 @@ def test_read_only_database_is_one_line_and_untouched(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "read-only" in errors[0], result.stderr
     assert (data / "vtuber.db").read_bytes() == before
+
+
+def test_chat_once_that_fails_exits_1_with_one_line(
+        tmp_path: Path, scripted_config: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The store fails the message (a full disk, say): the viewer sees the fallback, and a
+    script calling `chat --once` sees exit 1 and one line saying why."""
+    from bot import cli
+    from memory.errors import StoreError
+
+    async def full_disk(*_: object, **__: object) -> None:
+        raise StoreError("store: database or disk is full")
+
+    monkeypatch.setattr(Store, "intake", full_disk)
+    with _root_logging_restored():
+        code = cli.main(["--config", str(scripted_config), "--data-dir", str(tmp_path / "d"),
+                         "chat", "--once", "hello"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert captured.out.strip()  # the in-character fallback
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the message ended failed (store)"], captured.err
+    assert "Traceback" not in captured.err

@@ -152,7 +152,8 @@ async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: P
         if statement.startswith("BEGIN"):
             begins.append(statement)
 
-    event.listen(store.database.sql_engine.sync_engine, "before_cursor_execute", record)
+    for engine in store.database.sync_engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         user = await store.resolve_user("console", "viewer", "viewer")
         assert begins == ["BEGIN IMMEDIATE"]

@@ -12,7 +12,7 @@ from typing import TextIO
 from bot import commands
 from bot.commands import Caller
 from bot.config import AppConfig
-from bot.events import ChatEvent, EventHandler, Roles, RuntimeServices
+from bot.events import ChatEvent, EventHandler, Reply, Roles, RuntimeServices
 
 PLATFORM = "console"
 QUIT_COMMANDS = {"/quit", "/exit"}
@@ -75,6 +75,7 @@ class ConsoleAdapter:
         self._stdin = stdin or sys.stdin
         self._out = stdout or sys.stdout
         self._counter = itertools.count(1)
+        self.once_outcome: Reply | None = None  # how the ``--once`` message ended
         # Message ids must not repeat across runs (the store keeps each platform id once).
         self._session = uuid.uuid4().hex[:12]
 
@@ -93,7 +94,8 @@ class ConsoleAdapter:
 
     async def run(self, handle: EventHandler) -> None:
         if self._once is not None:
-            await handle(self._event(self._once, ConsoleSink(self._out, None)))
+            self.once_outcome = await handle(self._event(self._once,
+                                                         ConsoleSink(self._out, None)))
             return
         sink = ConsoleSink(self._out, self._speaker or None)
         if self._banner:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection, select, update
 from sqlalchemy.orm import aliased
 
 from memory.models import Identity, Message
+from memory.store import statements as sql
 from memory.store.database import Database
 from memory.store.records import (
     HistoryMessage,
@@ -93,21 +93,16 @@ class Conversations:
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:
         """The last ``limit`` messages of finished exchanges, oldest first."""
-        async with self._db.read() as session:
-            return await self.read_history(session, user_id, persona_id, limit)
+        return await self._db.read_unit(
+            lambda connection: self.read_history(connection, user_id, persona_id, limit))
 
     @staticmethod
-    async def read_history(session: AsyncSession, user_id: int, persona_id: str,
-                           limit: int) -> list[HistoryMessage]:
+    def read_history(connection: Connection, user_id: int, persona_id: str,
+                     limit: int) -> list[HistoryMessage]:
         if limit <= 0:
             return []
-        rows = await session.execute(
-            select(Message.id, Message.role, Message.content, Message.created_at)
-            .where(Message.user_id == user_id, Message.persona_id == persona_id,
-                   Message.status.in_(("answered", "sent")))
-            .order_by(Message.id.desc())
-            .limit(limit)
-        )
+        rows = connection.execute(sql.HISTORY, {"user_id": user_id, "persona_id": persona_id,
+                                             "limit": limit})
         history = [HistoryMessage(id=r.id, role=r.role, content=r.content,
                                   created_at=aware_now(r.created_at)) for r in rows]
         history.reverse()

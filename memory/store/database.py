@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import event, select
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, select
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -31,6 +32,8 @@ from memory.urls import mask_url
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
 _READ_ONLY = "vtuber_read_only"
+T = TypeVar("T")
+Work = Callable[[Connection], T]
 
 
 def sqlite_url(path: Path) -> str:
@@ -75,8 +78,8 @@ def check_sqlite_file(path: Path) -> None:
         raise StoreError(f"store: directory {parent} is not writable")
 
 
-def _tune_sqlite(sql_engine: AsyncEngine, busy_timeout_ms: int) -> None:
-    @event.listens_for(sql_engine.sync_engine, "connect")
+def _tune_sqlite(sql_engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(sql_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
         dbapi_connection.isolation_level = None
@@ -93,7 +96,7 @@ def _tune_sqlite(sql_engine: AsyncEngine, busy_timeout_ms: int) -> None:
             cursor.execute(pragma)
         cursor.close()
 
-    @event.listens_for(sql_engine.sync_engine, "begin")
+    @event.listens_for(sql_engine, "begin")
     def _on_begin(connection: Any) -> None:
         read_only = connection.get_execution_options().get(_READ_ONLY, False)
         connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
@@ -103,17 +106,25 @@ class Database:
     """SQLAlchemy's engine (``sql_engine``, not to be confused with the LLM engine) and its two
     session factories: ``read()`` and ``write()`` units of work."""
 
-    def __init__(self, sql_engine: AsyncEngine, url: str) -> None:
+    def __init__(self, sql_engine: AsyncEngine, url: str,
+                 threads: _SqliteThreads | None = None) -> None:
         self.sql_engine = sql_engine
         self.url = url
         self._writes = async_sessionmaker(sql_engine, expire_on_commit=False)
-        self._reads = async_sessionmaker(sql_engine.execution_options(**{_READ_ONLY: True}),
-                                         expire_on_commit=False)
+        self._read_engine = sql_engine.execution_options(**{_READ_ONLY: True})
+        self._reads = async_sessionmaker(self._read_engine, expire_on_commit=False)
         self._sqlite_writer = asyncio.Lock() if self.dialect == "sqlite" else None
+        self._threads = threads
 
     @property
     def dialect(self) -> str:
         return self.sql_engine.dialect.name
+
+    @property
+    def sync_engines(self) -> list[Engine]:
+        """Every engine that talks to the database (for event listeners, such as tests')."""
+        threads = [self._threads.sql_engine] if self._threads is not None else []
+        return [self.sql_engine.sync_engine, *threads]
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool, busy_timeout_ms: int) -> Database:
@@ -125,9 +136,11 @@ class Database:
             if auto_migrate:
                 await upgrade_to_head(url, busy_timeout_ms)
             sql_engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            threads = None
             if sql_engine.dialect.name == "sqlite":
-                _tune_sqlite(sql_engine, busy_timeout_ms)
-            database = cls(sql_engine, url)
+                _tune_sqlite(sql_engine.sync_engine, busy_timeout_ms)
+                threads = _SqliteThreads.open(url, busy_timeout_ms)
+            database = cls(sql_engine, url, threads)
             async with database.read() as session:
                 await session.execute(select(User.id).limit(1))
         except (OperationalError, DBAPIError, OSError) as exc:
@@ -152,5 +165,73 @@ class Database:
                 async with self._writes() as session, session.begin():
                     yield session
 
+    async def read_unit(self, work: Work[T]) -> T:
+        """``work`` (a blocking function of a sync ``Connection``) as one read transaction."""
+        if self._threads is not None:
+            with store_errors():
+                return await self._threads.run(self._threads.reads, work)
+        with store_errors():
+            async with self._read_engine.begin() as connection:
+                return await connection.run_sync(work)
+
+    async def write_unit(self, work: Work[T]) -> T:
+        """``work`` as one write transaction, committed when it returns.
+
+        The hot paths (intake, a reply's context, completing an exchange) are written this
+        way: on SQLite the whole transaction runs in a store thread, one hop from the event
+        loop instead of about four per statement through aiosqlite; on PostgreSQL it runs
+        through ``run_sync`` over asyncpg, the same code."""
+        if self._threads is None:
+            with store_errors():
+                async with self.sql_engine.begin() as connection:
+                    return await connection.run_sync(work)
+        async with self._sqlite_writer or contextlib.nullcontext():
+            with store_errors():
+                return await self._threads.run(self._threads.writes, work)
+
     async def close(self) -> None:
+        if self._threads is not None:
+            self._threads.close()
         await self.sql_engine.dispose()
+
+
+class _SqliteThreads:
+    """A synchronous engine on the same SQLite file, used from two store threads (a writer
+    and a reader at once, as WAL allows). Same pragmas, same ``BEGIN IMMEDIATE`` writes."""
+
+    def __init__(self, sql_engine: Engine) -> None:
+        self.sql_engine = sql_engine
+        self.writes = sql_engine
+        self.reads = sql_engine.execution_options(**{_READ_ONLY: True})
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
+
+    @classmethod
+    def open(cls, url: str, busy_timeout_ms: int) -> _SqliteThreads | None:
+        parsed = make_url(url)
+        if parsed.database in (None, "", ":memory:"):
+            return None  # each connection would see its own empty database
+        # Every unit ends in COMMIT or ROLLBACK itself: no reset needed when a connection
+        # goes back to the pool.
+        sql_engine = create_engine(parsed.set(drivername="sqlite+pysqlite"),
+                                   connect_args={"check_same_thread": False},
+                                   pool_reset_on_return=None)
+        _tune_sqlite(sql_engine, busy_timeout_ms)
+        return cls(sql_engine)
+
+    async def run(self, sql_engine: Engine, work: Work[T]) -> T:
+        def unit() -> T:
+            with sql_engine.begin() as connection:
+                return work(connection)
+
+        future = asyncio.get_running_loop().run_in_executor(self._executor, unit)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The transaction cannot be interrupted in its thread: let it end before the
+            # caller (which may hold the writer lock) moves on.
+            await asyncio.wait([future])
+            raise
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.sql_engine.dispose()

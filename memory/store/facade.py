@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Connection
+
 from memory.store.conversations import Conversations
 from memory.store.database import Database
 from memory.store.identities import Identities
@@ -161,11 +163,12 @@ class Store:
                             history_limit: int) -> tuple[StateSnapshot, list[HistoryMessage]]:
         """What a reply needs from the store, in one read transaction: the viewer's state and
         their recent finished exchanges (oldest first)."""
-        async with self._db.read() as session:
-            state = await self.states.read_state(session, user_id, persona_id, default_mood)
-            history = await self.conversations.read_history(session, user_id, persona_id,
-                                                            history_limit)
-        return state, history
+        def work(connection: Connection) -> tuple[StateSnapshot, list[HistoryMessage]]:
+            return (self.states.read_state(connection, user_id, persona_id, default_mood),
+                    self.conversations.read_history(connection, user_id, persona_id,
+                                                    history_limit))
+
+        return await self._db.read_unit(work)
 
     async def stats(self, platform: str, platform_user_id: str, persona_id: str,
                     default_mood: str) -> UserStats | None:

@@ -9,22 +9,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from sqlalchemy import delete, select, text, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection, delete, update
 
 from memory.errors import StoreError
-from memory.models import INTAKE_WHERE, Identity, Message, User
+from memory.models import Message, User, utcnow
+from memory.store import statements as sql
 from memory.store.database import Database
 from memory.store.records import IntakeItem, IntakeOutcome
 
 log = logging.getLogger(__name__)
 
 Key = tuple[str, str]
-
-
-def _insert(dialect: str) -> Any:
-    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 class Intake:
@@ -35,77 +30,68 @@ class Intake:
         """Record ``items`` in one transaction, in order."""
         if not items:
             return []
-        async with self._db.write() as session:
-            users = await self._resolve_users(session, items)
-            outcomes = []
-            for item in items:
-                user_id = users[(item.platform, item.platform_user_id)]
-                outcomes.append(IntakeOutcome(user_id, await self._insert_message(
-                    session, item, user_id)))
-            return outcomes
+        return await self._db.write_unit(lambda connection: self._record(connection, items))
 
-    async def _resolve_users(self, session: AsyncSession,
-                             items: list[IntakeItem]) -> dict[Key, int]:
+    def _record(self, connection: Connection, items: list[IntakeItem]) -> list[IntakeOutcome]:
+        users = self._resolve_users(connection, items)
+        outcomes = []
+        for item in items:
+            user_id = users[(item.platform, item.platform_user_id)]
+            outcomes.append(IntakeOutcome(user_id, self._insert_message(connection, item,
+                                                                        user_id)))
+        return outcomes
+
+    def _resolve_users(self, connection: Connection, items: list[IntakeItem]) -> dict[Key, int]:
         names = {(i.platform, i.platform_user_id): i.display_name for i in items}
-        found = await self._known(session, list(names))
+        found = self._known(connection, list(names))
         missing = [key for key in names if key not in found]
         if not missing:
             return found
-        created = [User(display_name=names[key]) for key in missing]
-        session.add_all(created)
-        await session.flush()
-        statement = _insert(self._db.dialect)(Identity).on_conflict_do_nothing(
-            index_elements=["platform", "platform_user_id"])
-        await session.execute(statement, [
-            {"user_id": user.id, "platform": key[0], "platform_user_id": key[1],
-             "display_name": names[key]} for key, user in zip(missing, created, strict=True)])
-        found.update(await self._known(session, missing))
-        # Another process created some of these viewers first: theirs win, ours go.
-        orphans = [u.id for key, u in zip(missing, created, strict=True) if found[key] != u.id]
-        if orphans:
-            await session.execute(delete(User).where(User.id.in_(orphans)))
+        now = utcnow()
+        created: list[int] = list(connection.scalars(
+            sql.INSERT_USERS, [{"display_name": names[key], "created_at": now}
+                               for key in missing]))
+        claimed = connection.execute(sql.claim_identities(self._db.dialect), [
+            {"user_id": user_id, "platform": key[0], "platform_user_id": key[1],
+             "display_name": names[key], "created_at": now}
+            for key, user_id in zip(missing, created, strict=True)])
+        found.update({(r.platform, r.platform_user_id): r.user_id for r in claimed})
+        lost = [key for key in missing if key not in found]
+        if lost:  # another process created these viewers first: theirs win, ours go
+            found.update(self._known(connection, lost))
+            connection.execute(delete(User).where(User.id.in_(
+                [u for key, u in zip(missing, created, strict=True) if key in lost])))
         return found
 
     @staticmethod
-    async def _known(session: AsyncSession, keys: list[Key]) -> dict[Key, int]:
-        rows = await session.execute(
-            select(Identity.platform, Identity.platform_user_id, Identity.user_id)
-            .where(tuple_(Identity.platform, Identity.platform_user_id).in_(keys)))
+    def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
+        rows = connection.execute(sql.KNOWN_IDENTITIES, {"keys": keys})
         return {(r.platform, r.platform_user_id): r.user_id for r in rows}
 
     async def record_final(self, items: list[IntakeItem]) -> None:
         """Record messages that are already final (dropped with a reason) in one transaction
         and one statement: nobody waits for their ids, and a redelivered one is skipped."""
-        if not items:
-            return
-        async with self._db.write() as session:
-            users = await self._resolve_users(session, items)
-            rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
-            statement = _insert(self._db.dialect)(Message).on_conflict_do_nothing(
-                index_elements=["platform", "channel_id", "platform_message_id"],
-                index_where=text(INTAKE_WHERE))
-            await session.execute(statement, rows)
+        if items:
+            await self._db.write_unit(lambda connection: self._record_final(connection, items))
 
-    async def _insert_message(self, session: AsyncSession, item: IntakeItem,
-                              user_id: int) -> int | None:
-        values = _values(item, user_id)
-        statement = (_insert(self._db.dialect)(Message).values(**values)
-                     .on_conflict_do_nothing(
-                         index_elements=["platform", "channel_id", "platform_message_id"],
-                         index_where=text(INTAKE_WHERE))
-                     .returning(Message.id))
-        if item.platform_message_id is None:
-            statement = _insert(self._db.dialect)(Message).values(**values).returning(Message.id)
-        message_id: int | None = (await session.execute(statement)).scalar()
+    def _record_final(self, connection: Connection, items: list[IntakeItem]) -> None:
+        users = self._resolve_users(connection, items)
+        rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
+        connection.execute(sql.intake_final(self._db.dialect), rows)
+
+    def _insert_message(self, connection: Connection, item: IntakeItem,
+                        user_id: int) -> int | None:
+        statement = sql.intake_message(self._db.dialect, item.platform_message_id is not None)
+        message_id: int | None = connection.execute(statement, _values(item, user_id)).scalar()
         if message_id is None and item.status != "received":
-            await self._settle(session, item)
+            self._settle(connection, item)
         return message_id
 
     @staticmethod
-    async def _settle(session: AsyncSession, item: IntakeItem) -> None:
+    def _settle(connection: Connection, item: IntakeItem) -> None:
         """A final state for a message already recorded ``received`` (its first write
         committed, but the answer was lost with the connection): the final state wins."""
-        await session.execute(
+        connection.execute(
             update(Message)
             .where(Message.platform == item.platform, Message.channel_id == item.channel_id,
                    Message.platform_message_id == item.platform_message_id,
@@ -117,7 +103,8 @@ def _values(item: IntakeItem, user_id: int) -> dict[str, Any]:
     return {"user_id": user_id, "persona_id": item.persona_id, "role": "user",
             "content": item.text, "status": item.status, "status_reason": item.reason,
             "platform": item.platform, "channel_id": item.channel_id,
-            "platform_message_id": item.platform_message_id, "created_at": item.created_at}
+            "platform_message_id": item.platform_message_id, "reply_to_id": None,
+            "trace": None, "created_at": item.created_at}
 
 
 class IntakeWriter:

@@ -7,12 +7,11 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Connection, select
 
 from memory.errors import StoreError
-from memory.models import Message, RelationshipState, StateEvent
+from memory.models import StateEvent
+from memory.store import statements as sql
 from memory.store.database import Database
 from memory.store.records import (
     STATE_FIELDS,
@@ -24,7 +23,7 @@ from memory.store.records import (
 )
 
 
-def snapshot(row: RelationshipState) -> StateSnapshot:
+def snapshot(row: Any) -> StateSnapshot:
     return StateSnapshot(
         mood=row.mood,
         mood_intensity=row.mood_intensity,
@@ -40,31 +39,25 @@ def _jsonable(value: Any) -> Any:
     return value.isoformat() if isinstance(value, datetime) else value
 
 
-def _state_query(user_id: int, persona_id: str) -> Any:
-    return select(RelationshipState).where(RelationshipState.user_id == user_id,
-                                           RelationshipState.persona_id == persona_id)
-
-
 class States:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
-        async with self._db.read() as session:
-            return await self.read_state(session, user_id, persona_id, default_mood)
+        return await self._db.read_unit(
+            lambda connection: self.read_state(connection, user_id, persona_id, default_mood))
 
     @staticmethod
-    async def read_state(session: AsyncSession, user_id: int, persona_id: str,
-                         default_mood: str) -> StateSnapshot:
-        row = await session.scalar(_state_query(user_id, persona_id))
+    def read_state(connection: Connection, user_id: int, persona_id: str,
+                   default_mood: str) -> StateSnapshot:
+        row = connection.execute(sql.STATE, {"user_id": user_id, "persona_id": persona_id}).first()
         return snapshot(row) if row else StateSnapshot(mood=default_mood)
 
     async def update_state(self, user_id: int, persona_id: str, default_mood: str,
                            rule: StateRule, message_id: int | None = None) -> StateSnapshot:
         """Apply ``rule`` to the current state atomically and write an audit row."""
-        async with self._db.write() as session:
-            return await self._apply_rule(session, user_id, persona_id, default_mood, rule,
-                                          message_id)
+        return await self._db.write_unit(lambda connection: self._apply_rule(
+            connection, user_id, persona_id, default_mood, rule, message_id))
 
     async def complete_exchange(
         self,
@@ -79,31 +72,30 @@ class States:
     ) -> tuple[int, StateSnapshot]:
         """One unit of work: persist the reply, apply the state rule, mark the question
         answered. Either all of it lands or none."""
-        async with self._db.write() as session:
-            question = await session.get(Message, user_message_id)
+
+        def work(connection: Connection) -> tuple[int, StateSnapshot]:
+            asked = {"question_id": user_message_id}
+            question = (connection.execute(sql.ANSWER_QUESTION, asked).first()
+                        or connection.execute(sql.QUESTION, asked).first())  # purged meanwhile
             if question is None:
                 raise StoreError(f"store: message {user_message_id} does not exist")
-            reply = Message(
-                user_id=question.user_id, persona_id=question.persona_id, role="assistant",
-                content=reply_text, status="sent", platform=question.platform,
-                channel_id=question.channel_id, platform_message_id=platform_message_id,
-                reply_to_id=question.id, trace=trace, created_at=created_at,
-            )
-            session.add(reply)
-            if question.status != "purged":  # a moderator may have deleted it meanwhile
-                question.status = "answered"
-                question.status_reason = None
-            await session.flush()
-            state = await self._apply_rule(
-                session, question.user_id, question.persona_id, default_mood, rule, question.id
-            )
-            return reply.id, state
+            reply_id: int = connection.execute(sql.INSERT_MESSAGE, {
+                "user_id": question.user_id, "persona_id": question.persona_id,
+                "role": "assistant", "content": reply_text, "status": "sent",
+                "status_reason": None, "platform": question.platform,
+                "channel_id": question.channel_id, "platform_message_id": platform_message_id,
+                "reply_to_id": user_message_id, "trace": trace, "created_at": created_at,
+            }).scalar_one()
+            state = self._apply_rule(connection, question.user_id, question.persona_id,
+                                     default_mood, rule, user_message_id)
+            return reply_id, state
 
-    async def _apply_rule(self, session: AsyncSession, user_id: int, persona_id: str,
-                          default_mood: str, rule: StateRule,
-                          message_id: int | None) -> StateSnapshot:
-        row = await self._locked_state_row(session, user_id, persona_id, default_mood)
-        before = snapshot(row)
+        return await self._db.write_unit(work)
+
+    def _apply_rule(self, connection: Connection, user_id: int, persona_id: str,
+                    default_mood: str, rule: StateRule,
+                    message_id: int | None) -> StateSnapshot:
+        row_id, before = self._locked_state(connection, user_id, persona_id, default_mood)
         change = rule(before)
         after = replace(change.new, version=before.version + 1)
         diff = {
@@ -111,42 +103,37 @@ class States:
             for name in STATE_FIELDS
             if getattr(before, name) != getattr(after, name)
         }
-        for name in STATE_FIELDS:
-            setattr(row, name, getattr(after, name))
-        row.version = after.version
-        row.updated_at = datetime.now(UTC)
-        session.add(StateEvent(
-            user_id=user_id, persona_id=persona_id, message_id=message_id,
-            created_at=after.last_interaction_at or datetime.now(UTC),
-            cause=change.cause[:200],
-            changes={
+        now = datetime.now(UTC)
+        connection.execute(sql.UPDATE_STATE, {
+            "row_id": row_id, **{name: getattr(after, name) for name in STATE_FIELDS},
+            "version": after.version, "updated_at": now})
+        connection.execute(sql.INSERT_STATE_EVENT, {
+            "user_id": user_id, "persona_id": persona_id, "message_id": message_id,
+            "created_at": after.last_interaction_at or now, "cause": change.cause[:200],
+            "changes": {
                 "diff": diff,
                 "after": {"intimacy": after.intimacy, "mood": after.mood,
                           "mood_intensity": after.mood_intensity},
                 **change.details,
             },
-        ))
+        })
         return after
 
-    async def _locked_state_row(self, session: AsyncSession, user_id: int, persona_id: str,
-                                default_mood: str) -> RelationshipState:
-        query = _state_query(user_id, persona_id)
-        if self._db.dialect == "postgresql":
-            query = query.with_for_update()
-        row: RelationshipState | None = await session.scalar(query)
-        if row is not None:
-            return row
-        row = RelationshipState(user_id=user_id, persona_id=persona_id, mood=default_mood,
-                                mood_intensity=0.0, intimacy=0.0, intimacy_gained_today=0.0,
-                                conversation_count=0, version=0)
-        # A savepoint, so losing a creation race only retries the select.
-        try:
-            async with session.begin_nested():
-                session.add(row)
-                await session.flush()
-        except IntegrityError:
-            row = (await session.scalars(query)).one()
-        return row
+    def _locked_state(self, connection: Connection, user_id: int, persona_id: str,
+                      default_mood: str) -> tuple[int, StateSnapshot]:
+        """The state row's id and values, locked for this transaction (``FOR UPDATE`` on
+        PostgreSQL; SQLite's write transaction holds the database), created if new."""
+        query = sql.STATE_FOR_UPDATE if self._db.dialect == "postgresql" else sql.STATE
+        key = {"user_id": user_id, "persona_id": persona_id}
+        row = connection.execute(query, key).first()
+        if row is None:
+            # Losing a creation race to another process inserts nothing: read theirs.
+            connection.execute(sql.create_state(self._db.dialect), {
+                **key, "mood": default_mood, "mood_intensity": 0.0, "intimacy": 0.0,
+                "intimacy_gained_today": 0.0, "conversation_count": 0,
+                "last_interaction_at": None, "version": 0, "updated_at": datetime.now(UTC)})
+            row = connection.execute(query, key).one()
+        return row.id, snapshot(row)
 
     async def state_timeline(self, user_id: int, persona_id: str,
                              limit: int = 500) -> list[TimelinePoint]:
