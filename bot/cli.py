@@ -1,25 +1,28 @@
 """The ``vtuber-bot`` command line (also ``python -m bot``).
 
-Exit codes: 0 ok, 1 operational error (store, model), 69 adapter unavailable, 78 bad config
-or missing secret (BSD ``EX_CONFIG``), 130 interrupted before start-up finished.
+Exit codes (BSD sysexits where one fits): 0 ok, 1 operational error (store, model), 2 usage,
+69 adapter or platform unavailable, 70 a bug, 73 data dir cannot be created, 75 another
+runtime holds the data dir, 77 credentials rejected, 78 bad config or missing secret,
+130 interrupted before start-up finished.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from bot import __version__
+from bot.cli_parser import build_parser
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, BotError, ConfigError
+from bot.instance_lock import instance_lock
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
@@ -31,95 +34,6 @@ from memory.errors import StoreError
 log = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace, AppConfig, DataPaths], Coroutine[Any, Any, int]]
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vtuber-bot",
-        description="Run an LLM VTuber persona on Discord, Twitch or the console.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help="YAML config (default: ./config.yaml if present, else built-in)")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="where the SQLite file and model cache live "
-                             "(default: $VTUBER_DATA_DIR or the per-user data dir)")
-    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                        help="override logging.level from the config")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_runtime_commands(sub)
-    _add_data_commands(sub)
-    _add_persona_commands(sub)
-    return parser
-
-
-if TYPE_CHECKING:  # what add_subparsers() returns (generic only for type checkers)
-    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
-
-
-def _add_runtime_commands(sub: Subparsers) -> None:
-    chat = sub.add_parser("chat", help="talk to the persona in this terminal")
-    chat.add_argument("--once", metavar="TEXT", help="answer one message and exit")
-    chat.add_argument("--user", metavar="NAME", help="who you are (default: adapters.console.user)")
-
-    stats = sub.add_parser("stats", help="a user's conversation count, mood and intimacy")
-    stats.add_argument("--platform", required=True, help="console, discord or twitch")
-    stats.add_argument("--user", required=True, help="platform user id (console: the name)")
-    stats.add_argument("--json", action="store_true", help="machine-readable output")
-    stats.add_argument("--chart", metavar="PNG", help="also write an intimacy/mood chart here")
-
-    sub.add_parser("run", help="start the adapters enabled in the config")
-    sub.add_parser("migrate", help="upgrade the database schema to the newest revision")
-
-    diagnose = sub.add_parser("diagnose", help="system diagnosis with recommendations")
-    diagnose.add_argument("--json", action="store_true")
-
-    gpu = sub.add_parser("gpu-status", help="GPUs, memory and the placement plan")
-    gpu.add_argument("--json", action="store_true")
-
-
-def _add_data_commands(sub: Subparsers) -> None:
-    replay = sub.add_parser("replay", help="re-run a transcript through the full pipeline")
-    replay.add_argument("file", nargs="?", help="transcript JSONL (or --from-db)")
-    replay.add_argument("--from-db", action="store_true",
-                        help="replay conversations stored in this data dir's database")
-    _add_transcript_filters(replay)
-    replay.add_argument("--db-dir", metavar="DIR",
-                        help="database to replay into (default: a fresh temporary one)")
-    replay.add_argument("--json", action="store_true")
-
-    export = sub.add_parser("export-transcript", help="write stored conversations as JSONL")
-    _add_transcript_filters(export)
-    export.add_argument("--out", metavar="FILE", help="default: stdout")
-
-    trace = sub.add_parser("trace", help="show the stored trace of a reply")
-    trace.add_argument("message_id", type=int, help="a reply's id, or the id of its question")
-
-
-def _add_persona_commands(sub: Subparsers) -> None:
-    persona = sub.add_parser("persona", help="check or import persona files")
-    persona_sub = persona.add_subparsers(dest="persona_command", required=True, metavar="ACTION")
-    check = persona_sub.add_parser("check", help="validate a persona YAML file")
-    check.add_argument("file")
-    imported = persona_sub.add_parser(
-        "import", help="convert a SillyTavern Character Card V2 (JSON or PNG) to a persona file"
-    )
-    imported.add_argument("card")
-    imported.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
-    imported.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-
-
-def _iso_time(text: str) -> datetime:
-    moment = datetime.fromisoformat(text)
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
-def _add_transcript_filters(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--platform")
-    parser.add_argument("--user", help="platform user id")
-    parser.add_argument("--channel")
-    parser.add_argument("--since", metavar="ISO", type=_iso_time,
-                        help="only messages at or after this time (UTC unless given)")
 
 
 def _print_json(data: Any) -> None:
@@ -327,7 +241,51 @@ async def cmd_trace(args: argparse.Namespace, config: AppConfig, paths: DataPath
     return 0
 
 
+async def cmd_forget(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    """Delete everything stored about one viewer (and the identities linked to them)."""
+    async with open_store(config, paths) as store:
+        user_id = await store.find_user(args.platform, args.user)
+        if user_id is None:
+            print(f"nothing stored about {args.platform}:{args.user}")
+            return 0
+        question = (f"Delete everything stored about {args.platform}:{args.user}, linked "
+                    "identities included?")
+        if not args.yes and not await asyncio.to_thread(_confirmed, question):
+            print("error: not confirmed; nothing deleted (pass --yes to skip the question)",
+                  file=sys.stderr)
+            return 1
+        counts = await store.delete_user_data(user_id)
+    print(f"deleted {args.platform}:{args.user}: "
+          + ", ".join(f"{n} {table}" for table, n in counts.items() if n))
+    return 0
+
+
+def _confirmed(question: str) -> bool:
+    if not sys.stdin.isatty():
+        return False
+    return input(f"{question} [y/N] ").strip().casefold() in ("y", "yes")
+
+
+async def cmd_export(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    """Everything stored about one viewer, as JSON (a data-access request)."""
+    async with open_store(config, paths) as store:
+        user_id = await store.find_user(args.platform, args.user)
+        data = None if user_id is None else await store.export_user_data(user_id)
+    if data is None:
+        print(f"error: nothing stored about {args.platform}:{args.user}", file=sys.stderr)
+        return 1
+    text = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
+    if args.out:
+        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
+    "forget": cmd_forget,
+    "export": cmd_export,
     "replay": cmd_replay,
     "export-transcript": cmd_export_transcript,
     "trace": cmd_trace,
@@ -354,7 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "persona":
             return cmd_persona(args)
-        return asyncio.run(COMMANDS[args.command](args, config, paths))
+        if args.command not in ("diagnose", "gpu-status"):
+            paths.ensure()
+        # One runtime per data dir: two would both answer every message.
+        with (instance_lock(paths.data_dir) if args.command in ("chat", "run")
+              else contextlib.nullcontext()):
+            return asyncio.run(COMMANDS[args.command](args, config, paths))
     except ConfigError as exc:
         for line in exc.problems:
             print(f"config error: {line}", file=sys.stderr)

@@ -141,6 +141,10 @@ class LimitsConfig(Section):
     # On SIGINT/SIGTERM: new messages are refused at once, in-flight replies get this long to
     # finish; what is still unfinished then ends expired (shutdown).
     shutdown_grace_s: float = Field(30.0, ge=0, le=600)
+    # On start-up, messages an earlier run recorded but never finished (it crashed or was
+    # killed) are answered once their platform is back, if younger than this; older ones end
+    # expired (crash). 0 = expire them all.
+    answer_leftovers_within_s: float = Field(60.0, ge=0)
 
 
 class LoggingConfig(Section):

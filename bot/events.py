@@ -18,7 +18,7 @@ from bot.reports import (
     ViewerStats,
 )
 from engine.reports import OptimizeReport
-from memory.store import ExportedUserData
+from memory.store import ExportedUserData, Leftover
 
 
 @runtime_checkable
@@ -142,3 +142,14 @@ class Adapter(Protocol):
     async def run(self, handle: EventHandler) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class AnswersLeftovers(Protocol):
+    """An adapter that can answer, once connected, a message an earlier run stored and never
+    answered (it crashed): ``ready`` returns once it can send; ``reply_sink`` builds the
+    sink for one such message (None: it cannot be answered any more)."""
+
+    async def ready(self) -> None: ...
+
+    def reply_sink(self, leftover: Leftover) -> ReplySink | None: ...

@@ -8,6 +8,16 @@ from pathlib import Path
 
 from platformdirs import user_data_dir
 
+from bot.errors import BotError
+
+EXIT_CANTCREAT = 73  # BSD EX_CANTCREAT
+
+
+class DataDirError(BotError):
+    """The data dir cannot be created or written."""
+
+    exit_code = EXIT_CANTCREAT
+
 
 @dataclass(frozen=True, slots=True)
 class DataPaths:
@@ -25,3 +35,16 @@ class DataPaths:
         # The converted model cache may be shared between data dirs (tests, several personas).
         cache = os.environ.get("VTUBER_CACHE_DIR")
         return cls(root, Path(cache).expanduser().resolve() if cache else root / "cache")
+
+    def ensure(self) -> None:
+        """Create the data dir if needed; a file in the way or a missing permission is one
+        line (``DataDirError``), not a traceback. (A read-only one is the store's to report:
+        it says which file.)"""
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise DataDirError(f"data dir {self.data_dir}: a file is in the way (choose "
+                               "another --data-dir)") from None
+        except OSError as exc:
+            raise DataDirError(f"data dir {self.data_dir} cannot be created: "
+                               f"{exc.strerror or exc}") from None

@@ -7,12 +7,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from bot.config import AppConfig
-from bot.events import Adapter
+from bot.events import Adapter, AnswersLeftovers
 from bot.linking import LinkCodes
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
@@ -35,8 +36,8 @@ from memory.store import ExportedUserData, Store, sqlite_url
 
 log = logging.getLogger(__name__)
 
-
-
+# How long an adapter may take to connect before an earlier run's leftovers there expire.
+LEFTOVER_READY_TIMEOUT_S = 60
 
 
 @dataclass(slots=True)
@@ -135,12 +136,19 @@ class Runtime:
                            call_names=sorted(call_names), identity=persona.identity,
                            disclosure=persona.disclosure)
 
+    async def _answer_leftovers(self, adapters: list[Adapter]) -> None:
+        by_platform = {adapter.name: adapter for adapter in adapters}
+        platforms = {m.platform for m in self.service.leftovers}
+        await asyncio.gather(*(_answer_platform_leftovers(self.service, p, by_platform.get(p))
+                               for p in platforms))
+
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""
         loop = asyncio.get_running_loop()
         tasks: set[asyncio.Task[Any]] = {
             asyncio.create_task(a.run(self.service.handle), name=f"adapter-{a.name}")
             for a in adapters}
+        leftovers = asyncio.create_task(self._answer_leftovers(adapters), name="leftovers")
         stop = asyncio.Event()
         installed = _install_signal_handlers(loop, stop)
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
@@ -158,6 +166,7 @@ class Runtime:
                 await self.service.drain(self.config.limits.shutdown_grace_s)
         finally:
             waiter.cancel()
+            leftovers.cancel()
             for task in tasks:
                 task.cancel()
             for adapter in adapters:
@@ -170,6 +179,25 @@ class Runtime:
                 loop.remove_signal_handler(sig)
         if failure is not None:
             raise failure
+
+
+async def _answer_platform_leftovers(service: ConversationService, platform: str,
+                                     adapter: Adapter | None) -> None:
+    """Answer ``platform``'s leftovers once its adapter can send; expire them if it cannot."""
+    sink_for = None
+    if isinstance(adapter, AnswersLeftovers):
+        try:
+            async with asyncio.timeout(LEFTOVER_READY_TIMEOUT_S):
+                await adapter.ready()
+            sink_for = adapter.reply_sink
+        except TimeoutError:
+            log.warning("%s did not connect within %d s: the messages an earlier run left "
+                        "unanswered there end expired (crash)", platform,
+                        LEFTOVER_READY_TIMEOUT_S)
+    replies = await service.answer_leftovers(platform, sink_for)
+    outcomes = Counter(f"{r.status}({r.reason})" if r.reason else r.status for r in replies)
+    log.info("start-up: %d message(s) an earlier run left unanswered on %s: %s",
+             len(replies), platform, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop,

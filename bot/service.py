@@ -23,7 +23,7 @@ from bot.answer import Answerer, Attempt, Exchange
 from bot.config import AppConfig
 from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
-from bot.events import ChatEvent, Reply
+from bot.events import ChatEvent, Reply, ReplySink
 from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
 from bot.reports import LatencySummary
 from bot.spool import Spool
@@ -33,7 +33,7 @@ from engine.errors import EngineError
 from engine.persona import Persona
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
-from memory.store import IntakeItem, IntakeOutcome, IntakeWriter, Store
+from memory.store import IntakeItem, IntakeOutcome, IntakeWriter, Leftover, Store
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class ConversationService:
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._latencies: deque[float] = deque(maxlen=500)
+        self.leftovers: list[Leftover] = []  # see recover()
 
     @property
     def persona(self) -> Persona:
@@ -175,7 +176,10 @@ class ConversationService:
 
         future.add_done_callback(recorded)
 
-    async def _admitted(self, event: ChatEvent, text: str) -> Reply:
+    async def _admitted(self, event: ChatEvent, text: str,
+                        recorded: tuple[int, int] | None = None) -> Reply:
+        """Record (unless ``recorded`` gives the user and message ids already stored), then
+        take the message through its lifecycle."""
         admitted_at = time.monotonic()
         self._pending += 1
         # A place in this viewer's lane before the first await keeps arrival order.
@@ -184,7 +188,8 @@ class ConversationService:
         if task is not None:
             self._in_flight.add(task)
         try:
-            exchange = await self._record(event, text, admitted_at)
+            exchange = (Exchange(event, *recorded, admitted_at) if recorded is not None
+                        else await self._record(event, text, admitted_at))
             if isinstance(exchange, Reply):
                 return exchange
             return await self._lifecycle(exchange, ticket, text)
@@ -285,17 +290,57 @@ class ConversationService:
     # -- start-up and shutdown ----------------------------------------------------------------
 
     async def recover(self) -> int:
-        """Start-up: messages an earlier run left ``received`` (it crashed or was killed) end
-        ``expired(crash)``. A SQLite file has one process, so all of them; on PostgreSQL only
-        rows older than twice the reply timeout (younger ones may be in flight in another
-        process sharing the database)."""
-        cutoff = self._clock() - timedelta(seconds=2 * self._config.limits.reply_timeout_s)
-        before = None if self._store.dialect == "sqlite" else cutoff
-        expired = await self._store.expire_received("crash", before=before)
-        if expired:
-            log.warning("start-up: %d message(s) an earlier run left unanswered ended "
-                        "expired (crash)", expired)
+        """Start-up: messages an earlier run left ``received`` (it crashed or was killed).
+        Those younger than ``limits.answer_leftovers_within_s`` wait in ``leftovers`` for
+        their platform (``answer_leftovers``); older ones end ``expired(crash)``.
+
+        A SQLite file has one process, so every such row is ours. PostgreSQL may be shared:
+        rows younger than twice the reply timeout may be in flight in another process, so
+        they are left alone."""
+        limits = self._config.limits
+        now = self._clock()
+        fresh_since = now - timedelta(seconds=limits.answer_leftovers_within_s)
+        in_flight_since = (None if self._store.dialect == "sqlite"
+                           else now - timedelta(seconds=2 * limits.reply_timeout_s))
+        expire_before = min(fresh_since, in_flight_since or fresh_since)
+        expired = await self._store.expire_received("crash", before=expire_before)
+        self.leftovers = ([] if not limits.answer_leftovers_within_s else
+                          await self._store.leftovers(fresh_since, before=in_flight_since))
+        if expired or self.leftovers:
+            log.warning("start-up: an earlier run left %d message(s) unanswered: %d to be "
+                        "answered now, %d ended expired (crash)",
+                        expired + len(self.leftovers), len(self.leftovers), expired)
         return expired
+
+    async def answer_leftovers(self, platform: str,
+                               sink_for: Callable[[Leftover], ReplySink | None] | None
+                               ) -> list[Reply]:
+        """Answer ``platform``'s leftovers through the sinks its adapter builds (``sink_for``
+        None, or a sink of None: that message ends ``expired(crash)``)."""
+        mine = [m for m in self.leftovers if m.platform == platform]
+        self.leftovers = [m for m in self.leftovers if m.platform != platform]
+        replies = await asyncio.gather(*(self._answer_leftover(m, sink_for) for m in mine))
+        return list(replies)
+
+    async def _answer_leftover(self, leftover: Leftover,
+                               sink_for: Callable[[Leftover], ReplySink | None] | None
+                               ) -> Reply:
+        sink = sink_for(leftover) if sink_for is not None else None
+        if sink is None:
+            await self._end(leftover.message_id, "expired", "crash")
+            return Reply("", "expired", reason="crash")
+        event = ChatEvent(
+            platform=leftover.platform, channel_id=leftover.channel_id or "",
+            platform_user_id=leftover.platform_user_id, display_name=leftover.display_name,
+            text=leftover.text, sink=sink, message_id=leftover.platform_message_id,
+            timestamp=leftover.created_at, addressed=True)
+        return await self._admitted(event, leftover.text,
+                                    recorded=(leftover.user_id, leftover.message_id))
+
+    async def expire_leftovers(self) -> None:
+        """Leftovers no adapter claimed (none runs for their platform) end expired."""
+        for platform in {m.platform for m in self.leftovers}:
+            await self.answer_leftovers(platform, None)
 
     def stop_intake(self) -> None:
         """From now on every new message is dropped (shutdown); in-flight ones go on."""
@@ -305,6 +350,7 @@ class ConversationService:
         """Stop intake, wait up to ``grace_s`` for in-flight replies, end the rest
         ``expired(shutdown)``, then write what the intake still holds."""
         self.stop_intake()
+        await self.expire_leftovers()
         tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
         if tasks:
             log.info("waiting for %d in-flight repl%s", len(tasks),

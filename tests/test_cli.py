@@ -314,3 +314,80 @@ def test_chat_once_that_fails_exits_1_with_one_line(
     errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
     assert errors == ["error: the message ended failed (store)"], captured.err
     assert "Traceback" not in captured.err
+
+
+def test_global_options_work_after_the_sub_command(tmp_path: Path,
+                                                   scripted_config: Path) -> None:
+    """`make run ARGS="--config x.yaml"` puts them after `chat`."""
+    result = vtuber("chat", "--config", str(scripted_config), "--data-dir",
+                    str(tmp_path / "d"), "--once", "hi")
+    assert result.returncode == 0, result.stderr
+    assert "Nice to meet you!" in result.stdout
+    assert (tmp_path / "d" / "vtuber.db").exists()
+
+
+def test_usage_mistakes_are_one_line_exit_2(tmp_path: Path) -> None:
+    typo = vtuber("--data-dir", str(tmp_path), "stats", "--platform", "dicsord", "--user", "x")
+    assert typo.returncode == 2
+    assert "invalid choice: 'dicsord' (choose from 'console', 'discord', 'twitch')" in typo.stderr
+    since = vtuber("--data-dir", str(tmp_path), "export-transcript", "--since", "yesterday")
+    assert since.returncode == 2
+    assert "'yesterday' is neither an ISO-8601 time" in since.stderr
+    assert "Traceback" not in typo.stderr + since.stderr
+    recent = vtuber("--data-dir", str(tmp_path), "export-transcript", "--since", "24h")
+    assert recent.returncode == 0, recent.stderr
+
+
+def test_a_data_dir_that_cannot_be_created_is_one_line_exit_73(tmp_path: Path) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file, not a folder", encoding="utf-8")
+    result = vtuber("--data-dir", str(blocker), "chat", "--once", "hi")
+    assert result.returncode == 73
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: data dir {blocker}: a file is in the way (choose another "
+                      "--data-dir)"]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_second_runtime_on_one_data_dir_is_refused(tmp_path: Path,
+                                                     scripted_config: Path) -> None:
+    data = tmp_path / "d"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bot", "--config", str(scripted_config), "--data-dir", str(data),
+         "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True)
+    try:
+        assert first.stdout is not None
+        deadline = time.monotonic() + 60
+        while "/quit" not in first.stdout.readline():  # the help line: the REPL is up
+            assert time.monotonic() < deadline
+        second = vtuber("--config", str(scripted_config), "--data-dir", str(data), "chat",
+                        "--once", "hi")
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+    assert second.returncode == 75
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"(pid {first.pid})" in errors[0], second.stderr
+    assert str(data) in errors[0]
+    # The lock went with the killed process: a restart is not blocked by a stale file.
+    again = vtuber("--config", str(scripted_config), "--data-dir", str(data), "chat",
+                   "--once", "hi")
+    assert again.returncode == 0, again.stderr
+
+
+def test_forget_and_export_one_viewer_from_the_cli(tmp_path: Path,
+                                                   scripted_config: Path) -> None:
+    common = ("--config", str(scripted_config), "--data-dir", str(tmp_path / "d"))
+    assert vtuber(*common, "chat", "--user", "ann", "--once", "I live by the sea").returncode == 0
+    exported = vtuber(*common, "export", "--platform", "console", "--user", "ann")
+    assert exported.returncode == 0, exported.stderr
+    assert "I live by the sea" in exported.stdout
+    json.loads(exported.stdout)
+    refused = vtuber(*common, "forget", "--platform", "console", "--user", "ann")
+    assert refused.returncode == 1 and "not confirmed" in refused.stderr  # no terminal to ask
+    forgotten = vtuber(*common, "forget", "--platform", "console", "--user", "ann", "--yes")
+    assert forgotten.returncode == 0, forgotten.stderr
+    assert forgotten.stdout.startswith("deleted console:ann:")
+    gone = vtuber(*common, "export", "--platform", "console", "--user", "ann")
+    assert gone.returncode == 1 and "nothing stored about console:ann" in gone.stderr

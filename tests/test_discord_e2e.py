@@ -167,3 +167,53 @@ async def test_a_replayed_message_create_is_answered_once(live: Any) -> None:
     user_id = await runtime.store.find_user("discord", VIEWER["id"])
     rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
     assert len(rows) == 1
+
+
+async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The earlier run stored the message and died before answering; the restarted runtime
+    replies to it (with a reference to it) once the real client is connected."""
+    from datetime import UTC, datetime, timedelta
+
+    import yarl
+
+    from memory.store import IntakeItem
+
+    server = FakeDiscord()
+    await server.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["剛剛斷線了，抱歉～"]}},
+                   "embedding": {"enabled": False}},
+        "adapters": {"console": {"enabled": False}, "discord": {"enabled": True}},
+    }, env={"DISCORD_TOKEN": "fake-token"})
+    paths = DataPaths.resolve(tmp_path)
+    try:
+        async with open_runtime(config, paths) as runtime:  # the run that crashed
+            await runtime.store.intake([IntakeItem(
+                "discord", VIEWER["id"], "Viewer", runtime.engine.persona.id, CHANNEL_ID,
+                "8123", "還在嗎？", datetime.now(UTC) - timedelta(seconds=5))])
+        async with open_runtime(config, paths) as runtime:
+            adapter = DiscordAdapter(config, services=runtime)
+            running = asyncio.create_task(runtime.run_adapters([adapter]))
+            await server.wait_until(
+                lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"), 20)
+            for _ in range(1000):  # the answer is being recorded
+                if not runtime.service.pending:
+                    break
+                await asyncio.sleep(0.01)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            user_id = await runtime.store.find_user("discord", VIEWER["id"])
+            assert user_id is not None
+            [question] = [m for m in await runtime.store.messages_for(user_id)
+                          if m.role == "user"]
+    finally:
+        await server.stop()
+    [sent] = server.posts_to(f"/channels/{CHANNEL_ID}/messages")
+    assert sent["content"] == "剛剛斷線了，抱歉～"
+    assert str(sent["message_reference"]["message_id"]) == "8123"
+    assert sent["message_reference"]["fail_if_not_exists"] is False
+    assert question.status == "answered"

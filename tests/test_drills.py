@@ -33,8 +33,10 @@ def _write_config(tmp_path: Path, db_url: str) -> Path:
         "store": {"url": db_url, "remember_messages_min_chars": 0},
         # PostgreSQL may be shared by several processes, so start-up only expires rows older
         # than twice the reply timeout; a short one keeps the drill short.
+        # The console cannot answer what a killed run left (its terminal went with it), so
+        # every leftover must end expired (crash) at the restart.
         "limits": {"user_messages_per_minute": 100_000, "max_pending": 10_000,
-                   "reply_timeout_s": 1},
+                   "reply_timeout_s": 1, "answer_leftovers_within_s": 0},
     }, allow_unicode=True), encoding="utf-8")
     return path
 

@@ -21,6 +21,7 @@ from engine.backends.scripted import ScriptedBackend
 from engine.types import GenerationRequest
 from memory.errors import StoreError
 from memory.store import IntakeItem
+from tests.sinks import RecordingSink
 
 REPLY = "第一個回覆。"
 
@@ -241,25 +242,92 @@ async def test_empty_messages_are_recorded_as_dropped(runtime: Runtime) -> None:
     assert (row.status, row.status_reason) == ("dropped", "empty")
 
 
-async def test_start_up_expires_what_a_crash_left_received(db_url: str,
-                                                           tmp_path: Path) -> None:
+class LeftoverAnsweringAdapter:
+    """A Discord-like adapter that answers what an earlier run left, into a RecordingSink;
+    it runs until those answers are recorded."""
+
+    name = "discord"
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.sink = RecordingSink()
+        self.asked: list[str] = []
+
+    async def ready(self) -> None:
+        return None
+
+    def reply_sink(self, leftover: Any) -> RecordingSink:
+        self.asked.append(leftover.text)
+        return self.sink
+
+    async def run(self, handle: Any) -> None:
+        service = self.runtime.service
+        for _ in range(2000):
+            if not (service.leftovers or service.pending or not self.sink.sent):
+                return
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_start_up_answers_fresh_leftovers_and_expires_old_ones(db_url: str,
+                                                                     tmp_path: Path) -> None:
+    """What a crash left ``received``: old messages end expired (crash); fresh ones are
+    answered once their platform's adapter is connected; fresh ones of a platform no adapter
+    runs for end expired (crash). PostgreSQL may be shared, so a row younger than twice the
+    reply timeout (maybe in flight in another process) is left alone."""
     from datetime import UTC, datetime, timedelta
 
-    config = config_for(db_url)
+    config = config_for(db_url, reply_timeout_s=1)
     paths = DataPaths.resolve(tmp_path)
+    now = datetime.now(UTC)
+
+    def said(platform: str, key: str, text: str, age_s: float) -> IntakeItem:
+        return IntakeItem(platform, "ann", "Ann", "pell", "c1", key, text,
+                          now - timedelta(seconds=age_s))
+
     async with open_runtime(config, paths) as runtime:
-        long_ago = datetime.now(UTC) - timedelta(hours=1)
-        await runtime.store.intake([IntakeItem("discord", "ann", "Ann", "pell", "c1", "old-1",
-                                               "lost in a crash", long_ago)])
-        await runtime.store.intake([IntakeItem("discord", "ann", "Ann", "pell", "c1", "new-1",
-                                               "in flight elsewhere", datetime.now(UTC))])
+        for item in (said("discord", "old-1", "lost in a crash", 3600),
+                     said("discord", "fresh-1", "asked just before the crash", 5),
+                     said("console", "fresh-2", "typed just before the crash", 5),
+                     said("discord", "new-1", "in flight elsewhere", 0)):
+            await runtime.store.intake([item])
     async with open_runtime(config, paths) as runtime:
+        adapter = LeftoverAnsweringAdapter(runtime)
+        await asyncio.wait_for(runtime.run_adapters([adapter]), 20)
         rows = {r.content: (r.status, r.status_reason) for r in await user_rows(runtime)}
+        console_user = await runtime.store.find_user("console", "ann")
+        assert console_user is not None
+        rows.update({r.content: (r.status, r.status_reason)
+                     for r in await runtime.store.messages_for(console_user)})
         dialect = runtime.store.dialect
     assert rows["lost in a crash"] == ("expired", "crash")
-    # A SQLite file has one process; on PostgreSQL a young row may be another process's.
-    young = ("expired", "crash") if dialect == "sqlite" else ("received", None)
-    assert rows["in flight elsewhere"] == young
+    assert rows["asked just before the crash"] == ("answered", None)
+    assert rows["typed just before the crash"] == ("expired", "crash")  # no console adapter
+    if dialect == "sqlite":  # one process per file: every leftover is ours
+        assert rows["in flight elsewhere"] == ("answered", None)
+        assert sorted(adapter.asked) == ["asked just before the crash", "in flight elsewhere"]
+    else:
+        assert rows["in flight elsewhere"] == ("received", None)
+        assert adapter.asked == ["asked just before the crash"]
+    assert adapter.sink.sent == [REPLY] * len(adapter.asked)
+
+
+async def test_leftovers_nobody_claims_expire_at_shutdown(db_url: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    config = config_for(db_url, reply_timeout_s=1)
+    paths = DataPaths.resolve(tmp_path)
+    async with open_runtime(config, paths) as runtime:
+        await runtime.store.intake([IntakeItem(
+            "discord", "ann", "Ann", "pell", "c1", "fresh-1", "asked before the crash",
+            datetime.now(UTC) - timedelta(seconds=5))])
+    async with open_runtime(config, paths) as runtime:
+        assert [m.text for m in runtime.service.leftovers] == ["asked before the crash"]
+    async with open_runtime(config, paths) as runtime:  # e.g. `replay`: no adapters ran
+        rows = [(r.status, r.status_reason) for r in await user_rows(runtime)]
+    assert rows == [("expired", "crash")]
 
 
 async def test_shutdown_expires_what_cannot_finish(runtime: Runtime,

@@ -290,3 +290,47 @@ async def test_ban_or_timeout_purges_that_viewers_messages(live: Any) -> None:
             break
         await asyncio.sleep(0.05)
     assert rows[0].status == "purged" and rows[0].content == ""
+
+
+async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from memory.store import IntakeItem
+
+    server = FakeTwitch()
+    await server.start()
+    _point_twitchio_at(server, monkeypatch)
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["剛剛斷線了～"]}},
+                   "embedding": {"enabled": False}},
+        "adapters": {"console": {"enabled": False},
+                     "twitch": {"enabled": True, "channels": [CHANNEL_LOGIN]}},
+    }, env=ENV)
+    paths = DataPaths.resolve(tmp_path)
+    try:
+        async with open_runtime(config, paths) as runtime:  # the run that crashed
+            await runtime.store.intake([IntakeItem(
+                "twitch", "200", "viewer", runtime.engine.persona.id, CHANNEL_ID, "parent-9",
+                "佩兒 還在嗎", datetime.now(UTC) - timedelta(seconds=5))])
+        async with open_runtime(config, paths) as runtime:
+            adapter = TwitchAdapter(config, services=runtime)
+            running = asyncio.create_task(runtime.run_adapters([adapter]))
+            await server.wait_until(lambda: server.sent_messages(), 20)
+            for _ in range(1000):  # the answer is being recorded
+                if not runtime.service.pending:
+                    break
+                await asyncio.sleep(0.01)
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            user_id = await runtime.store.find_user("twitch", "200")
+            assert user_id is not None
+            [question] = [m for m in await runtime.store.messages_for(user_id)
+                          if m.role == "user"]
+    finally:
+        await server.stop()
+    [sent] = server.sent_messages()
+    assert sent["message"] == "剛剛斷線了～"
+    assert sent["broadcaster_id"] == CHANNEL_ID and sent["sender_id"] == BOT_ID
+    assert sent["reply_parent_message_id"] == "parent-9"
+    assert question.status == "answered"

@@ -16,7 +16,8 @@ from adapters.discord_adapter.roles import member_roles
 from adapters.discord_adapter.sink import DiscordSink
 from bot.config import AppConfig
 from bot.errors import BotError, PlatformUnreachableError
-from bot.events import ChatEvent, EventHandler, RuntimeServices
+from bot.events import ChatEvent, EventHandler, ReplySink, RuntimeServices
+from memory.store import Leftover
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"
@@ -165,6 +166,22 @@ class DiscordAdapter:
         purged = await self.services.purge_message(PLATFORM, message_id)
         if purged:
             log.info("purged deleted Discord message %s from memory", message_id)
+
+    # -- answering what an earlier run left unanswered ----------------------------------------
+
+    async def ready(self) -> None:
+        await self.client.wait_until_ready()
+
+    def reply_sink(self, leftover: Leftover) -> ReplySink | None:
+        """A sink that replies to a stored message (crash recovery) without fetching it; if
+        it was deleted meanwhile, the reply goes out without the reference."""
+        if not leftover.channel_id:
+            return None
+        channel = self.client.get_partial_messageable(int(leftover.channel_id))
+        reference = (channel.get_partial_message(int(leftover.platform_message_id))
+                     .to_reference(fail_if_not_exists=False)
+                     if leftover.platform_message_id else None)
+        return DiscordSink(channel, reply_to=reference)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

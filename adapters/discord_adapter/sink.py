@@ -31,7 +31,8 @@ NO_PINGS = discord.AllowedMentions.none()
 class DiscordSink:
     supports_edits = True
 
-    def __init__(self, channel: Any, reply_to: discord.Message | None = None) -> None:
+    def __init__(self, channel: Any,
+                 reply_to: discord.Message | discord.MessageReference | None = None) -> None:
         self._channel = channel
         self._reply_to = reply_to
         self._sent: dict[str, discord.Message] = {}

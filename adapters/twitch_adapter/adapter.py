@@ -3,6 +3,7 @@ Helix ``POST /chat/messages`` within Twitch's send limits, threaded to the paren
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from typing import Any
@@ -17,7 +18,15 @@ from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
 from bot.errors import BotError, PlatformUnreachableError
-from bot.events import ChatEvent, DeliveryError, EventHandler, Roles, RuntimeServices
+from bot.events import (
+    ChatEvent,
+    DeliveryError,
+    EventHandler,
+    ReplySink,
+    Roles,
+    RuntimeServices,
+)
+from memory.store import Leftover
 
 log = logging.getLogger(__name__)
 PLATFORM = "twitch"
@@ -112,6 +121,7 @@ class TwitchAdapter:
         self._rng = rng or random.Random()
         self._handle: EventHandler | None = None
         self.bot_login = ""
+        self._subscribed = asyncio.Event()
 
     # -- connection -------------------------------------------------------------------------
 
@@ -136,6 +146,18 @@ class TwitchAdapter:
             ):
                 await client.subscribe_websocket(payload=subscription, token_for=self.bot_id)
         log.info("subscribed to chat in %s", ", ".join(u.name or u.id for u in users))
+        self._subscribed.set()
+
+    async def ready(self) -> None:
+        await self._subscribed.wait()
+
+    def reply_sink(self, leftover: Leftover) -> ReplySink | None:
+        """A sink that replies to a stored message (crash recovery)."""
+        if not leftover.channel_id:
+            return None
+        broadcaster = self.client.create_partialuser(leftover.channel_id)
+        return TwitchSink(broadcaster, self.bot_id, self._limiter(leftover.channel_id),
+                          reply_to=leftover.platform_message_id)
 
     async def run(self, handle: EventHandler) -> None:
         self._handle = handle

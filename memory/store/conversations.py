@@ -13,6 +13,7 @@ from memory.store import statements as sql
 from memory.store.database import Database
 from memory.store.records import (
     HistoryMessage,
+    Leftover,
     StoredMessage,
     TranscriptRow,
     aware,
@@ -89,6 +90,32 @@ class Conversations:
             result = await session.execute(
                 query.values(status="expired", status_reason=reason))
             return int(getattr(result, "rowcount", 0) or 0)
+
+    async def leftovers(self, since: datetime, before: datetime | None = None
+                        ) -> list[Leftover]:
+        """User messages still ``received`` created at or after ``since`` (and before
+        ``before``, if given), oldest first, with the viewer's identity on their platform."""
+        query = (select(Message.id, Message.user_id, Message.platform, Message.channel_id,
+                        Message.platform_message_id, Message.content, Message.created_at,
+                        Identity.platform_user_id, Identity.display_name)
+                 .join(Identity, (Identity.user_id == Message.user_id)
+                       & (Identity.platform == Message.platform))
+                 .where(Message.status == "received", Message.role == "user",
+                        Message.created_at >= since)
+                 .order_by(Message.id))
+        if before is not None:
+            query = query.where(Message.created_at < before)
+        async with self._db.read() as session:
+            rows = (await session.execute(query)).all()
+        seen: set[int] = set()
+        found = []
+        for r in rows:  # a viewer linked twice on one platform: the first identity will do
+            if r.id not in seen:
+                seen.add(r.id)
+                found.append(Leftover(r.id, r.user_id, r.platform, r.platform_user_id,
+                                      r.display_name, r.channel_id, r.platform_message_id,
+                                      r.content, aware_now(r.created_at)))
+        return found
 
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:

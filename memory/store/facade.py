@@ -18,6 +18,7 @@ from memory.store.records import (
     HistoryMessage,
     IntakeItem,
     IntakeOutcome,
+    Leftover,
     NewMemory,
     StateRule,
     StateSnapshot,
@@ -104,6 +105,10 @@ class Store:
 
     async def expire_received(self, reason: str, before: datetime | None = None) -> int:
         return await self.conversations.expire_received(reason, before)
+
+    async def leftovers(self, since: datetime, before: datetime | None = None
+                        ) -> list[Leftover]:
+        return await self.conversations.leftovers(since, before)
 
     async def intake(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
         """Record inbound messages (viewers created on first sight) in one transaction;

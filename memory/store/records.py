@@ -85,6 +85,22 @@ class IntakeOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Leftover:
+    """A message an earlier run recorded ``received`` and never finished (it crashed or was
+    killed), with what it takes to answer it now."""
+
+    message_id: int
+    user_id: int
+    platform: str
+    platform_user_id: str
+    display_name: str
+    channel_id: str | None
+    platform_message_id: str | None
+    text: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class NewMemory:
     scope: str  # persona | user
     persona_id: str
