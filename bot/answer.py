@@ -120,4 +120,6 @@ class Answerer:
         def preview(raw: str) -> str:
             return self._engine.preview(raw, prompt.request, conversion_mode=conversion)
 
-        return StreamingPreview(event.sink, preview, interval)
+        # A sink may ask for its own pace (a terminal has no rate limit to respect).
+        return StreamingPreview(event.sink, preview,
+                                getattr(event.sink, "edit_interval_s", interval))

@@ -11,13 +11,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from bot.cli_data import (
+    cmd_export,
+    cmd_export_transcript,
+    cmd_forget,
+    cmd_replay,
+    cmd_trace,
+    print_json,
+)
 from bot.cli_parser import build_parser
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
@@ -27,17 +34,13 @@ from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.runtime import Runtime, build_adapters, open_runtime, open_store, store_url
-from engine.errors import EngineError
+from engine.errors import EngineConfigError, EngineError
 from engine.persona import PersonaError, load_persona
 from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 
 Command = Callable[[argparse.Namespace, AppConfig, DataPaths], Coroutine[Any, Any, int]]
-
-
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, ensure_ascii=False, indent=2, default=str))
 
 
 def _banner(runtime: Runtime) -> str:
@@ -96,7 +99,7 @@ async def cmd_stats(args: argparse.Namespace, config: AppConfig, paths: DataPath
     if chart is not None:
         await asyncio.to_thread(Path(args.chart).write_bytes, chart)
     if args.json:
-        _print_json(payload)
+        print_json(payload)
     else:
         print(f"{args.platform}:{args.user} — {format_stats(stats or summary)}")
     return 0
@@ -117,11 +120,12 @@ async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataP
     from engine.system_info import diagnose_system
 
     diagnosis = diagnose_system()
+    diagnosis["issues"] = [*_config_file_problems(config), *diagnosis["issues"]]
     report = {**diagnosis, "config": config.masked_dump(), "data_dir": str(paths.data_dir),
               # What the engine is given (secrets are never dumped).
               "engine_config": config.engine_config().model_dump(mode="json")}
     if args.json:
-        _print_json(report)
+        print_json(report)
         return 0
     print(f"data dir: {paths.data_dir}")
     print("issues:" if diagnosis["issues"] else "issues: none")
@@ -133,6 +137,22 @@ async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataP
     return 0
 
 
+def _config_file_problems(config: AppConfig) -> list[str]:
+    """What `run` would refuse at start-up about files: model paths and the persona, checked
+    without loading a model."""
+    from engine.model_loader import model_path_problems
+
+    models = config.models
+    problems = model_path_problems(models.llm.backend, models.llm.model_path,
+                                   models.llm.gguf_file, models.embedding.model_path,
+                                   models.embedding.enabled)
+    try:
+        load_persona(config.vtuber.persona)
+    except PersonaError as exc:
+        problems.extend(str(exc).splitlines())
+    return problems
+
+
 async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
     from engine.gpu_manager import discover_devices, gpu_status, plan_placement
 
@@ -140,7 +160,7 @@ async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: Dat
     status = gpu_status(devices)
     placement = plan_placement(devices, config.models.llm.device).as_dict()
     if args.json:
-        _print_json({**status, "placement": placement})
+        print_json({**status, "placement": placement})
         return 0
     print(f"GPUs: {status['gpu_count']}  total {status['total_memory_gb']} GiB, "
           f"available {status['available_memory_gb']} GiB")
@@ -153,133 +173,48 @@ async def cmd_gpu_status(args: argparse.Namespace, config: AppConfig, paths: Dat
 
 def cmd_persona(args: argparse.Namespace) -> int:
     """File work only (no store, no model), so it runs without an event loop."""
-    import yaml
-
-    from engine.character_card import card_to_persona, read_card
-
     if args.persona_command == "check":
         persona = load_persona(args.file)
         print(f"ok: {args.file} defines {persona.id} ({persona.names.zh}), "
               f"{len(persona.moods.states)} moods, {len(persona.intimacy.tiers)} intimacy tiers")
         return 0
+    return _import_card(args)
+
+
+def _import_card(args: argparse.Namespace) -> int:
+    """A Character Card V2/V3 to a persona file, its lorebook to knowledge files beside it."""
+    import yaml
+
+    from engine.character_card import import_card, read_card
+
     card = Path(args.card)
     if not card.is_file():
         raise PersonaError(f"{card}: file not found")
-    data = card_to_persona(read_card(card))
+    imported = import_card(read_card(card))
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and not args.force:
+        raise PersonaError(f"{out} exists; pass --force to overwrite it")
+    data, notes = imported.data, list(imported.notes)
+    if imported.knowledge and out is None:
+        notes.append(f"character_book: {len(imported.knowledge)} entries not written; "
+                     "give --out to get them as knowledge files next to the persona")
+    elif imported.knowledge and out is not None:
+        folder = out.parent / f"{out.stem}-knowledge"
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, body in imported.knowledge.items():
+            (folder / name).write_text(body, encoding="utf-8")
+        data["knowledge_dir"] = folder.name  # relative to the persona file
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     text = yaml.safe_dump(data, allow_unicode=True, sort_keys=False, width=100)
-    if args.out is None:
+    if out is None:
         sys.stdout.write(text)
         return 0
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise PersonaError(f"{out} exists; pass --force to overwrite it")
     out.write_text(text, encoding="utf-8")
-    print(f"wrote {out} (persona {data['id']}); check it with: vtuber-bot persona check {out}")
-    return 0
-
-
-async def _stored_transcript(args: argparse.Namespace, config: AppConfig,
-                             paths: DataPaths) -> list[dict[str, Any]]:
-    from bot.replay import export_transcript
-
-    persona = load_persona(config.vtuber.persona)
-    async with open_store(config, paths) as store:
-        return await export_transcript(store, persona.id, persona.moods.baseline,
-                                       platform=args.platform, user=args.user,
-                                       channel=args.channel, since=args.since)
-
-
-async def cmd_export_transcript(args: argparse.Namespace, config: AppConfig,
-                                paths: DataPaths) -> int:
-    lines = await _stored_transcript(args, config, paths)
-    text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    if args.out:
-        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
-        print(f"wrote {len(lines)} lines to {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-async def cmd_replay(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
-    import tempfile
-
-    from bot.replay import TranscriptError, format_report, read_transcript, replay
-
-    if args.from_db:
-        events = await _stored_transcript(args, config, paths)
-        path = Path(tempfile.mkdtemp(prefix="vtuber-transcript-")) / "from-db.jsonl"
-        path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events),
-                        "utf-8")
-        events = read_transcript(path)
-    elif args.file:
-        events = await asyncio.to_thread(read_transcript, Path(args.file))
-    else:
-        raise TranscriptError("replay: give a transcript FILE or --from-db")
-    target = Path(args.db_dir) if args.db_dir else Path(tempfile.mkdtemp(prefix="vtuber-replay-"))
-    replay_config = config.model_copy(deep=True)
-    replay_config.store.url = None  # always replay into a SQLite file, never the source
-    replay_config.secrets = config.secrets.model_copy(update={"database_url": None})
-    report = await replay(events, replay_config, DataPaths(target.resolve(), paths.cache_dir))
-    if args.json:
-        _print_json(report.as_dict())
-    else:
-        print(format_report(report))
-        print(f"replayed into {target}")
-    return 0 if report.ok else 1
-
-
-async def cmd_trace(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
-    from bot.stats import reply_trace
-
-    async with open_store(config, paths) as store:
-        found = await reply_trace(store, args.message_id)
-    if found is None:
-        print(f"error: no reply with a trace for message {args.message_id}", file=sys.stderr)
-        return 1
-    _print_json(found)
-    return 0
-
-
-async def cmd_forget(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
-    """Delete everything stored about one viewer (and the identities linked to them)."""
-    async with open_store(config, paths) as store:
-        user_id = await store.find_user(args.platform, args.user)
-        if user_id is None:
-            print(f"nothing stored about {args.platform}:{args.user}")
-            return 0
-        question = (f"Delete everything stored about {args.platform}:{args.user}, linked "
-                    "identities included?")
-        if not args.yes and not await asyncio.to_thread(_confirmed, question):
-            print("error: not confirmed; nothing deleted (pass --yes to skip the question)",
-                  file=sys.stderr)
-            return 1
-        counts = await store.delete_user_data(user_id)
-    print(f"deleted {args.platform}:{args.user}: "
-          + ", ".join(f"{n} {table}" for table, n in counts.items() if n))
-    return 0
-
-
-def _confirmed(question: str) -> bool:
-    if not sys.stdin.isatty():
-        return False
-    return input(f"{question} [y/N] ").strip().casefold() in ("y", "yes")
-
-
-async def cmd_export(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
-    """Everything stored about one viewer, as JSON (a data-access request)."""
-    async with open_store(config, paths) as store:
-        user_id = await store.find_user(args.platform, args.user)
-        data = None if user_id is None else await store.export_user_data(user_id)
-    if data is None:
-        print(f"error: nothing stored about {args.platform}:{args.user}", file=sys.stderr)
-        return 1
-    text = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
-    if args.out:
-        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    knowledge = (f" and {len(imported.knowledge)} knowledge entries in "
+                 f"{out.stem}-knowledge/" if imported.knowledge else "")
+    print(f"wrote {out} (persona {data['id']}){knowledge}; check it with: "
+          f"vtuber-bot persona check {out}")
     return 0
 
 
@@ -325,6 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     except BotError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except EngineConfigError as exc:
+        for line in exc.problems:
+            print(f"config error: {line}", file=sys.stderr)
+        return EXIT_CONFIG
     except PersonaError as exc:
         for line in str(exc).splitlines():
             print(f"persona error: {line}", file=sys.stderr)

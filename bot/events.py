@@ -18,7 +18,9 @@ from bot.reports import (
     ViewerStats,
 )
 from engine.reports import OptimizeReport
-from memory.store import ExportedUserData, Leftover
+from memory.store import ExportedUserData
+# Re-exported: adapters take it from here (they may import bot, not memory).
+from memory.store import Leftover as Leftover
 
 
 @runtime_checkable

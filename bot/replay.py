@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -207,11 +207,14 @@ async def replay(
     paths: DataPaths,
     *,
     backend: Backend | None = None,
+    on_message: Callable[[int, int, ReplayedMessage], None] | None = None,
 ) -> ReplayReport:
-    """Run the events through the real service against the database in ``paths``."""
+    """Run the events through the real service against the database in ``paths``;
+    ``on_message(done, total, message)`` after each message (progress)."""
     report = ReplayReport()
     clock = _Clock()
     pending = list(events)
+    total = sum(1 for e in pending if e["type"] == "message")
     users: set[tuple[str, str]] = set()
     while True:
         async with open_runtime(config, paths, backend=backend, clock=clock) as runtime:
@@ -226,6 +229,8 @@ async def replay(
                     continue
                 users.add((event["platform"], str(event["user"])))
                 await _message(runtime, clock, event, report)
+                if on_message is not None:
+                    on_message(len(report.messages), total, report.messages[-1])
             for platform, user in sorted(users):
                 report.final_stats[f"{platform}:{user}"] = await _stats_of(runtime, platform,
                                                                            user)

@@ -1,18 +1,24 @@
-"""SillyTavern Character Card V2 ⇄ persona file.
+"""SillyTavern Character Card V2/V3 ⇄ persona file.
 
-A card is JSON (``{"spec": "chara_card_v2", "data": {...}}``) or a PNG whose ``tEXt``/``iTXt``
-chunk with keyword ``chara`` holds that JSON in base64. Imported characters get the bundled
-persona's mood and intimacy rules, which the operator can then edit.
+A card is JSON (``{"spec": "chara_card_v2"|"chara_card_v3", "data": {...}}``) or a PNG whose
+``tEXt``/``iTXt`` chunk with keyword ``chara`` (V2) or ``ccv3`` (V3) holds that JSON in base64.
+Imported characters get the bundled persona's mood and intimacy rules, which the operator can
+then edit. ``{{char}}`` becomes the character's name; ``{{user}}`` becomes 「對方」 (the other
+party): a viewer's display name is text the viewer wrote, and nothing a viewer wrote may speak
+with the system prompt's voice. The card's lorebook (``character_book``) becomes knowledge
+files; what a persona cannot carry is named in ``ImportedCard.notes``.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 import re
 import struct
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,31 +83,90 @@ def parse_examples(mes_example: str) -> list[dict[str, str]]:
     return pairs
 
 
-def _slug(name: str) -> str:
+_CHAR_MACRO = re.compile(r"\{\{char\}\}|<BOT>", re.I)
+_USER_MACRO = re.compile(r"\{\{user\}\}|<USER>", re.I)
+VIEWER_WORD = "對方"
+
+
+def persona_id(name: str) -> str:
+    """A stable id: the ASCII slug of the name, or (a Chinese or Japanese name, which has no
+    slug) ``card-`` and a hash of the name, so two imported cards never share an id, and with
+    it relationship state and memories."""
     slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
-    return slug or "imported"
+    return slug or "card-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
 
 
-def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
-    """Persona-file data for a card (validated before it is returned)."""
+@dataclass
+class ImportedCard:
+    data: dict[str, Any]  # the persona file's content
+    knowledge: dict[str, str] = field(default_factory=dict)  # file name -> text
+    notes: list[str] = field(default_factory=list)  # what was not carried over, and why
+
+
+def import_card(card: dict[str, Any]) -> ImportedCard:
+    """Persona-file data for a card (validated), its lorebook as knowledge files, and notes."""
     template = load_persona()
     name = str(card["name"]).strip()
+
+    def text(key: str) -> str:
+        value = _CHAR_MACRO.sub(name, str(card.get(key) or "").strip())
+        return _USER_MACRO.sub(VIEWER_WORD, value)
+
+    examples = [{"user": _USER_MACRO.sub(VIEWER_WORD, _CHAR_MACRO.sub(name, e["user"])),
+                 "assistant": _USER_MACRO.sub(VIEWER_WORD, _CHAR_MACRO.sub(name, e["assistant"]))}
+                for e in parse_examples(str(card.get("mes_example", "")))]
     data: dict[str, Any] = {
-        "id": _slug(name),
+        "id": persona_id(name),
         "names": {"zh": name, "en": name, "ja": ""},
         "language": "zh-TW",
-        "identity": str(card.get("description", "")).strip() or name,
-        "personality": str(card.get("personality", "")).strip(),
-        "scenario": str(card.get("scenario", "")).strip(),
-        "greeting": str(card.get("first_mes", "")).strip(),
-        "example_dialogues": parse_examples(str(card.get("mes_example", ""))),
+        "identity": text("description") or name,
+        "personality": text("personality"),
+        "scenario": text("scenario"),
+        "greeting": text("first_mes"),
+        "example_dialogues": examples,
         "disclosure": f"我是由 AI 驅動的虛擬角色「{name}」，不是真人喔。",
         "moods": template.moods.model_dump(),
         "intimacy": template.intimacy.model_dump(),
         "protected_terms": [name],
     }
+    imported = ImportedCard(data, _lorebook(card.get("character_book"), name), _notes(card))
     Persona.model_validate(data)
-    return data
+    return imported
+
+
+def _lorebook(book: Any, name: str) -> dict[str, str]:
+    """Enabled lorebook entries, one knowledge file each (their keys as a heading)."""
+    entries = book.get("entries", []) if isinstance(book, dict) else []
+    files: dict[str, str] = {}
+    for index, entry in enumerate(e for e in entries if isinstance(e, dict)):
+        content = _CHAR_MACRO.sub(name, str(entry.get("content") or "").strip())
+        if not content or entry.get("enabled") is False:
+            continue
+        keys = [str(k) for k in entry.get("keys") or [] if str(k).strip()]
+        title = str(entry.get("name") or entry.get("comment") or ", ".join(keys) or name)
+        body = _USER_MACRO.sub(VIEWER_WORD, content)
+        files[f"entry-{index + 1:03d}.md"] = f"# {title}\n\n{body}\n"
+    return files
+
+
+def _notes(card: dict[str, Any]) -> list[str]:
+    notes = []
+    if str(card.get("system_prompt") or "").strip():
+        notes.append("system_prompt was not imported: the persona's prompt is built from its "
+                     "fields; copy what matters into speaking_style or personality")
+    if str(card.get("post_history_instructions") or "").strip():
+        notes.append("post_history_instructions was not imported (no equivalent)")
+    for key in ("alternate_greetings", "group_only_greetings"):
+        count = len(card.get(key) or [])
+        if count:
+            notes.append(f"{count} {key.replace('_', ' ')} not imported: a persona has one "
+                         "greeting")
+    return notes
+
+
+def card_to_persona(card: dict[str, Any]) -> dict[str, Any]:
+    """Persona-file data for a card (validated before it is returned)."""
+    return import_card(card).data
 
 
 def persona_to_card(persona: Persona) -> dict[str, Any]:

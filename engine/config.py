@@ -31,6 +31,8 @@ from engine.types import SamplingParams
 ConversionMode = Literal["s2twp", "s2tw", "s2hk", "s2t", "off"]
 DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
 MIN_TOKENS_DEFAULT = 10
+DEFAULT_MAX_TOKENS = 150
+EMBEDDED_MAX_TOKENS = 60
 
 
 class Section(BaseModel):
@@ -99,7 +101,9 @@ class ModelsConfig(Section):
 
 
 class ResponseConfig(Section):
-    max_tokens: int = Field(150, ge=1, le=8192)
+    # None: 150, or EMBEDDED_MAX_TOKENS for the embedded 135M model (it rambles to any limit;
+    # a short one answers in a few seconds on a laptop CPU).
+    max_tokens: int | None = Field(None, ge=1, le=8192)
     min_tokens: int = Field(MIN_TOKENS_DEFAULT, ge=0, le=8192)
     filter_repetition: bool = True
     # A viewer's message is cut to this many characters (with "…") before it joins a prompt,
@@ -122,7 +126,7 @@ class ResponseConfig(Section):
 
     @model_validator(mode="after")
     def _min_below_max(self) -> ResponseConfig:
-        if self.min_tokens > self.max_tokens:
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             raise ValueError(
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
             )
@@ -193,11 +197,20 @@ class EngineConfig(BaseModel):
     def response(self) -> ResponseConfig:
         return self.vtuber.response
 
+    @property
+    def max_tokens(self) -> int:
+        """``vtuber.response.max_tokens``, or its default for the configured model."""
+        llm, chosen = self.models.llm, self.vtuber.response.max_tokens
+        if chosen is not None:
+            return chosen
+        embedded = llm.backend == "transformers" and llm.model_path is None
+        return EMBEDDED_MAX_TOKENS if embedded else DEFAULT_MAX_TOKENS
+
     def sampling(self) -> SamplingParams:
         llm, response = self.models.llm, self.vtuber.response
         return SamplingParams(
-            max_new_tokens=response.max_tokens,
-            min_new_tokens=min(response.min_tokens, response.max_tokens),
+            max_new_tokens=self.max_tokens,
+            min_new_tokens=min(response.min_tokens, self.max_tokens),
             temperature=llm.temperature,
             top_p=llm.top_p,
             top_k=llm.top_k,

@@ -20,6 +20,7 @@ from engine.client import ChunkCallback, EngineHealth, PromptInputs
 from engine.config import EngineConfig
 from engine.embedder import Embedder
 from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
+from engine.model_loader import model_path_problems
 from engine.persona import (
     Persona,
     PersonaState,
@@ -78,12 +79,24 @@ class LLMManager:
             return
         if self._persona is None:
             self._persona = load_persona(self.config.vtuber.persona)
+        if self._backend is None:
+            self.check_model_paths()
         backend = self._backend or create_backend(self.config.llm, self._cache_dir)
         await backend.start()
         self._backend = backend
         self._generator = ResponseGenerator(backend)
         if self.config.embedding.enabled:
             self._embedder = Embedder(self.config.embedding, self._embedder_device(backend))
+
+    def check_model_paths(self) -> None:
+        """All configured model paths, before any model loads: every wrong one is reported
+        at once, not the embedder's after the LLM took half a minute."""
+        config = self.config
+        problems = model_path_problems(config.llm.backend, config.llm.model_path,
+                                       config.llm.gguf_file, config.embedding.model_path,
+                                       config.embedding.enabled)
+        if problems:
+            raise EngineConfigError(problems)
 
     def _embedder_device(self, backend: Backend) -> str:
         """Configured device, else the placement policy's choice, else whatever is free."""

@@ -391,3 +391,25 @@ def test_forget_and_export_one_viewer_from_the_cli(tmp_path: Path,
     assert forgotten.stdout.startswith("deleted console:ann:")
     gone = vtuber(*common, "export", "--platform", "console", "--user", "ann")
     assert gone.returncode == 1 and "nothing stored about console:ann" in gone.stderr
+
+
+def test_wrong_model_paths_are_reported_together_before_any_model_loads(
+        tmp_path: Path) -> None:
+    config = tmp_path / "paths.yaml"
+    config.write_text(f"models:\n  llm:\n    model_path: {tmp_path / 'no-llm'}\n"
+                      f"  embedding:\n    model_path: {tmp_path / 'no-embedder'}\n",
+                      encoding="utf-8")
+    started = time.monotonic()
+    result = vtuber("--config", str(config), "--data-dir", str(tmp_path / "d"), "chat",
+                    "--once", "hi")
+    assert time.monotonic() - started < 30  # no model was loaded first
+    assert result.returncode == 78, result.stderr
+    problems = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
+    assert len(problems) == 2, result.stderr
+    assert "models.llm.model_path" in problems[0] and "no-llm" in problems[0]
+    assert "models.embedding.model_path" in problems[1] and "no-embedder" in problems[1]
+    diagnosis = vtuber("--config", str(config), "--data-dir", str(tmp_path / "d"),
+                       "diagnose", "--json")
+    issues = json.loads(diagnosis.stdout)["issues"]
+    assert any("no-llm" in issue for issue in issues)
+    assert any("no-embedder" in issue for issue in issues)

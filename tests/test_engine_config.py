@@ -173,3 +173,14 @@ def test_a_short_max_tokens_alone_lowers_the_default_minimum() -> None:
     assert (config.response.max_tokens, config.response.min_tokens) == (8, 8)
     with pytest.raises(EngineConfigError, match="min_tokens"):
         EngineConfig.from_mapping({"vtuber": {"response": {"max_tokens": 8, "min_tokens": 9}}})
+
+
+def test_the_embedded_model_gets_a_short_default_reply_length() -> None:
+    from engine.config import DEFAULT_MAX_TOKENS, EMBEDDED_MAX_TOKENS
+
+    embedded = EngineConfig.from_mapping({})
+    assert embedded.sampling().max_new_tokens == EMBEDDED_MAX_TOKENS
+    served = EngineConfig.from_mapping({"models": {"llm": {"backend": "openai"}}})
+    assert served.sampling().max_new_tokens == DEFAULT_MAX_TOKENS
+    chosen = EngineConfig.from_mapping({"vtuber": {"response": {"max_tokens": 200}}})
+    assert chosen.sampling().max_new_tokens == 200

@@ -155,6 +155,52 @@ async def test_retries_with_backoff_before_the_first_token() -> None:
     assert backend.last_finish_reason == "stop"
 
 
+def _busy_then_ok(retry_after: str) -> tuple[httpx.MockTransport, list[float]]:
+    """A server that answers 429 with ``Retry-After`` once, then the reply; records when
+    each chat request came."""
+    import time
+
+    seen: list[float] = []
+
+    def handler(http_request: httpx.Request) -> httpx.Response:
+        if http_request.url.path.endswith("/models"):
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        seen.append(time.monotonic())
+        if len(seen) == 1:
+            return httpx.Response(429, text="slow down", headers={"Retry-After": retry_after})
+        body = ('data: {"choices":[{"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+                "data: [DONE]\n\n")
+        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    return httpx.MockTransport(handler), seen
+
+
+async def test_429_waits_as_long_as_retry_after_says() -> None:
+    transport, seen = _busy_then_ok("1.5")
+    backend = OpenAIBackend(settings_for("http://test/v1"), transport=transport)
+    await backend.start()
+    try:
+        text = "".join([c async for c in backend.generate(request())])
+    finally:
+        await backend.close()
+    assert text == "Hi" and len(seen) == 2
+    assert seen[1] - seen[0] >= 1.4  # not the 0.5 s of the default backoff
+
+
+async def test_a_retry_after_longer_than_a_live_reply_can_wait_fails_at_once() -> None:
+    from engine.errors import BackendUnavailableError
+
+    transport, seen = _busy_then_ok("600")
+    backend = OpenAIBackend(settings_for("http://test/v1"), transport=transport)
+    await backend.start()
+    try:
+        with pytest.raises(BackendUnavailableError, match="Retry-After 600 s"):
+            _ = [c async for c in backend.generate(request())]
+    finally:
+        await backend.close()
+    assert len(seen) == 1
+
+
 # -- the real scale-out engine: vLLM's CPU build, in its own venv (see Makefile) -------------
 
 @pytest.fixture(scope="module")

@@ -328,3 +328,65 @@ def test_any_persona_that_passes_check_answers_without_raising(
             await manager.aclose()
 
     assert asyncio.run(answer())
+
+
+def _v3_card(name: str) -> dict:
+    return {"spec": "chara_card_v3", "spec_version": "3.0", "data": {
+        "name": name,
+        "description": "{{char}} is a lighthouse keeper who greets {{user}} warmly.",
+        "personality": "calm", "scenario": "", "first_mes": "Welcome, {{user}}!",
+        "mes_example": "<START>\n{{user}}: Hi {{char}}\n{{char}}: Hi {{user}}!",
+        "system_prompt": "Always answer in verse.", "alternate_greetings": ["Yo!", "Hey!"],
+        "character_book": {"entries": [
+            {"keys": ["lamp"], "content": "{{char}}'s lamp burns whale oil.", "enabled": True},
+            {"keys": ["secret"], "content": "hidden", "enabled": False}]},
+        "group_only_greetings": [], "assets": []}}
+
+
+@pytest.mark.parametrize(("name", "expected_id"), [("Mira Tidewell", "mira-tidewell"),
+                                                   ("燈塔守護者", None), ("灯台守のミラ", None)])
+def test_v3_cards_with_chinese_and_japanese_names(tmp_path: Path, name: str,
+                                                  expected_id: str | None) -> None:
+    from engine.character_card import VIEWER_WORD, import_card, persona_id
+
+    path = tmp_path / "card.png"
+    path.write_bytes(_png_with_chara(_v3_card(name), keyword=b"ccv3"))
+    imported = import_card(read_card(path))
+    persona = Persona.model_validate(imported.data)
+    assert persona.id == (expected_id or persona_id(name))
+    assert persona.id.startswith("card-") or expected_id is not None
+    prompt = persona.system_prompt()
+    assert "{{" not in prompt and name in prompt and VIEWER_WORD in prompt
+    assert persona.greeting == f"Welcome, {VIEWER_WORD}!"
+    assert (persona.example_dialogues[0].user, persona.example_dialogues[0].assistant) == (
+        f"Hi {name}", f"Hi {VIEWER_WORD}!")
+    assert list(imported.knowledge.values()) == [f"# lamp\n\n{name}'s lamp burns whale oil.\n"]
+    assert any("system_prompt" in note for note in imported.notes)
+    assert any("2 alternate greetings" in note for note in imported.notes)
+
+
+def test_distinct_non_ascii_names_get_distinct_ids() -> None:
+    from engine.character_card import persona_id
+
+    ids = {persona_id(n) for n in ("燈塔守護者", "星圖繪師", "灯台守のミラ", "별빛")}
+    assert len(ids) == 4 and "imported" not in ids
+
+
+def test_cli_import_writes_the_lorebook_as_knowledge_the_persona_retrieves(
+        tmp_path: Path) -> None:
+    card = tmp_path / "keeper.json"
+    card.write_text(json.dumps(_v3_card("燈塔守護者"), ensure_ascii=False), encoding="utf-8")
+    out = tmp_path / "keeper.yaml"
+    result = subprocess.run([sys.executable, "-m", "bot", "--log-level", "ERROR", "persona",
+                             "import", str(card), "--out", str(out)],
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2  # system_prompt, alternate greetings
+    persona = load_persona(out)
+    from engine.persona import knowledge_folder
+
+    folder = knowledge_folder(persona, out)
+    assert folder is not None and folder == tmp_path / "keeper-knowledge"
+    [entry] = sorted(folder.glob("*.md"))
+    assert "whale oil" in entry.read_text(encoding="utf-8")

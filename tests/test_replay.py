@@ -116,6 +116,8 @@ def test_cli_replay_export_and_trace(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "original: 嗨嗨" not in result.stdout  # that line belongs to another transcript
     assert "4 messages, 5 expectations checked, 0 mismatched" in result.stdout
+    progress = [line for line in result.stderr.splitlines() if line.startswith("replay: ")]
+    assert [line.split()[1] for line in progress] == ["1/4", "2/4", "3/4", "4/4"]
     exported = run("--data-dir", str(data), "export-transcript", "--user", "ann")
     assert exported.returncode == 0 and exported.stdout.count('"type": "message"') == 4
     replayed = run("--data-dir", str(data), "replay", "--from-db", "--json")

@@ -20,24 +20,55 @@ HELP = "Commands: /stats (your relationship stats), /help, /quit (or Ctrl-D)."
 
 
 class ConsoleSink:
-    """ReplySink over a text stream."""
+    """ReplySink over a text stream. With ``stream`` it shows the reply while it is generated
+    (previews come as edits; a terminal has no edit rate limit): each edit prints only what
+    was added. The adapter ends the line once the message is final (``end_reply``)."""
 
-    def __init__(self, out: TextIO, speaker: str | None) -> None:
+    edit_interval_s = 0.15
+
+    def __init__(self, out: TextIO, speaker: str | None, *, stream: bool = False) -> None:
         self._out = out
-        self._speaker = speaker
+        self._prefix = f"{speaker}> " if speaker else ""
         self._ids = itertools.count(1)
+        self.supports_edits = stream
+        self._shown = ""  # the reply on the current line so far
+        self._open = False
+        self._typing = False
+
+    def _write(self, text: str) -> None:
+        self._out.write(text)
+        self._out.flush()
 
     async def send(self, text: str) -> str:
-        prefix = f"{self._speaker}> " if self._speaker else ""
-        self._out.write(f"{prefix}{text}\n")
-        self._out.flush()
+        self._clear_typing()
+        self.end_reply()
+        self._write(self._prefix + text)
+        self._shown, self._open = text, True
         return f"console-{next(self._ids)}"
 
     async def edit(self, message_id: str, text: str) -> None:
-        await self.send(text)
+        if self._open and text.startswith(self._shown):
+            self._write(text[len(self._shown):])
+            self._shown = text
+        else:  # the final text is not what the preview promised: show it whole
+            await self.send(text)
 
     async def typing(self) -> None:
-        return None
+        if self.supports_edits and not self._open:
+            self._write(self._prefix + "…")
+            self._typing = True
+
+    def _clear_typing(self) -> None:
+        if self._typing:
+            self._write("\r\x1b[K")  # back to the line's start, erase it
+            self._typing = False
+
+    def end_reply(self, note: str = "") -> None:
+        """End the reply's line (with ``note``, e.g. its id); a no-op if none is open."""
+        self._clear_typing()
+        if self._open:
+            self._write(f"{note}\n")
+            self._open, self._shown = False, ""
 
 
 def _start_line_reader(stream: TextIO, loop: asyncio.AbstractEventLoop,
@@ -94,10 +125,11 @@ class ConsoleAdapter:
 
     async def run(self, handle: EventHandler) -> None:
         if self._once is not None:
-            self.once_outcome = await handle(self._event(self._once,
-                                                         ConsoleSink(self._out, None)))
+            once_sink = ConsoleSink(self._out, None)
+            self.once_outcome = await handle(self._event(self._once, once_sink))
+            once_sink.end_reply()
             return
-        sink = ConsoleSink(self._out, self._speaker or None)
+        sink = ConsoleSink(self._out, self._speaker or None, stream=self._out.isatty())
         if self._banner:
             self._out.write(self._banner + "\n")
         self._out.write(HELP + "\n")
@@ -116,7 +148,9 @@ class ConsoleAdapter:
                 await self._command(text)
                 continue
             if text:
-                await handle(self._event(text, sink))
+                reply = await handle(self._event(text, sink))
+                # The stored reply's id, for `vtuber-bot trace ID`.
+                sink.end_reply(f"  [#{reply.message_id}]" if reply.message_id else "")
 
     def _prompt(self) -> None:
         self._out.write(f"{self._user}> ")
@@ -129,6 +163,8 @@ class ConsoleAdapter:
             result = await commands.stats(self._services, caller)
             self._out.write(result.plain_text() + "\n")
             return
+        if text not in ("/help", "/?"):
+            self._out.write(f"unknown command {text.split()[0]}. ")
         self._out.write(HELP + "\n")
 
     async def close(self) -> None:

@@ -16,8 +16,7 @@ from adapters.discord_adapter.roles import member_roles
 from adapters.discord_adapter.sink import DiscordSink
 from bot.config import AppConfig
 from bot.errors import BotError, PlatformUnreachableError
-from bot.events import ChatEvent, EventHandler, ReplySink, RuntimeServices
-from memory.store import Leftover
+from bot.events import ChatEvent, EventHandler, Leftover, ReplySink, RuntimeServices
 
 log = logging.getLogger(__name__)
 PLATFORM = "discord"

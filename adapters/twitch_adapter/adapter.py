@@ -22,11 +22,11 @@ from bot.events import (
     ChatEvent,
     DeliveryError,
     EventHandler,
+    Leftover,
     ReplySink,
     Roles,
     RuntimeServices,
 )
-from memory.store import Leftover
 
 log = logging.getLogger(__name__)
 PLATFORM = "twitch"

@@ -13,6 +13,8 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
@@ -30,8 +32,31 @@ _EXTRA_FIELDS = ("top_k", "repetition_penalty", "min_tokens", "chat_template_kwa
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 
 
+# A server may ask for a pause (429/503 with Retry-After); a live reply waits that long at
+# most, beyond it the viewer is better served by the fallback now.
+MAX_RETRY_AFTER_S = 30.0
+
+
 class _Retryable(Exception):
-    pass
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """``Retry-After`` in seconds (a number or an HTTP date), if the server sent one."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, (moment - datetime.now(UTC)).total_seconds())
 
 
 class _ExtrasRefused(Exception):
@@ -122,11 +147,13 @@ class OpenAIBackend:
                     self._extra_sampling = False
                     continue
                 except _Retryable as exc:
-                    if yielded or attempt == self._max_retries:
+                    wait = exc.retry_after_s
+                    if (yielded or attempt == self._max_retries
+                            or (wait is not None and wait > MAX_RETRY_AFTER_S)):
                         raise BackendUnavailableError(
                             f"{self._base_url}: {exc} (after {attempt + 1} attempt(s))"
                         ) from None
-                    delay = 0.5 * 2**attempt
+                    delay = wait if wait is not None else 0.5 * 2**attempt
                     attempt += 1
                     log.warning("openai backend: %s; retrying in %.1f s", exc, delay)
                     await asyncio.sleep(delay)
@@ -139,7 +166,9 @@ class OpenAIBackend:
             async with self._client.stream("POST", "/chat/completions",
                                            json=self._body(request)) as response:
                 if response.status_code in _RETRY_STATUS:
-                    raise _Retryable(f"HTTP {response.status_code}")
+                    wait = _retry_after(response.headers)
+                    raise _Retryable(f"HTTP {response.status_code}" + (
+                        f", Retry-After {wait:.0f} s" if wait is not None else ""), wait)
                 if response.status_code >= 400:
                     detail = (await response.aread()).decode("utf-8", "replace")[:300]
                     if (self._extra_sampling and response.status_code in (400, 422)

@@ -1,0 +1,68 @@
+"""The console REPL as a new operator meets it: the reply streams into the terminal, each
+reply shows its id (for `vtuber-bot trace`), an unknown /command says so."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from adapters.console.adapter import ConsoleAdapter
+from bot.config import parse_config
+from bot.paths import DataPaths
+from bot.runtime import open_runtime
+from engine.backends.scripted import ScriptedBackend
+from engine.types import GenerationRequest
+
+SENTENCES = ["今晚的星星很亮。", "要一起看嗎？"]
+
+
+class SentenceBackend(ScriptedBackend):
+    """Answers one sentence every 0.3 s, slower than the console's preview pace."""
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        self.requests.append(request)
+        for sentence in SENTENCES:
+            await asyncio.sleep(0.3)
+            yield sentence
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def _session(tmp_path: Path, typed: str, out: io.StringIO) -> None:
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "vtuber": {"response": {"chinese_conversion": "off"}}}, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path),
+                            backend=SentenceBackend()) as runtime:
+        adapter = ConsoleAdapter(config, user="ann", speaker="佩兒", services=runtime,
+                                 stdin=io.StringIO(typed), stdout=out)
+        await runtime.run_adapters([adapter])
+
+
+async def test_the_reply_streams_into_a_terminal_and_shows_its_id(tmp_path: Path) -> None:
+    out = Terminal()
+    await _session(tmp_path, "你好\n", out)
+    text = out.getvalue()
+    # A typing mark first, erased by the first sentence; the second sentence is appended to
+    # the same line; the line ends with the stored reply's id.
+    assert "佩兒> …\r\x1b[K佩兒> 今晚的星星很亮。要一起看嗎？  [#2]\n" in text
+
+
+async def test_piped_output_gets_the_whole_reply_once(tmp_path: Path) -> None:
+    out = io.StringIO()
+    await _session(tmp_path, "你好\n", out)
+    text = out.getvalue()
+    assert text.count("今晚的星星很亮。要一起看嗎？") == 1 and "…" not in text
+
+
+async def test_an_unknown_command_says_so(tmp_path: Path) -> None:
+    out = io.StringIO()
+    await _session(tmp_path, "/stast\n/help\n", out)
+    text = out.getvalue()
+    assert "unknown command /stast. Commands:" in text
+    assert text.count("unknown command") == 1
