@@ -19,6 +19,7 @@ from bot.reports import (
 )
 from engine.reports import OptimizeReport
 from memory.store import ExportedUserData
+
 # Re-exported: adapters take it from here (they may import bot, not memory).
 from memory.store import Leftover as Leftover
 
