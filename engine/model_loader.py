@@ -13,7 +13,10 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +96,28 @@ def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
     return cache_dir / "models" / f"{gguf.stem}-{key.hexdigest()[:12]}"
 
 
+@contextmanager
+def _step(what: str, every_s: float = 5.0) -> Iterator[None]:
+    """Log a slow step's start, a line every ``every_s`` seconds while it runs (so a first
+    start is never silent), and its duration."""
+    started = time.monotonic()
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(every_s):
+            log.info("  %s ... %.0f s", what, time.monotonic() - started)
+
+    log.info("  %s", what)
+    ticker = threading.Thread(target=heartbeat, name="progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join()
+        log.info("  %s: done in %.1f s", what, time.monotonic() - started)
+
+
 def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     """Convert a GGUF file to a safetensors directory once; return that directory."""
     target = _gguf_cache_dir(gguf, cache_dir)
@@ -103,12 +128,14 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()  # the one slow step a new user waits for: show progress
-    log.info("Preparing %s for first use (one time, about 20 s on 2 cores) into %s",
+    log.info("Preparing %s for first use (once per machine, about 30 s on 2 cores) into %s",
              gguf.name, target)
     started = time.monotonic()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _step("1/3 reading the tokenizer from the GGUF file"):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with _step("2/3 reading the weights"):
+        model: Any = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # A GGUF-loaded model refuses save_pretrained while it still looks quantized.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -116,8 +143,9 @@ def convert_gguf(gguf: Path, cache_dir: Path) -> Path:
     # Write next to the target and rename, so an interrupted conversion is never "complete".
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with _step("3/3 writing the converted model"):
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(gguf.name, encoding="utf-8")
         if target.exists():
             shutil.rmtree(target)
