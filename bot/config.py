@@ -60,6 +60,9 @@ class StoreConfig(Section):
     # Retrieval (RAG): persona knowledge + this viewer's long-term memories, hybrid search.
     rag_enabled: bool = True
     rag_top_k: int = Field(3, ge=1, le=50)
+    # Relevance floor: a chunk found only by meaning must be at least this similar (cosine,
+    # -1..1) to the message; 0.3 suits the bundled MiniLM. -1 turns the floor off.
+    rag_min_similarity: float = Field(0.3, ge=-1.0, le=1.0)
     # Keep viewers' longer messages as long-term memories (retrievable later, per viewer).
     remember_messages_min_chars: int = Field(12, ge=0)
 

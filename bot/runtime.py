@@ -228,7 +228,8 @@ async def _open_retriever(config: AppConfig, engine: LLMManager,
     if not config.store.rag_enabled:
         return None
     persona = engine.persona
-    retriever = MemoryRetriever(store, persona.id, engine.embedder, k=config.store.rag_top_k)
+    retriever = MemoryRetriever(store, persona.id, engine.embedder, k=config.store.rag_top_k,
+                                min_similarity=config.store.rag_min_similarity)
     folder = knowledge_folder(persona, config.vtuber.persona)
     if folder is not None:
         await retriever.index_knowledge(folder)

@@ -130,11 +130,15 @@ class VectorIndex:
         mask = np.isin(self.ids, list(live))
         self.matrix, self.ids, self.users = self.matrix[mask], self.ids[mask], self.users[mask]
 
-    def search(self, query: np.ndarray, user_id: int | None, limit: int) -> list[int]:
+    def search(self, query: np.ndarray, user_id: int | None, limit: int,
+               min_similarity: float = -1.0) -> list[int]:
+        """Ids of the ``limit`` nearest visible rows with cosine similarity of at least
+        ``min_similarity`` (vectors are L2-normalised), nearest first."""
         if self.matrix is None or not len(self.ids):
             return []
         scores = self.matrix @ query.astype(np.float32)
-        visible = (self.users == -1) | (self.users == (-2 if user_id is None else user_id))
+        visible = ((self.users == -1) | (self.users == (-2 if user_id is None else user_id))
+                   ) & (scores >= min_similarity)
         scores = np.where(visible, scores, -np.inf)
         count = min(limit, int(visible.sum()))
         if count == 0:
@@ -153,11 +157,15 @@ class MemoryRetriever:
     """Implements the engine's retrieval protocol (``search(query)``), per persona."""
 
     def __init__(self, store: Store, persona_id: str, embedder: Embedder | None = None,
-                 k: int = 4, candidates: int = 20) -> None:
+                 k: int = 4, candidates: int = 20, min_similarity: float = 0.3) -> None:
         self._store = store
         self._persona_id = persona_id
         self._embedder = embedder
         self._k = k
+        # Below this cosine similarity a chunk is unrelated: without a floor, the nearest
+        # chunks join every prompt, however far they are. (A lexical match needs no floor:
+        # it shares words with the message.)
+        self._min_similarity = min_similarity
         self._candidates = candidates
         self._index = VectorIndex()
         self._lock = asyncio.Lock()
@@ -229,7 +237,8 @@ class MemoryRetriever:
         if self._embedder is not None:
             await self._refresh()
             [vector] = await asyncio.to_thread(self._embedder.encode, [query])
-            dense_ids = self._index.search(vector, user_id, self._candidates)
+            dense_ids = self._index.search(vector, user_id, self._candidates,
+                                           self._min_similarity)
         lexical_ids = await self._store.lexical_search(
             lexical_terms(query), self._persona_id, user_id, self._candidates
         )

@@ -63,6 +63,16 @@ async def test_english_query_finds_english_chunk_by_meaning(store: Store, embedd
     assert {"id", "score", "source"} <= set(results[0].trace())
 
 
+async def test_an_unrelated_message_retrieves_nothing(store: Store, embedder: Any,
+                                                     knowledge: Path) -> None:
+    """The relevance floor: without it the nearest chunks join every prompt."""
+    retriever = MemoryRetriever(store, "pell", embedder)
+    await retriever.index_knowledge(knowledge)
+    assert await retriever.search("How do I file quarterly VAT returns for a GmbH?") == []
+    floorless = MemoryRetriever(store, "pell", embedder, min_similarity=-1.0)
+    assert len(await floorless.search("How do I file quarterly VAT returns for a GmbH?")) > 0
+
+
 async def test_reindex_skips_unchanged_and_drops_removed(store: Store, embedder: Any,
                                                          knowledge: Path) -> None:
     retriever = MemoryRetriever(store, "pell", embedder)
