@@ -292,24 +292,23 @@ def load_llm(model_dir: Path, quantization: str, placement: Placement,
 
 
 def load_embedder(model_path: str | None, device: str,
-                  quantization: str = "none") -> tuple[Any, Any, Path]:
-    """The embedder, 8-bit when asked (the seed's setting); full precision if 8-bit fails."""
+                  quantization: str = "none") -> tuple[Any, Path]:
+    """The embedder as a ``SentenceTransformer``, 8-bit when asked (the seed's setting); full
+    precision if 8-bit fails."""
     ensure_offline()
-    from transformers import AutoModel, AutoTokenizer
+    from sentence_transformers import SentenceTransformer
 
     path = embedder_source(model_path)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if quantization == "8bit":
         try:
-            model = AutoModel.from_pretrained(
-                path, local_files_only=True, device_map={"": device},
-                quantization_config=_quantization_config("8bit"),
-            ).eval()
-            return model, tokenizer, path
+            model = SentenceTransformer(
+                str(path), device=device, local_files_only=True,
+                model_kwargs={"quantization_config": _quantization_config("8bit"),
+                              "device_map": {"": device}})
+            return model.eval(), path
         except (ImportError, RuntimeError, ValueError) as exc:
             log.warning("8-bit embedder failed (%s); loading it in full precision", exc)
-    model = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval()
-    return model, tokenizer, path
+    return SentenceTransformer(str(path), device=device, local_files_only=True).eval(), path
 
 
 def _free_cuda() -> None:

@@ -12,6 +12,7 @@ computed off the event loop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -37,9 +38,10 @@ _STOPWORDS = frozenset({"the", "and", "for", "are", "was", "with", "what", "who"
 
 
 class Embedder(Protocol):
-    """Texts → L2-normalised float32 vectors, shape (len(texts), dim). Blocking."""
+    """Texts → L2-normalised float32 vectors, shape (len(texts), dim). Blocking. ``query``
+    marks a search query (retrieval models embed those with an instruction)."""
 
-    def encode(self, texts: list[str]) -> np.ndarray: ...
+    def encode(self, texts: list[str], *, query: bool = False) -> np.ndarray: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,7 +238,8 @@ class MemoryRetriever:
         dense_ids: list[int] = []
         if self._embedder is not None:
             await self._refresh()
-            [vector] = await asyncio.to_thread(self._embedder.encode, [query])
+            [vector] = await asyncio.to_thread(
+                functools.partial(self._embedder.encode, [query], query=True))
             dense_ids = self._index.search(vector, user_id, self._candidates,
                                            self._min_similarity)
         lexical_ids = await self._store.lexical_search(

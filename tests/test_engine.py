@@ -336,3 +336,32 @@ def test_embeddings_are_normalised_vectors(tmp_path: Path) -> None:
     norms = (vectors**2).sum(axis=1)
     assert all(abs(n - 1) < 1e-4 for n in norms)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_a_last_token_pooling_embedder_with_a_query_instruction(tmp_path: Path) -> None:
+    """Qwen3-Embedding's shape: the model's own sentence-transformers config decides the
+    pooling (last token) and adds the query instruction to queries only."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from engine.config import EmbeddingConfig
+    from engine.embedder import Embedder
+    from tests.tiny_model import build_tiny_last_token_embedder
+
+    instruction = "Instruct: find the passage that answers\nQuery: "
+    path = build_tiny_last_token_embedder(tmp_path, instruction)
+    embedder = Embedder(EmbeddingConfig(model_path=str(path)))
+    text = "the lighthouse keeper draws maps of the stars"
+    document, query = embedder.encode([text]), embedder.encode([text], query=True)
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = AutoModel.from_pretrained(path).eval()
+
+    def by_hand(words: str) -> torch.Tensor:
+        batch = tokenizer([words], return_tensors="pt")
+        with torch.inference_mode():
+            last = encoder(**batch).last_hidden_state[0, -1]
+        return torch.nn.functional.normalize(last, dim=-1)
+
+    assert torch.allclose(torch.from_numpy(document[0]), by_hand(text), atol=1e-5)
+    assert torch.allclose(torch.from_numpy(query[0]), by_hand(instruction + text), atol=1e-5)

@@ -69,3 +69,24 @@ def build_tiny_bert(target: Path) -> Path:
                         max_position_embeddings=512)
     BertModel(config).save_pretrained(target)
     return target
+
+
+def build_tiny_last_token_embedder(target: Path, query_prompt: str) -> Path:
+    """A sentence-transformers model with Qwen3-Embedding's shape: last-token pooling, a
+    query instruction in its config, normalised output (the tiny Qwen3 as its encoder)."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import (
+        Normalize,
+        Pooling,
+        Transformer,
+    )
+
+    # Plain text in (no chat-message modality), as an embedding model takes it.
+    encoder = Transformer(str(build_tiny_qwen3(target / "encoder")), modality_config={
+        "text": {"method": "forward", "method_output_name": "last_hidden_state"}},
+        module_output_name="token_embeddings")
+    pooling = Pooling(encoder.get_embedding_dimension(), pooling_mode="lasttoken")
+    model = SentenceTransformer(modules=[encoder, pooling, Normalize()],
+                                prompts={"query": query_prompt})
+    model.save(str(target / "embedder"))
+    return target / "embedder"
