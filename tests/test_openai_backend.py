@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import httpx2
 import pytest
 
 from engine import create_llm_manager
@@ -130,21 +131,22 @@ async def test_unreachable_server_is_a_clear_error() -> None:
 async def test_retries_with_backoff_before_the_first_token() -> None:
     calls = {"chat": 0}
 
-    def handler(http_request: httpx.Request) -> httpx.Response:
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
         if http_request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"data": [{"id": "m", "extra": 1}]})
+            return httpx2.Response(200, json={"data": [{"id": "m", "extra": 1}]})
         calls["chat"] += 1
         if calls["chat"] == 1:
-            return httpx.Response(503, text="warming up")
+            return httpx2.Response(503, text="warming up")
         body = (
             'data: {"choices":[{"delta":{"content":"Hi"},"index":0}],"stop_reason":null}\n\n'
             'data: {"choices":[{"delta":{"content":" there"},"finish_reason":"stop"}],'
             '"usage":{"completion_tokens":2,"prompt_tokens":5},"token_ids":[1,2]}\n\n'
             "data: [DONE]\n\n"
         )
-        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
-    backend = OpenAIBackend(settings_for("http://test/v1"), transport=httpx.MockTransport(handler))
+    backend = OpenAIBackend(settings_for("http://test/v1"),
+                            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
     await backend.start()
     try:
         text = "".join([c async for c in backend.generate(request())])
@@ -155,29 +157,29 @@ async def test_retries_with_backoff_before_the_first_token() -> None:
     assert backend.last_finish_reason == "stop"
 
 
-def _busy_then_ok(retry_after: str) -> tuple[httpx.MockTransport, list[float]]:
+def _busy_then_ok(retry_after: str) -> tuple[httpx2.AsyncClient, list[float]]:
     """A server that answers 429 with ``Retry-After`` once, then the reply; records when
     each chat request came."""
     import time
 
     seen: list[float] = []
 
-    def handler(http_request: httpx.Request) -> httpx.Response:
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
         if http_request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"data": [{"id": "m"}]})
+            return httpx2.Response(200, json={"data": [{"id": "m"}]})
         seen.append(time.monotonic())
         if len(seen) == 1:
-            return httpx.Response(429, text="slow down", headers={"Retry-After": retry_after})
+            return httpx2.Response(429, text="slow down", headers={"Retry-After": retry_after})
         body = ('data: {"choices":[{"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
                 "data: [DONE]\n\n")
-        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
-    return httpx.MockTransport(handler), seen
+    return httpx2.AsyncClient(transport=httpx2.MockTransport(handler)), seen
 
 
 async def test_429_waits_as_long_as_retry_after_says() -> None:
-    transport, seen = _busy_then_ok("1.5")
-    backend = OpenAIBackend(settings_for("http://test/v1"), transport=transport)
+    client, seen = _busy_then_ok("1.5")
+    backend = OpenAIBackend(settings_for("http://test/v1"), http_client=client)
     await backend.start()
     try:
         text = "".join([c async for c in backend.generate(request())])
@@ -190,8 +192,8 @@ async def test_429_waits_as_long_as_retry_after_says() -> None:
 async def test_a_retry_after_longer_than_a_live_reply_can_wait_fails_at_once() -> None:
     from engine.errors import BackendUnavailableError
 
-    transport, seen = _busy_then_ok("600")
-    backend = OpenAIBackend(settings_for("http://test/v1"), transport=transport)
+    client, seen = _busy_then_ok("600")
+    backend = OpenAIBackend(settings_for("http://test/v1"), http_client=client)
     await backend.start()
     try:
         with pytest.raises(BackendUnavailableError, match="Retry-After 600 s"):
@@ -256,16 +258,17 @@ async def test_seed_api_over_real_vllm(vllm_server: str) -> None:
 async def test_a_stream_cut_before_it_finished_is_an_error_not_a_reply() -> None:
     bodies: list[dict[str, Any]] = []
 
-    def handler(http_request: httpx.Request) -> httpx.Response:
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
         if http_request.url.path.endswith("/models"):
-            return httpx.Response(200, json={"data": [{"id": "m"}]})
+            return httpx2.Response(200, json={"data": [{"id": "m"}]})
         import json as json_module
 
         bodies.append(json_module.loads(http_request.content))
         body = 'data: {"choices":[{"delta":{"content":"Hi"},"index":0}]}\n\n'  # then nothing
-        return httpx.Response(200, text=body, headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
 
-    backend = OpenAIBackend(settings_for("http://test/v1"), transport=httpx.MockTransport(handler))
+    backend = OpenAIBackend(settings_for("http://test/v1"),
+                            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
     await backend.start()
     try:
         with pytest.raises(BackendUnavailableError, match="ended before the reply finished"):
