@@ -365,3 +365,21 @@ def test_a_last_token_pooling_embedder_with_a_query_instruction(tmp_path: Path) 
 
     assert torch.allclose(torch.from_numpy(document[0]), by_hand(text), atol=1e-5)
     assert torch.allclose(torch.from_numpy(query[0]), by_hand(instruction + text), atol=1e-5)
+
+
+def test_streamed_text_equals_the_full_decode_one_token_at_a_time(tiny_model_dir: Path) -> None:
+    """DecodeStream: a CJK character split over byte-level tokens is held back until it is
+    whole; the deltas add up to exactly what one decode of all ids gives."""
+    from transformers import AutoTokenizer
+
+    from engine.backends.transformers_backend import IncrementalDecoder
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    text = "你好，今天的星星很亮喔～ The lighthouse keeper 謝謝！"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    decoder = IncrementalDecoder(tokenizer)
+    deltas = [decoder.push([token_id]) for token_id in ids]
+    streamed = "".join(deltas) + decoder.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+    assert all("\ufffd" not in delta for delta in deltas)
+    assert decoder._stream is not None  # the fast path, not the quadratic re-decode
