@@ -372,7 +372,7 @@ def test_streamed_text_equals_the_full_decode_one_token_at_a_time(tiny_model_dir
     whole; the deltas add up to exactly what one decode of all ids gives."""
     from transformers import AutoTokenizer
 
-    from engine.backends.transformers_backend import IncrementalDecoder
+    from engine.backends.detokenize import IncrementalDecoder
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     text = "你好，今天的星星很亮喔～ The lighthouse keeper 謝謝！"
