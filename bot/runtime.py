@@ -9,7 +9,7 @@ import logging
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from bot.config import AppConfig
@@ -48,19 +48,25 @@ class Runtime:
     engine: LLMManager
     service: ConversationService
     retriever: MemoryRetriever | None = None
-    # One-time codes for linking accounts across platforms.
-    link_codes: LinkCodes = field(default_factory=LinkCodes)
+    # One-time codes for linking accounts across platforms (kept in the store).
+    link_codes: LinkCodes | None = None
+
+    def __post_init__(self) -> None:
+        if self.link_codes is None:
+            self.link_codes = LinkCodes(self.store)
 
     def allow_command(self, platform: str, platform_user_id: str) -> bool:
         return self.service.allow_command(platform, platform_user_id)
 
-    def create_link_code(self, platform: str, platform_user_id: str) -> str:
+    async def create_link_code(self, platform: str, platform_user_id: str) -> str:
         """A short-lived code the viewer types on another platform (``!link CODE``)."""
-        return self.link_codes.create(platform, platform_user_id)
+        assert self.link_codes is not None
+        return await self.link_codes.create(platform, platform_user_id)
 
     async def redeem_link_code(self, code: str, platform: str, platform_user_id: str,
                                display_name: str) -> bool:
-        request = self.link_codes.redeem(code, platform, platform_user_id)
+        assert self.link_codes is not None
+        request = await self.link_codes.redeem(code, platform, platform_user_id)
         if request is None:
             return False
         owner = await self.store.find_user(request.platform, request.platform_user_id)

@@ -157,6 +157,19 @@ class Memory(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class LinkCode(Base):
+    """An open account-link code, as a hash (a copy of the database reveals no live code)."""
+
+    __tablename__ = "link_codes"
+    __table_args__ = (Index("ix_link_codes_platform_user", "platform", "platform_user_id"),)
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    platform_user_id: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[datetime] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 # Tables scanned by delete/export: (table, column that names the user).
 USER_DATA_TABLES: tuple[tuple[type[Base], str], ...] = (
     (StateEvent, "user_id"),

@@ -62,7 +62,7 @@ async def export(services: RuntimeServices, caller: Caller, /) -> CommandResult:
 @requires(Access.EVERYONE)
 async def link_code(services: RuntimeServices, caller: Caller, /,
                     other_platform: str = "Twitch") -> CommandResult:
-    code = services.create_link_code(caller.platform, caller.platform_user_id)
+    code = await services.create_link_code(caller.platform, caller.platform_user_id)
     return CommandResult(
         f"Type `!link {code}` in the {other_platform} chat within {LINK_CODE_MINUTES} minutes "
         "to link that account to this one: your history, mood and intimacy will be shared.")

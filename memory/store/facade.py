@@ -12,6 +12,7 @@ from memory.store.conversations import Conversations
 from memory.store.database import Database
 from memory.store.identities import Identities
 from memory.store.intake import Intake
+from memory.store.link_codes import LinkCodeStore
 from memory.store.privacy import Privacy
 from memory.store.records import (
     ExportedUserData,
@@ -43,6 +44,7 @@ class Store:
         self.privacy = Privacy(db)
         self.memories = Memories(db)
         self.intake_log = Intake(db)
+        self.link_codes = LinkCodeStore(db)
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool = True,
@@ -190,6 +192,18 @@ class Store:
             intimacy_level=round(state.intimacy, 2),
             last_interaction_at=last.isoformat() if last else None,
         )
+
+    # -- link codes -------------------------------------------------------------------------
+
+    async def open_link_code(self, code_hash: str, platform: str, platform_user_id: str, *,
+                             now: datetime, expires_at: datetime, max_open: int) -> None:
+        await self.link_codes.open_code(code_hash, platform, platform_user_id, now=now,
+                                        expires_at=expires_at, max_open=max_open)
+
+    async def take_link_code(self, code_hash: str, *, now: datetime,
+                             redeeming_platform: str) -> tuple[str, str] | None:
+        return await self.link_codes.take_code(code_hash, now=now,
+                                               redeeming_platform=redeeming_platform)
 
     # -- privacy ----------------------------------------------------------------------------
 

@@ -1,0 +1,46 @@
+"""One-time link codes, kept as hashes: single use (taken with ``DELETE ... RETURNING``, so
+two processes can never both redeem one), expiring, at most ``max_open`` at a time."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, func, select
+
+from memory.models import LinkCode
+from memory.store.database import Database
+
+
+class LinkCodeStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def open_code(self, code_hash: str, platform: str, platform_user_id: str, *,
+                        now: datetime, expires_at: datetime, max_open: int) -> None:
+        """Store a new code; the viewer's earlier code and expired ones go, and the oldest
+        make room beyond ``max_open``."""
+        async with self._db.write() as session:
+            await session.execute(delete(LinkCode).where(
+                (LinkCode.expires_at <= now)
+                | ((LinkCode.platform == platform)
+                   & (LinkCode.platform_user_id == platform_user_id))))
+            count = int(await session.scalar(select(func.count()).select_from(LinkCode)) or 0)
+            if count >= max_open:
+                oldest = select(LinkCode.code_hash).order_by(LinkCode.created_at).limit(
+                    count - max_open + 1)
+                await session.execute(delete(LinkCode).where(LinkCode.code_hash.in_(oldest)))
+            session.add(LinkCode(code_hash=code_hash, platform=platform,
+                                 platform_user_id=platform_user_id, expires_at=expires_at,
+                                 created_at=now))
+
+    async def take_code(self, code_hash: str, *, now: datetime,
+                        redeeming_platform: str) -> tuple[str, str] | None:
+        """The (platform, platform user id) that opened the code, which is used up; None if
+        unknown, expired, or opened on the redeeming platform itself (then it stays)."""
+        async with self._db.write() as session:
+            row = (await session.execute(
+                delete(LinkCode)
+                .where(LinkCode.code_hash == code_hash, LinkCode.expires_at > now,
+                       LinkCode.platform != redeeming_platform)
+                .returning(LinkCode.platform, LinkCode.platform_user_id))).first()
+        return (row.platform, row.platform_user_id) if row is not None else None
