@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -390,3 +391,19 @@ def test_cli_import_writes_the_lorebook_as_knowledge_the_persona_retrieves(
     assert folder is not None and folder == tmp_path / "keeper-knowledge"
     [entry] = sorted(folder.glob("*.md"))
     assert "whale oil" in entry.read_text(encoding="utf-8")
+    asyncio.run(_retrieves(folder, persona.id, tmp_path / "kb.db"))
+
+
+async def _retrieves(folder: Path, persona_id: str, db: Path) -> None:
+    """The lorebook entry is persona knowledge a viewer's question retrieves."""
+    from memory.rag import MemoryRetriever
+    from memory.store import Store
+
+    store = await Store.open(f"sqlite+aiosqlite:///{db}")
+    try:
+        retriever = MemoryRetriever(store, persona_id)  # lexical search alone is enough here
+        await retriever.index_knowledge(folder)
+        [found] = await retriever.search("what does the lamp burn?")
+        assert "whale oil" in found.text and found.scope == "persona"
+    finally:
+        await store.close()
