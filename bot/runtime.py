@@ -271,9 +271,24 @@ async def open_runtime(
             service = ConversationService(config, engine, store, clock=clock,
                                           retriever=retriever)
             await service.recover()
+            warm_up = asyncio.create_task(_load_embedder(engine), name="embedder-warm-up")
             try:
                 yield Runtime(config, paths, store, engine, service, retriever)
             finally:
                 await service.drain(config.limits.shutdown_grace_s)
+                await warm_up  # its thread cannot be interrupted; let it end first
         finally:
             await engine.aclose()
+
+
+async def _load_embedder(engine: LLMManager) -> None:
+    """Load the embedder in the background while the operator types, so the first message
+    does not wait for it (seconds: sentence-transformers and the model)."""
+    embedder = engine.embedder
+    if embedder is None or embedder.loaded:
+        return
+    try:
+        await asyncio.to_thread(embedder.load)
+    except Exception as exc:  # noqa: BLE001 - reported again, with context, at first use
+        log.warning("embedding model did not load in the background: %s: %s",
+                    type(exc).__name__, exc)
