@@ -58,6 +58,8 @@ class Placement:
     llm_max_memory: dict[int | str, str] = field(default_factory=dict)
     embedder_device: str = "cpu"
     notes: tuple[str, ...] = ()
+    # Module name -> GPU for a model split over several GPUs (None: accelerate's "auto").
+    layer_map: dict[str, int] | None = None
 
     @property
     def device_map(self) -> str | None:

@@ -244,6 +244,8 @@ def _load_kwargs(step: str, placement: Placement) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"dtype": half}
     if not on_gpu:
         kwargs["device_map"] = {"": "cpu"}
+    elif len(placement.llm_gpus) > 1 and placement.layer_map:
+        kwargs["device_map"] = dict(placement.layer_map)
     elif len(placement.llm_gpus) > 1:
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = dict(placement.llm_max_memory)

@@ -23,6 +23,7 @@ from engine.backends.detokenize import IncrementalDecoder
 from engine.config import LLMConfig
 from engine.errors import BackendUnavailableError, EngineError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
+from engine.model_fit import estimate_model_bytes, fit_to_model
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
 from engine.types import GenerationRequest, SamplingParams
 
@@ -132,10 +133,13 @@ class TransformersBackend:
 
     def _load(self) -> None:
         config = self._config
-        if self._placement is None:
-            self._placement = plan_placement(discover_devices(), config.device)
         cache = self._cache_dir or Path.cwd() / ".cache"
         self.model_dir = resolve_llm_dir(config.model_path, config.gguf_file, cache)
+        if self._placement is None:
+            devices = discover_devices()
+            self._placement = fit_to_model(
+                plan_placement(devices, config.device), devices,
+                estimate_model_bytes(self.model_dir, config.quantization), self.model_dir)
         self.model, self.tokenizer = load_llm(
             self.model_dir, config.quantization, self._placement, self.report
         )
