@@ -74,9 +74,13 @@ def _alternatives(words: Iterable[str]) -> str:
     return "|".join(_folded(w) for w in sorted(set(words), key=len, reverse=True))
 
 
-def _role_names(options: FilterOptions) -> str:
-    names = [n for n in options.persona_names if n.strip()]
-    return _alternatives([*names, *_GENERIC_ROLES])
+@functools.lru_cache(maxsize=64)
+def _role_prefix(persona_names: tuple[str, ...]) -> re.Pattern[str]:
+    """A role label of the persona or a generic role, at a line start or mid-line; built
+    once per persona (it was rebuilt for every preview and reply)."""
+    names = _alternatives([*(n for n in persona_names if n.strip()), *_GENERIC_ROLES])
+    return re.compile(rf"^\s*(?:{names})\s*[:：]\s*|{_MID_LINE}(?:{names})\s*[:：]\s*",
+                      re.I | re.M)
 
 
 def strip_reasoning(text: str) -> str:
@@ -110,9 +114,7 @@ def cut_fabricated_turn(text: str) -> str:
 
 
 def strip_role_prefixes(text: str, options: FilterOptions) -> str:
-    names = _role_names(options)
-    pattern = re.compile(rf"^\s*(?:{names})\s*[:：]\s*|{_MID_LINE}(?:{names})\s*[:：]\s*",
-                         re.I | re.M)
+    pattern = _role_prefix(tuple(options.persona_names))
     previous = None
     while previous != text:  # "Assistant: 露米：hi" needs two passes
         previous, text = text, _OWN_ROLE_LINE.sub("", pattern.sub("", text))
