@@ -35,12 +35,17 @@ async def cmd_export_transcript(args: argparse.Namespace, config: AppConfig,
                                 paths: DataPaths) -> int:
     lines = await _stored_transcript(args, config, paths)
     text = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    if args.out:
-        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
-        print(f"wrote {len(lines)} lines to {args.out}", file=sys.stderr)
+    await _write_out(text, args.out, f"{len(lines)} lines")
+    return 0
+
+
+async def _write_out(text: str, out: str | None, what: str) -> None:
+    """To ``out`` (saying so on stderr), or to stdout."""
+    if out:
+        await asyncio.to_thread(Path(out).write_text, text, "utf-8")
+        print(f"wrote {what} to {out}", file=sys.stderr)
     else:
         sys.stdout.write(text)
-    return 0
 
 
 async def cmd_replay(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
@@ -123,9 +128,5 @@ async def cmd_export(args: argparse.Namespace, config: AppConfig, paths: DataPat
         print(f"error: nothing stored about {args.platform}:{args.user}", file=sys.stderr)
         return 1
     text = json.dumps(data, ensure_ascii=False, indent=2, default=str) + "\n"
-    if args.out:
-        await asyncio.to_thread(Path(args.out).write_text, text, "utf-8")
-        print(f"wrote {args.out}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+    await _write_out(text, args.out, f"{args.platform}:{args.user}'s data")
     return 0

@@ -42,3 +42,11 @@ class PlatformUnreachableError(BotError):
     a URL with a client secret in it."""
 
     exit_code = EXIT_UNAVAILABLE
+
+    @classmethod
+    def http(cls, platform: str, status: int) -> PlatformUnreachableError:
+        return cls(f"{platform} answered HTTP {status} while logging in; try again later")
+
+    @classmethod
+    def network(cls, platform: str, exc: BaseException) -> PlatformUnreachableError:
+        return cls(f"cannot reach {platform} ({type(exc).__name__}): check the network")

@@ -193,12 +193,9 @@ class DiscordAdapter:
                 "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
             ) from None
         except discord.HTTPException as exc:
-            raise PlatformUnreachableError(
-                f"Discord answered HTTP {exc.status} while logging in; try again later"
-            ) from None
+            raise PlatformUnreachableError.http("Discord", exc.status) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PlatformUnreachableError(
-                f"cannot reach Discord ({type(exc).__name__}): check the network") from None
+            raise PlatformUnreachableError.network("Discord", exc) from None
 
     async def close(self) -> None:
         await self.client.close()

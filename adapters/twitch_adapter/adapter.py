@@ -170,12 +170,9 @@ class TwitchAdapter:
                     f"Twitch rejected the credentials (HTTP {exc.status}): check TWITCH_CLIENT_ID"
                     ", TWITCH_CLIENT_SECRET and TWITCH_ACCESS_TOKEN") from None
             # Only the status: twitchio's text can quote the token URL with the client secret.
-            raise PlatformUnreachableError(
-                f"Twitch answered HTTP {exc.status} while logging in; try again later"
-            ) from None
+            raise PlatformUnreachableError.http("Twitch", exc.status) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PlatformUnreachableError(
-                f"cannot reach Twitch ({type(exc).__name__}): check the network") from None
+            raise PlatformUnreachableError.network("Twitch", exc) from None
 
     async def close(self) -> None:
         await self.client.close()
