@@ -71,3 +71,15 @@ def test_unknown_architectures_and_single_gpus_are_left_alone(tmp_path: Path) ->
     assert big.layer_map is None and len(big.llm_gpus) == 4  # accelerate's "auto" decides
     one = plan_placement(_gpus(1))
     assert fit_to_model(one, _gpus(1), 200 * GIB, tmp_path) == one
+
+
+def test_the_layer_map_places_every_parameter_of_a_real_qwen3(tiny_model_dir: Path) -> None:
+    """Every weight of the real model class falls under exactly one mapped module name."""
+    from transformers import AutoModelForCausalLM
+
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    mapping = layer_device_map(layers, [0, 1], [1.0, 1.0])
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    for name, _ in model.named_parameters():
+        owners = [m for m in mapping if name == m or name.startswith(m + ".")]
+        assert len(owners) == 1, name
