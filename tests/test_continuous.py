@@ -1,0 +1,110 @@
+"""Continuous batching on CPU with the tiny Qwen3: greedy output is token-identical to
+``generate()`` on each prompt alone, whoever joins or leaves mid-flight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from engine.continuous import ContinuousBatch, supports
+
+PROMPTS = ["hello there, how are you today?", "你好，今天的星星很亮喔～",
+           "The lighthouse keeper draws maps of the stars. What does she draw?",
+           "good night"]
+NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def _alone(model: Any, ids: list[int]) -> list[int]:
+    import torch
+
+    out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False)
+    return [int(t) for t in out[0, len(ids):]]
+
+
+def _drive(batch: ContinuousBatch, arrivals: dict[int, list[tuple[str, list[int]]]],
+           cancel: dict[int, str] | None = None) -> dict[str, list[int]]:
+    """Run steps; at step N, the requests in ``arrivals[N]`` join (and ``cancel[N]``
+    leaves); finished rows leave after every step. Returns each request's tokens."""
+    results: dict[str, list[int]] = {}
+    step = 0
+    while step <= max(arrivals) or batch.size:
+        for request_id, ids in arrivals.get(step, []):
+            batch.join(request_id, ids, NEW_TOKENS, frozenset())
+        if cancel and step in cancel:
+            batch.leave({cancel[step]})
+        batch.step()
+        done = batch.finished()
+        for row in done:
+            results[row.request_id] = list(row.tokens)
+        batch.leave({row.request_id for row in done})
+        step += 1
+    return results
+
+
+def test_the_tiny_model_qualifies(tiny: tuple[Any, Any]) -> None:
+    assert supports(tiny[0])
+
+
+def test_staggered_arrivals_match_generate_token_for_token(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
+    arrivals = {0: [("r0", ids[0])], 3: [("r1", ids[1])], 4: [("r2", ids[2])],
+                9: [("r3", ids[3])]}
+    assert _drive(ContinuousBatch(model), arrivals) == expected
+
+
+def test_a_row_joining_does_not_change_the_others(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    alone = _drive(ContinuousBatch(model), {0: [("a", ids[2])]})
+    crowded = _drive(ContinuousBatch(model), {0: [("a", ids[2])], 2: [("b", ids[0])],
+                                              5: [("c", ids[1]), ("d", ids[3])]})
+    assert crowded["a"] == alone["a"]
+
+
+def test_a_cancelled_row_frees_its_slot_at_once(tiny: tuple[Any, Any]) -> None:
+    model, tokenizer = tiny
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    batch = ContinuousBatch(model)
+    batch.join("long", ids[2], NEW_TOKENS, frozenset())
+    batch.join("short", ids[3], NEW_TOKENS, frozenset())
+    batch.step()
+    batch.leave({"long"})
+    assert [row.request_id for row in batch.rows] == ["short"]
+    # The longest prompt left: the padding it forced on the others is trimmed away.
+    assert batch._mask is not None and bool(batch._mask[:, 0].all())
+    results = _drive(batch, {0: []})
+    assert results["short"] == _alone(model, ids[3])
+
+
+def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny: tuple[Any, Any]) -> None:
+    """The persona's system prompt: its KV is computed once and copied into every request
+    that starts with it; output stays token-identical; dropping it (persona changed) works."""
+    model, tokenizer = tiny
+    system = tokenizer.encode("system user assistant good night see you tomorrow",
+                              add_special_tokens=False)
+    ids = [system + tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    expected = {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
+    batch = ContinuousBatch(model)
+    batch.set_prefix(system)
+    arrivals = {0: [("r0", ids[0])], 2: [("r1", ids[1]), ("r2", ids[2])], 6: [("r3", ids[3])]}
+    assert _drive(batch, arrivals) == expected
+    assert batch.prefix_hits == 4
+    batch.set_prefix([])  # invalidated: a new persona
+    other = tokenizer.encode("hello there", add_special_tokens=False)
+    assert _drive(batch, {0: [("x", other)]}) == {"x": _alone(model, other)}
+    assert batch.prefix_hits == 4
