@@ -80,6 +80,9 @@ class LLMConfig(Section):
     batch_window_ms: float = Field(10.0, ge=0, le=1000)
     # Static KV cache (lets transformers compile the decode step): auto = on for bf16/fp16 GPU.
     static_cache: Literal["auto", "on", "off"] = "auto"
+    # Requests join and leave the running batch between decode steps (Llama/Qwen/Mistral
+    # families): auto = on a GPU; on = also on the CPU; off = one generate() per micro-batch.
+    continuous_batching: Literal["auto", "on", "off"] = "auto"
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

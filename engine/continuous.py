@@ -17,6 +17,7 @@ This is the engine's building block for issue "Engine"; the backend does not dri
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,12 +33,21 @@ def supports(model: Any) -> bool:
         config, "sliding_window", None)
 
 
+# Chooses a row's next token from its logits (1-D) and what it generated so far.
+Picker = Callable[[torch.Tensor, list[int]], int]
+
+
+def greedy(logits: torch.Tensor, _generated: list[int]) -> int:
+    return int(logits.argmax())
+
+
 @dataclass
 class Row:
     request_id: str
     max_new_tokens: int
     eos_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)  # generated so far
+    pick: Picker = greedy
 
     @property
     def finished(self) -> bool:
@@ -105,7 +115,7 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
-             eos_ids: frozenset[int]) -> int:
+             eos_ids: frozenset[int], pick: Picker = greedy) -> int:
         """Prefill ``prompt_ids`` alone (past the shared prefix), add the row, return its
         first token."""
         device = self.model.device
@@ -114,8 +124,8 @@ class ContinuousBatch:
         positions = torch.arange(covered, len(prompt_ids), device=device)[None]
         out = self.model(input_ids=rest, position_ids=positions, use_cache=True,
                          **{self._cache_kw: cache})
-        first = int(out.logits[0, -1].argmax())
-        row = Row(request_id, max_new_tokens, eos_ids, [first])
+        first = pick(out.logits[0, -1], [])
+        row = Row(request_id, max_new_tokens, eos_ids, [first], pick)
         mask = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device)
         positions = torch.tensor([len(prompt_ids)], device=device)
         last = torch.tensor([[first]], device=device)
@@ -131,12 +141,17 @@ class ContinuousBatch:
         assert self._cache is not None and self._mask is not None
         assert self._positions is not None and self._last is not None
         width = max(self._mask.shape[1], mask.shape[1])
-        self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-        for mine, theirs in zip(_kv_layers(self._cache), _kv_layers(cache), strict=True):
-            mine.keys = torch.cat([_pad_left(mine.keys, width, 2),
-                                   _pad_left(theirs.keys, width, 2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, 2),
-                                     _pad_left(theirs.values, width, 2)])
+        layers = list(zip(_kv_layers(self._cache), _kv_layers(cache), strict=True))
+        # Everything is built before anything is replaced: running out of memory half way
+        # leaves the batch as it was.
+        stacked = [(torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)]),
+                    torch.cat([_pad_left(mine.values, width, 2),
+                               _pad_left(theirs.values, width, 2)]))
+                   for mine, theirs in layers]
+        new_mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
+        for (mine, _theirs), (keys, values) in zip(layers, stacked, strict=True):
+            mine.keys, mine.values = keys, values
+        self._mask = new_mask
         self._positions = torch.cat([self._positions, positions])
         self._last = torch.cat([self._last, last])
 
@@ -150,7 +165,12 @@ class ContinuousBatch:
         out = self.model(input_ids=self._last, attention_mask=mask,
                          position_ids=self._positions[:, None], use_cache=True,
                          **{self._cache_kw: self._cache})
-        tokens = out.logits[:, -1].argmax(dim=-1)
+        logits = out.logits[:, -1]
+        if all(row.pick is greedy for row in self.rows):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.tensor([row.pick(logits[i], row.tokens)
+                                   for i, row in enumerate(self.rows)], device=logits.device)
         self._mask, self._positions, self._last = mask, self._positions + 1, tokens[:, None]
         produced = []
         for row, token in zip(self.rows, tokens.tolist(), strict=True):

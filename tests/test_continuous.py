@@ -108,3 +108,75 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny: tuple[Any, 
     other = tokenizer.encode("hello there", add_special_tokens=False)
     assert _drive(batch, {0: [("x", other)]}) == {"x": _alone(model, other)}
     assert batch.prefix_hits == 4
+
+
+async def test_the_backend_answers_concurrent_requests_through_the_continuous_loop(
+        tiny_model_dir: Path) -> None:
+    """The backend in continuous mode, CPU: greedy replies equal the micro-batcher's, rows
+    joining mid-flight included."""
+    import asyncio
+
+    from engine.backends.transformers_backend import TransformersBackend
+    from engine.config import LLMConfig
+    from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    def request(text: str, **sampling: Any) -> GenerationRequest:
+        params = SamplingParams(max_new_tokens=10, temperature=0.0, **sampling)
+        return GenerationRequest(messages=(ChatMessage("system", "You draw star maps."),
+                                           ChatMessage("user", text)), sampling=params)
+
+    async def reply(backend: TransformersBackend, req: GenerationRequest,
+                    delay: float = 0.0) -> str:
+        await asyncio.sleep(delay)
+        return "".join([chunk async for chunk in backend.generate(req)])
+
+    async def answers(mode: str) -> tuple[list[str], TransformersBackend]:
+        backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
+                                                continuous_batching=mode))
+        await backend.start()
+        try:
+            texts = await asyncio.gather(*(reply(backend, request(p), 0.02 * i)
+                                           for i, p in enumerate(PROMPTS)))
+        finally:
+            await backend.close()
+        return list(texts), backend
+
+    continuous, backend = await answers("on")
+    assert backend.continuous is not None and backend.continuous.steps > 0
+    batched, plain = await answers("off")
+    assert plain.continuous is None
+    assert continuous == batched
+
+
+async def test_cancel_frees_the_row_and_a_seed_repeats_a_sampled_reply(
+        tiny_model_dir: Path) -> None:
+    import asyncio
+
+    from engine.backends.transformers_backend import TransformersBackend
+    from engine.config import LLMConfig
+    from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
+                                            continuous_batching="on"))
+    await backend.start()
+    try:
+        def request(**sampling: Any) -> GenerationRequest:
+            return GenerationRequest(messages=(ChatMessage("user", "hello there"),),
+                                     sampling=SamplingParams(**sampling))
+
+        stream = backend.generate(request(max_new_tokens=400, min_new_tokens=400))
+        await anext(stream)  # the first text arrived: the row is running
+        await stream.aclose()  # the viewer's request was cancelled
+        worker = backend.continuous
+        assert worker is not None
+        for _ in range(200):
+            if not worker._running:
+                break
+            await asyncio.sleep(0.01)
+        assert not worker._running and worker._batch.size == 0
+        seeded = request(max_new_tokens=12, temperature=0.9, top_k=20, seed=7)
+        first = "".join([c async for c in backend.generate(seeded)])
+        again = "".join([c async for c in backend.generate(seeded)])
+        assert first == again and first
+    finally:
+        await backend.close()

@@ -14,13 +14,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
+from engine.backends.jobs import END, STOP_WORKER, Failure, Job
 from engine.config import LLMConfig
+from engine.continuous import supports
 from engine.errors import BackendUnavailableError, EngineError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_fit import estimate_model_bytes, fit_to_model
@@ -29,40 +32,11 @@ from engine.types import GenerationRequest, SamplingParams
 
 log = logging.getLogger(__name__)
 
-_END = object()
-_STOP_WORKER = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Failure:
-    error: BaseException
-
-
-@dataclass
-class _Job:
-    request: GenerationRequest
-    emit: Callable[[Any], None]
-    abort: threading.Event
-    decoder: IncrementalDecoder | None = None
-    generated: int = 0
-    done: bool = False
-    ended: bool = False
-
-    def finish(self) -> None:
-        if not self.ended:
-            self.ended = True
-            if self.decoder is not None:
-                tail = self.decoder.flush()
-                if tail:
-                    self.emit(tail)
-            self.emit(_END)
-
-
 @dataclass
 class _BatchStreamer:
     """transformers streamer for a batch: the prompt first, then one token per row per step."""
 
-    jobs: list[_Job]
+    jobs: list[Job]
     eos_ids: set[int]
     prompt_seen: bool = field(default=False)
 
@@ -109,7 +83,7 @@ class TransformersBackend:
         self._config = config
         self._cache_dir = cache_dir
         self._placement = placement
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._aborts: dict[str, threading.Event] = {}
         self.max_batch_size = config.max_batch_size
@@ -120,6 +94,7 @@ class TransformersBackend:
         self.static_cache = False
         self.batches_run = 0
         self.oom_retries = 0
+        self.continuous: ContinuousWorker | None = None
         self._closed = False
 
     @property
@@ -128,7 +103,11 @@ class TransformersBackend:
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
-        self._worker = threading.Thread(target=self._work, name="llm-worker", daemon=True)
+        loop = self._work
+        if self._continuous():
+            self.continuous = ContinuousWorker(self, self._jobs)
+            loop = self.continuous.run
+        self._worker = threading.Thread(target=loop, name="llm-worker", daemon=True)
         self._worker.start()
 
     def _load(self) -> None:
@@ -167,13 +146,13 @@ class TransformersBackend:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._jobs.put(_Job(request, emit, abort))
+        self._jobs.put(Job(request, emit, abort))
         try:
             while True:
                 item = await chunks.get()
-                if item is _END:
+                if item is END:
                     break
-                if isinstance(item, _Failure):
+                if isinstance(item, Failure):
                     raise item.error
                 yield item
         finally:
@@ -185,16 +164,16 @@ class TransformersBackend:
     def _work(self) -> None:
         while True:
             first = self._jobs.get()
-            if first is _STOP_WORKER:
+            if first is STOP_WORKER:
                 return
             batch = self._collect(first)
-            groups: dict[tuple[Any, ...], list[_Job]] = {}
+            groups: dict[tuple[Any, ...], list[Job]] = {}
             for job in batch:
                 groups.setdefault(_sampling_key(job.request.sampling), []).append(job)
             for jobs in groups.values():
                 self._run_with_oom_retry(jobs)
 
-    def _collect(self, first: _Job) -> list[Any]:
+    def _collect(self, first: Job) -> list[Any]:
         """The first job plus whatever arrives within the batching window."""
         batch: list[Any] = [first]
         deadline = time.monotonic() + self._config.batch_window_ms / 1000
@@ -206,17 +185,17 @@ class TransformersBackend:
                 job = self._jobs.get(timeout=remaining)
             except queue.Empty:
                 break
-            if job is _STOP_WORKER:
-                self._jobs.put(_STOP_WORKER)
+            if job is STOP_WORKER:
+                self._jobs.put(STOP_WORKER)
                 break
             batch.append(job)
         return batch
 
-    def _run_with_oom_retry(self, jobs: list[_Job]) -> None:
+    def _run_with_oom_retry(self, jobs: list[Job]) -> None:
         live = [job for job in jobs if not job.abort.is_set()]
         for job in jobs:
             if job.abort.is_set():
-                job.emit(_Failure(GenerationAborted(job.request.request_id)))
+                job.emit(Failure(GenerationAborted(job.request.request_id)))
                 job.ended = True
         if not live:
             return
@@ -224,7 +203,7 @@ class TransformersBackend:
             self._generate_batch(live)
         except Exception as error:  # noqa: BLE001 - every failure must reach its requester
             if _is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
-                self._free_memory()
+                self.free_memory()
                 self.oom_retries += 1
                 self.max_batch_size = max(1, len(live) // 2)
                 log.warning("out of memory with a batch of %d; retrying as %d", len(live),
@@ -236,19 +215,19 @@ class TransformersBackend:
                 self._run_with_oom_retry(live[half:])
                 return
             if _is_oom(error):
-                self._free_memory()
+                self.free_memory()
             log.error("generation failed for %d request(s): %s", len(live), error)
             failure = error if isinstance(error, EngineError) else EngineError(
                 f"generation failed: {type(error).__name__}: {error}")
             for job in live:
                 if not job.ended:
                     job.ended = True
-                    job.emit(_Failure(failure))
+                    job.emit(Failure(failure))
             return
         for job in live:
             job.finish()
 
-    def _generate_batch(self, jobs: list[_Job]) -> None:
+    def _generate_batch(self, jobs: list[Job]) -> None:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -257,9 +236,7 @@ class TransformersBackend:
             job.generated = 0
         inputs = self._encode_batch([job.request for job in jobs])
         sampling = jobs[0].request.sampling
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        eos_ids.add(self.tokenizer.eos_token_id)
+        eos_ids = set(self.eos_ids())
 
         class _RowsDone(StoppingCriteria):
             def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
@@ -288,6 +265,28 @@ class TransformersBackend:
             self.model.generate(**inputs, **kwargs)
         self.batches_run += 1
         log.debug("batch of %d generated in %.2f s", len(jobs), time.monotonic() - started)
+
+    def _continuous(self) -> bool:
+        """Continuous batching: "on" where the model qualifies, "auto" also only on a GPU."""
+        wanted = self._config.continuous_batching
+        on_gpu = self._placement is not None and self._placement.llm_device != "cpu"
+        return supports(self.model) and (wanted == "on" or (wanted == "auto" and on_gpu))
+
+    def eos_ids(self) -> frozenset[int]:
+        eos = self.model.generation_config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        return frozenset({*ids, self.tokenizer.eos_token_id} - {None})
+
+    def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]:
+        """(the shared prefix: the system turn alone, if the prompt starts with it; the
+        whole prompt)."""
+        prompt = self._prompt_ids(job.request)
+        messages = job.request.as_dicts()
+        if not messages or messages[0]["role"] != "system":
+            return [], prompt
+        system = self.tokenizer.apply_chat_template(messages[:1], enable_thinking=False)
+        prefix = list(system["input_ids"] if hasattr(system, "keys") else system)
+        return (prefix, prompt) if prompt[:len(prefix)] == prefix else ([], prompt)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         """Chat template within the budget. The system prompt (the persona and its rules) is
@@ -326,7 +325,7 @@ class TransformersBackend:
         device = next(self.model.parameters()).device
         return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
-    def _free_memory(self) -> None:
+    def free_memory(self) -> None:
         import gc
 
         import torch
@@ -367,7 +366,7 @@ class TransformersBackend:
         for event in self._aborts.values():
             event.set()
         if self._worker is not None:
-            self._jobs.put(_STOP_WORKER)
+            self._jobs.put(STOP_WORKER)
             await asyncio.to_thread(self._worker.join, 30)
             self._worker = None
         self.model = None

@@ -1,0 +1,158 @@
+"""The in-process backend's decode loop with continuous batching (``llm.continuous_batching``).
+
+Between two decode steps, waiting requests join (each prefilled on its own, past the shared
+persona prefix when its prompt starts with it) and finished or cancelled ones leave, so a
+viewer who arrives mid-batch waits one step, not a whole batch. Each request keeps its own
+sampling parameters. Out of memory while a request joins: it waits in the queue and the batch
+limit halves; while decoding: the running rows fail (a half-done step leaves their caches
+unusable), the limit halves, and the waiting ones go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections import deque
+from typing import Any, Protocol
+
+from engine.backends.detokenize import IncrementalDecoder
+from engine.backends.jobs import STOP_WORKER, Failure, Job
+from engine.continuous import ContinuousBatch
+from engine.errors import EngineError, GenerationAborted
+from engine.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class _Backend(Protocol):
+    model: Any
+    tokenizer: Any
+    max_batch_size: int
+    oom_retries: int
+
+    def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]: ...
+
+    def eos_ids(self) -> frozenset[int]: ...
+
+    def free_memory(self) -> None: ...
+
+
+def is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+class ContinuousWorker:
+    def __init__(self, backend: _Backend, jobs: queue.Queue[Job | None]) -> None:
+        self._backend = backend
+        self._jobs = jobs
+        self._waiting: deque[Job] = deque()
+        self._running: dict[str, Job] = {}
+        self._batch = ContinuousBatch(backend.model)
+        self._prefix: list[int] = []
+        self._eos = backend.eos_ids()
+        self.steps = 0
+
+    def run(self) -> None:
+        """Until ``STOP_WORKER``: admit, step, retire."""
+        while self._fetch(block=not self._running and not self._waiting):
+            self._admit()
+            if self._running:
+                self._step()
+
+    def _fetch(self, block: bool) -> bool:
+        """Move queued jobs to the waiting line; False once the worker must stop."""
+        try:
+            job = self._jobs.get(block=block)
+            while True:
+                if job is STOP_WORKER:
+                    self._fail_all(EngineError("the backend is closing"))
+                    return False
+                self._waiting.append(job)
+                job = self._jobs.get_nowait()
+        except queue.Empty:
+            return True
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self._backend.max_batch_size:
+            job = self._waiting.popleft()
+            if job.abort.is_set():
+                job.ended = True
+                job.emit(Failure(GenerationAborted(job.request.request_id)))
+                continue
+            try:
+                self._join(job)
+            except Exception as error:  # noqa: BLE001 - every failure reaches its requester
+                if is_oom(error) and self._running:
+                    self._backend.free_memory()
+                    self._shrink("a request joined")
+                    self._waiting.appendleft(job)  # it joins once rows have left
+                    return
+                self._fail(job, error)
+
+    def _join(self, job: Job) -> None:
+        prefix, prompt = self._backend.prompt_parts(job)
+        if prefix != self._prefix:  # first request, or the persona changed
+            self._batch.set_prefix(prefix)
+            self._prefix = prefix
+        sampling = job.request.sampling
+        job.decoder = IncrementalDecoder(self._backend.tokenizer)
+        request_id = job.request.request_id
+        first = self._batch.join(request_id, prompt, sampling.max_new_tokens, self._eos,
+                                 Sampler(sampling, prompt, self._eos))
+        self._running[request_id] = job
+        self._deliver(job, first)
+
+    def _step(self) -> None:
+        try:
+            produced = self._batch.step()
+        except Exception as error:  # noqa: BLE001 - every failure reaches its requester
+            # A step that failed half way leaves the rows' caches unusable: all of them fail
+            # (their viewers get the fallback), the batch starts afresh.
+            if is_oom(error):
+                self._shrink("decoding")
+            for job in self._running.values():
+                self._fail(job, error)
+            self._running.clear()
+            self._batch = ContinuousBatch(self._backend.model)
+            self._prefix = []
+            self._backend.free_memory()
+            return
+        self.steps += 1
+        for request_id, token in produced:
+            self._deliver(self._running[request_id], token)
+        gone = {row.request_id for row in self._batch.rows
+                if row.finished or self._running[row.request_id].abort.is_set()}
+        self._batch.leave(gone)
+        for request_id in gone:
+            self._running.pop(request_id).finish()
+
+    def _deliver(self, job: Job, token: int) -> None:
+        if token in self._eos:
+            return
+        job.generated += 1
+        assert job.decoder is not None
+        delta = job.decoder.push([token])
+        if delta:
+            job.emit(delta)
+
+    def _shrink(self, when: str) -> None:
+        self._backend.oom_retries += 1
+        self._backend.max_batch_size = max(1, len(self._running) // 2)
+        log.warning("out of memory while %s; batch limit now %d", when,
+                    self._backend.max_batch_size)
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        log.error("generation failed for %s: %s", job.request.request_id, error)
+        failure = error if isinstance(error, EngineError) else EngineError(
+            f"generation failed: {type(error).__name__}: {error}")
+        job.ended = True
+        job.emit(Failure(failure))
+
+    def _fail_all(self, error: EngineError) -> None:
+        for job in [*self._running.values(), *self._waiting]:
+            if not job.ended:
+                self._fail(job, error)
+        self._running.clear()
+        self._waiting.clear()

@@ -1,0 +1,40 @@
+"""What the in-process backend's worker thread passes around: a job per request, the items
+it emits to the request's async consumer, and the sentinel that stops the worker."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from engine.backends.detokenize import IncrementalDecoder
+from engine.types import GenerationRequest
+
+END = object()
+STOP_WORKER = None
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    error: BaseException
+
+
+@dataclass
+class Job:
+    request: GenerationRequest
+    emit: Callable[[Any], None]
+    abort: threading.Event
+    decoder: IncrementalDecoder | None = None
+    generated: int = 0
+    done: bool = False
+    ended: bool = False
+
+    def finish(self) -> None:
+        if not self.ended:
+            self.ended = True
+            if self.decoder is not None:
+                tail = self.decoder.flush()
+                if tail:
+                    self.emit(tail)
+            self.emit(END)
