@@ -1,0 +1,168 @@
+"""Engine under live-chat arrivals: the micro-batcher against continuous batching, one run.
+
+    python -m benchmarks.arrivals_bench [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+
+Random Qwen3-8B-shaped weights (bf16; the vocabulary is the small test tokenizer's, so every
+generated id streams as text and time to first token is measured from the stream), a shared
+~1,200-token persona system prompt, 50-250 unique tokens per viewer, 60-token replies
+(greedy, fixed length), through ``TransformersBackend`` exactly as the runtime drives it.
+Loads: Poisson arrivals at 4, 12 and 24 msg/s, then a burst of 32. Requests still running
+``--cap`` seconds after the last arrival are cancelled and counted as over the cap.
+Printed per variant and load: TTFT p50/p95, reply p50/p95/max, aggregate tok/s, dynamo
+recompiles in the measured window, peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.engine_bench import QWEN3_8B, log
+
+LOADS = (("poisson 4 msg/s", 4.0, 12.0), ("poisson 12 msg/s", 12.0, 10.0),
+         ("poisson 24 msg/s", 24.0, 8.0), ("burst of 32", 0.0, 32.0))
+NEW_TOKENS = 60
+
+
+def prepare(model_dir: Path, tiny: bool) -> None:
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.tiny_model import build_tiny_qwen3
+
+    if (model_dir / "config.json").exists():
+        return
+    build_tiny_qwen3(model_dir)
+    if tiny:
+        return
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    config = Qwen3Config(**{**QWEN3_8B, "vocab_size": vocab}, eos_token_id=2, pad_token_id=0,
+                         bos_token_id=None)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    for param in model.parameters():
+        param.data.normal_(0, 0.02)
+    model.save_pretrained(model_dir)
+    log(f"prepared {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params")
+
+
+def _request(rng: random.Random, index: int, system: str) -> Any:
+    from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    words = " ".join(rng.choice(["hello", "there", "stars", "maps", "good", "night"])
+                     for _ in range(rng.randint(25, 125)))
+    return GenerationRequest(
+        (ChatMessage("system", system), ChatMessage("user", f"{words} #{index}")),
+        SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0.0))
+
+
+async def _one(backend: Any, request: Any, ttft: list[float], total: list[float]) -> None:
+    started = time.perf_counter()
+    first = None
+    async for _chunk in backend.generate(request):
+        first = first or time.perf_counter() - started
+    ttft.append(first or float("nan"))
+    total.append(time.perf_counter() - started)
+
+
+async def _load(backend: Any, label: str, rate: float, amount: float, cap: float,
+                system: str) -> dict[str, Any]:
+    rng = random.Random(7)
+    ttft: list[float] = []
+    total: list[float] = []
+    tasks = []
+    started = time.perf_counter()
+    count = int(amount) if rate == 0 else int(rate * amount)
+    for index in range(count):
+        if rate:
+            await asyncio.sleep(rng.expovariate(rate))
+        tasks.append(asyncio.create_task(_one(backend, _request(rng, index, system),
+                                              ttft, total)))
+    _done, late = await asyncio.wait(tasks, timeout=cap)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    wall = time.perf_counter() - started
+    return {"load": label, "requests": count, "over_cap": len(late),
+            **_stats("ttft", ttft), **_stats("reply", total),
+            "tok_s": round(len(total) * NEW_TOKENS / wall, 1)}
+
+
+def _stats(name: str, samples: list[float]) -> dict[str, float]:
+    ordered = sorted(s for s in samples if s == s)
+    if not ordered:
+        return {f"{name}_p50": float("nan"), f"{name}_p95": float("nan")}
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
+    row = {f"{name}_p50": round(pick(0.5), 3), f"{name}_p95": round(pick(0.95), 3)}
+    if name == "reply":
+        row["reply_max"] = round(ordered[-1], 3)
+    return row
+
+
+async def _variant(model_dir: Path, label: str, mode: str, cap: float,
+                   tiny: bool) -> list[dict[str, Any]]:
+    import torch
+
+    from engine.backends.transformers_backend import TransformersBackend
+    from engine.config import EngineConfig
+
+    llm = EngineConfig.from_mapping({"models": {"llm": {
+        "model_path": str(model_dir), "max_length": 2048, "max_batch_size": 32,
+        "batch_window_ms": 10, "continuous_batching": mode,
+        "device": "cpu" if tiny else "auto"}}}).llm
+    backend = TransformersBackend(llm, model_dir.parent / "cache")
+    await backend.start()
+    system = "You are Pell, a lighthouse keeper who draws star maps. " * (8 if tiny else 100)
+    rows = []
+    try:
+        log(f"{label}: warm-up (a burst, so compiles happen before the measured window)")
+        await _load(backend, "warm-up", 0.0, 8 if tiny else 32, cap, system)
+        for load, rate, amount in LOADS:
+            counter = _recompiles()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            log(f"{label}: {load}")
+            row = await _load(backend, load, rate, amount / (4 if tiny else 1), cap, system)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+            rows.append({"variant": label, **row, "recompiles": _recompiles() - counter,
+                         "peak_gb": round(peak, 1)})
+    finally:
+        await backend.close()
+    return rows
+
+
+def _recompiles() -> int:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--cap", type=float, default=40.0)
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test, tiny model")
+    args = parser.parse_args()
+    prepare(args.model_dir, args.tiny)
+    rows = []
+    for label, mode in (("baseline: micro-batcher", "off"), ("ours: continuous", "on")):
+        rows += asyncio.run(_variant(args.model_dir, label, mode, args.cap, args.tiny))
+    keys = ["variant", "load", "requests", "over_cap", "ttft_p50", "ttft_p95", "reply_p50",
+            "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb"]
+    print("\n| " + " | ".join(keys) + " |")
+    print("|" + " --- |" * len(keys))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(k, "")) for k in keys) + " |")
+
+
+if __name__ == "__main__":
+    main()
