@@ -5,7 +5,8 @@
 Random Qwen3-8B-shaped weights (bf16; the vocabulary is the small test tokenizer's, so every
 generated id streams as text and time to first token is measured from the stream), a shared
 ~1,200-token persona system prompt, 50-250 unique tokens per viewer, 60-token replies
-(greedy, fixed length), through ``TransformersBackend`` exactly as the runtime drives it.
+(the runtime's default sampling, fixed length), through ``TransformersBackend`` exactly as
+the runtime drives it.
 Loads: Poisson arrivals at 4, 12 and 24 msg/s, then a burst of 32. Requests still running
 ``--cap`` seconds after the last arrival are cancelled and counted as over the cap.
 Printed per variant and load: TTFT p50/p95, reply p50/p95/max, aggregate tok/s, dynamo
@@ -53,14 +54,23 @@ def prepare(model_dir: Path, tiny: bool) -> None:
     log(f"prepared {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params")
 
 
-def _request(rng: random.Random, index: int, system: str) -> Any:
+def _text_of(tokenizer: Any, rng: random.Random, tokens: int) -> str:
+    """Words until the tokenizer counts ``tokens`` tokens."""
+    words: list[str] = []
+    while len(tokenizer.encode(" ".join(words), add_special_tokens=False)) < tokens:
+        words.extend(rng.choice(["hello", "there", "stars", "maps", "lighthouse", "night",
+                                 "你好", "星星", "燈塔"]) for _ in range(8))
+    return " ".join(words)
+
+
+def _request(tokenizer: Any, rng: random.Random, index: int, system: str) -> Any:
     from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
-    words = " ".join(rng.choice(["hello", "there", "stars", "maps", "good", "night"])
-                     for _ in range(rng.randint(25, 125)))
+    words = _text_of(tokenizer, rng, rng.randint(50, 250))
+    # The runtime's default sampling (temperature 0.7, top-p 0.9, top-k 50, penalty 1.1).
     return GenerationRequest(
         (ChatMessage("system", system), ChatMessage("user", f"{words} #{index}")),
-        SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=0.0))
+        SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))
 
 
 async def _one(backend: Any, request: Any, ttft: list[float], total: list[float]) -> None:
@@ -83,8 +93,8 @@ async def _load(backend: Any, label: str, rate: float, amount: float, cap: float
     for index in range(count):
         if rate:
             await asyncio.sleep(rng.expovariate(rate))
-        tasks.append(asyncio.create_task(_one(backend, _request(rng, index, system),
-                                              ttft, total)))
+        request = _request(backend.tokenizer, rng, index, system)
+        tasks.append(asyncio.create_task(_one(backend, request, ttft, total)))
     _done, late = await asyncio.wait(tasks, timeout=cap)
     for task in late:
         task.cancel()
@@ -119,7 +129,9 @@ async def _variant(model_dir: Path, label: str, mode: str, cap: float,
         "device": "cpu" if tiny else "auto"}}}).llm
     backend = TransformersBackend(llm, model_dir.parent / "cache")
     await backend.start()
-    system = "You are Pell, a lighthouse keeper who draws star maps. " * (8 if tiny else 100)
+    # ~1,200 tokens of persona, the same for every viewer (the prefix continuous batching
+    # prefills once).
+    system = _text_of(backend.tokenizer, random.Random(1), 100 if tiny else 1200)
     rows = []
     try:
         log(f"{label}: warm-up (a burst, so compiles happen before the measured window)")

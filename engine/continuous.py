@@ -17,12 +17,14 @@ This is the engine's building block for issue "Engine"; the backend does not dri
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
+
+from engine.sampling import pick_tokens
+from engine.types import SamplingParams
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -33,21 +35,14 @@ def supports(model: Any) -> bool:
         config, "sliding_window", None)
 
 
-# Chooses a row's next token from its logits (1-D) and what it generated so far.
-Picker = Callable[[torch.Tensor, list[int]], int]
-
-
-def greedy(logits: torch.Tensor, _generated: list[int]) -> int:
-    return int(logits.argmax())
-
-
 @dataclass
 class Row:
     request_id: str
     max_new_tokens: int
     eos_ids: frozenset[int]
     tokens: list[int] = field(default_factory=list)  # generated so far
-    pick: Picker = greedy
+    params: SamplingParams | None = None  # None: greedy, no penalty
+    generator: torch.Generator | None = None  # a seeded request's own random stream
 
     @property
     def finished(self) -> bool:
@@ -83,6 +78,7 @@ class ContinuousBatch:
         self._mask: torch.Tensor | None = None  # [rows, columns]: 1 = a real token
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
+        self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output
 
     @property
     def size(self) -> int:
@@ -115,7 +111,7 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
-             eos_ids: frozenset[int], pick: Picker = greedy) -> int:
+             eos_ids: frozenset[int], params: SamplingParams | None = None) -> int:
         """Prefill ``prompt_ids`` alone (past the shared prefix), add the row, return its
         first token."""
         device = self.model.device
@@ -124,15 +120,24 @@ class ContinuousBatch:
         positions = torch.arange(covered, len(prompt_ids), device=device)[None]
         out = self.model(input_ids=rest, position_ids=positions, use_cache=True,
                          **{self._cache_kw: cache})
-        first = pick(out.logits[0, -1], [])
-        row = Row(request_id, max_new_tokens, eos_ids, [first], pick)
+        generator = (torch.Generator().manual_seed(params.seed)
+                     if params is not None and params.seed is not None else None)
+        seen = torch.zeros((1, out.logits.shape[-1]), dtype=torch.bool, device=device)
+        seen[0, torch.tensor(prompt_ids, device=device)] = True
+        first = int(pick_tokens(out.logits[:, -1], [params], seen, [0], sorted(eos_ids),
+                                [generator])[0])
+        seen[0, first] = True
+        row = Row(request_id, max_new_tokens, eos_ids, [first], params, generator)
         mask = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device)
         positions = torch.tensor([len(prompt_ids)], device=device)
         last = torch.tensor([[first]], device=device)
         if self._cache is None:
             self._cache, self._mask, self._positions, self._last = cache, mask, positions, last
+            self._seen = seen
         else:
             self._stack(cache, mask, positions, last)
+            assert self._seen is not None
+            self._seen = torch.cat([self._seen, seen])
         self.rows.append(row)
         return first
 
@@ -166,11 +171,15 @@ class ContinuousBatch:
                          position_ids=self._positions[:, None], use_cache=True,
                          **{self._cache_kw: self._cache})
         logits = out.logits[:, -1]
-        if all(row.pick is greedy for row in self.rows):
+        if all(row.params is None for row in self.rows):
             tokens = logits.argmax(dim=-1)
         else:
-            tokens = torch.tensor([row.pick(logits[i], row.tokens)
-                                   for i, row in enumerate(self.rows)], device=logits.device)
+            assert self._seen is not None
+            tokens = pick_tokens(logits, [row.params for row in self.rows], self._seen,
+                                 [len(row.tokens) for row in self.rows],
+                                 sorted(self.rows[0].eos_ids),
+                                 [row.generator for row in self.rows])
+            self._seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         self._mask, self._positions, self._last = mask, self._positions + 1, tokens[:, None]
         produced = []
         for row, token in zip(self.rows, tokens.tolist(), strict=True):
@@ -186,7 +195,7 @@ class ContinuousBatch:
             return
         self.rows = [self.rows[i] for i in keep]
         if not keep:
-            self._cache = self._mask = self._positions = self._last = None
+            self._cache = self._mask = self._positions = self._last = self._seen = None
             return
         assert self._cache is not None and self._mask is not None
         assert self._positions is not None and self._last is not None
@@ -194,6 +203,8 @@ class ContinuousBatch:
         self._cache.batch_select_indices(index)
         self._mask, self._positions, self._last = (
             self._mask[index], self._positions[index], self._last[index])
+        if self._seen is not None:
+            self._seen = self._seen[index]
         self._trim()
 
     def _trim(self) -> None:

@@ -1,6 +1,7 @@
-"""Choosing the next token for one row: what ``generate()`` does with a request's sampling
-parameters (repetition penalty, no end before ``min_new_tokens``, temperature, top-k, top-p),
-for a decode loop that serves rows with different parameters in one batch."""
+"""Choosing next tokens for a batch whose rows have their own sampling parameters: what
+``generate()`` does (repetition penalty, no end before ``min_new_tokens``, temperature, top-k,
+top-p), done for all rows at once on the device: one decode loop serves viewers with
+different settings, and per-row Python work would cost more than the step itself."""
 
 from __future__ import annotations
 
@@ -9,38 +10,57 @@ import torch
 from engine.types import SamplingParams
 
 
-class Sampler:
-    """A ``Picker`` for one request (see ``engine.continuous``)."""
+def pick_tokens(logits: torch.Tensor, params: list[SamplingParams | None], seen: torch.Tensor,
+                generated: list[int], eos_ids: list[int],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Next token per row. ``logits`` [rows, vocab]; ``seen`` [rows, vocab] marks the ids of
+    each row's prompt and output (for the repetition penalty); ``generated`` how many tokens
+    each row has; a row's generator makes its samples repeatable (a seeded request)."""
+    scores = logits.float()
+    device = scores.device
+    chosen = [p or SamplingParams(temperature=0.0, repetition_penalty=1.0) for p in params]
+    penalty = torch.tensor([p.repetition_penalty for p in chosen], device=device)[:, None]
+    if bool((penalty != 1.0).any()):
+        penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
+        scores = torch.where(seen, penalized, scores)
+    too_early = torch.tensor([n < p.min_new_tokens for n, p in zip(generated, chosen,
+                                                                   strict=True)], device=device)
+    if eos_ids and bool(too_early.any()):
+        eos = torch.zeros(scores.shape[1], dtype=torch.bool, device=device)
+        eos[torch.tensor(eos_ids, device=device)] = True
+        scores = scores.masked_fill(too_early[:, None] & eos[None, :], float("-inf"))
+    tokens = scores.argmax(dim=-1)
+    sampled_rows = [i for i, p in enumerate(chosen) if not p.greedy]
+    if sampled_rows:
+        rows = torch.tensor(sampled_rows, device=device)
+        picked = _sample([chosen[i] for i in sampled_rows], scores[rows],
+                         [generators[i] for i in sampled_rows])
+        tokens[rows] = picked
+    return tokens
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int],
-                 eos_ids: frozenset[int]) -> None:
-        self._params = params
-        self._prompt = prompt_ids
-        self._eos = sorted(eos_ids)
-        self._generator: torch.Generator | None = None
-        if params.seed is not None:
-            self._generator = torch.Generator().manual_seed(params.seed)
 
-    def __call__(self, logits: torch.Tensor, generated: list[int]) -> int:
-        params = self._params
-        scores = logits.float().clone()
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted({*self._prompt, *generated}), device=scores.device)
-            picked = scores[seen]
-            scores[seen] = torch.where(picked < 0, picked * params.repetition_penalty,
-                                       picked / params.repetition_penalty)
-        if len(generated) < params.min_new_tokens and self._eos:
-            scores[torch.tensor(self._eos, device=scores.device)] = float("-inf")
-        if params.greedy:
-            return int(scores.argmax())
-        scores = scores / params.temperature
-        if params.top_k and params.top_k < scores.numel():
-            kth = torch.topk(scores, params.top_k).values[-1]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if params.top_p < 1.0:
-            ordered, order = torch.sort(scores, descending=True)
-            cumulative = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
-            drop = cumulative - torch.softmax(ordered, dim=-1) > params.top_p
-            scores[order[drop]] = float("-inf")
-        probabilities = torch.softmax(scores, dim=-1).cpu()
-        return int(torch.multinomial(probabilities, 1, generator=self._generator))
+def _sample(params: list[SamplingParams], scores: torch.Tensor,
+            generators: list[torch.Generator | None]) -> torch.Tensor:
+    device = scores.device
+    vocab = scores.shape[1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    scores = scores / temperature
+    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
+                         device=device)
+    ordered, order = torch.sort(scores, dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=device)[None, :]
+    probabilities = torch.softmax(ordered, dim=-1)
+    before = probabilities.cumsum(dim=-1) - probabilities  # mass of the better tokens
+    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    drop = (ranks >= top_k[:, None]) | (before > top_p)
+    ordered = ordered.masked_fill(drop, float("-inf"))
+    probabilities = torch.softmax(ordered, dim=-1)
+    picks = torch.empty(len(params), dtype=torch.long, device=device)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if free:
+        index = torch.tensor(free, device=device)
+        picks[index] = torch.multinomial(probabilities[index], 1)[:, 0]
+    for i, generator in enumerate(generators):
+        if generator is not None:  # seeded: its own random stream, on the CPU
+            picks[i] = torch.multinomial(probabilities[i].cpu(), 1, generator=generator)[0]
+    return order.gather(1, picks[:, None])[:, 0]

@@ -19,7 +19,6 @@ from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job
 from engine.continuous import ContinuousBatch
 from engine.errors import EngineError, GenerationAborted
-from engine.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +99,7 @@ class ContinuousWorker:
         job.decoder = IncrementalDecoder(self._backend.tokenizer)
         request_id = job.request.request_id
         first = self._batch.join(request_id, prompt, sampling.max_new_tokens, self._eos,
-                                 Sampler(sampling, prompt, self._eos))
+                                 sampling)
         self._running[request_id] = job
         self._deliver(job, first)
 
