@@ -11,7 +11,8 @@ Supported: decoder-only models with full attention and a ``DynamicCache`` of pla
 key/value layers (Llama, Qwen2/3, Mistral families). ``supports(model)`` says whether a model
 qualifies; the backend keeps ``generate()`` for the rest.
 
-This is the engine's building block for issue "Engine"; the backend does not drive it yet.
+The in-process backend drives it (``engine/backends/continuous_worker.py``) where
+``llm.continuous_batching`` allows.
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class ContinuousBatch:
     def __init__(self, model: Any) -> None:
         self.model = model
         self._cache_kw = _cache_keyword(model)
+        # A prefill needs the logits of its last position only (not prompt x vocabulary).
+        self._last_logits_only: dict[str, int] = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
         self._prefix: _Prefix | None = None
         self.prefix_hits = 0
         self.rows: list[Row] = []
@@ -119,7 +124,7 @@ class ContinuousBatch:
         rest = torch.tensor([prompt_ids[covered:]], device=device)
         positions = torch.arange(covered, len(prompt_ids), device=device)[None]
         out = self.model(input_ids=rest, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: cache})
+                         **{self._cache_kw: cache}, **self._last_logits_only)
         generator = (torch.Generator().manual_seed(params.seed)
                      if params is not None and params.seed is not None else None)
         seen = torch.zeros((1, out.logits.shape[-1]), dtype=torch.bool, device=device)
