@@ -180,3 +180,44 @@ async def test_cancel_frees_the_row_and_a_seed_repeats_a_sampled_reply(
         assert first == again and first
     finally:
         await backend.close()
+
+
+async def test_out_of_memory_while_joining_halves_the_limit_and_answers_everyone(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import asyncio
+
+    import torch
+
+    from engine.backends.transformers_backend import TransformersBackend
+    from engine.config import LLMConfig
+    from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    def request(text: str) -> GenerationRequest:
+        return GenerationRequest(messages=(ChatMessage("user", text),),
+                                 sampling=SamplingParams(max_new_tokens=8, temperature=0.0))
+
+    backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
+                                            continuous_batching="on"))
+    await backend.start()
+    try:
+        async def reply(text: str) -> str:
+            return "".join([c async for c in backend.generate(request(text))])
+
+        expected = [await reply(text) for text in PROMPTS]
+        worker = backend.continuous
+        assert worker is not None
+        real_join = worker._batch.join
+        injected: list[int] = []
+
+        def tight_join(*args: Any, **kwargs: Any) -> int:
+            if worker._batch.size >= 2 and not injected:
+                injected.append(worker._batch.size)
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real_join(*args, **kwargs)
+
+        monkeypatch.setattr(worker._batch, "join", tight_join)
+        answers = await asyncio.gather(*(reply(text) for text in PROMPTS))
+    finally:
+        await backend.close()
+    assert list(answers) == expected and injected
+    assert backend.oom_retries == 1 and backend.max_batch_size == 1
