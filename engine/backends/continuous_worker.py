@@ -16,7 +16,7 @@ from collections import deque
 from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
-from engine.backends.jobs import STOP_WORKER, Failure, Job
+from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
 from engine.continuous import ContinuousBatch
 from engine.errors import EngineError, GenerationAborted
 
@@ -34,12 +34,6 @@ class _Backend(Protocol):
     def eos_ids(self) -> frozenset[int]: ...
 
     def free_memory(self) -> None: ...
-
-
-def is_oom(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class ContinuousWorker:
@@ -128,13 +122,8 @@ class ContinuousWorker:
             self._running.pop(request_id).finish()
 
     def _deliver(self, job: Job, token: int) -> None:
-        if token in self._eos:
-            return
-        job.generated += 1
-        assert job.decoder is not None
-        delta = job.decoder.push([token])
-        if delta:
-            job.emit(delta)
+        if token not in self._eos:
+            job.push(token)
 
     def _shrink(self, when: str) -> None:
         self._backend.oom_retries += 1
@@ -144,10 +133,7 @@ class ContinuousWorker:
 
     def _fail(self, job: Job, error: BaseException) -> None:
         log.error("generation failed for %s: %s", job.request.request_id, error)
-        failure = error if isinstance(error, EngineError) else EngineError(
-            f"generation failed: {type(error).__name__}: {error}")
-        job.ended = True
-        job.emit(Failure(failure))
+        job.fail(error)
 
     def _fail_all(self, error: EngineError) -> None:
         for job in [*self._running.values(), *self._waiting]:

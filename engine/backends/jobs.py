@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.backends.detokenize import IncrementalDecoder
+from engine.errors import EngineError
 from engine.types import GenerationRequest
 
 END = object()
@@ -30,6 +31,22 @@ class Job:
     done: bool = False
     ended: bool = False
 
+    def push(self, token: int) -> None:
+        """One generated token: count it and stream whatever text it completes."""
+        self.generated += 1
+        assert self.decoder is not None
+        delta = self.decoder.push([token])
+        if delta:
+            self.emit(delta)
+
+    def fail(self, error: BaseException) -> None:
+        """End with ``error`` (an ``EngineError``, wrapping anything else), once."""
+        if self.ended:
+            return
+        self.ended = True
+        self.emit(Failure(error if isinstance(error, EngineError) else EngineError(
+            f"generation failed: {type(error).__name__}: {error}")))
+
     def finish(self) -> None:
         if not self.ended:
             self.ended = True
@@ -38,3 +55,9 @@ class Job:
                 if tail:
                     self.emit(tail)
             self.emit(END)
+
+
+def is_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()

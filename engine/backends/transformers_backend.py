@@ -21,10 +21,10 @@ from typing import Any
 
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
-from engine.backends.jobs import END, STOP_WORKER, Failure, Job
+from engine.backends.jobs import END, STOP_WORKER, Failure, Job, is_oom
 from engine.config import LLMConfig
 from engine.continuous import supports
-from engine.errors import BackendUnavailableError, EngineError, GenerationAborted
+from engine.errors import BackendUnavailableError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_fit import estimate_model_bytes, fit_to_model
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
@@ -50,11 +50,7 @@ class _BatchStreamer:
             if token in self.eos_ids:
                 job.done = True
                 continue
-            job.generated += 1
-            assert job.decoder is not None
-            delta = job.decoder.push([token])
-            if delta:
-                job.emit(delta)
+            job.push(token)
             if job.generated >= job.request.sampling.max_new_tokens:
                 job.done = True
 
@@ -67,12 +63,6 @@ def _sampling_key(sampling: SamplingParams) -> tuple[Any, ...]:
     """Requests that may share one generate() call (max_new_tokens is enforced per row)."""
     return (sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty,
             sampling.min_new_tokens, sampling.seed)
-
-
-def _is_oom(error: BaseException) -> bool:
-    import torch
-
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 class TransformersBackend:
@@ -202,7 +192,7 @@ class TransformersBackend:
         try:
             self._generate_batch(live)
         except Exception as error:  # noqa: BLE001 - every failure must reach its requester
-            if _is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
+            if is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
                 self.free_memory()
                 self.oom_retries += 1
                 self.max_batch_size = max(1, len(live) // 2)
@@ -214,15 +204,11 @@ class TransformersBackend:
                 self._run_with_oom_retry(live[:half])
                 self._run_with_oom_retry(live[half:])
                 return
-            if _is_oom(error):
+            if is_oom(error):
                 self.free_memory()
             log.error("generation failed for %d request(s): %s", len(live), error)
-            failure = error if isinstance(error, EngineError) else EngineError(
-                f"generation failed: {type(error).__name__}: {error}")
             for job in live:
-                if not job.ended:
-                    job.ended = True
-                    job.emit(Failure(failure))
+                job.fail(error)
             return
         for job in live:
             job.finish()
