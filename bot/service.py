@@ -325,7 +325,12 @@ class ConversationService:
     async def _answer_leftover(self, leftover: Leftover,
                                sink_for: Callable[[Leftover], ReplySink | None] | None
                                ) -> Reply:
-        sink = sink_for(leftover) if sink_for is not None else None
+        try:
+            sink = sink_for(leftover) if sink_for is not None else None
+        except Exception as exc:  # noqa: BLE001 - one bad row must not strand the others
+            log.warning("message %d: cannot answer it after the restart: %s: %s",
+                        leftover.message_id, type(exc).__name__, exc)
+            sink = None
         if sink is None:
             await self._end(leftover.message_id, "expired", "crash")
             return Reply("", "expired", reason="crash")

@@ -409,3 +409,31 @@ async def test_sigterm_with_thirty_in_flight(db_url: str, tmp_path: Path) -> Non
     assert ("answered", None) in finals and ("expired", "shutdown") in finals
     answered = sum(r.status == "answered" for r in rows)
     assert len(sink.sent) == answered  # no fallback sent while shutting down
+
+
+async def test_a_leftover_its_adapter_cannot_rebuild_expires_and_the_rest_are_answered(
+        db_url: str, tmp_path: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    config = config_for(db_url, reply_timeout_s=1)
+    paths = DataPaths.resolve(tmp_path)
+    before = datetime.now(UTC) - timedelta(seconds=5)
+    async with open_runtime(config, paths) as runtime:
+        for key, text in (("bad-1", "a channel the platform no longer knows"),
+                          ("good-1", "asked just before the crash")):
+            await runtime.store.intake([IntakeItem("discord", "ann", "Ann", "pell", "c1", key,
+                                                   text, before)])
+    async with open_runtime(config, paths) as runtime:
+        sink = RecordingSink()
+
+        def sink_for(leftover: Any) -> RecordingSink:
+            if leftover.platform_message_id == "bad-1":
+                raise ValueError("invalid literal for int(): 'c1'")
+            return sink
+
+        replies = await runtime.service.answer_leftovers("discord", sink_for)
+        rows = {r.content: (r.status, r.status_reason) for r in await user_rows(runtime)}
+    assert sorted(r.status for r in replies) == ["answered", "expired"]
+    assert rows["a channel the platform no longer knows"] == ("expired", "crash")
+    assert rows["asked just before the crash"] == ("answered", None)
+    assert sink.sent == [REPLY]
