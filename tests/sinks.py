@@ -1,8 +1,11 @@
-"""A ReplySink that records what the viewer would see (tests and drills share it)."""
+"""A ReplySink that records what the viewer would see, and a wait for the service to settle
+(tests and drills share them)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+from typing import Any
 
 
 class RecordingSink:
@@ -20,3 +23,11 @@ class RecordingSink:
 
     async def typing(self) -> None:
         self.typing_calls += 1
+
+
+async def settled(service: Any, seconds: float = 10.0) -> None:
+    """Until no admitted message is in flight (a reply sent may still be being recorded)."""
+    for _ in range(int(seconds / 0.01)):
+        if not service.pending:
+            return
+        await asyncio.sleep(0.01)

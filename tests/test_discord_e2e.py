@@ -17,17 +17,22 @@ from bot.errors import BotError, PlatformUnreachableError  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
 from tests.fake_discord import BOT_USER, CHANNEL_ID, GUILD_ID, VIEWER, FakeDiscord  # noqa: E402
+from tests.sinks import settled  # noqa: E402
+
+
+def _point_discord_at(server: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yarl
+
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
 
 
 @pytest.fixture
 async def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
-    import yarl
-
     server = FakeDiscord()
     await server.start()
-    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
+    _point_discord_at(server, monkeypatch)
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["你好呀～"]}},
                    "embedding": {"enabled": False}},
@@ -175,15 +180,11 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
     replies to it (with a reference to it) once the real client is connected."""
     from datetime import UTC, datetime, timedelta
 
-    import yarl
-
     from memory.store import IntakeItem
 
     server = FakeDiscord()
     await server.start()
-    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
+    _point_discord_at(server, monkeypatch)
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["剛剛斷線了，抱歉～"]}},
                    "embedding": {"enabled": False}},
@@ -200,10 +201,7 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
             running = asyncio.create_task(runtime.run_adapters([adapter]))
             await server.wait_until(
                 lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"), 20)
-            for _ in range(1000):  # the answer is being recorded
-                if not runtime.service.pending:
-                    break
-                await asyncio.sleep(0.01)
+            await settled(runtime.service)  # the answer is being recorded
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             user_id = await runtime.store.find_user("discord", VIEWER["id"])

@@ -23,6 +23,7 @@ from tests.fake_twitch import (  # noqa: E402
     CHANNEL_LOGIN,
     FakeTwitch,
 )
+from tests.sinks import settled  # noqa: E402
 
 ENV = {"TWITCH_CLIENT_ID": "tw-client-id-5127", "TWITCH_CLIENT_SECRET": "tw-client-secret-5127",
        "TWITCH_BOT_ID": BOT_ID, "TWITCH_ACCESS_TOKEN": BOT_TOKEN,
@@ -317,10 +318,7 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
             adapter = TwitchAdapter(config, services=runtime)
             running = asyncio.create_task(runtime.run_adapters([adapter]))
             await server.wait_until(lambda: server.sent_messages(), 20)
-            for _ in range(1000):  # the answer is being recorded
-                if not runtime.service.pending:
-                    break
-                await asyncio.sleep(0.01)
+            await settled(runtime.service)  # the answer is being recorded
             running.cancel()
             await asyncio.gather(running, return_exceptions=True)
             user_id = await runtime.store.find_user("twitch", "200")
