@@ -67,7 +67,7 @@ class ContinuousBatch:
     """The running batch. Not thread-safe: one decode loop owns it.
 
     ``set_prefix`` prefills a shared prompt start once (the persona's system prompt); a
-    request whose prompt starts with it copies that KV and prefills only the rest."""
+    request copies the KV of the tokens it shares with it and prefills only the rest."""
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -105,14 +105,16 @@ class ContinuousBatch:
         extend their own), and how many prompt tokens it already covers."""
         prefix = self._prefix
         cache = DynamicCache()
-        if (prefix is None or len(prompt_ids) <= len(prefix.ids)
-                or prompt_ids[:len(prefix.ids)] != prefix.ids):
+        # The tokens this prompt shares with the prefix (the persona's part of a system turn
+        # whose mood hint differs per viewer), leaving at least one token to prefill.
+        shared = common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
+        if prefix is None or shared == 0:
             return cache, 0
         for layer, (keys, values) in enumerate(
-                (shared.keys, shared.values) for shared in _kv_layers(prefix.cache)):
-            cache.update(keys.clone(), values.clone(), layer)
+                (kv.keys, kv.values) for kv in _kv_layers(prefix.cache)):
+            cache.update(keys[:, :, :shared].clone(), values[:, :, :shared].clone(), layer)
         self.prefix_hits += 1
-        return cache, len(prefix.ids)
+        return cache, shared
 
     @torch.inference_mode()
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
@@ -226,6 +228,16 @@ class ContinuousBatch:
 
     def finished(self) -> list[Row]:
         return [row for row in self.rows if row.finished]
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    count = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        count += 1
+    return count
 
 
 def _kv_layers(cache: DynamicCache) -> list[Any]:

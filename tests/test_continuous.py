@@ -221,3 +221,19 @@ async def test_out_of_memory_while_joining_halves_the_limit_and_answers_everyone
         await backend.close()
     assert list(answers) == expected and injected
     assert backend.oom_retries == 1 and backend.max_batch_size == 1
+
+
+def test_prompts_sharing_only_the_start_of_the_prefix_reuse_that_part(
+        tiny: tuple[Any, Any]) -> None:
+    """Per-viewer system turns (the persona, then a mood hint that differs): the shared
+    persona part comes from the cache, the rest is prefilled, output stays identical."""
+    model, tokenizer = tiny
+    persona = tokenizer.encode("The lighthouse keeper draws maps of the stars. " * 3,
+                               add_special_tokens=False)
+    hints = ["good night", "hello there, how are you today?"]
+    ids = [persona + tokenizer.encode(h, add_special_tokens=False) for h in hints]
+    expected = {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
+    batch = ContinuousBatch(model)
+    batch.set_prefix(ids[0])  # the first viewer's whole system turn
+    assert _drive(batch, {0: [("r0", ids[0])], 1: [("r1", ids[1])]}) == expected
+    assert batch.prefix_hits == 2

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
-from engine.continuous import ContinuousBatch
+from engine.continuous import ContinuousBatch, common_prefix
 from engine.errors import EngineError, GenerationAborted
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,9 @@ class ContinuousWorker:
 
     def _join(self, job: Job) -> None:
         prefix, prompt = self._backend.prompt_parts(job)
-        if prefix != self._prefix:  # first request, or the persona changed
+        # The system turn differs per viewer only in its mood hint and retrieved context;
+        # a new prefix is prefilled only when most of it is new (first request, new persona).
+        if common_prefix(prefix, self._prefix) < len(prefix) // 2:
             self._batch.set_prefix(prefix)
             self._prefix = prefix
         sampling = job.request.sampling

@@ -85,6 +85,7 @@ class TransformersBackend:
         self.batches_run = 0
         self.oom_retries = 0
         self.continuous: ContinuousWorker | None = None
+        self._system_ids: tuple[str | None, list[int]] = (None, [])  # the last system turn
         self._closed = False
 
     @property
@@ -270,8 +271,12 @@ class TransformersBackend:
         messages = job.request.as_dicts()
         if not messages or messages[0]["role"] != "system":
             return [], prompt
-        system = self.tokenizer.apply_chat_template(messages[:1], enable_thinking=False)
-        prefix = list(system["input_ids"] if hasattr(system, "keys") else system)
+        text = messages[0]["content"]
+        if self._system_ids[0] != text:  # the decode loop waits while we tokenize: once
+            system = self.tokenizer.apply_chat_template(messages[:1], enable_thinking=False)
+            self._system_ids = (text, list(system["input_ids"] if hasattr(system, "keys")
+                                           else system))
+        prefix = self._system_ids[1]
         return (prefix, prompt) if prompt[:len(prefix)] == prefix else ([], prompt)
 
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
