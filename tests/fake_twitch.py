@@ -105,6 +105,7 @@ class FakeTwitch(LocalServer):
         await ws.prepare(request)
         self._ws = ws
         self.sessions += 1
+        self._changed.set()
         session = f"session-{self.sessions}"
         await self._send({"message_type": "session_welcome"}, {"session": {
             "id": session, "status": "connected", "connected_at": _now(),

@@ -182,7 +182,8 @@ async def test_keepalive_loss_reconnects_and_resubscribes(live: Any) -> None:
     await server.wait_until(lambda: len(server.sent_messages()) == 1)
     before = len(server.subscriptions)
     await server.drop_keepalives()
-    await server.wait_until(lambda: server.sessions >= 2, 20)
+    # twitchio checks every 10 s (its floor) for 15 s of silence: up to ~25 s to notice.
+    await server.wait_until(lambda: server.sessions >= 2, 45)
     server.send_keepalives = True
     await server.wait_until(lambda: len(server.subscriptions) >= before + 4, 20)
     assert {s["transport"]["session_id"] for s in server.subscriptions[before:]} == {
