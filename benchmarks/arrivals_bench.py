@@ -145,6 +145,7 @@ async def _variant(model_dir: Path, label: str, mode: str, cap: float,
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
             rows.append({"variant": label, **row, "recompiles": _recompiles() - counter,
                          "peak_gb": round(peak, 1)})
+            log(f"{label}: {rows[-1]}")  # as it comes: a run cut short keeps what it had
     finally:
         await backend.close()
     return rows
@@ -163,10 +164,15 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
     parser.add_argument("--cap", type=float, default=40.0)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test, tiny model")
+    parser.add_argument("--variants", default="continuous,micro",
+                        help="which to run, in order: continuous, micro (the baseline)")
     args = parser.parse_args()
     prepare(args.model_dir, args.tiny)
+    variants = {"micro": ("baseline: micro-batcher", "off"),
+                "continuous": ("ours: continuous", "on")}
     rows = []
-    for label, mode in (("baseline: micro-batcher", "off"), ("ours: continuous", "on")):
+    for name in args.variants.split(","):
+        label, mode = variants[name.strip()]
         rows += asyncio.run(_variant(args.model_dir, label, mode, args.cap, args.tiny))
     keys = ["variant", "load", "requests", "over_cap", "ttft_p50", "ttft_p95", "reply_p50",
             "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb"]

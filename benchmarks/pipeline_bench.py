@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -64,6 +65,21 @@ async def _lag_probe(stop: asyncio.Event, lags: list[float]) -> None:
         started = loop.time()
         await asyncio.sleep(0.01)
         lags.append(loop.time() - started - 0.01)
+
+
+def _thread_cpu_s() -> Counter[str]:
+    """CPU seconds so far per thread name (``/proc``): the event loop vs the store threads."""
+    per_thread: Counter[str] = Counter()
+    ticks = os.sysconf("SC_CLK_TCK")
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        kind = "event loop" if task.name == str(os.getpid()) else name.rstrip("0123456789_")
+        per_thread[kind] += (int(fields[11]) + int(fields[12])) / ticks
+    return per_thread
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -148,12 +164,15 @@ async def scenario(rate: float, seconds: float, viewers: int) -> dict[str, Any]:
         idle_cpu_per_s = (time.process_time() - idle_before) / IDLE_WINDOW_S
         lags.clear()
         cpu_before = time.process_time()
+        threads_before = _thread_cpu_s()
         wall_before = time.perf_counter()
         outcomes, latencies, offered_for = await _offer(runtime, rate, seconds, viewers)
         if hasattr(runtime.service, "flush"):
             await runtime.service.flush()
         drained = time.perf_counter() - wall_before
         cpu = time.process_time() - cpu_before
+        by_thread = _thread_cpu_s()
+        by_thread.subtract(threads_before)
         stop.set()
         await probe
         stored = await _stored_states(runtime)
@@ -169,6 +188,8 @@ async def scenario(rate: float, seconds: float, viewers: int) -> dict[str, Any]:
             "net_cpu_ms_per_msg": max(0.0, cpu - idle_cpu_per_s * drained)
             / max(1, offered) * 1000,
             "idle_cpu_ms_per_s": idle_cpu_per_s * 1000,
+            "cpu_ms_per_msg_by_thread": {name: round(spent / max(1, offered) * 1000, 2)
+                                         for name, spent in by_thread.items() if spent > 0},
             "rss_growth_mb": rss_after - rss_before}
 
 
@@ -184,6 +205,7 @@ def _print(label: str, result: dict[str, Any]) -> None:
     print(f"CPU {result['cpu_ms_per_msg']:.3f} ms/msg, {result['net_cpu_ms_per_msg']:.3f} ms/msg "
           f"net of the idle {result['idle_cpu_ms_per_s']:.1f} ms/s | RSS growth "
           f"{result['rss_growth_mb']:.0f} MB")
+    print(f"CPU ms/msg by thread (gross): {result['cpu_ms_per_msg_by_thread']}")
 
 
 def main() -> None:
@@ -191,7 +213,11 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=2000)
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--viewers", type=int, default=2000)
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for this run (default: Python's 5 ms)")
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     result = asyncio.run(scenario(args.rate, args.seconds, args.viewers))
     _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers",
            result)

@@ -18,12 +18,16 @@ The in-process backend drives it (``engine/backends/continuous_worker.py``) wher
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from engine.decode_graphs import DecodeGraphs
+from engine.errors import EngineError
+from engine.kv_slots import SlotCache
 from engine.sampling import pick_tokens
 from engine.types import SamplingParams
 
@@ -67,9 +71,11 @@ class ContinuousBatch:
     """The running batch. Not thread-safe: one decode loop owns it.
 
     ``set_prefix`` prefills a shared prompt start once (the persona's system prompt); a
-    request copies the KV of the tokens it shares with it and prefills only the rest."""
+    request copies the KV of the tokens it shares with it and prefills only the rest. The
+    rows' KV lives in preallocated slots (``engine/kv_slots.py``): a decode step writes one
+    column in place instead of copying the batch's cache."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, slots: int = 8) -> None:
         self.model = model
         self._cache_kw = _cache_keyword(model)
         # A prefill needs the logits of its last position only (not prompt x vocabulary).
@@ -77,10 +83,11 @@ class ContinuousBatch:
             {"logits_to_keep": 1}
             if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
         self._prefix: _Prefix | None = None
+        self._slot_hint = max(1, slots)
         self.prefix_hits = 0
         self.rows: list[Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # [rows, columns]: 1 = a real token
+        self._cache: SlotCache | None = None
+        self._graphs: DecodeGraphs | None = None  # static shapes: fixed slots, maybe captured
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
         self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output
@@ -88,6 +95,43 @@ class ContinuousBatch:
     @property
     def size(self) -> int:
         return len(self.rows)
+
+    @property
+    def columns(self) -> int:
+        """KV columns the next decode step attends over (the longest row, plus padding)."""
+        return self._cache.length if self._cache is not None else 0
+
+    @property
+    def static(self) -> bool:
+        return self._graphs is not None
+
+    @property
+    def captured(self) -> bool:
+        return self._graphs is not None and self._graphs.captured
+
+    @torch.inference_mode()
+    def make_static(self, slots: int, width: int,
+                    progress: Callable[[int, int], None] | None = None) -> None:
+        """Fixed slots (``slots`` rows of ``width`` columns, allocated now) and a decode step
+        with static shapes, captured as CUDA graphs when the model sits on one GPU."""
+        probe = DynamicCache()  # one token through the model: each layer's KV shape and device
+        self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device),
+                   use_cache=True, **{self._cache_kw: probe})
+        like = _kv(probe)
+        self._cache = SlotCache(like, slots, width)
+        self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw)
+        devices = {keys.device for keys, _ in like}
+        if progress is not None and len(devices) == 1 and next(iter(devices)).type == "cuda":
+            self._graphs.capture(progress)
+
+    def reset(self) -> None:
+        """Drop every row (after a failed step); static slots and graphs stay."""
+        self.rows = []
+        self._positions = self._last = self._seen = None
+        if self._cache is not None and self.static:
+            self._cache.clear()
+        else:
+            self._cache = None
 
     @torch.inference_mode()
     def set_prefix(self, prefix_ids: list[int]) -> None:
@@ -101,8 +145,8 @@ class ContinuousBatch:
         self._prefix = _Prefix(list(prefix_ids), cache)
 
     def _start_cache(self, prompt_ids: list[int]) -> tuple[DynamicCache, int]:
-        """A cache holding the shared prefix if the prompt starts with it (a copy: rows
-        extend their own), and how many prompt tokens it already covers."""
+        """A cache starting with the shared prefix if the prompt starts with it, and how
+        many prompt tokens it already covers."""
         prefix = self._prefix
         cache = DynamicCache()
         # The tokens this prompt shares with the prefix (the persona's part of a system turn
@@ -110,9 +154,9 @@ class ContinuousBatch:
         shared = common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
         if prefix is None or shared == 0:
             return cache, 0
-        for layer, (keys, values) in enumerate(
-                (kv.keys, kv.values) for kv in _kv_layers(prefix.cache)):
-            cache.update(keys[:, :, :shared].clone(), values[:, :, :shared].clone(), layer)
+        for layer, (keys, values) in enumerate(_kv(prefix.cache)):
+            # ``update`` concatenates into new tensors: the prefix itself is never written.
+            cache.update(keys[:, :, :shared], values[:, :, :shared], layer)
         self.prefix_hits += 1
         return cache, shared
 
@@ -134,50 +178,60 @@ class ContinuousBatch:
         first = int(pick_tokens(out.logits[:, -1], [params], seen, [0], sorted(eos_ids),
                                 [generator])[0])
         seen[0, first] = True
+        # Everything that can run out of memory happens before the batch changes.
+        slots = self._room_for(_kv(cache), len(prompt_ids) + max_new_tokens + 1)
+        slots.append_row(_kv(cache))
+        self._cache = slots
         row = Row(request_id, max_new_tokens, eos_ids, [first], params, generator)
-        mask = torch.ones((1, len(prompt_ids)), dtype=torch.long, device=device)
         positions = torch.tensor([len(prompt_ids)], device=device)
         last = torch.tensor([[first]], device=device)
-        if self._cache is None:
-            self._cache, self._mask, self._positions, self._last = cache, mask, positions, last
-            self._seen = seen
+        if self._positions is None or self._last is None or self._seen is None:
+            self._positions, self._last, self._seen = positions, last, seen
         else:
-            self._stack(cache, mask, positions, last)
-            assert self._seen is not None
+            self._positions = torch.cat([self._positions, positions])
+            self._last = torch.cat([self._last, last])
             self._seen = torch.cat([self._seen, seen])
         self.rows.append(row)
         return first
 
-    def _stack(self, cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor,
-               last: torch.Tensor) -> None:
-        assert self._cache is not None and self._mask is not None
-        assert self._positions is not None and self._last is not None
-        width = max(self._mask.shape[1], mask.shape[1])
-        layers = list(zip(_kv_layers(self._cache), _kv_layers(cache), strict=True))
-        # Everything is built before anything is replaced: running out of memory half way
-        # leaves the batch as it was.
-        stacked = [(torch.cat([_pad_left(mine.keys, width, 2), _pad_left(theirs.keys, width, 2)]),
-                    torch.cat([_pad_left(mine.values, width, 2),
-                               _pad_left(theirs.values, width, 2)]))
-                   for mine, theirs in layers]
-        new_mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
-        for (mine, _theirs), (keys, values) in zip(layers, stacked, strict=True):
-            mine.keys, mine.values = keys, values
-        self._mask = new_mask
-        self._positions = torch.cat([self._positions, positions])
-        self._last = torch.cat([self._last, last])
+    def _room_for(self, prompt: list[tuple[torch.Tensor, torch.Tensor]],
+                  columns: int) -> SlotCache:
+        """Slots with room for one more row whose prompt ends at the newest column and that
+        may grow to ``columns`` columns in all."""
+        tokens = int(prompt[0][0].shape[2])
+        slots = self._cache
+        if self.static and slots is not None and (
+                slots.rows + 1 > slots.slots or columns > slots.width):
+            raise EngineError(f"no room in the batch's slots for a row of {columns} columns "
+                              f"({slots.rows} of {slots.slots} rows, {slots.width} columns)")
+        if slots is None:
+            slots = SlotCache(prompt, self._slot_hint, _round_up(2 * columns, 256))
+        elif slots.rows + 1 > slots.slots or columns > slots.width:
+            slots = slots.grown(slots.rows + 1, columns)
+        if tokens > slots.length and slots.rows:
+            slots.shift_right(tokens - slots.length)
+        slots.length = max(slots.length, tokens)
+        return slots
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, int]]:
         """One decode step for every unfinished row: (request id, new token) each."""
         if not self.rows:
             return []
-        assert self._mask is not None and self._positions is not None
-        mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        out = self.model(input_ids=self._last, attention_mask=mask,
-                         position_ids=self._positions[:, None], use_cache=True,
-                         **{self._cache_kw: self._cache})
-        logits = out.logits[:, -1]
+        assert self._cache is not None and self._positions is not None
+        assert self._last is not None
+        if self._cache.length == self._cache.width and not self._cache.compact():
+            if self.static:
+                raise EngineError("the batch's slots are full")  # rows fit by construction
+            self._cache = self._cache.grown(self._cache.rows, 2 * self._cache.width)
+        if self._graphs is not None:
+            logits = self._graphs.run(self._last, self._positions)
+        else:
+            out = self.model(input_ids=self._last, attention_mask=self._cache.step_mask(),
+                             position_ids=self._positions[:, None], use_cache=True,
+                             **{self._cache_kw: self._cache})
+            logits = out.logits[:, -1]
+        self._cache.advance()
         if all(row.params is None for row in self.rows):
             tokens = logits.argmax(dim=-1)
         else:
@@ -187,7 +241,7 @@ class ContinuousBatch:
                                  sorted(self.rows[0].eos_ids),
                                  [row.generator for row in self.rows])
             self._seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
-        self._mask, self._positions, self._last = mask, self._positions + 1, tokens[:, None]
+        self._positions, self._last = self._positions + 1, tokens[:, None]
         produced = []
         for row, token in zip(self.rows, tokens.tolist(), strict=True):
             if not row.finished:
@@ -195,36 +249,28 @@ class ContinuousBatch:
                 produced.append((row.request_id, int(token)))
         return produced
 
+    @torch.inference_mode()
     def leave(self, request_ids: set[str]) -> None:
-        """Drop these rows (finished or cancelled) from the batch at once."""
-        keep = [i for i, row in enumerate(self.rows) if row.request_id not in request_ids]
-        if len(keep) == len(self.rows):
+        """Drop these rows (finished or cancelled) from the batch at once: each freed slot
+        takes the last row (one row's KV copied)."""
+        leaving = [i for i, row in enumerate(self.rows) if row.request_id in request_ids]
+        if not leaving:
             return
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self._cache = self._mask = self._positions = self._last = self._seen = None
+        assert self._cache is not None
+        order = list(range(len(self.rows)))
+        for position in reversed(leaving):
+            self._cache.remove_row(position)
+            order[position] = order[-1]
+            order.pop()
+        self.rows = [self.rows[i] for i in order]
+        if not order:
+            self._positions = self._last = self._seen = None
             return
-        assert self._cache is not None and self._mask is not None
         assert self._positions is not None and self._last is not None
-        index = torch.tensor(keep, device=self._mask.device)
-        self._cache.batch_select_indices(index)
-        self._mask, self._positions, self._last = (
-            self._mask[index], self._positions[index], self._last[index])
+        index = torch.tensor(order, device=self._positions.device)
+        self._positions, self._last = self._positions[index], self._last[index]
         if self._seen is not None:
             self._seen = self._seen[index]
-        self._trim()
-
-    def _trim(self) -> None:
-        """Cut columns that are padding in every row (left over from a long row that left)."""
-        assert self._mask is not None and self._cache is not None
-        used = self._mask.any(dim=0).nonzero()
-        start = int(used[0]) if len(used) else 0
-        if start == 0:
-            return
-        self._mask = self._mask[:, start:]
-        for layer in _kv_layers(self._cache):
-            layer.keys = layer.keys[:, :, start:]
-            layer.values = layer.values[:, :, start:]
 
     def finished(self) -> list[Row]:
         return [row for row in self.rows if row.finished]
@@ -240,15 +286,12 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def _kv_layers(cache: DynamicCache) -> list[Any]:
-    """The cache's key/value layers (plain ones only: ``supports`` rules out the others)."""
-    return list(cache.layers)
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The cache's keys and values per layer (plain layers only: ``supports`` rules out the
+    others)."""
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
 
 
-def _pad_left(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple

@@ -85,10 +85,29 @@ def test_a_cancelled_row_frees_its_slot_at_once(tiny: tuple[Any, Any]) -> None:
     batch.step()
     batch.leave({"long"})
     assert [row.request_id for row in batch.rows] == ["short"]
-    # The longest prompt left: the padding it forced on the others is trimmed away.
-    assert batch._mask is not None and bool(batch._mask[:, 0].all())
+    slots = batch._cache
+    assert slots is not None and slots.rows == 1
+    batch.join("next", ids[0], NEW_TOKENS, frozenset())  # takes the freed slot
+    assert batch._cache is slots and slots.rows == 2
     results = _drive(batch, {0: []})
     assert results["short"] == _alone(model, ids[3])
+    assert results["next"] == _alone(model, ids[0])
+
+
+def test_a_long_running_batch_reclaims_columns_and_grows_its_slots(
+        tiny: tuple[Any, Any]) -> None:
+    """Rows keep arriving for longer than the slots are wide (the columns no row needs are
+    cut from the left), and more rows than the first allocation run at once (it grows):
+    every reply is still what ``generate()`` gives alone."""
+    model, tokenizer = tiny
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    batch = ContinuousBatch(model, slots=1)
+    arrivals = {step: [(f"r{step}", ids[step % len(ids)])] for step in range(0, 300, 3)}
+    results = _drive(batch, arrivals)
+    expected = {i: _alone(model, prompt) for i, prompt in enumerate(ids)}
+    assert results == {f"r{step}": expected[step % len(ids)] for step in range(0, 300, 3)}
+    assert batch._cache is not None
+    assert batch._cache.slots >= 4 and batch._cache.width < 300
 
 
 def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny: tuple[Any, Any]) -> None:
@@ -237,3 +256,19 @@ def test_prompts_sharing_only_the_start_of_the_prefix_reuse_that_part(
     batch.set_prefix(ids[0])  # the first viewer's whole system turn
     assert _drive(batch, {0: [("r0", ids[0])], 1: [("r1", ids[1])]}) == expected
     assert batch.prefix_hits == 2
+
+
+def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any]) -> None:
+    """The static-shape decode step (what is captured as CUDA graphs on a GPU), run eagerly:
+    fixed slots, a bucket's idle rows computed alongside, columns cut when the narrow slots
+    fill up; every reply is still what ``generate()`` gives alone."""
+    model, tokenizer = tiny
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=64)
+    assert batch.static and not batch.captured
+    arrivals = {step: [(f"r{step}", ids[step % len(ids)])] for step in range(0, 90, 3)}
+    results = _drive(batch, arrivals)
+    expected = {i: _alone(model, prompt) for i, prompt in enumerate(ids)}
+    assert results == {f"r{step}": expected[step % len(ids)] for step in range(0, 90, 3)}
+    assert batch._cache is not None and batch._cache.width == 64  # never grew

@@ -28,6 +28,10 @@ class _Backend(Protocol):
     tokenizer: Any
     max_batch_size: int
     oom_retries: int
+    static_cache: bool
+
+    @property
+    def max_length(self) -> int: ...
 
     def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]: ...
 
@@ -42,10 +46,36 @@ class ContinuousWorker:
         self._jobs = jobs
         self._waiting: deque[Job] = deque()
         self._running: dict[str, Job] = {}
-        self._batch = ContinuousBatch(backend.model)
+        self._batch = ContinuousBatch(backend.model, slots=backend.max_batch_size)
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
         self.steps = 0
+
+    def prepare(self) -> None:
+        """Before the first request: fixed KV slots and a decode step with static shapes,
+        captured as CUDA graphs on a GPU (``llm.static_cache``), so traffic never compiles.
+        Without memory for the slots, the batch stays dynamic."""
+        if not self._backend.static_cache:
+            return
+        slots = self._backend.max_batch_size
+        # A row never holds more than max_length tokens (the prompt is cut to leave room for
+        # the reply): one more column and it always fits after the unused ones are cut.
+        width = -(-(self._backend.max_length + 1) // 64) * 64
+
+        def progress(done: int, total: int) -> None:
+            log.info("capturing the decode step for batch sizes up to %d: %d of %d",
+                     slots, done, total)
+
+        try:
+            self._batch.make_static(slots, width, progress)
+        except Exception as error:  # noqa: BLE001 - the dynamic batch still serves
+            log.warning("static decode unavailable (%s: %s); decoding without it",
+                        type(error).__name__, error)
+            self._batch = ContinuousBatch(self._backend.model, slots=slots)
+            self._backend.free_memory()
+            return
+        log.info("decode step ready: %d slots of %d tokens%s", slots, width,
+                 ", CUDA graphs" if self._batch.captured else "")
 
     def run(self) -> None:
         """Until ``STOP_WORKER``: admit, step, retire."""
@@ -110,8 +140,7 @@ class ContinuousWorker:
             for job in self._running.values():
                 self._fail(job, error)
             self._running.clear()
-            self._batch = ContinuousBatch(self._backend.model)
-            self._prefix = []
+            self._batch.reset()
             self._backend.free_memory()
             return
         self.steps += 1

@@ -89,6 +89,10 @@ class TransformersBackend:
         self._closed = False
 
     @property
+    def max_length(self) -> int:
+        return self._config.max_length
+
+    @property
     def placement(self) -> Placement | None:
         return self._placement
 
@@ -97,6 +101,7 @@ class TransformersBackend:
         loop = self._work
         if self._continuous():
             self.continuous = ContinuousWorker(self, self._jobs)
+            await asyncio.to_thread(self.continuous.prepare)
             loop = self.continuous.run
         self._worker = threading.Thread(target=loop, name="llm-worker", daemon=True)
         self._worker.start()

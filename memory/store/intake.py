@@ -65,7 +65,12 @@ class Intake:
 
     @staticmethod
     def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
-        rows = connection.execute(sql.KNOWN_IDENTITIES, {"keys": keys})
+        if len(keys) == 1:
+            platform, platform_user_id = keys[0]
+            rows = connection.execute(sql.KNOWN_IDENTITY, {
+                "platform": platform, "platform_user_id": platform_user_id})
+        else:
+            rows = connection.execute(sql.KNOWN_IDENTITIES, {"keys": keys})
         return {(r.platform, r.platform_user_id): r.user_id for r in rows}
 
     async def record_final(self, items: list[IntakeItem]) -> None:
@@ -113,7 +118,7 @@ class IntakeWriter:
 
     def __init__(self, record: Callable[[list[IntakeItem]],
                                         Awaitable[list[IntakeOutcome] | None]],
-                 *, max_batch: int = 256, max_delay_s: float = 0.002) -> None:
+                 *, max_batch: int = 256, max_delay_s: float = 0.0) -> None:
         self._record = record  # returns an outcome per item, or None when nobody needs them
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
@@ -132,7 +137,9 @@ class IntakeWriter:
         return future
 
     async def _drain(self) -> None:
-        await asyncio.sleep(self._max_delay_s)  # let a burst gather
+        # With no delay this yields once: a burst delivered in one loop iteration shares a
+        # batch, and what arrives while a batch is written waits for the next one.
+        await asyncio.sleep(self._max_delay_s)
         while self._queue:
             batch, self._queue = (self._queue[:self._max_batch],
                                   self._queue[self._max_batch:])

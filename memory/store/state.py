@@ -128,11 +128,11 @@ class States:
         row = connection.execute(query, key).first()
         if row is None:
             # Losing a creation race to another process inserts nothing: read theirs.
-            connection.execute(sql.create_state(self._db.dialect), {
+            row = connection.execute(sql.create_state(self._db.dialect), {
                 **key, "mood": default_mood, "mood_intensity": 0.0, "intimacy": 0.0,
                 "intimacy_gained_today": 0.0, "conversation_count": 0,
-                "last_interaction_at": None, "version": 0, "updated_at": datetime.now(UTC)})
-            row = connection.execute(query, key).one()
+                "last_interaction_at": None, "version": 0, "updated_at": datetime.now(UTC)},
+            ).first() or connection.execute(query, key).one()
         return row.id, snapshot(row)
 
     async def state_timeline(self, user_id: int, persona_id: str,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, select, text, tuple_
+from sqlalchemy import Insert, Table, bindparam, or_, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from memory.models import INTAKE_WHERE, Identity, Message, RelationshipState, StateEvent, User
@@ -48,7 +48,8 @@ INSERT_MESSAGE = messages.insert().returning(messages.c.id)
 HISTORY = (select(messages.c.id, messages.c.role, messages.c.content, messages.c.created_at)
            .where(messages.c.user_id == bindparam("user_id"),
                   messages.c.persona_id == bindparam("persona_id"),
-                  messages.c.status.in_(("answered", "sent")))
+                  # Not ``IN``: an IN list is re-rendered into the SQL on every execution.
+                  or_(messages.c.status == "answered", messages.c.status == "sent"))
            .order_by(messages.c.id.desc())
            .limit(bindparam("limit")))
 
@@ -57,6 +58,11 @@ KNOWN_IDENTITIES = (select(identities.c.platform, identities.c.platform_user_id,
                            identities.c.user_id)
                     .where(tuple_(identities.c.platform, identities.c.platform_user_id)
                            .in_(bindparam("keys", expanding=True))))
+# Parameters: platform, platform_user_id. The common batch of one, without the IN list.
+KNOWN_IDENTITY = (select(identities.c.platform, identities.c.platform_user_id,
+                         identities.c.user_id)
+                  .where(identities.c.platform == bindparam("platform"),
+                         identities.c.platform_user_id == bindparam("platform_user_id")))
 INSERT_USERS = users.insert().returning(users.c.id, sort_by_parameter_order=True)
 
 
@@ -67,9 +73,9 @@ def _insert(dialect: str, table: Any) -> postgresql.Insert | sqlite.Insert:
 
 @cache
 def create_state(dialect: str) -> Insert:
-    """A new state row; nothing when another process created it first."""
+    """A new state row, returned; nothing when another process created it first."""
     return _insert(dialect, states).on_conflict_do_nothing(
-        index_elements=["user_id", "persona_id"])
+        index_elements=["user_id", "persona_id"]).returning(*STATE_COLUMNS)
 
 
 @cache

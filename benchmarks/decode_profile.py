@@ -1,0 +1,127 @@
+"""Where a continuous-batching decode step spends its time: join (prefill) and step costs at
+a few batch sizes, then a torch profiler table of one batch's steps.
+
+    python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+
+Same model and prompt shape as ``arrivals_bench`` (run that once first to prepare the model):
+a ~1,200-token shared persona prefix plus ~200 unique tokens per row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.engine_bench import log
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _timed(work: Any) -> float:
+    _sync()
+    started = time.perf_counter()
+    work()
+    _sync()
+    return time.perf_counter() - started
+
+
+NEW_TOKENS = 200
+
+
+def _rows(model: Any, prefix: list[int], rows: int, sampled: bool, vocab: int,
+          graphs: bool) -> Any:
+    from engine.continuous import ContinuousBatch
+    from engine.types import SamplingParams
+
+    rng = random.Random(rows)
+    batch = ContinuousBatch(model, slots=rows)
+    if graphs:
+        batch.make_static(rows, len(prefix) + 200 + NEW_TOKENS + 64, lambda done, total: None)
+    batch.set_prefix(prefix)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS) if sampled else None
+    joins = []
+    for index in range(rows):
+        prompt = prefix + [rng.randrange(10, vocab) for _ in range(200)]
+        joins.append(_timed(lambda p=prompt, i=index: batch.join(  # type: ignore[misc]
+            f"r{i}", p, NEW_TOKENS, frozenset(), params)))
+    return batch, joins
+
+
+def measure(model: Any, prefix: list[int], vocab: int, sizes: list[int]) -> None:
+    import gc
+
+    import torch
+
+    print("\n| decode step | rows | sampling | join ms (mean) | step ms (mean of 20) | tok/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for graphs in (False, True):
+        for rows in sizes:
+            for sampled in (False, True):
+                batch, joins = _rows(model, prefix, rows, sampled, vocab, graphs)
+                batch.step()  # first step after joins: allocation, warm kernels
+                steps = [_timed(batch.step) for _ in range(20)]
+                step_ms = sum(steps) / len(steps) * 1000
+                kind = ("CUDA graphs" if batch.captured else "static, eager") if graphs else (
+                    "eager (baseline)")
+                print(f"| {kind} | {rows} | {'default' if sampled else 'greedy'} | "
+                      f"{sum(joins) / len(joins) * 1000:.1f} | {step_ms:.1f} | "
+                      f"{rows / step_ms * 1000:.0f} |", flush=True)
+                del batch
+                gc.collect()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+def profile(model: Any, prefix: list[int], vocab: int, rows: int) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    batch, _ = _rows(model, prefix, rows, True, vocab, graphs=True)
+    batch.step()
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as prof:
+        for _ in range(5):
+            batch.step()
+        _sync()
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\n5 steps of {rows} rows, default sampling, static decode step:")
+    print(prof.key_averages().table(sort_by=sort, row_limit=25))
+
+
+def main() -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.arrivals_bench import _text_of, prepare
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--sizes", default="1,8,32")
+    args = parser.parse_args()
+    prepare(args.model_dir, args.tiny)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+    log(f"model on {device}, attention {model.config._attn_implementation}")
+    text = _text_of(tokenizer, random.Random(1), 100 if args.tiny else 1200)
+    prefix = tokenizer.encode(text, add_special_tokens=False)
+    vocab = len(tokenizer)
+    measure(model, prefix, vocab, [int(s) for s in args.sizes.split(",")])
+    profile(model, prefix, vocab, max(int(s) for s in args.sizes.split(",")))
+
+
+if __name__ == "__main__":
+    main()
