@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -138,17 +140,36 @@ async def _variant(model_dir: Path, label: str, mode: str, cap: float,
         await _load(backend, "warm-up", 0.0, 8 if tiny else 32, cap, system)
         for load, rate, amount in LOADS:
             counter = _recompiles()
+            timings_before = _worker_timings(backend)
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
             log(f"{label}: {load}")
             row = await _load(backend, load, rate, amount / (4 if tiny else 1), cap, system)
             peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
             rows.append({"variant": label, **row, "recompiles": _recompiles() - counter,
-                         "peak_gb": round(peak, 1)})
+                         "peak_gb": round(peak, 1),
+                         **_loop_summary(_worker_timings(backend) - timings_before)})
             log(f"{label}: {rows[-1]}")  # as it comes: a run cut short keeps what it had
     finally:
         await backend.close()
     return rows
+
+
+def _worker_timings(backend: Any) -> Counter[str]:
+    worker = getattr(backend, "continuous", None)
+    if worker is None:
+        return Counter()
+    return Counter({**worker.timings, "steps": worker.steps})
+
+
+def _loop_summary(spent: Counter[str]) -> dict[str, float]:
+    """The decode loop in the window: ms per step, rows per step, ms per prefill."""
+    if not spent.get("steps"):
+        return {}
+    return {"step_ms": round(spent["step_s"] / spent["steps"] * 1000, 1),
+            "rows_per_step": round(spent["rows_stepped"] / spent["steps"], 1),
+            "prefill_ms": round(spent["admit_s"] / max(1, spent["prefills"]) * 1000, 1),
+            "per_prefill": round(spent["joined"] / max(1, spent["prefills"]), 1)}
 
 
 def _recompiles() -> int:
@@ -164,9 +185,13 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
     parser.add_argument("--cap", type=float, default=40.0)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test, tiny model")
+    parser.add_argument("--switch-interval-ms", type=float, default=None,
+                        help="sys.setswitchinterval for the run (Python's default: 5 ms)")
     parser.add_argument("--variants", default="continuous,micro",
                         help="which to run, in order: continuous, micro (the baseline)")
     args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
     prepare(args.model_dir, args.tiny)
     variants = {"micro": ("baseline: micro-batcher", "off"),
                 "continuous": ("ours: continuous", "on")}
@@ -175,7 +200,8 @@ def main() -> None:
         label, mode = variants[name.strip()]
         rows += asyncio.run(_variant(args.model_dir, label, mode, args.cap, args.tiny))
     keys = ["variant", "load", "requests", "over_cap", "ttft_p50", "ttft_p95", "reply_p50",
-            "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb"]
+            "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb", "step_ms",
+            "rows_per_step", "prefill_ms", "per_prefill"]
     print("\n| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     for row in rows:

@@ -78,7 +78,8 @@ class LLMConfig(Section):
     # Concurrent requests arriving within batch_window_ms are generated as one batch.
     max_batch_size: int = Field(8, ge=1, le=256)
     batch_window_ms: float = Field(10.0, ge=0, le=1000)
-    # Static KV cache (lets transformers compile the decode step): auto = on for bf16/fp16 GPU.
+    # Static KV cache: fixed slots and a CUDA-graph decode step with continuous batching, a
+    # compiled decode step with micro-batching. auto = on for bf16/fp16 on a GPU.
     static_cache: Literal["auto", "on", "off"] = "auto"
     # Requests join and leave the running batch between decode steps (Llama/Qwen/Mistral
     # families): auto = on a GPU; on = also on the CPU; off = one generate() per micro-batch.

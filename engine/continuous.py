@@ -1,18 +1,19 @@
 """Continuous batching over a transformers causal LM: rows join and leave between decode steps.
 
-Every row lives in one left-padded KV cache at its own position: a request is prefilled on
-its own, then its cache is aligned with the batch's (the shorter side gets pad columns that
-the attention mask hides) and stacked onto it; every decode step feeds each row its last
-token at its own position; a finished or cancelled row leaves at once (its cache rows are
-dropped, and columns no row needs any more are trimmed from the left). Greedy output is the
-same as ``generate()`` gives each prompt alone.
+A request is prefilled (past the shared persona prefix, whose KV is computed once), together
+with the others that arrived during the same step; its KV then goes into a slot of the
+batch's preallocated cache (``engine/kv_slots.py``), right-aligned with the other rows, and
+every decode step feeds each row its last token at its own position. A finished or cancelled
+row frees its slot at once. With ``make_static`` the slots are fixed and the decode step has
+static shapes, captured as CUDA graphs on a GPU (``engine/decode_graphs.py``). Greedy output
+is the same as ``generate()`` gives each prompt alone.
 
 Supported: decoder-only models with full attention and a ``DynamicCache`` of plain
 key/value layers (Llama, Qwen2/3, Mistral families). ``supports(model)`` says whether a model
 qualifies; the backend keeps ``generate()`` for the rest.
 
 The in-process backend drives it (``engine/backends/continuous_worker.py``) where
-``llm.continuous_batching`` allows.
+``llm.continuous_batching`` allows; ``llm.static_cache`` decides the static step.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def _cache_keyword(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); take what it has."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class Joining:
+    """A request about to join the batch."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    params: SamplingParams | None = None
 
 
 @dataclass
@@ -144,70 +156,101 @@ class ContinuousBatch:
                    use_cache=True, **{self._cache_kw: cache})
         self._prefix = _Prefix(list(prefix_ids), cache)
 
-    def _start_cache(self, prompt_ids: list[int]) -> tuple[DynamicCache, int]:
-        """A cache starting with the shared prefix if the prompt starts with it, and how
-        many prompt tokens it already covers."""
+    def _covered(self, prompt_ids: list[int]) -> int:
+        """The tokens this prompt shares with the prefix (the persona's part of a system turn
+        whose mood hint differs per viewer), leaving at least one token to prefill."""
         prefix = self._prefix
-        cache = DynamicCache()
-        # The tokens this prompt shares with the prefix (the persona's part of a system turn
-        # whose mood hint differs per viewer), leaving at least one token to prefill.
-        shared = common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
-        if prefix is None or shared == 0:
-            return cache, 0
-        for layer, (keys, values) in enumerate(_kv(prefix.cache)):
-            # ``update`` concatenates into new tensors: the prefix itself is never written.
-            cache.update(keys[:, :, :shared], values[:, :, :shared], layer)
-        self.prefix_hits += 1
-        return cache, shared
+        return common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
 
-    @torch.inference_mode()
+    def _prefix_cache(self, covered: int, rows: int) -> DynamicCache:
+        """A cache holding the prefix's first ``covered`` tokens for ``rows`` rows."""
+        cache = DynamicCache()
+        if self._prefix is None or covered == 0:
+            return cache
+        for layer, (keys, values) in enumerate(_kv(self._prefix.cache)):
+            # ``update`` concatenates into new tensors: the prefix itself is never written.
+            cache.update(keys[:, :, :covered].expand(rows, -1, -1, -1),
+                         values[:, :, :covered].expand(rows, -1, -1, -1), layer)
+        self.prefix_hits += rows
+        return cache
+
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
              eos_ids: frozenset[int], params: SamplingParams | None = None) -> int:
-        """Prefill ``prompt_ids`` alone (past the shared prefix), add the row, return its
-        first token."""
+        """Prefill one request (past the shared prefix), add its row, return its first
+        token."""
+        return self.join_many([Joining(request_id, prompt_ids, max_new_tokens, eos_ids,
+                                       params)])[0]
+
+    @torch.inference_mode()
+    def join_many(self, joining: list[Joining]) -> list[int]:
+        """Prefill several requests in one forward pass, add their rows, return each one's
+        first token. A prefill is mostly fixed cost (kernel launches), so requests that
+        arrived during a step join together."""
         device = self.model.device
-        cache, covered = self._start_cache(prompt_ids)
-        rest = torch.tensor([prompt_ids[covered:]], device=device)
-        positions = torch.arange(covered, len(prompt_ids), device=device)[None]
-        out = self.model(input_ids=rest, position_ids=positions, use_cache=True,
-                         **{self._cache_kw: cache}, **self._last_logits_only)
-        generator = (torch.Generator().manual_seed(params.seed)
-                     if params is not None and params.seed is not None else None)
-        seen = torch.zeros((1, out.logits.shape[-1]), dtype=torch.bool, device=device)
-        seen[0, torch.tensor(prompt_ids, device=device)] = True
-        first = int(pick_tokens(out.logits[:, -1], [params], seen, [0], sorted(eos_ids),
-                                [generator])[0])
-        seen[0, first] = True
+        covered = min(self._covered(j.prompt_ids) for j in joining)
+        cache = self._prefix_cache(covered, len(joining))
+        rests = [j.prompt_ids[covered:] for j in joining]
+        width = max(len(rest) for rest in rests)
+        # Padding goes after each prompt's last token: causal attention never lets a real
+        # token see it, so no mask is needed.
+        ids = torch.tensor([rest + rest[-1:] * (width - len(rest)) for rest in rests],
+                           device=device)
+        positions = torch.arange(covered, covered + width, device=device)[None]
+        ends = sorted({len(rest) - 1 for rest in rests})
+        keep = ({"logits_to_keep": torch.tensor(ends, device=device)}
+                if self._last_logits_only else {})
+        out = self.model(input_ids=ids, position_ids=positions.expand(len(rests), -1),
+                         use_cache=True, **{self._cache_kw: cache}, **keep)
+        where = [ends.index(len(rest) - 1) if keep else len(rest) - 1 for rest in rests]
+        logits = out.logits[torch.arange(len(rests), device=device),
+                            torch.tensor(where, device=device)]
+        generators = [torch.Generator().manual_seed(j.params.seed)
+                      if j.params is not None and j.params.seed is not None else None
+                      for j in joining]
+        seen = torch.zeros((len(rests), logits.shape[-1]), dtype=torch.bool, device=device)
+        for index, j in enumerate(joining):
+            seen[index, torch.tensor(j.prompt_ids, device=device)] = True
+        firsts = pick_tokens(logits, [j.params for j in joining], seen, [0] * len(joining),
+                             sorted(joining[0].eos_ids), generators).tolist()
+        seen[torch.arange(len(rests), device=device), torch.tensor(firsts, device=device)] = True
         # Everything that can run out of memory happens before the batch changes.
-        slots = self._room_for(_kv(cache), len(prompt_ids) + max_new_tokens + 1)
-        slots.append_row(_kv(cache))
+        layers = _kv(cache)
+        slots = self._room_for(layers, max(len(j.prompt_ids) for j in joining), len(joining),
+                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
+        for index, j in enumerate(joining):
+            end = len(j.prompt_ids)
+            slots.append_row([(keys[index:index + 1, :, :end], values[index:index + 1, :, :end])
+                              for keys, values in layers])
+            self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
+                                 j.params, generators[index]))
         self._cache = slots
-        row = Row(request_id, max_new_tokens, eos_ids, [first], params, generator)
-        positions = torch.tensor([len(prompt_ids)], device=device)
-        last = torch.tensor([[first]], device=device)
+        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
+                       torch.tensor(firsts, device=device)[:, None], seen)
+        return [int(first) for first in firsts]
+
+    def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
+                  seen: torch.Tensor) -> None:
         if self._positions is None or self._last is None or self._seen is None:
             self._positions, self._last, self._seen = positions, last, seen
         else:
             self._positions = torch.cat([self._positions, positions])
             self._last = torch.cat([self._last, last])
             self._seen = torch.cat([self._seen, seen])
-        self.rows.append(row)
-        return first
 
-    def _room_for(self, prompt: list[tuple[torch.Tensor, torch.Tensor]],
-                  columns: int) -> SlotCache:
-        """Slots with room for one more row whose prompt ends at the newest column and that
-        may grow to ``columns`` columns in all."""
-        tokens = int(prompt[0][0].shape[2])
+    def _room_for(self, like: list[tuple[torch.Tensor, torch.Tensor]], tokens: int,
+                  rows: int, columns: int) -> SlotCache:
+        """Slots with room for ``rows`` more rows, whose prompts (at most ``tokens``) end at
+        the newest column and that may grow to ``columns`` columns in all."""
         slots = self._cache
         if self.static and slots is not None and (
-                slots.rows + 1 > slots.slots or columns > slots.width):
-            raise EngineError(f"no room in the batch's slots for a row of {columns} columns "
-                              f"({slots.rows} of {slots.slots} rows, {slots.width} columns)")
+                slots.rows + rows > slots.slots or columns > slots.width):
+            raise EngineError(f"no room in the batch's slots for {rows} rows of {columns} "
+                              f"columns ({slots.rows} of {slots.slots} rows in use, "
+                              f"{slots.width} columns)")
         if slots is None:
-            slots = SlotCache(prompt, self._slot_hint, _round_up(2 * columns, 256))
-        elif slots.rows + 1 > slots.slots or columns > slots.width:
-            slots = slots.grown(slots.rows + 1, columns)
+            slots = SlotCache(like, max(self._slot_hint, rows), _round_up(2 * columns, 256))
+        elif slots.rows + rows > slots.slots or columns > slots.width:
+            slots = slots.grown(slots.rows + rows, columns)
         if tokens > slots.length and slots.rows:
             slots.shift_right(tokens - slots.length)
         slots.length = max(slots.length, tokens)

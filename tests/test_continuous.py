@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.continuous import ContinuousBatch, supports
+from engine.continuous import ContinuousBatch, Joining, supports
 
 PROMPTS = ["hello there, how are you today?", "你好，今天的星星很亮喔～",
            "The lighthouse keeper draws maps of the stars. What does she draw?",
@@ -201,45 +201,70 @@ async def test_cancel_frees_the_row_and_a_seed_repeats_a_sampled_reply(
         await backend.close()
 
 
-async def test_out_of_memory_while_joining_halves_the_limit_and_answers_everyone(
-        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _greedy(text: str) -> Any:
+    from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+    return GenerationRequest(messages=(ChatMessage("user", text),),
+                             sampling=SamplingParams(max_new_tokens=8, temperature=0.0))
+
+
+async def _answers_with_injected_join(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                      fails: Any, group: int) -> tuple[Any, list[str],
+                                                                       list[str], list[int]]:
+    """Replies to PROMPTS alone, then all at once while ``fails(batch, joining)`` makes one
+    join run out of memory; the backend, both sets of replies and what was injected."""
     import asyncio
 
     import torch
 
+    from engine.backends import continuous_worker
     from engine.backends.transformers_backend import TransformersBackend
     from engine.config import LLMConfig
-    from engine.types import ChatMessage, GenerationRequest, SamplingParams
-
-    def request(text: str) -> GenerationRequest:
-        return GenerationRequest(messages=(ChatMessage("user", text),),
-                                 sampling=SamplingParams(max_new_tokens=8, temperature=0.0))
 
     backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
                                             continuous_batching="on"))
     await backend.start()
     try:
         async def reply(text: str) -> str:
-            return "".join([c async for c in backend.generate(request(text))])
+            return "".join([c async for c in backend.generate(_greedy(text))])
 
         expected = [await reply(text) for text in PROMPTS]
         worker = backend.continuous
         assert worker is not None
-        real_join = worker._batch.join
+        real_join = worker._batch.join_many
         injected: list[int] = []
 
-        def tight_join(*args: Any, **kwargs: Any) -> int:
-            if worker._batch.size >= 2 and not injected:
-                injected.append(worker._batch.size)
+        def tight_join(joining: list[Any]) -> list[int]:
+            if fails(worker._batch, joining) and not injected:
+                injected.append(len(joining))
                 raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-            return real_join(*args, **kwargs)
+            return real_join(joining)
 
-        monkeypatch.setattr(worker._batch, "join", tight_join)
+        monkeypatch.setattr(continuous_worker, "JOIN_GROUP", group)
+        monkeypatch.setattr(worker._batch, "join_many", tight_join)
         answers = await asyncio.gather(*(reply(text) for text in PROMPTS))
     finally:
         await backend.close()
-    assert list(answers) == expected and injected
+    return backend, expected, list(answers), injected
+
+
+async def test_out_of_memory_while_joining_halves_the_limit_and_answers_everyone(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    backend, expected, answers, injected = await _answers_with_injected_join(
+        tiny_model_dir, monkeypatch, lambda batch, _joining: batch.size >= 2, group=1)
+    assert answers == expected and injected
     assert backend.oom_retries == 1 and backend.max_batch_size == 1
+
+
+async def test_a_group_too_large_to_prefill_joins_in_halves(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing running holds the memory: the group's prefill was too big. It splits, and
+    everyone is answered without lowering the batch limit."""
+    backend, expected, answers, injected = await _answers_with_injected_join(
+        tiny_model_dir, monkeypatch, lambda _batch, joining: len(joining) > 1, group=8)
+    assert answers == expected
+    assert backend.max_batch_size == 8 and backend.oom_retries == 0
+    assert not injected or injected[0] > 1
 
 
 def test_prompts_sharing_only_the_start_of_the_prefix_reuse_that_part(
@@ -272,3 +297,25 @@ def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any]) 
     expected = {i: _alone(model, prompt) for i, prompt in enumerate(ids)}
     assert results == {f"r{step}": expected[step % len(ids)] for step in range(0, 90, 3)}
     assert batch._cache is not None and batch._cache.width == 64  # never grew
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any],
+                                                    with_prefix: bool) -> None:
+    """Requests that arrived during one step join in one forward pass (prompts of different
+    lengths, padded after their ends); each still gets what ``generate()`` gives alone."""
+    model, tokenizer = tiny
+    system = tokenizer.encode("system user assistant good night", add_special_tokens=False)
+    ids = [(system if with_prefix else []) + tokenizer.encode(p, add_special_tokens=False)
+           for p in PROMPTS]
+    batch = ContinuousBatch(model)
+    if with_prefix:
+        batch.set_prefix(system)
+    batch.join("first", ids[0], NEW_TOKENS, frozenset())
+    batch.step()
+    batch.join_many([Joining(f"r{i}", prompt, NEW_TOKENS, frozenset())
+                     for i, prompt in enumerate(ids[1:], start=1)])
+    results = _drive(batch, {0: []})
+    assert results == {"first": _alone(model, ids[0]),
+                       **{f"r{i}": _alone(model, ids[i]) for i in range(1, len(ids))}}
+    assert batch.prefix_hits == (len(ids) if with_prefix else 0)

@@ -1,26 +1,30 @@
 """The in-process backend's decode loop with continuous batching (``llm.continuous_batching``).
 
-Between two decode steps, waiting requests join (each prefilled on its own, past the shared
-persona prefix when its prompt starts with it) and finished or cancelled ones leave, so a
-viewer who arrives mid-batch waits one step, not a whole batch. Each request keeps its own
-sampling parameters. Out of memory while a request joins: it waits in the queue and the batch
-limit halves; while decoding: the running rows fail (a half-done step leaves their caches
-unusable), the limit halves, and the waiting ones go on.
+Between two decode steps, waiting requests join (those that arrived together prefilled in one
+pass, past the shared persona prefix when their prompts start with it) and finished or
+cancelled ones leave, so a viewer who arrives mid-batch waits one step, not a whole batch.
+Each request keeps its own sampling parameters. With ``llm.static_cache`` the slots are fixed
+and the decode step is captured as CUDA graphs before the first request. Out of memory while
+requests join: they wait in the queue and the batch limit halves (or, with nothing running,
+they join in smaller groups); while decoding: the running rows fail (a half-done step leaves
+their caches unusable), the limit halves, and the waiting ones go on.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-from collections import deque
+import time
+from collections import defaultdict, deque
 from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
-from engine.continuous import ContinuousBatch, common_prefix
+from engine.continuous import ContinuousBatch, Joining, common_prefix
 from engine.errors import EngineError, GenerationAborted
 
 log = logging.getLogger(__name__)
+JOIN_GROUP = 8  # requests prefilled together at most: bounds the pause of running rows
 
 
 class _Backend(Protocol):
@@ -50,6 +54,8 @@ class ContinuousWorker:
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
         self.steps = 0
+        # Where the decode loop's time goes (read by benchmarks and ``/gpu status``).
+        self.timings: defaultdict[str, float] = defaultdict(float)
 
     def prepare(self) -> None:
         """Before the first request: fixed KV slots and a decode step with static shapes,
@@ -80,9 +86,13 @@ class ContinuousWorker:
     def run(self) -> None:
         """Until ``STOP_WORKER``: admit, step, retire."""
         while self._fetch(block=not self._running and not self._waiting):
+            started = time.perf_counter()
             self._admit()
+            self.timings["admit_s"] += time.perf_counter() - started
             if self._running:
+                started = time.perf_counter()
                 self._step()
+                self.timings["step_s"] += time.perf_counter() - started
 
     def _fetch(self, block: bool) -> bool:
         """Move queued jobs to the waiting line; False once the worker must stop."""
@@ -98,36 +108,59 @@ class ContinuousWorker:
             return True
 
     def _admit(self) -> None:
+        """Let waiting requests join, those that arrived together in one prefill."""
         while self._waiting and len(self._running) < self._backend.max_batch_size:
-            job = self._waiting.popleft()
-            if job.abort.is_set():
-                job.ended = True
-                job.emit(Failure(GenerationAborted(job.request.request_id)))
-                continue
-            try:
-                self._join(job)
-            except Exception as error:  # noqa: BLE001 - every failure reaches its requester
-                if is_oom(error) and self._running:
-                    self._backend.free_memory()
-                    self._shrink("a request joined")
-                    self._waiting.appendleft(job)  # it joins once rows have left
-                    return
-                self._fail(job, error)
+            room = min(JOIN_GROUP, self._backend.max_batch_size - len(self._running))
+            group: list[Job] = []
+            while self._waiting and len(group) < room:
+                job = self._waiting.popleft()
+                if job.abort.is_set():
+                    job.ended = True
+                    job.emit(Failure(GenerationAborted(job.request.request_id)))
+                else:
+                    group.append(job)
+            if group and not self._join_group(group):
+                return
 
-    def _join(self, job: Job) -> None:
-        prefix, prompt = self._backend.prompt_parts(job)
+    def _join_group(self, group: list[Job]) -> bool:
+        """Join ``group``; False when out of memory stopped admission for now."""
+        try:
+            self._join(group)
+        except Exception as error:  # noqa: BLE001 - every failure reaches its requester
+            oom = is_oom(error)
+            if oom:
+                self._backend.free_memory()
+            if oom and self._running:  # running rows hold the memory: wait for them to leave
+                self._shrink("requests joined")
+                self._waiting.extendleft(reversed(group))
+                return False
+            if len(group) == 1:
+                self._fail(group[0], error)
+                return True
+            # Smaller groups: a prefill too large for the memory left, or one bad request,
+            # must not fail the others.
+            half = len(group) // 2
+            return self._join_group(group[:half]) and self._join_group(group[half:])
+        return True
+
+    def _join(self, group: list[Job]) -> None:
+        parts = [self._backend.prompt_parts(job) for job in group]
+        prefix = parts[0][0]
         # The system turn differs per viewer only in its mood hint and retrieved context;
         # a new prefix is prefilled only when most of it is new (first request, new persona).
         if common_prefix(prefix, self._prefix) < len(prefix) // 2:
             self._batch.set_prefix(prefix)
             self._prefix = prefix
-        sampling = job.request.sampling
-        job.decoder = IncrementalDecoder(self._backend.tokenizer)
-        request_id = job.request.request_id
-        first = self._batch.join(request_id, prompt, sampling.max_new_tokens, self._eos,
-                                 sampling)
-        self._running[request_id] = job
-        self._deliver(job, first)
+        self.timings["prefills"] += 1
+        self.timings["joined"] += len(group)
+        firsts = self._batch.join_many([
+            Joining(job.request.request_id, prompt, job.request.sampling.max_new_tokens,
+                    self._eos, job.request.sampling)
+            for job, (_prefix, prompt) in zip(group, parts, strict=True)])
+        for job, first in zip(group, firsts, strict=True):
+            job.decoder = IncrementalDecoder(self._backend.tokenizer)
+            self._running[job.request.request_id] = job
+            self._deliver(job, first)
 
     def _step(self) -> None:
         try:
@@ -144,6 +177,7 @@ class ContinuousWorker:
             self._backend.free_memory()
             return
         self.steps += 1
+        self.timings["rows_stepped"] += len(produced)
         for request_id, token in produced:
             self._deliver(self._running[request_id], token)
         gone = {row.request_id for row in self._batch.rows
