@@ -18,6 +18,7 @@ from bot.config import AppConfig
 from bot.context import ContextBuilder, PreparedPrompt
 from bot.delivery import cosmetic, deliver
 from bot.events import ChatEvent
+from bot.signals import ReplyProgress, Signals
 from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
@@ -49,12 +50,13 @@ class Attempt:
 
 class Answerer:
     def __init__(self, config: AppConfig, engine: EngineClient, store: Store,
-                 context: ContextBuilder, clock: Any) -> None:
+                 context: ContextBuilder, clock: Any, signals: Signals | None = None) -> None:
         self._config = config
         self._engine = engine
         self._store = store
         self._context = context
         self._clock = clock
+        self._signals = signals or Signals()
         self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
 
     async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
@@ -68,7 +70,7 @@ class Answerer:
             streaming = self._streaming_preview(event, prompt)
             reply = await self._engine.generate(
                 prompt.request, conversion_mode=self.conversion_mode(event),
-                on_chunk=streaming.on_chunk if streaming else None,
+                on_chunk=self._on_chunk(exchange, prompt, streaming),
             )
         attempt.stage, attempt.text = "send", reply.text
         if streaming is not None:
@@ -78,7 +80,11 @@ class Answerer:
         attempt.delivered = True
         attempt.stage = "store"
         trace = self._trace(exchange, prompt, reply, queue_wait)
-        reply_id = await self._record(exchange, text, reply, trace, sent_id)
+        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id)
+        if self._signals.active:
+            self._signals.reply_progress(self._progress(
+                exchange, reply.text, done=True, mood=mood,
+                timings_ms={**trace["timings_ms"], "tokens": reply.completion_tokens}))
         try:  # a long-term memory is a bonus: losing one must not fail the exchange
             await self._context.remember(exchange.user_id, exchange.message_id, text)
         except StoreError as exc:
@@ -93,16 +99,43 @@ class Answerer:
         return trace
 
     async def _record(self, exchange: Exchange, text: str, reply: GeneratedReply,
-                      trace: dict[str, Any], sent_id: str | None) -> int:
+                      trace: dict[str, Any], sent_id: str | None) -> tuple[int, str]:
         """Reply, state change (with its audit row) and the question's status, in one unit."""
         persona = self._engine.persona
         now: datetime = self._clock()
-        reply_id, _state = await self._store.complete_exchange(
+        reply_id, state = await self._store.complete_exchange(
             user_message_id=exchange.message_id, reply_text=reply.text, trace=trace,
             platform_message_id=sent_id, default_mood=persona.moods.baseline,
             rule=persona_rule(persona, text, now), created_at=now,
         )
-        return reply_id
+        return reply_id, state.mood
+
+    def _progress(self, exchange: Exchange, text: str, **extra: Any) -> ReplyProgress:
+        event = exchange.event
+        return ReplyProgress(f"{event.platform}:{exchange.message_id}", event.platform,
+                             event.platform_user_id, event.display_name, text, **extra)
+
+    def _on_chunk(self, exchange: Exchange, prompt: PreparedPrompt,
+                  streaming: StreamingPreview | None) -> Any:
+        """The engine's chunk callback: the platform's streaming preview, and the reply so
+        far for observers (the overlay), after the output-safety stage like every preview."""
+        if not self._signals.active:
+            return streaming.on_chunk if streaming else None
+        raw: list[str] = []
+        shown = [""]
+        conversion = self.conversion_mode(exchange.event)
+
+        async def on_chunk(chunk: str) -> None:
+            raw.append(chunk)
+            text = self._engine.preview("".join(raw), prompt.request,
+                                        conversion_mode=conversion)
+            if text and text != shown[0]:
+                shown[0] = text
+                self._signals.reply_progress(self._progress(exchange, text))
+            if streaming is not None:
+                await streaming.on_chunk(chunk)
+
+        return on_chunk
 
     def conversion_mode(self, event: ChatEvent) -> str | None:
         """Per-user, then per-channel overrides, then the platform's own setting."""

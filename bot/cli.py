@@ -69,7 +69,11 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
     if not names:
         raise ConfigError(["adapters: no adapter is enabled; set adapters.<name>.enabled: true "
                            "for console, discord or twitch"])
+    from bot.operator import RuntimeView, binding_problems, operator_server
+
     check_secrets(config, names)
+    if problems := binding_problems(config):
+        raise ConfigError(problems)
     for name in names:  # fail on a missing extra before spending time on the model
         load_adapter_class(name)
     async with open_runtime(config, paths) as runtime:
@@ -78,7 +82,8 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
         log.info("running adapters: %s", ", ".join(names))
-        await runtime.run_adapters(adapters)
+        async with operator_server(config, RuntimeView(runtime, adapters)):
+            await runtime.run_adapters(adapters)
     return 0
 
 

@@ -150,6 +150,25 @@ class LimitsConfig(Section):
     answer_leftovers_within_s: float = Field(60.0, ge=0)
 
 
+class OverlayConfig(Section):
+    # Seconds a finished reply stays on screen before it fades out.
+    fade_after_s: float = Field(8.0, ge=0.5, le=600)
+    # Extra CSS appended after the overlay's own (the OBS browser source's look).
+    css: str = ""
+    # Mood name -> CSS colour of the mood indicator (others get a colour from their name).
+    mood_colors: dict[str, str] = Field(default_factory=dict)
+
+
+class WebConfig(Section):
+    """The operator's HTTP server inside ``run``: overlay, dashboard, metrics, health."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # anything else needs VTUBER_WEB_TOKEN
+    port: int = Field(8765, ge=0, le=65535)  # 0: any free port (tests)
+    recent_messages: int = Field(50, ge=1, le=1000)  # the dashboard's list
+    overlay: OverlayConfig = Field(default_factory=OverlayConfig)
+
+
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -167,6 +186,7 @@ class Secrets(BaseModel):
     twitch_refresh_token: SecretStr | None = None
     openai_api_key: SecretStr | None = None
     database_url: SecretStr | None = None
+    web_token: SecretStr | None = None
 
     def values(self) -> list[str]:
         """Every secret as plain text (for masking), with a database URL's password too."""
@@ -195,6 +215,7 @@ class Secrets(BaseModel):
             twitch_refresh_token=get("TWITCH_REFRESH_TOKEN"),
             openai_api_key=get(openai_key_env),
             database_url=get("VTUBER_DATABASE_URL"),
+            web_token=get("VTUBER_WEB_TOKEN"),
         )
 
 
@@ -206,6 +227,7 @@ class AppConfig(Section):
     admins: AdminsConfig = Field(default_factory=AdminsConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    web: WebConfig = Field(default_factory=WebConfig)
     # Filled from the environment, never from YAML (a `secrets:` key in YAML is an error).
     secrets: Secrets = Field(default_factory=Secrets, exclude=True)
 

@@ -26,8 +26,10 @@ from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
 from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
 from bot.reports import LatencySummary
+from bot.signals import FinalState, Signals
 from bot.spool import Spool
-from bot.text import storable
+from bot.store_health import StoreHealth
+from bot.text import sanitized
 from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.persona import Persona
@@ -46,33 +48,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def sanitized(event: ChatEvent) -> ChatEvent:
-    """No NUL and no lone surrogates in anything that reaches the store."""
-    return dataclasses.replace(
-        event, text=storable(event.text), display_name=storable(event.display_name),
-        platform_user_id=storable(event.platform_user_id),
-        channel_id=storable(event.channel_id),
-        message_id=storable(event.message_id) if event.message_id is not None else None)
-
-
-class StoreHealth:
-    """Tells the operator once when the store goes away and once when it is back."""
-
-    def __init__(self) -> None:
-        self.ok = True
-
-    def failed(self, exc: BaseException) -> None:
-        if self.ok:
-            self.ok = False
-            log.error("store unavailable: %s (replies go on; failures are logged per message)",
-                      exc)
-
-    def succeeded(self) -> None:
-        if not self.ok:
-            self.ok = True
-            log.info("store is reachable again")
-
-
 class ConversationService:
     def __init__(self, config: AppConfig, engine: EngineClient, store: Store, *,
                  clock: Clock = utcnow, retriever: MemoryRetriever | None = None) -> None:
@@ -86,7 +61,9 @@ class ConversationService:
             history_token_budget=config.store.history_token_budget,
             remember_min_chars=config.store.remember_messages_min_chars,
         )
-        self._answerer = Answerer(config, engine, store, context, clock)
+        # Observers (the operator server) hear of final states and replies being made.
+        self.signals = Signals()
+        self._answerer = Answerer(config, engine, store, context, clock, self.signals)
         limits = config.limits
         self._limiter = SlidingWindowLimiter(limits.user_messages_per_minute)
         self._channel_limiter = (SlidingWindowLimiter(limits.channel_messages_per_minute)
@@ -104,6 +81,7 @@ class ConversationService:
         self._in_flight: set[asyncio.Task[Any]] = set()
         self._latencies: deque[float] = deque(maxlen=500)
         self.leftovers: list[Leftover] = []  # see recover()
+        self.paused: set[str] = set()  # platforms whose messages end dropped(paused)
 
     @property
     def persona(self) -> Persona:
@@ -115,9 +93,26 @@ class ConversationService:
 
     # -- intake -------------------------------------------------------------------------------
 
+    def pause(self, platform: str) -> None:
+        """Stop replying on ``platform``: its messages end ``dropped(paused)``."""
+        self.paused.add(platform)
+
+    def resume(self, platform: str) -> None:
+        self.paused.discard(platform)
+
     async def handle(self, event: ChatEvent) -> Reply:
         """Take one event to a final state. Never raises for store, model or platform trouble:
         the viewer gets the reply or one in-character fallback, the log gets the cause."""
+        started = time.monotonic()
+        reply = await self._handle(event)
+        if self.signals.active:
+            self.signals.message_final(FinalState(
+                event.platform, event.channel_id, event.platform_user_id, event.display_name,
+                event.text, reply.status, reply.reason, time.monotonic() - started,
+                reply.text))
+        return reply
+
+    async def _handle(self, event: ChatEvent) -> Reply:
         if event.is_self or event.is_bot:
             return Reply("", "dropped", reason="bot_author")
         event = sanitized(event)
@@ -135,6 +130,8 @@ class ConversationService:
         """Admission, in memory: the reason to drop, or None to answer."""
         if self._closing:
             return "shutdown"
+        if event.platform in self.paused:
+            return "paused"
         if not text:
             return "empty"
         # The event's own time, so replays rate-limit exactly as the live run did.

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.events import ChatEvent
+
 import re
 
 # NUL (PostgreSQL refuses it in text) and lone UTF-16 surrogates (not encodable as UTF-8);
@@ -11,3 +17,12 @@ _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 
 def storable(text: str) -> str:
     return _UNSTORABLE.sub("", text)
+
+
+def sanitized(event: ChatEvent) -> ChatEvent:
+    """No NUL and no lone surrogates in anything that reaches the store."""
+    return dataclasses.replace(
+        event, text=storable(event.text), display_name=storable(event.display_name),
+        platform_user_id=storable(event.platform_user_id),
+        channel_id=storable(event.channel_id),
+        message_id=storable(event.message_id) if event.message_id is not None else None)

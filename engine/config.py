@@ -60,6 +60,8 @@ class OpenAIBackendConfig(Section):
 class ScriptedBackendConfig(Section):
     # Replies are used in order and cycle; "{user_text}" is replaced by the user's message.
     replies: list[str] = Field(default_factory=lambda: ["收到：{user_text}"], min_length=1)
+    # A pause before each word: a reply that streams at a visible pace (overlay tests, demos).
+    chunk_delay_s: float = Field(0.0, ge=0, le=5)
 
 
 class LLMConfig(Section):

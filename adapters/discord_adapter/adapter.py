@@ -171,6 +171,10 @@ class DiscordAdapter:
     async def ready(self) -> None:
         await self.client.wait_until_ready()
 
+    def is_ready(self) -> bool:
+        """The gateway sent READY and the connection is open (``/readyz``)."""
+        return self.client.is_ready() and not self.client.is_closed()
+
     def reply_sink(self, leftover: Leftover) -> ReplySink | None:
         """A sink that replies to a stored message (crash recovery) without fetching it; if
         it was deleted meanwhile, the reply goes out without the reference."""

@@ -151,6 +151,10 @@ class TwitchAdapter:
     async def ready(self) -> None:
         await self._subscribed.wait()
 
+    def is_ready(self) -> bool:
+        """Subscribed to chat on an EventSub session (``/readyz``)."""
+        return self._subscribed.is_set()
+
     def reply_sink(self, leftover: Leftover) -> ReplySink | None:
         """A sink that replies to a stored message (crash recovery)."""
         if not leftover.channel_id:

@@ -20,7 +20,7 @@ def create_backend(config: LLMConfig, cache_dir: Path | None = None) -> Backend:
     if config.backend == "scripted":
         from engine.backends.scripted import ScriptedBackend
 
-        return ScriptedBackend(config.scripted.replies)
+        return ScriptedBackend(config.scripted.replies, config.scripted.chunk_delay_s)
     if config.backend == "transformers":
         from engine.backends.transformers_backend import TransformersBackend
 

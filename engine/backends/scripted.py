@@ -16,8 +16,9 @@ from engine.types import GenerationRequest
 class ScriptedBackend:
     name = "scripted"
 
-    def __init__(self, replies: list[str] | None = None) -> None:
+    def __init__(self, replies: list[str] | None = None, chunk_delay_s: float = 0.0) -> None:
         self._replies = list(replies or ["收到：{user_text}"])
+        self._chunk_delay_s = chunk_delay_s
         self._next = 0
         self.requests: list[GenerationRequest] = []
 
@@ -34,7 +35,7 @@ class ScriptedBackend:
         text = template.replace("{user_text}", user_text)
         # Stream word by word so streaming consumers are exercised too.
         for index, piece in enumerate(text.split(" ")):
-            await asyncio.sleep(0)
+            await asyncio.sleep(self._chunk_delay_s)
             yield piece if index == 0 else " " + piece
 
     async def abort(self, request_id: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
+from memory.store import statements as sql
 from memory.store.conversations import Conversations
 from memory.store.database import Database
 from memory.store.identities import Identities
@@ -69,6 +70,10 @@ class Store:
 
     async def close(self) -> None:
         await self._db.close()
+
+    async def ping(self) -> None:
+        """One trivial query (readiness probes); raises ``StoreError`` if it cannot run."""
+        await self._db.read_unit(lambda connection: connection.execute(sql.PING).scalar())
 
     # -- identities -------------------------------------------------------------------------
 

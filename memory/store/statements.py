@@ -15,6 +15,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from memory.models import INTAKE_WHERE, Identity, Message, RelationshipState, StateEvent, User
 
+PING = text("SELECT 1")
 messages: Table = Message.__table__  # type: ignore[assignment]
 states: Table = RelationshipState.__table__  # type: ignore[assignment]
 users: Table = User.__table__  # type: ignore[assignment]

@@ -1,0 +1,84 @@
+"""``/metrics``: Prometheus text format from a registry of this runtime's own (no globals, so
+two runtimes in one process, as in tests, never share counters)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bot.signals import FinalState, ReplyProgress
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
+
+
+class _Live(Collector):
+    """Values read at scrape time: adapter readiness, GPU memory."""
+
+    def __init__(self, adapters: Callable[[], dict[str, bool]],
+                 gpu_memory: Callable[[], dict[str, int]]) -> None:
+        self._adapters = adapters
+        self._gpu_memory = gpu_memory
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ready = GaugeMetricFamily("vtuber_adapter_ready",
+                                  "1 when the adapter's platform session is ready",
+                                  labels=["adapter"])
+        for name, is_ready in self._adapters().items():
+            ready.add_metric([name], 1.0 if is_ready else 0.0)
+        yield ready
+        memory = GaugeMetricFamily("vtuber_gpu_memory_allocated_bytes",
+                                   "GPU memory allocated by this process", labels=["device"])
+        for device, allocated in self._gpu_memory().items():
+            memory.add_metric([device], float(allocated))
+        yield memory
+
+
+class Metrics:
+    """An observer of the conversation service that keeps Prometheus metrics."""
+
+    def __init__(self, pending: Callable[[], int], store_up: Callable[[], bool],
+                 adapters: Callable[[], dict[str, bool]],
+                 gpu_memory: Callable[[], dict[str, int]]) -> None:
+        self.registry = CollectorRegistry()
+        self.messages = Counter("vtuber_messages", "Chat messages by final state and reason",
+                                ["platform", "status", "reason"], registry=self.registry)
+        self.reply_seconds = Histogram(
+            "vtuber_reply_seconds", "Answered messages: from arrival to the reply recorded",
+            ["platform"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait_seconds = Histogram(
+            "vtuber_queue_wait_seconds", "Answered messages: waiting for a generation slot",
+            ["platform"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.first_token_seconds = Histogram(
+            "vtuber_first_token_seconds", "Answered messages: generation start to first text",
+            ["platform"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.generated_tokens = Counter("vtuber_generated_tokens", "Tokens generated",
+                                        ["platform"], registry=self.registry)
+        Gauge("vtuber_pending_messages", "Admitted messages not final yet",
+              registry=self.registry).set_function(lambda: float(pending()))
+        Gauge("vtuber_store_up", "1 while the store answers",
+              registry=self.registry).set_function(lambda: 1.0 if store_up() else 0.0)
+        self.registry.register(_Live(adapters, gpu_memory))
+
+    def message_final(self, state: FinalState) -> None:
+        self.messages.labels(state.platform, state.status, state.reason or "").inc()
+        if state.status == "answered":
+            self.reply_seconds.labels(state.platform).observe(state.latency_s)
+
+    def reply_progress(self, progress: ReplyProgress) -> None:
+        if not progress.done:
+            return
+        timings: dict[str, Any] = progress.timings_ms
+        if "queue_wait" in timings:
+            self.queue_wait_seconds.labels(progress.platform).observe(timings["queue_wait"] / 1000)
+        if "first_token" in timings:
+            self.first_token_seconds.labels(progress.platform).observe(
+                timings["first_token"] / 1000)
+        if "tokens" in timings:
+            self.generated_tokens.labels(progress.platform).inc(timings["tokens"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,120 @@
+"""The operator's HTTP server inside ``vtuber-bot run`` (opt-in: ``web.enabled``).
+
+Bound to 127.0.0.1 by default. Anywhere else it needs a token (``VTUBER_WEB_TOKEN``), given
+as ``Authorization: Bearer <token>`` or ``?token=`` (an OBS browser source can only do the
+latter) and compared in constant time. Pages and reads are GETs; control actions are POSTs
+under ``/api/control/``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from bot.config import AppConfig, WebConfig
+from bot.operator.dashboard import Dashboard
+from bot.operator.metrics import Metrics
+from bot.operator.overlay import OverlayHub, overlay_routes
+from bot.operator.status import RuntimeView
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = frozenset({"/healthz"})  # a liveness probe carries no token
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def binding_problems(config: AppConfig) -> list[str]:
+    """Config errors that must stop ``run`` before anything starts (exit 78)."""
+    web_config = config.web
+    if web_config.enabled and not is_loopback(web_config.host) and (
+            config.secrets.web_token is None):
+        return [f"web.host: {web_config.host} is reachable from other machines; set "
+                "VTUBER_WEB_TOKEN (the token every request must carry) or bind 127.0.0.1"]
+    return []
+
+
+def token_middleware(token: str | None) -> Any:
+    expected = token.encode() if token else None
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if expected is None or request.path in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given = (header.removeprefix("Bearer ").strip() if header.startswith("Bearer ")
+                 else request.query.get("token", ""))
+        if not hmac.compare_digest(given.encode(), expected):
+            return web.json_response({"error": "a valid token is required"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
+              metrics: Metrics, overlay: OverlayHub) -> web.Application:
+    app = web.Application(middlewares=[token_middleware(token)])
+    dashboard = Dashboard(view, web_config.recent_messages)
+    view.signals.connect(dashboard)
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        checks = await view.readiness()
+        not_ready = sorted(name for name, ok in checks.items() if not ok)
+        return web.json_response({"ready": not not_ready, "not_ready": not_ready,
+                                  "checks": checks}, status=503 if not_ready else 200)
+
+    async def metrics_page(_request: web.Request) -> web.Response:
+        return web.Response(body=metrics.render(),
+                            headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
+                    web.get("/metrics", metrics_page), *overlay_routes(overlay),
+                    *dashboard.routes()])
+    return app
+
+
+@asynccontextmanager
+async def operator_server(config: AppConfig, view: RuntimeView) -> AsyncIterator[str | None]:
+    """Serve while the block runs (nothing when ``web.enabled`` is off); yields the URL."""
+    web_config = config.web
+    if not web_config.enabled:
+        yield None
+        return
+    metrics = Metrics(view.pending, view.store_up, view.adapters_ready, view.gpu_memory)
+    overlay = OverlayHub(web_config.overlay)
+    view.signals.connect(metrics)
+    view.signals.connect(overlay)
+    token = (config.secrets.web_token.get_secret_value()
+             if config.secrets.web_token is not None else None)
+    runner = web.AppRunner(build_app(web_config, token, view, metrics, overlay),
+                           access_log=None)  # its lines would quote ?token=
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, web_config.host, web_config.port)
+        await site.start()
+        port = runner.addresses[0][1] if runner.addresses else web_config.port
+        url = f"http://{web_config.host}:{port}"
+        log.info("operator pages at %s (/overlay, /dashboard, /metrics, /readyz)", url)
+        yield url
+    finally:
+        view.signals.disconnect(metrics)
+        view.signals.disconnect(overlay)
+        overlay.close()
+        await runner.cleanup()

@@ -1,0 +1,87 @@
+"""What the operator server reads from and asks of the running bot: one small view over the
+runtime and its adapters, so the pages never reach into their internals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bot.events import Adapter
+from bot.runtime import Runtime
+from bot.signals import Signals
+from memory.errors import StoreError
+
+log = logging.getLogger(__name__)
+STORE_CHECK_TIMEOUT_S = 2.0
+
+
+@dataclass
+class RuntimeView:
+    runtime: Runtime
+    adapters: Sequence[Adapter]
+
+    @property
+    def signals(self) -> Signals:
+        return self.runtime.service.signals
+
+    @property
+    def platforms(self) -> list[str]:
+        return [adapter.name for adapter in self.adapters]
+
+    def pending(self) -> int:
+        return self.runtime.service.pending
+
+    def store_up(self) -> bool:
+        return self.runtime.service.store_health.ok
+
+    def adapters_ready(self) -> dict[str, bool]:
+        """Whether each adapter's platform session is ready (Discord's READY, Twitch's
+        EventSub welcome), not merely whether a socket is open."""
+        return {adapter.name: bool(getattr(adapter, "is_ready", lambda: True)())
+                for adapter in self.adapters}
+
+    def gpu_memory(self) -> dict[str, int]:
+        status = self.runtime.engine.get_gpu_status()
+        return {f"cuda:{device['index']}": int(device["used_memory_gb"] * 2**30)
+                for device in status["devices"]}
+
+    def engine_loaded(self) -> bool:
+        return bool(self.runtime.engine.get_model_info().get("initialized"))
+
+    async def store_reachable(self) -> bool:
+        try:
+            async with asyncio.timeout(STORE_CHECK_TIMEOUT_S):
+                await self.runtime.store.ping()
+        except (StoreError, TimeoutError) as exc:
+            log.debug("readiness: store check failed: %s", exc)
+            return False
+        return True
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {f"adapter:{name}": ready for name, ready in self.adapters_ready().items()}
+        checks["store"] = await self.store_reachable()
+        checks["engine"] = self.engine_loaded()
+        return checks
+
+    def paused(self) -> list[str]:
+        return sorted(self.runtime.service.paused)
+
+    def pause(self, platform: str) -> None:
+        self.runtime.service.pause(platform)
+
+    def resume(self, platform: str) -> None:
+        self.runtime.service.resume(platform)
+
+    async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]:
+        return await self.runtime.forget(platform, platform_user_id)
+
+    def summary(self) -> dict[str, Any]:
+        ready = self.adapters_ready()
+        paused = set(self.paused())
+        return {"platforms": {name: {"ready": ready[name], "paused": name in paused}
+                              for name in self.platforms},
+                "pending": self.pending(), "store_up": self.store_up(),
+                "latency_ms": self.runtime.service.latency_percentiles()}

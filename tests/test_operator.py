@@ -1,0 +1,306 @@
+"""The operator's HTTP server: health and readiness, Prometheus metrics that match the store,
+pause/resume and forget from the dashboard's API, the token, and the OBS overlay in a real
+headless Chromium (Debian's chromium + chromium-driver)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from bot.config import AppConfig, parse_config
+from bot.events import ChatEvent
+from bot.operator import RuntimeView, binding_problems, operator_server
+from bot.paths import DataPaths
+from bot.runtime import Runtime, open_runtime
+from tests.sinks import RecordingSink
+
+TOKEN = "web-token-test-7731"
+
+
+def make_config(db_url: str, *, token: str | None = None, host: str = "127.0.0.1",
+                replies: list[str] | None = None, chunk_delay_s: float = 0.0) -> AppConfig:
+    return parse_config({
+        "models": {"llm": {"backend": "scripted",
+                           "scripted": {"replies": replies or ["好的 好的 收到 囉"],
+                                        "chunk_delay_s": chunk_delay_s}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": db_url, "remember_messages_min_chars": 0},
+        "web": {"enabled": True, "host": host, "port": 0, "overlay": {"fade_after_s": 30}},
+    }, env={"VTUBER_WEB_TOKEN": token} if token else {})
+
+
+@dataclass
+class FakeAdapter:
+    """Only what the operator server asks of an adapter: its name and readiness."""
+
+    name: str
+    ready: bool = False
+
+    def is_ready(self) -> bool:
+        return self.ready
+
+
+def chat(text: str, user: str = "ann", platform: str = "discord",
+         sink: RecordingSink | None = None) -> ChatEvent:
+    return ChatEvent(platform=platform, channel_id="c1", platform_user_id=user,
+                     display_name=user.title(), text=text, sink=sink or RecordingSink())
+
+
+@dataclass
+class Served:
+    runtime: Runtime
+    adapter: FakeAdapter
+    url: str
+    client: httpx.AsyncClient
+
+
+async def _serve(config: AppConfig, tmp_path: Path) -> AsyncIterator[Served]:
+    adapter = FakeAdapter("discord")
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime, \
+            operator_server(config, RuntimeView(runtime, [adapter])) as url:
+        assert url is not None
+        async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            yield Served(runtime, adapter, url, client)
+
+
+@pytest.fixture
+async def served(db_url: str, tmp_path: Path) -> AsyncIterator[Served]:
+    async for served in _serve(make_config(db_url), tmp_path):
+        yield served
+
+
+async def test_health_is_alive_and_ready_waits_for_the_adapter(served: Served) -> None:
+    assert (await served.client.get("/healthz")).status_code == 200
+    response = await served.client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["not_ready"] == ["adapter:discord"]
+    served.adapter.ready = True  # the gateway sent READY
+    response = await served.client.get("/readyz")
+    assert response.status_code == 200 and response.json()["checks"] == {
+        "adapter:discord": True, "store": True, "engine": True}
+    assert (await served.client.get("/healthz")).status_code == 200
+
+
+def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    return {tuple(sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name}
+
+
+async def test_metrics_parse_and_match_the_store(served: Served) -> None:
+    service = served.runtime.service
+    for index in range(3):
+        assert (await service.handle(chat(f"你好 {index}", user=f"v{index}"))).status == "answered"
+    assert (await service.handle(chat("   "))).status == "dropped"
+    await service.flush()
+    text = (await served.client.get("/metrics")).text
+    counted = _samples(text, "vtuber_messages_total")
+    async with served.runtime.store.database.read() as session:
+        from sqlalchemy import text as sql
+
+        stored = dict((await session.execute(sql(
+            "SELECT status, COUNT(*) FROM messages WHERE role = 'user' GROUP BY status"))).all())
+    assert counted == {
+        (("platform", "discord"), ("reason", ""), ("status", "answered")): stored["answered"],
+        (("platform", "discord"), ("reason", "empty"), ("status", "dropped")): stored["dropped"]}
+    replies = _samples(text, "vtuber_reply_seconds_count")
+    assert replies == {(("platform", "discord"),): 3.0}
+    assert _samples(text, "vtuber_store_up") == {(): 1.0}
+    assert _samples(text, "vtuber_adapter_ready") == {(("adapter", "discord"),): 0.0}
+
+
+async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served) -> None:
+    service = served.runtime.service
+    response = await served.client.post("/api/control/pause/discord")
+    assert response.json() == {"paused": ["discord"]}
+    paused = await service.handle(chat("有人在嗎"))
+    assert (paused.status, paused.reason) == ("dropped", "paused")
+    assert (await served.client.post("/api/control/pause/nowhere")).status_code == 404
+    await served.client.post("/api/control/resume/discord")
+    assert (await service.handle(chat("有人在嗎"))).status == "answered"
+    status = (await served.client.get("/api/status")).json()
+    assert [m["status"] for m in status["recent"]] == ["answered", "dropped"]
+    assert status["platforms"] == {"discord": {"ready": False, "paused": False}}
+
+
+async def test_forget_from_the_dashboard_removes_the_viewer(served: Served) -> None:
+    store = served.runtime.store
+    await served.runtime.service.handle(chat("記得我", user="bea"))
+    user_id = await store.find_user("discord", "bea")
+    assert user_id is not None
+    response = await served.client.post("/api/control/forget", json={
+        "platform": "discord", "platform_user_id": "bea"})
+    assert response.status_code == 200 and response.json()["deleted"]
+    assert await store.find_user("discord", "bea") is None
+    assert await store.messages_for(user_id) == []
+    bad = await served.client.post("/api/control/forget", content=b"not json")
+    assert bad.status_code == 400
+
+
+async def test_a_token_guards_everything_but_the_liveness_probe(
+        db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="httpx")  # the test client logs ?token= URLs
+    async for served in _serve(make_config(db_url, token=TOKEN), tmp_path):
+        client = served.client
+        assert (await client.get("/healthz")).status_code == 200
+        for path in ("/readyz", "/metrics", "/api/status", "/overlay", "/dashboard"):
+            assert (await client.get(path)).status_code == 401, path
+        assert (await client.post("/api/control/pause/discord")).status_code == 401
+        wrong = {"Authorization": "Bearer nope"}
+        assert (await client.get("/metrics", headers=wrong)).status_code == 401
+        right = {"Authorization": f"Bearer {TOKEN}"}
+        assert (await client.get("/metrics", headers=right)).status_code == 200
+        assert (await client.get(f"/overlay?token={TOKEN}")).status_code == 200
+
+
+def test_binding_beyond_loopback_needs_a_token(db_url: str) -> None:
+    assert binding_problems(make_config(db_url)) == []
+    assert binding_problems(make_config(db_url, host="::1")) == []
+    assert binding_problems(make_config(db_url, host="0.0.0.0", token=TOKEN)) == []
+    assert binding_problems(make_config(db_url, host="0.0.0.0"))[0].startswith("web.host:")
+
+
+def test_run_refuses_a_public_binding_without_a_token(tmp_path: Path, python: str) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text("adapters: {console: {enabled: true}}\n"
+                      "models: {llm: {backend: scripted}, embedding: {enabled: false}}\n"
+                      "web: {enabled: true, host: 0.0.0.0}\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "VTUBER_WEB_TOKEN"}
+    done = subprocess.run([python, "-m", "bot", "run", "--config", str(config),
+                           "--data-dir", str(tmp_path / "data")], env=env, input="",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 78, done.stderr
+    assert "web.host: 0.0.0.0" in done.stderr and "VTUBER_WEB_TOKEN" in done.stderr
+
+
+# -- a real browser ---------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+if os.environ.get("VTUBER_REQUIRE_BROWSER") and not (CHROMIUM and CHROMEDRIVER):
+    raise RuntimeError("VTUBER_REQUIRE_BROWSER is set but chromium/chromedriver are missing")
+browser = pytest.mark.skipif(
+    not (CHROMIUM and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (.ci/run installs them)")
+ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", "test-artifacts"))
+# Records every text the subtitle shows, and the mood it carried, as the page changes.
+RECORD = """
+window.seen = [];
+const box = document.getElementById('subtitle');
+new MutationObserver(() => {
+  const text = document.getElementById('text').textContent;
+  const last = window.seen[window.seen.length - 1];
+  if (!last || last.text !== text || last.mood !== box.dataset.mood) {
+    window.seen.push({text, mood: box.dataset.mood, done: box.dataset.done});
+  }
+}).observe(box, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
+def _chromium() -> Any:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM or ""
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--window-size=1280,720"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(CHROMEDRIVER or ""))
+
+
+async def _until(driver: Any, script: str, seconds: float = 15) -> Any:
+    """Poll the page (it has no way to tell us) until ``script`` returns something true."""
+    async with asyncio.timeout(seconds):
+        while not (value := await asyncio.to_thread(  # noqa: ASYNC110 - a browser, not an event
+                driver.execute_script, script)):
+            await asyncio.sleep(0.05)
+    return value
+
+
+async def _screenshot(driver: Any, name: str) -> Path:
+    path = ARTIFACTS / name
+    await asyncio.to_thread(path.parent.mkdir, parents=True, exist_ok=True)
+    await asyncio.to_thread(driver.save_screenshot, str(path))
+    return path
+
+
+@browser
+async def test_the_overlay_streams_the_reply_and_shows_the_mood(tmp_path: Path) -> None:
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", chunk_delay_s=0.15,
+                         replies=["一閃一閃亮晶晶。 滿天都是小星星。 "
+                                  "掛在天上放光明。 好像許多小眼睛。"])
+    driver = await asyncio.to_thread(_chromium)
+    try:
+        async for served in _serve(config, tmp_path):
+            await asyncio.to_thread(driver.get, served.url + "/overlay")
+            await _until(driver, "return document.getElementById('subtitle') !== null")
+            await asyncio.to_thread(driver.execute_script, RECORD)
+            await asyncio.sleep(0.5)  # the page's event stream is connected
+            service = served.runtime.service
+            first = await service.handle(chat("你好"))
+            await _until(driver, "return document.getElementById('subtitle')"
+                                 ".dataset.done === 'true'")
+            seen = await asyncio.to_thread(driver.execute_script, "return window.seen")
+            second = await service.handle(chat("今天的星星好亮"))
+            await _until(driver, "const b = document.getElementById('subtitle');"
+                                 "return b.dataset.done === 'true' && b.dataset.mood === "
+                                 "'excited'")
+            screenshot = await _screenshot(driver, "overlay.png")
+            shown = await asyncio.to_thread(
+                driver.execute_script, "return document.getElementById('text').textContent")
+    finally:
+        await asyncio.to_thread(driver.quit)
+    texts = [entry["text"] for entry in seen if entry["text"]]
+    assert len(set(texts)) >= 3, texts  # it grew while the reply was generated
+    assert all(len(a) <= len(b) for a, b in itertools.pairwise(texts)), texts
+    assert texts[-1] == first.text and seen[-1]["mood"] == "calm"
+    assert shown == second.text
+    assert screenshot.stat().st_size > 0
+
+
+@browser
+async def test_the_dashboard_follows_the_chat_and_pauses_a_platform(tmp_path: Path) -> None:
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    recent = ("return [...document.querySelectorAll('#recent tr')]"
+              ".map(r => r.cells[3].textContent)")
+    driver = await asyncio.to_thread(_chromium)
+    try:
+        async for served in _serve(config, tmp_path):
+            await asyncio.to_thread(driver.get, served.url + "/dashboard")
+            service = served.runtime.service
+            assert (await service.handle(chat("你好"))).status == "answered"
+            await _until(driver, recent + ".includes('answered')")
+            await _until(driver, "return document.querySelector("
+                                 "'#platforms tr[data-platform=discord] button')")
+            await asyncio.to_thread(driver.execute_script, "document.querySelector("
+                                    "'#platforms tr[data-platform=discord] button').click()")
+            await _until(driver, "return [...document.querySelectorAll('#platforms td')]"
+                                 ".some(td => td.textContent === 'paused')")
+            assert service.paused == {"discord"}
+            assert (await service.handle(chat("在嗎"))).reason == "paused"
+            states = await _until(driver, recent + ".includes('dropped (paused)') && "
+                                  + recent.removeprefix("return "))
+            await _screenshot(driver, "dashboard.png")
+    finally:
+        await asyncio.to_thread(driver.quit)
+    assert states == ["dropped (paused)", "answered"]
+
+
+if __name__ == "__main__":  # pragma: no cover - a manual look at the overlay
+    sys.exit(pytest.main([__file__, "-k", "overlay", "-s"]))
