@@ -249,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         for line in exc.problems:
             print(f"config error: {line}", file=sys.stderr)
         return EXIT_CONFIG
-    configure_logging(args.log_level or config.logging.level, config.secrets.values())
+    configure_logging(args.log_level or config.logging.level, config.secrets.values(),
+                      config.logging.format)
     paths = DataPaths.resolve(args.data_dir)
     log.info("data dir: %s", paths.data_dir)
     try:

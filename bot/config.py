@@ -171,6 +171,7 @@ class WebConfig(Section):
 
 class LoggingConfig(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"  # json: one object per line, for collectors
 
 
 class Secrets(BaseModel):

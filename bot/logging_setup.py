@@ -1,11 +1,14 @@
-"""Logging for the CLI: one concise line per record on stderr (stdout is for replies), with
-every configured secret masked: in messages, arguments and tracebacks alike."""
+"""Logging for the CLI: one concise line per record on stderr (stdout is for replies), or one
+JSON object per line for log collectors (``logging.format: json``), with every configured
+secret masked: in messages, arguments and tracebacks alike."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 MASK = "***"
 MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
@@ -26,14 +29,35 @@ class MaskingFormatter(logging.Formatter):
             text = text.replace(secret, MASK)
         return text
 
+
+class JsonFormatter(MaskingFormatter):
+    """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the
+    traceback when there is one; secrets masked in all of them."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        super().__init__(secrets, "%(message)s", "%H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+                 "level": record.levelname, "logger": record.name,
+                 "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        text = json.dumps(entry, ensure_ascii=False)
+        for secret in self._secrets:
+            text = text.replace(json.dumps(secret)[1:-1], MASK).replace(secret, MASK)
+        return text
+
+
 # Libraries whose INFO output is noise for an operator.
 _QUIET = ("transformers", "huggingface_hub", "urllib3", "httpx", "asyncio", "aiosqlite",
           "sqlalchemy", "alembic", "filelock", "accelerate")
 
 
-def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
+def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),
+                      log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(MaskingFormatter(
+    handler.setFormatter(JsonFormatter(secrets) if log_format == "json" else MaskingFormatter(
         secrets, "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
     root.handlers[:] = [handler]

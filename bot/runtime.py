@@ -8,7 +8,7 @@ import contextlib
 import logging
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,7 @@ from bot.service import Clock, ConversationService, utcnow
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
-from engine.persona import knowledge_folder
+from engine.persona import PersonaError, knowledge_folder, load_persona
 from engine.reports import OptimizeReport
 from engine.system_info import diagnose_system
 from memory.rag import MemoryRetriever
@@ -142,6 +142,31 @@ class Runtime:
                            call_names=sorted(call_names), identity=persona.identity,
                            disclosure=persona.disclosure)
 
+    async def reload(self) -> str | None:
+        """Reload the persona and its knowledge from their files (SIGHUP, the dashboard);
+        connections stay up. A file that does not load is refused with the reason, and the
+        persona in use stays. Returns the refusal, or None once reloaded."""
+        path = self.config.vtuber.persona
+        current = self.engine.persona
+        refusal: str | None
+        try:
+            persona = await asyncio.to_thread(load_persona, path)
+            folder = knowledge_folder(persona, path)
+        except PersonaError as exc:
+            refusal = f"{path or 'the bundled persona'}: {exc}"
+        else:
+            refusal = (None if persona.id == current.id else
+                       f"{path}: id changed from {current.id!r} to {persona.id!r}: switching "
+                       "personas needs a restart (stored moods belong to a persona id)")
+        if refusal is not None:
+            log.error("reload refused, the persona in use stays: %s", refusal)
+            return refusal
+        self.engine.replace_persona(persona)
+        if self.retriever is not None and folder is not None:
+            await self.retriever.index_knowledge(folder)
+        log.info("reloaded persona %s (%s) and its knowledge", persona.id, path or "bundled")
+        return None
+
     async def _answer_leftovers(self, adapters: list[Adapter]) -> None:
         by_platform = {adapter.name: adapter for adapter in adapters}
         platforms = {m.platform for m in self.service.leftovers}
@@ -156,7 +181,14 @@ class Runtime:
             for a in adapters}
         leftovers = asyncio.create_task(self._answer_leftovers(adapters), name="leftovers")
         stop = asyncio.Event()
-        installed = _install_signal_handlers(loop, stop)
+        reloads: set[asyncio.Task[Any]] = set()
+
+        def reload() -> None:
+            task = loop.create_task(self.reload(), name="reload")
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        installed = _install_signal_handlers(loop, stop, reload)
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         failure: BaseException | None = None
         try:
@@ -206,12 +238,14 @@ async def _answer_platform_leftovers(service: ConversationService, platform: str
              len(replies), platform, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
 
 
-def _install_signal_handlers(loop: asyncio.AbstractEventLoop,
-                             stop: asyncio.Event) -> list[signal.Signals]:
+def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,
+                             reload: Callable[[], None]) -> list[signal.Signals]:
+    """SIGINT/SIGTERM stop; SIGHUP reloads the persona and knowledge."""
     installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig, action in ((signal.SIGINT, stop.set), (signal.SIGTERM, stop.set),
+                        (signal.SIGHUP, reload)):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, action)
         except (NotImplementedError, RuntimeError):  # not the main thread / not Unix
             continue
         installed.append(sig)

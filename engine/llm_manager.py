@@ -145,6 +145,10 @@ class LLMManager:
             raise BackendUnavailableError("LLM manager is not initialised")
         return self._persona
 
+    def replace_persona(self, persona: Persona) -> None:
+        """Use ``persona`` from the next request on (a reload: the model stays loaded)."""
+        self._persona = persona
+
     @property
     def backend(self) -> Backend:
         if self._backend is None:

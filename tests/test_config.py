@@ -118,8 +118,10 @@ def test_twitch_needs_its_five_secrets() -> None:
     assert "TWITCH_CLIENT_ID" not in missing
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 def test_secrets_are_masked_in_every_log_line_and_traceback(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], log_format: str) -> None:
+    import json
     import logging
 
     from bot.config import Secrets
@@ -130,7 +132,7 @@ def test_secrets_are_masked_in_every_log_line_and_traceback(
     root = logging.getLogger()
     saved = root.handlers[:], root.level
     try:
-        configure_logging("INFO", secrets.values())
+        configure_logging("INFO", secrets.values(), log_format)
         log = logging.getLogger("tests.masking")
         log.error("token endpoint said: client_secret=%s", "cs-0123456789")
         try:
@@ -143,6 +145,10 @@ def test_secrets_are_masked_in_every_log_line_and_traceback(
     err = capsys.readouterr().err
     assert "client_secret=***" in err and "Traceback" in err
     assert "cs-0123456789" not in err and "pw-s3cret" not in err
+    if log_format == "json":  # one object per line, for log collectors
+        entries = [json.loads(line) for line in err.splitlines()]
+        assert [e["level"] for e in entries] == ["ERROR", "ERROR"]
+        assert entries[0]["logger"] == "tests.masking" and "exception" in entries[1]
 
 
 def test_the_session_secret_guard_sees_a_leak() -> None:

@@ -1,6 +1,7 @@
 """``/dashboard``: the operator's live view (queue per platform, replies being generated, the
 last messages with their final state and latency) and controls (pause or resume replying on a
-platform, forget a viewer). The page polls ``/api/status``; controls are POSTs."""
+platform, reload the persona and knowledge, forget a viewer). The page polls ``/api/status``;
+controls are POSTs."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class Dashboard:
         return [web.get("/dashboard", self.page), web.get("/api/status", self.status),
                 web.post("/api/control/pause/{platform}", self.pause),
                 web.post("/api/control/resume/{platform}", self.resume),
-                web.post("/api/control/forget", self.forget)]
+                web.post("/api/control/forget", self.forget),
+                web.post("/api/control/reload", self.reload)]
 
     async def page(self, _request: web.Request) -> web.Response:
         html = resources.files("bot.operator").joinpath("static/dashboard.html").read_text(
@@ -68,6 +70,14 @@ class Dashboard:
         self._view.resume(platform)
         log.info("dashboard: replying resumed on %s", platform)
         return web.json_response({"paused": self._view.paused()})
+
+    async def reload(self, _request: web.Request) -> web.Response:
+        """Persona and knowledge from their files; a file that does not load is refused
+        (409, with the reason) and the persona in use stays."""
+        refusal = await self._view.reload()
+        if refusal is not None:
+            return web.json_response({"reloaded": False, "refused": refusal}, status=409)
+        return web.json_response({"reloaded": True})
 
     async def forget(self, request: web.Request) -> web.Response:
         try:

@@ -75,6 +75,9 @@ class RuntimeView:
     def resume(self, platform: str) -> None:
         self.runtime.service.resume(platform)
 
+    async def reload(self) -> str | None:
+        return await self.runtime.reload()
+
     async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]:
         return await self.runtime.forget(platform, platform_user_id)
 

