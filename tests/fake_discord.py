@@ -38,6 +38,12 @@ class FakeDiscord(LocalServer):
     _ids: itertools.count = field(default_factory=lambda: itertools.count(9000))
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     me_status: int | None = None  # answer the login request with this error status
+    # Cleared: IDENTIFY gets no READY until it is set (a gateway that is slow to accept us).
+    ready_allowed: asyncio.Event = field(default_factory=asyncio.Event)
+    _pending_ready: asyncio.Task[None] | None = None
+
+    def __post_init__(self) -> None:
+        self.ready_allowed.set()
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/gateway", self._gateway)
@@ -117,12 +123,19 @@ class FakeDiscord(LocalServer):
                 await ws.send_str(json.dumps({"op": 11}))
             elif frame["op"] == 2:
                 self.identifies += 1
-                await self._ready(ws)
+                if self.ready_allowed.is_set():
+                    await self._ready(ws)
+                else:  # heartbeats go on being acknowledged meanwhile
+                    self._pending_ready = asyncio.create_task(self._ready_once_allowed(ws))
             elif frame["op"] == 6:
                 self.resumes += 1
                 await self.dispatch("RESUMED", {})
                 self.connected.set()
         return ws
+
+    async def _ready_once_allowed(self, ws: web.WebSocketResponse) -> None:
+        await self.ready_allowed.wait()
+        await self._ready(ws)
 
     async def _ready(self, ws: web.WebSocketResponse) -> None:
         await self.dispatch("READY", {
@@ -165,3 +178,13 @@ class FakeDiscord(LocalServer):
     def posts_to(self, path_part: str) -> list[Any]:
         return [body for method, path, body in self.calls
                 if method == "POST" and path_part in path and body is not None]
+
+
+def point_discord_at(server: FakeDiscord, monkeypatch: Any) -> None:
+    """Send discord.py's REST calls and gateway connection to ``server``."""
+    import discord
+    import yarl
+
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
+                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))

@@ -16,23 +16,22 @@ from bot.config import DiscordGuildConfig, parse_config  # noqa: E402
 from bot.errors import BotError, PlatformUnreachableError  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
-from tests.fake_discord import BOT_USER, CHANNEL_ID, GUILD_ID, VIEWER, FakeDiscord  # noqa: E402
+from tests.fake_discord import (  # noqa: E402
+    BOT_USER,
+    CHANNEL_ID,
+    GUILD_ID,
+    VIEWER,
+    FakeDiscord,
+    point_discord_at,
+)
 from tests.sinks import settled  # noqa: E402
-
-
-def _point_discord_at(server: FakeDiscord, monkeypatch: pytest.MonkeyPatch) -> None:
-    import yarl
-
-    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(f"ws://127.0.0.1:{server.port}/gateway"))
 
 
 @pytest.fixture
 async def live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Any]:
     server = FakeDiscord()
     await server.start()
-    _point_discord_at(server, monkeypatch)
+    point_discord_at(server, monkeypatch)
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["你好呀～"]}},
                    "embedding": {"enabled": False}},
@@ -184,7 +183,7 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
 
     server = FakeDiscord()
     await server.start()
-    _point_discord_at(server, monkeypatch)
+    point_discord_at(server, monkeypatch)
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["剛剛斷線了，抱歉～"]}},
                    "embedding": {"enabled": False}},

@@ -94,6 +94,48 @@ async def test_health_is_alive_and_ready_waits_for_the_adapter(served: Served) -
     assert (await served.client.get("/healthz")).status_code == 200
 
 
+async def test_readiness_follows_the_discord_gateway(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real discord.py client against the fake gateway, which withholds READY at first:
+    /readyz is 503 naming the adapter (the socket is open, the session is not ready), then 200;
+    /healthz is 200 throughout."""
+    pytest.importorskip("discord")
+    from adapters.discord_adapter.adapter import DiscordAdapter
+    from tests.fake_discord import FakeDiscord, point_discord_at
+
+    server = FakeDiscord()
+    server.ready_allowed.clear()
+    await server.start()
+    point_discord_at(server, monkeypatch)
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted"}, "embedding": {"enabled": False}},
+        "store": {"url": f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}"},
+        "adapters": {"discord": {"enabled": True}},
+        "web": {"enabled": True, "port": 0}}, env={"DISCORD_TOKEN": "fake-token"})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        adapter = DiscordAdapter(config, services=runtime)
+        running = asyncio.create_task(adapter.run(runtime.service.handle))
+        try:
+            async with operator_server(config, RuntimeView(runtime, [adapter])) as url, \
+                    httpx.AsyncClient(base_url=str(url), timeout=10) as client:
+                async with asyncio.timeout(20):
+                    while server.identifies == 0:  # noqa: ASYNC110 - a server's counter
+                        await asyncio.sleep(0.05)
+                waiting = await client.get("/readyz")
+                assert waiting.status_code == 503
+                assert waiting.json()["not_ready"] == ["adapter:discord"]
+                assert (await client.get("/healthz")).status_code == 200
+                server.ready_allowed.set()
+                await asyncio.wait_for(adapter.client.wait_until_ready(), 20)
+                ready = await client.get("/readyz")
+                assert ready.status_code == 200, ready.json()
+        finally:
+            await adapter.close()
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+            await server.stop()
+
+
 def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
     return {tuple(sorted(sample.labels.items())): sample.value
             for family in text_string_to_metric_families(text)
