@@ -109,7 +109,7 @@ class ConversationService:
             self.signals.message_final(FinalState(
                 event.platform, event.channel_id, event.platform_user_id, event.display_name,
                 event.text, reply.status, reply.reason, time.monotonic() - started,
-                reply.text))
+                reply.text, reply.message_id))
         return reply
 
     async def _handle(self, event: ChatEvent) -> Reply:

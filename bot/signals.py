@@ -26,6 +26,7 @@ class FinalState:
     reason: str | None
     latency_s: float  # from ``handle()`` being called to the final state
     reply: str = ""
+    reply_id: int | None = None  # the stored reply (its trace), when answered
 
 
 @dataclass(frozen=True, slots=True)

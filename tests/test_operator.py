@@ -192,6 +192,33 @@ async def test_forget_from_the_dashboard_removes_the_viewer(served: Served) -> N
     assert bad.status_code == 400
 
 
+async def test_a_viewer_page_has_stats_history_chart_export_and_traces(
+        served: Served) -> None:
+    service, client = served.runtime.service, served.client
+    await service.handle(chat("謝謝你", user="cat"))
+    second = await service.handle(chat("今天的星星好亮", user="cat"))
+    viewer = (await client.get("/api/viewer/discord/cat")).json()
+    assert viewer["stats"]["conversation_count"] == 2
+    assert viewer["stats"]["current_mood"] == "excited"
+    assert [m["role"] for m in viewer["messages"]] == ["user", "assistant"] * 2
+    assert viewer["identities"] == [{"platform": "discord", "platform_user_id": "cat",
+                                     "display_name": "Cat"}]
+    chart = await client.get("/api/viewer/discord/cat/chart.png")
+    assert chart.headers["content-type"] == "image/png" and chart.content[:4] == b"\x89PNG"
+    export = await client.get("/api/viewer/discord/cat/export")
+    assert "attachment" in export.headers["content-disposition"]
+    assert len(export.json()["messages"]) == 4
+    status = (await client.get("/api/status")).json()
+    assert status["recent"][0]["reply_id"] == second.message_id
+    trace = (await client.get(f"/api/trace/{second.message_id}")).json()
+    assert trace["message_id"] == second.message_id and trace["content"] == second.text
+    for missing in ("/api/viewer/discord/nobody", "/api/viewer/discord/nobody/chart.png",
+                    "/api/trace/999999"):
+        assert (await client.get(missing)).status_code == 404, missing
+    assert (await client.get("/api/gpu")).json()["gpu_count"] >= 0
+    assert "issues" in (await client.get("/api/diagnose")).json()
+
+
 async def test_a_token_guards_everything_but_the_liveness_probe(
         db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="httpx")  # the test client logs ?token= URLs
@@ -338,10 +365,18 @@ async def test_the_dashboard_follows_the_chat_and_pauses_a_platform(tmp_path: Pa
             assert (await service.handle(chat("在嗎"))).reason == "paused"
             states = await _until(driver, recent + ".includes('dropped (paused)') && "
                                   + recent.removeprefix("return "))
+            # The viewer's page: stats, history and the chart, loaded by clicking their name.
+            await asyncio.to_thread(driver.execute_script,
+                                    "document.querySelector('#recent tr button').click()")
+            chart_width = await _until(driver, "const c = document.getElementById("
+                                       "'viewer-chart'); return c.complete && c.naturalWidth")
+            history = await _until(driver, "return document.querySelectorAll("
+                                   "'#viewer-history tr').length")
             await _screenshot(driver, "dashboard.png")
     finally:
         await asyncio.to_thread(driver.quit)
     assert states == ["dropped (paused)", "answered"]
+    assert chart_width > 100 and history == 3  # 你好, its reply, 在嗎 (dropped)
 
 
 if __name__ == "__main__":  # pragma: no cover - a manual look at the overlay

@@ -22,6 +22,7 @@ from bot.operator.dashboard import Dashboard
 from bot.operator.metrics import Metrics
 from bot.operator.overlay import OverlayHub, overlay_routes
 from bot.operator.status import RuntimeView
+from bot.operator.viewers import ViewerPages
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -70,6 +71,7 @@ def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
     app = web.Application(middlewares=[token_middleware(token)])
     dashboard = Dashboard(view, web_config.recent_messages)
     view.signals.connect(dashboard)
+    viewers = ViewerPages(view.runtime)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})
@@ -86,7 +88,7 @@ def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
 
     app.add_routes([web.get("/healthz", healthz), web.get("/readyz", readyz),
                     web.get("/metrics", metrics_page), *overlay_routes(overlay),
-                    *dashboard.routes()])
+                    *dashboard.routes(), *viewers.routes()])
     return app
 
 
