@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +30,7 @@ from bot.errors import BotError
 from bot.events import ChatEvent
 from bot.paths import DataPaths
 from bot.runtime import Runtime, open_runtime
+from bot.signals import Observer
 from engine.backends.base import Backend
 from memory.store import Store
 
@@ -208,9 +209,11 @@ async def replay(
     *,
     backend: Backend | None = None,
     on_message: Callable[[int, int, ReplayedMessage], None] | None = None,
+    observers: Sequence[Observer] = (),
 ) -> ReplayReport:
     """Run the events through the real service against the database in ``paths``;
-    ``on_message(done, total, message)`` after each message (progress)."""
+    ``on_message(done, total, message)`` after each message (progress); ``observers`` hear
+    the service's signals, as the operator server's metrics do in a live run."""
     report = ReplayReport()
     clock = _Clock()
     pending = list(events)
@@ -218,6 +221,8 @@ async def replay(
     users: set[tuple[str, str]] = set()
     while True:
         async with open_runtime(config, paths, backend=backend, clock=clock) as runtime:
+            for observer in observers:
+                runtime.service.signals.connect(observer)
             while pending:
                 event = pending.pop(0)
                 if event["type"] == "restart":

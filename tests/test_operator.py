@@ -164,6 +164,40 @@ async def test_metrics_parse_and_match_the_store(served: Served) -> None:
     assert _samples(text, "vtuber_adapter_ready") == {(("adapter", "discord"),): 0.0}
 
 
+async def test_metrics_after_a_replay_match_the_store(tmp_path: Path) -> None:
+    """Two stored conversations (several viewers; a flood that is rate-limited) replayed
+    through the real service, a restart in between included: every counter equals the
+    store's count of messages in that final state."""
+    from sqlalchemy import text as sql
+
+    from bot.operator.metrics import Metrics
+    from bot.replay import read_transcript, replay
+    from memory.store import Store
+
+    metrics = Metrics(lambda: 0, lambda: True, dict, dict)
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    replays = Path(__file__).parent / "replays"
+    for name in ("05_several_users.jsonl", "06_restart_in_the_middle.jsonl",
+                 "11_rate_limited_flood.jsonl"):
+        await replay(read_transcript(replays / name), config, DataPaths.resolve(tmp_path),
+                     observers=[metrics])
+    counted: dict[tuple[str, str], float] = {}
+    for labels, value in _samples(metrics.render().decode(), "vtuber_messages_total").items():
+        by_name = dict(labels)
+        key = (by_name["status"], by_name["reason"])
+        counted[key] = counted.get(key, 0) + value
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    try:
+        async with store.database.read() as session:
+            stored = {(status, reason or ""): count for status, reason, count in (
+                await session.execute(sql(
+                    "SELECT status, status_reason, COUNT(*) FROM messages "
+                    "WHERE role = 'user' GROUP BY status, status_reason"))).all()}
+    finally:
+        await store.close()
+    assert counted == stored and ("dropped", "rate_limited") in stored
+
+
 async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served) -> None:
     service = served.runtime.service
     response = await served.client.post("/api/control/pause/discord")
