@@ -213,15 +213,17 @@ async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served
 
 
 async def test_forget_from_the_dashboard_removes_the_viewer(served: Served) -> None:
+    from tests.test_memory import MARK, _rows_mentioning
+
     store = served.runtime.store
-    await served.runtime.service.handle(chat("記得我", user="bea"))
+    await served.runtime.service.handle(chat(f"記得我 {MARK} 我喜歡喝茶", user="bea"))
     user_id = await store.find_user("discord", "bea")
-    assert user_id is not None
+    assert user_id is not None and await _rows_mentioning(store, user_id)
     response = await served.client.post("/api/control/forget", json={
         "platform": "discord", "platform_user_id": "bea"})
     assert response.status_code == 200 and response.json()["deleted"]
     assert await store.find_user("discord", "bea") is None
-    assert await store.messages_for(user_id) == []
+    assert await _rows_mentioning(store, user_id) == []  # every table, the FTS index too
     bad = await served.client.post("/api/control/forget", content=b"not json")
     assert bad.status_code == 400
 

@@ -30,8 +30,8 @@ class _Live(Collector):
         for name, is_ready in self._adapters().items():
             ready.add_metric([name], 1.0 if is_ready else 0.0)
         yield ready
-        memory = GaugeMetricFamily("vtuber_gpu_memory_allocated_bytes",
-                                   "GPU memory allocated by this process", labels=["device"])
+        memory = GaugeMetricFamily("vtuber_gpu_memory_used_bytes",
+                                   "GPU memory in use on each device", labels=["device"])
         for device, allocated in self._gpu_memory().items():
             memory.add_metric([device], float(allocated))
         yield memory
