@@ -81,6 +81,7 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
                                "banner": _banner(runtime), "services": runtime},
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
+        runtime.reload_config = lambda: load_config(args.config)  # for SIGHUP
         log.info("running adapters: %s", ", ".join(names))
         async with operator_server(config, RuntimeView(runtime, adapters)):
             await runtime.run_adapters(adapters)

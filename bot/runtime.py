@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.config import AppConfig
+from bot.errors import ConfigError
 from bot.events import Adapter, AnswersLeftovers
 from bot.linking import LinkCodes
 from bot.paths import DataPaths
@@ -50,6 +51,8 @@ class Runtime:
     retriever: MemoryRetriever | None = None
     # One-time codes for linking accounts across platforms (kept in the store).
     link_codes: LinkCodes | None = None
+    # Reads the config file again for ``reload`` (set by ``run``; None: the persona only).
+    reload_config: Callable[[], AppConfig] | None = None
 
     def __post_init__(self) -> None:
         if self.link_codes is None:
@@ -143,29 +146,52 @@ class Runtime:
                            disclosure=persona.disclosure)
 
     async def reload(self) -> str | None:
-        """Reload the persona and its knowledge from their files (SIGHUP, the dashboard);
-        connections stay up. A file that does not load is refused with the reason, and the
-        persona in use stays. Returns the refusal, or None once reloaded."""
-        path = self.config.vtuber.persona
-        current = self.engine.persona
-        refusal: str | None
+        """Reload the config file (``reload_config``), the persona and its knowledge (SIGHUP,
+        the dashboard); connections stay up. All or nothing: a file that does not load is
+        refused with the reason and what is in use stays. Returns the refusal, or None."""
+        new = self.config
+        if self.reload_config is not None:
+            try:
+                new = await asyncio.to_thread(self.reload_config)
+            except ConfigError as exc:
+                return _refused("; ".join(exc.problems))
+        path = new.vtuber.persona
         try:
             persona = await asyncio.to_thread(load_persona, path)
             folder = knowledge_folder(persona, path)
         except PersonaError as exc:
-            refusal = f"{path or 'the bundled persona'}: {exc}"
-        else:
-            refusal = (None if persona.id == current.id else
-                       f"{path}: id changed from {current.id!r} to {persona.id!r}: switching "
-                       "personas needs a restart (stored moods belong to a persona id)")
-        if refusal is not None:
-            log.error("reload refused, the persona in use stays: %s", refusal)
-            return refusal
+            return _refused(f"{path or 'the bundled persona'}: {exc}")
+        if persona.id != self.engine.persona.id:
+            return _refused(f"{path}: id changed from {self.engine.persona.id!r} to "
+                            f"{persona.id!r}: switching personas needs a restart (stored "
+                            "moods belong to a persona id)")
+        self._apply_config(new)
         self.engine.replace_persona(persona)
         if self.retriever is not None and folder is not None:
             await self.retriever.index_knowledge(folder)
         log.info("reloaded persona %s (%s) and its knowledge", persona.id, path or "bundled")
         return None
+
+    def _apply_config(self, new: AppConfig) -> None:
+        """Limits, admins, the log level and the persona path apply at once (the same config
+        object is read where they are used); the rest needs a restart, and says so."""
+        old = self.config
+        if new is old:
+            return
+        restart = [name for name in ("models", "store", "adapters", "web")
+                   if getattr(new, name) != getattr(old, name)]
+        if new.vtuber.model_dump(exclude={"persona"}) != old.vtuber.model_dump(
+                exclude={"persona"}):
+            restart.append("vtuber (but vtuber.persona)")
+        if new.limits.max_concurrent_generations != old.limits.max_concurrent_generations:
+            restart.append("limits.max_concurrent_generations")
+        old_limits = old.limits
+        old.limits, old.admins, old.logging = new.limits, new.admins, new.logging
+        old.vtuber.persona = new.vtuber.persona
+        self.service.apply_limits(old_limits)
+        logging.getLogger().setLevel(new.logging.level)
+        if restart:
+            log.warning("config reloaded; these changes take a restart: %s", ", ".join(restart))
 
     async def _answer_leftovers(self, adapters: list[Adapter]) -> None:
         by_platform = {adapter.name: adapter for adapter in adapters}
@@ -236,6 +262,11 @@ async def _answer_platform_leftovers(service: ConversationService, platform: str
     outcomes = Counter(f"{r.status}({r.reason})" if r.reason else r.status for r in replies)
     log.info("start-up: %d message(s) an earlier run left unanswered on %s: %s",
              len(replies), platform, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
+
+
+def _refused(reason: str) -> str:
+    log.error("reload refused, what is in use stays: %s", reason)
+    return reason
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,

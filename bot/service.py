@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.answer import Answerer, Attempt, Exchange
-from bot.config import AppConfig
+from bot.config import AppConfig, LimitsConfig
 from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
@@ -92,6 +92,16 @@ class ConversationService:
         return self._pending
 
     # -- intake -------------------------------------------------------------------------------
+
+    def apply_limits(self, old: LimitsConfig) -> None:
+        """After a reload changed ``config.limits``: rebuild the rate limiters whose rate
+        changed (their windows start afresh); the other limits are read where used."""
+        limits = self._config.limits
+        if limits.user_messages_per_minute != old.user_messages_per_minute:
+            self._limiter = SlidingWindowLimiter(limits.user_messages_per_minute)
+        if limits.channel_messages_per_minute != old.channel_messages_per_minute:
+            self._channel_limiter = (SlidingWindowLimiter(limits.channel_messages_per_minute)
+                                     if limits.channel_messages_per_minute else None)
 
     def pause(self, platform: str) -> None:
         """Stop replying on ``platform``: its messages end ``dropped(paused)``."""

@@ -108,3 +108,34 @@ async def test_sighup_reloads_while_the_adapters_stay_connected(runtime: Runtime
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(running, 30)
     assert adapter.connections == 1  # nothing reconnected
+
+
+async def test_a_reloaded_config_changes_limits_and_a_broken_one_is_refused(
+        runtime: Runtime, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from bot.config import load_config
+
+    config_file = tmp_path / "config.yaml"
+    base = (f"models: {{llm: {{backend: scripted}}, embedding: {{enabled: false}}}}\n"
+            f"store: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\n"
+            f"vtuber: {{persona: '{runtime.config.vtuber.persona}'}}\n")
+    config_file.write_text(base + "limits: {user_messages_per_minute: 1}\n", encoding="utf-8")
+    runtime.reload_config = lambda: load_config(config_file, env={})
+    assert await runtime.reload() is None
+    await _ask(runtime)
+    limited = await runtime.service.handle(ChatEvent(
+        platform="console", channel_id="local", platform_user_id="ann", display_name="Ann",
+        text="再一次", sink=RecordingSink()))
+    assert (limited.status, limited.reason) == ("dropped", "rate_limited")
+
+    config_file.write_text(base + "limits: {user_messages_per_minute: 1, typo_here: 3}\n",
+                           encoding="utf-8")
+    refusal = await runtime.reload()
+    assert refusal is not None and "limits.typo_here" in refusal
+    assert runtime.config.limits.user_messages_per_minute == 1  # what was in use stays
+
+    config_file.write_text(base.replace("backend: scripted", "backend: scripted, "
+                                        "max_batch_size: 4")
+                           + "limits: {user_messages_per_minute: 30}\n", encoding="utf-8")
+    assert await runtime.reload() is None
+    await _ask(runtime, "第三次")  # the new per-viewer limit applies at once
+    assert "take a restart: models" in caplog.text
