@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import make_url
 
 from bot.cli_data import (
     cmd_export,
@@ -29,7 +31,7 @@ from bot.cli_parser import build_parser
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, BotError, ConfigError
-from bot.instance_lock import instance_lock
+from bot.instance_lock import instance_lock, sqlite_store_lock
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
@@ -242,6 +244,17 @@ COMMANDS: dict[str, Command] = {
 RUNTIME_SWITCH_INTERVAL_S = 0.001
 
 
+@contextlib.contextmanager
+def _runtime_locks(config: AppConfig, paths: DataPaths) -> Iterator[None]:
+    """One runtime per data dir and per SQLite store: two would both answer every message
+    (PostgreSQL serves several processes)."""
+    with instance_lock(paths.data_dir), contextlib.ExitStack() as stack:
+        url = make_url(store_url(config, paths))
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            stack.enter_context(sqlite_store_lock(Path(url.database).resolve()))
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -265,8 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             # runs: at 1 ms the decode loop's time-to-first-token p95 at 4 msg/s was 0.33 s
             # instead of 1.5 s in one pair of runs (docs/PERFORMANCE.md).
             sys.setswitchinterval(RUNTIME_SWITCH_INTERVAL_S)
-        # One runtime per data dir: two would both answer every message.
-        with (instance_lock(paths.data_dir) if args.command in ("chat", "run")
+        with (_runtime_locks(config, paths) if args.command in ("chat", "run")
               else contextlib.nullcontext()):
             return asyncio.run(COMMANDS[args.command](args, config, paths))
     except ConfigError as exc:

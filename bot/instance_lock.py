@@ -1,12 +1,13 @@
-"""One runtime per data dir: two ``run``s on one SQLite file would both answer every message.
-An advisory lock (``flock``) on ``<data dir>/vtuber.lock``, released by the OS when the process
-ends however it ends (kill -9 included), so a stale lock file never blocks a restart."""
+"""One runtime per data dir, and one per SQLite store: two ``run``s on one SQLite file would
+both answer every message. Advisory locks (``flock``) on ``<data dir>/vtuber.lock`` and
+``<database>.runtime-lock``, released by the OS when the process ends however it ends (kill -9
+included), so a stale lock file never blocks a restart."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bot.errors import BotError
@@ -27,20 +28,35 @@ class AlreadyRunningError(BotError):
 def instance_lock(data_dir: Path) -> Iterator[None]:
     """Hold the data dir's lock for the ``with`` block, or raise ``AlreadyRunningError``
     naming the process that holds it."""
+    with _exclusive(data_dir / "vtuber.lock", lambda holder: (
+            f"another vtuber-bot (pid {holder}) is already running on data dir {data_dir}; "
+            "stop it first, or give this one its own --data-dir")):
+        yield
+
+
+@contextlib.contextmanager
+def sqlite_store_lock(database: Path) -> Iterator[None]:
+    """One runtime per SQLite file, whatever its data dir: SQLite serialises writers within a
+    process only, so several processes need PostgreSQL."""
+    with _exclusive(database.with_name(database.name + ".runtime-lock"), lambda holder: (
+            f"another vtuber-bot (pid {holder}) is running on the SQLite store {database}; "
+            "one process per SQLite store: several processes need PostgreSQL "
+            "(store.url or VTUBER_DATABASE_URL: postgresql+asyncpg://...)")):
+        yield
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, conflict: Callable[[str], str]) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    path = data_dir / "vtuber.lock"
     handle = path.open("a+", encoding="utf-8")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            raise AlreadyRunningError(
-                f"another vtuber-bot (pid {holder}) is already running on data dir "
-                f"{data_dir}; stop it first, or give this one its own --data-dir") from None
+            raise AlreadyRunningError(conflict(handle.read().strip() or "unknown")) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")

@@ -413,3 +413,31 @@ def test_wrong_model_paths_are_reported_together_before_any_model_loads(
     issues = json.loads(diagnosis.stdout)["issues"]
     assert any("no-llm" in issue for issue in issues)
     assert any("no-embedder" in issue for issue in issues)
+
+
+def test_a_second_runtime_on_one_sqlite_store_is_refused(tmp_path: Path) -> None:
+    """Different data dirs, one SQLite file: the second process is refused in one line that
+    points to PostgreSQL (SQLite serialises writers within one process only)."""
+    shared = tmp_path / "shared.db"
+    config = tmp_path / "config.yaml"
+    config.write_text(SCRIPTED + f"store:\n  url: sqlite+aiosqlite:///{shared}\n",
+                      encoding="utf-8")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "bot", "--config", str(config), "--data-dir",
+         str(tmp_path / "one"), "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert first.stdout is not None
+        deadline = time.monotonic() + 60
+        while "/quit" not in first.stdout.readline():  # the help line: the REPL is up
+            assert time.monotonic() < deadline
+        second = vtuber("--config", str(config), "--data-dir", str(tmp_path / "two"), "chat",
+                        "--once", "hi")
+    finally:
+        first.kill()
+        first.wait(timeout=10)
+    assert second.returncode == 75
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, second.stderr
+    assert f"(pid {first.pid})" in errors[0] and str(shared) in errors[0]
+    assert "PostgreSQL" in errors[0]
