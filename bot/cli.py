@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import make_url
 
 from bot.cli_data import (
@@ -66,11 +67,31 @@ async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths
     return 0
 
 
-async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+def _run_selection(args: argparse.Namespace, config: AppConfig) -> list[str]:
+    """The adapters this process runs (``--adapters``), with ``--shard-ids`` applied."""
     names = config.adapters.enabled_names()
     if not names:
         raise ConfigError(["adapters: no adapter is enabled; set adapters.<name>.enabled: true "
                            "for console, discord or twitch"])
+    if args.adapters:
+        if missing := [n for n in args.adapters if n not in names]:
+            raise ConfigError([f"--adapters: {', '.join(missing)} not enabled in the config "
+                               f"(enabled: {', '.join(names)})"])
+        names = [n for n in names if n in args.adapters]
+    if args.shard_ids is not None or args.shard_count is not None:
+        discord_config = config.adapters.discord.model_copy(update={
+            "shard_ids": args.shard_ids, "shard_count": args.shard_count})
+        try:
+            type(discord_config).model_validate(discord_config.model_dump())
+        except ValidationError as exc:
+            raise ConfigError([f"--shard-ids/--shard-count: {e['msg']}"
+                               for e in exc.errors()]) from None
+        config.adapters.discord = discord_config
+    return names
+
+
+async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    names = _run_selection(args, config)
     from bot.operator import RuntimeView, binding_problems, operator_server
 
     check_secrets(config, names)

@@ -58,7 +58,14 @@ def _add_runtime_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> N
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.add_argument("--chart", metavar="PNG", help="also write an intimacy/mood chart here")
 
-    sub.add_parser("run", parents=[shared], help="start the adapters enabled in the config")
+    run = sub.add_parser("run", parents=[shared], help="start the adapters enabled in the config")
+    run.add_argument("--adapters", type=_names, metavar="NAMES",
+                     help="only these of the enabled adapters (comma-separated), e.g. "
+                          "one process per platform on one PostgreSQL")
+    run.add_argument("--shard-ids", type=_shard_ids, metavar="IDS",
+                     help="Discord: the shards this process runs, e.g. 0,1 (needs --shard-count)")
+    run.add_argument("--shard-count", type=int, metavar="N",
+                     help="Discord: how many shards all processes run together")
     sub.add_parser("migrate", parents=[shared],
                    help="upgrade the database schema to the newest revision")
 
@@ -141,3 +148,23 @@ def _add_transcript_filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", metavar="WHEN", type=since_time,
                         help="only messages at or after this time: ISO-8601 (UTC unless "
                              "given) or a duration back from now (30m, 24h, 7d)")
+
+
+def _names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(names) - set(PLATFORMS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"expected names from {', '.join(PLATFORMS)}, got {value!r}")
+    return names
+
+
+def _shard_ids(value: str) -> list[int]:
+    try:
+        ids = sorted({int(part) for part in value.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected shard numbers like 0,1, got {value!r}") from None
+    if not ids or ids[0] < 0:
+        raise argparse.ArgumentTypeError(f"expected shard numbers like 0,1, got {value!r}")
+    return ids

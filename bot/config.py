@@ -14,7 +14,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from bot.errors import ConfigError, MissingSecretError
 from engine.config import (
@@ -91,6 +91,17 @@ class DiscordAdapterConfig(Section):
     deny_role_ids: list[int] = Field(default_factory=list)
     allow_dms: bool = True
     sharded: bool = False  # AutoShardedClient, for bots in very many guilds
+    # Several processes: each runs some shards (`run --shard-ids 0,1 --shard-count 4`).
+    shard_ids: list[int] | None = None
+    shard_count: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _shards_fit(self) -> DiscordAdapterConfig:
+        if self.shard_ids is not None and (
+                self.shard_count is None or not all(0 <= i < self.shard_count
+                                                    for i in self.shard_ids)):
+            raise ValueError(f"shard_ids {self.shard_ids} need a shard_count above each of them")
+        return self
 
 
 class TwitchAdapterConfig(Section):

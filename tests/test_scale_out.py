@@ -61,3 +61,35 @@ async def test_state_updates_from_two_processes_are_all_applied(pg_url: str) -> 
     finally:
         await store.close()
     assert (state.intimacy, state.conversation_count, state.version) == (500, 500, 500)
+
+
+def test_run_picks_its_adapters_and_discord_shards(tmp_path: Path) -> None:
+    """`run --adapters` and `--shard-ids/--shard-count`: one process per platform or per
+    group of Discord shards; a wrong choice is a config error (78) before anything starts."""
+    from tests.test_cli import SCRIPTED, vtuber
+
+    config = tmp_path / "config.yaml"
+    config.write_text(SCRIPTED + "adapters: {console: {enabled: true}}\n", encoding="utf-8")
+    common = ("--config", str(config), "--data-dir", str(tmp_path / "d"), "run")
+    not_enabled = vtuber(*common, "--adapters", "twitch")
+    assert not_enabled.returncode == 78
+    assert "--adapters: twitch not enabled in the config (enabled: console)" in (
+        not_enabled.stderr)
+    bad_shards = vtuber(*common, "--shard-ids", "0,5", "--shard-count", "2")
+    assert bad_shards.returncode == 78 and "--shard-ids/--shard-count" in bad_shards.stderr
+    assert vtuber(*common, "--adapters", "nowhere").returncode == 2  # argparse: usage error
+
+
+def test_the_discord_client_runs_only_its_shards() -> None:
+    pytest.importorskip("discord")
+    import discord
+
+    from adapters.discord_adapter.adapter import DiscordAdapter
+    from bot.config import parse_config
+
+    config = parse_config({"adapters": {"discord": {
+        "enabled": True, "shard_ids": [0, 1], "shard_count": 4}}},
+        env={"DISCORD_TOKEN": "fake-token"})
+    adapter = DiscordAdapter(config, services=None)  # type: ignore[arg-type]
+    assert isinstance(adapter.client, discord.AutoShardedClient)
+    assert (adapter.client.shard_ids, adapter.client.shard_count) == ([0, 1], 4)

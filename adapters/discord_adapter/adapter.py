@@ -80,9 +80,13 @@ class DiscordAdapter:
         self.services = services
         secret = config.secrets.discord_token
         self._token = token or (secret.get_secret_value() if secret else "")
-        client_class = (VTuberShardedClient if config.adapters.discord.sharded
+        rules = config.adapters.discord
+        options = dict(client_options or {})
+        if rules.shard_ids is not None:  # this process runs some of several processes' shards
+            options.update(shard_ids=rules.shard_ids, shard_count=rules.shard_count)
+        client_class = (VTuberShardedClient if rules.sharded or rules.shard_ids is not None
                         else VTuberClient)
-        self.client: discord.Client = client_class(self, **(client_options or {}))
+        self.client: discord.Client = client_class(self, **options)
         self._handle: EventHandler | None = None
 
     # -- events -----------------------------------------------------------------------------
