@@ -11,7 +11,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from bot.config import AppConfig
@@ -27,6 +27,7 @@ from memory.errors import StoreError
 from memory.store import Store
 
 log = logging.getLogger(__name__)
+ORDER_WAIT_LIMIT_S = 30.0  # a crashed process's unanswered message holds a viewer no longer
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class Answerer:
     async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
         """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""
         event = exchange.event
+        await self._earlier_first(exchange)
         prompt = await self._context.prepare(exchange.user_id, text)
         attempt.stage = "backend"
         await cosmetic(event.sink.typing(), "typing")
@@ -90,6 +92,18 @@ class Answerer:
         except StoreError as exc:
             log.warning("message %d: not kept as a memory: %s", exchange.message_id, exc)
         return reply_id
+
+    async def _earlier_first(self, exchange: Exchange) -> None:
+        """Several processes (PostgreSQL): this viewer's earlier messages, taken by another
+        process (another platform, another shard), are answered first."""
+        limits = self._config.limits
+        waited = min(limits.reply_timeout_s, ORDER_WAIT_LIMIT_S)
+        since = self._clock() - timedelta(seconds=limits.reply_timeout_s)
+        if not await self._store.wait_for_earlier(exchange.user_id, exchange.message_id, since,
+                                                  waited):
+            log.warning("message %d: an earlier message of this viewer is still unanswered "
+                        "after %.0f s (another process?); answering this one anyway",
+                        exchange.message_id, waited)
 
     def _trace(self, exchange: Exchange, prompt: PreparedPrompt, reply: GeneratedReply,
                queue_wait: float) -> dict[str, Any]:

@@ -47,6 +47,7 @@ EVERY_SETTING: dict[str, Any] = {
     "models.llm.openai.max_retries": 5,
     "models.llm.openai.extra_sampling": False,
     "models.llm.scripted.replies": ["one {user_text}", "two"],
+    "models.llm.scripted.chunk_delay_s": 0.25,
     "models.embedding.enabled": False,
     "models.embedding.device": "cuda:4",
     "models.embedding.model_path": "/models/Qwen3-Embedding-0.6B",

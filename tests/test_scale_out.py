@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +94,51 @@ def test_the_discord_client_runs_only_its_shards() -> None:
     adapter = DiscordAdapter(config, services=None)  # type: ignore[arg-type]
     assert isinstance(adapter.client, discord.AutoShardedClient)
     assert (adapter.client.shard_ids, adapter.client.shard_count) == ([0, 1], 4)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_linked_viewer_on_two_processes_is_answered_in_arrival_order(
+        pg_url: str, tmp_path: Path) -> None:
+    """Two runtimes on one PostgreSQL (one per platform, as `run --adapters` would start):
+    the viewer writes on Discord (a slow reply) and Twitch (a fast one) at once, three times.
+    Each message waits for the one before it, whichever process has it: replies are stored
+    in arrival order and the state counts every exchange once."""
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+    from bot.paths import DataPaths
+    from bot.runtime import open_runtime
+    from tests.sinks import RecordingSink
+
+    def config(reply: str) -> object:
+        return parse_config({
+            "models": {"llm": {"backend": "scripted",
+                               "scripted": {"replies": [reply], "chunk_delay_s": 0.05}},
+                       "embedding": {"enabled": False}},
+            "store": {"url": pg_url, "rag_enabled": False},
+            "limits": {"user_messages_per_minute": 60}}, env={})
+
+    slow, fast = config("一 二 三 四 五 六 七 八。"), config("好。")
+    async with open_runtime(slow, DataPaths.resolve(tmp_path / "discord")) as on_discord, \
+            open_runtime(fast, DataPaths.resolve(tmp_path / "twitch")) as on_twitch:
+        store = on_discord.store
+        user = await store.resolve_user("discord", "ann", "Ann")
+        await store.link_identity(user, "twitch", "ann_tw", "Ann")
+
+        async def say(runtime: Any, platform: str, who: str, text: str, after: float) -> Any:
+            await asyncio.sleep(after)
+            return await runtime.service.handle(ChatEvent(
+                platform=platform, channel_id="c", platform_user_id=who,
+                display_name="Ann", text=text, sink=RecordingSink()))
+
+        replies = await asyncio.gather(*(
+            say(on_discord, "discord", "ann", f"discord {i}", 0.3 * i) if i % 2 == 0 else
+            say(on_twitch, "twitch", "ann_tw", f"twitch {i}", 0.3 * (i - 1) + 0.05)
+            for i in range(6)))
+        assert [r.status for r in replies] == ["answered"] * 6
+        rows = [m for m in await store.messages_for(user)]
+        state = await store.get_state(user, "pell", "calm")
+    questions = [m.id for m in rows if m.role == "user"]
+    answered_in = [m.reply_to_id for m in sorted(rows, key=lambda m: m.id)
+                   if m.role == "assistant"]
+    assert answered_in == sorted(questions)  # replies recorded in arrival order
+    assert (state.conversation_count, state.version) == (6, 6)

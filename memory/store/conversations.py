@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -29,6 +30,9 @@ def stored_message(row: Message) -> StoredMessage:
         reply_to_id=row.reply_to_id, trace=row.trace, created_at=aware_now(row.created_at),
         status_reason=row.status_reason,
     )
+
+
+ORDER_POLL_S = 0.05  # how often a viewer's next message checks on the one before it
 
 
 class Conversations:
@@ -116,6 +120,25 @@ class Conversations:
                                       r.display_name, r.channel_id, r.platform_message_id,
                                       r.content, aware_now(r.created_at)))
         return found
+
+    async def wait_for_earlier(self, user_id: int, message_id: int, since: datetime,
+                               timeout_s: float) -> bool:
+        """On PostgreSQL (several processes), wait until the viewer's questions before
+        ``message_id`` (received after ``since``) are final, so a viewer linked across
+        platforms is answered in arrival order whichever process took each message. True when
+        nothing was left waiting, False after ``timeout_s`` (the caller goes on: a crashed
+        process's message must not hold the viewer for long). SQLite has one process: the
+        per-viewer lanes already keep the order."""
+        if self._db.dialect != "postgresql":
+            return True
+        key = {"user_id": user_id, "message_id": message_id, "since": since}
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while await self._db.read_unit(
+                lambda connection: connection.execute(sql.EARLIER_PENDING, key).first()):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(ORDER_POLL_S)
+        return True
 
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:

@@ -113,6 +113,10 @@ class Store:
     async def expire_received(self, reason: str, before: datetime | None = None) -> int:
         return await self.conversations.expire_received(reason, before)
 
+    async def wait_for_earlier(self, user_id: int, message_id: int, since: datetime,
+                               timeout_s: float) -> bool:
+        return await self.conversations.wait_for_earlier(user_id, message_id, since, timeout_s)
+
     async def leftovers(self, since: datetime, before: datetime | None = None
                         ) -> list[Leftover]:
         return await self.conversations.leftovers(since, before)

@@ -54,6 +54,15 @@ HISTORY = (select(messages.c.id, messages.c.role, messages.c.content, messages.c
            .order_by(messages.c.id.desc())
            .limit(bindparam("limit")))
 
+# Parameters: user_id, message_id, since. A viewer's earlier question still waiting for its
+# answer (in another process: scale-out keeps each viewer's order across processes).
+EARLIER_PENDING = (select(messages.c.id)
+                   .where(messages.c.user_id == bindparam("user_id"),
+                          messages.c.role == "user", messages.c.status == "received",
+                          messages.c.id < bindparam("message_id"),
+                          messages.c.created_at >= bindparam("since"))
+                   .limit(1))
+
 # Parameters: keys, a list of (platform, platform_user_id).
 KNOWN_IDENTITIES = (select(identities.c.platform, identities.c.platform_user_id,
                            identities.c.user_id)
