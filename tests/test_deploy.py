@@ -18,17 +18,26 @@ DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 def test_the_compose_file_wires_bot_database_and_model_server() -> None:
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
     services = compose["services"]
-    assert set(services) == {"bot", "postgres", "llm"}
-    bot = services["bot"]
-    assert bot["depends_on"]["postgres"]["condition"] == "service_healthy"
-    assert bot["build"]["dockerfile"] == "deploy/Dockerfile"
-    assert (DEPLOY / bot["build"]["context"] / bot["build"]["dockerfile"]).is_file()
-    assert bot["environment"]["VTUBER_DATABASE_URL"].startswith("postgresql+asyncpg://")
-    assert all(port.startswith("127.0.0.1:") for port in bot["ports"])
-    for name, service in services.items():
-        assert "healthcheck" in service or name == "bot", name
-        assert service["restart"] in ("unless-stopped", "on-failure:5"), name
-    assert set(compose["volumes"]) == {"pgdata", "hf-cache", "botdata"}
+    assert set(services) == {"bot", "postgres", "llm", "bot-discord", "bot-twitch"}
+    bots = {name: services[name] for name in ("bot", "bot-discord", "bot-twitch")}
+    for name, bot in bots.items():
+        assert bot["depends_on"]["postgres"]["condition"] == "service_healthy", name
+        assert bot["build"]["dockerfile"] == "deploy/Dockerfile"
+        assert (DEPLOY / bot["build"]["context"] / bot["build"]["dockerfile"]).is_file()
+        assert bot["environment"]["VTUBER_DATABASE_URL"].startswith("postgresql+asyncpg://")
+        assert bot["restart"] == "on-failure:5"
+    assert all(port.startswith("127.0.0.1:") for port in bots["bot"]["ports"])
+    # The scale profile: one process per platform, each with its own data dir.
+    assert bots["bot-discord"]["command"][-2:] == ["--adapters", "discord"]
+    assert bots["bot-twitch"]["command"][-2:] == ["--adapters", "twitch"]
+    assert len({bot["volumes"][1] for bot in bots.values()}) == 3
+    assert {bots["bot"]["profiles"][0], bots["bot-twitch"]["profiles"][0]} == {
+        "single", "scale"}
+    for name in ("postgres", "llm"):
+        assert "healthcheck" in services[name] and services[name]["restart"] == (
+            "unless-stopped"), name
+    assert set(compose["volumes"]) == {"pgdata", "hf-cache", "botdata", "botdata-discord",
+                                       "botdata-twitch"}
 
 
 def _has_compose() -> bool:
