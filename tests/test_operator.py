@@ -212,6 +212,16 @@ async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served
     assert status["platforms"] == {"discord": {"ready": False, "paused": False}}
 
 
+async def test_controls_from_another_site_are_refused(served: Served) -> None:
+    """A page of another site, open in the operator's browser, cannot drive the controls."""
+    foreign = {"Origin": "https://evil.example"}
+    response = await served.client.post("/api/control/pause/discord", headers=foreign)
+    assert response.status_code == 403 and served.runtime.service.paused == set()
+    own = {"Origin": served.url}
+    assert (await served.client.post("/api/control/pause/discord", headers=own)).status_code == 200
+    assert (await served.client.get("/api/status", headers=foreign)).status_code == 200
+
+
 async def test_forget_from_the_dashboard_removes_the_viewer(served: Served) -> None:
     from tests.test_memory import MARK, _rows_mentioning
 

@@ -89,8 +89,8 @@ class OverlayHub:
                 if payload is None:
                     break
                 await response.write(f"data: {payload}\n\n".encode())
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away
         finally:
             self._listeners.discard(queue)
         return response

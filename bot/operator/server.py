@@ -14,6 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -66,9 +67,22 @@ def token_middleware(token: str | None) -> Any:
     return check
 
 
+@web.middleware
+async def same_origin_controls(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A control action from a page of another site (a browser sends its Origin) is refused:
+    without a token, any web page the operator opens could otherwise pause the bot or forget
+    a viewer through the operator's own browser."""
+    origin = request.headers.get("Origin")
+    if request.method != "GET" and origin is not None and (
+            urlsplit(origin).netloc != request.host):
+        return web.json_response({"error": "control actions come from the dashboard's own "
+                                           "origin"}, status=403)
+    return await handler(request)
+
+
 def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
               metrics: Metrics, overlay: OverlayHub) -> web.Application:
-    app = web.Application(middlewares=[token_middleware(token)])
+    app = web.Application(middlewares=[same_origin_controls, token_middleware(token)])
     dashboard = Dashboard(view, web_config.recent_messages)
     view.signals.connect(dashboard)
     viewers = ViewerPages(view.runtime)

@@ -206,7 +206,7 @@ class _SqliteThreads:
         self.reads = sql_engine.execution_options(**{_READ_ONLY: True})
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         # Each store thread keeps its own connections: checking one out of the pool and back
-        # for every unit cost about as much as the unit's statements.
+        # for every unit was about a third of the store thread's profile samples.
         self._local = threading.local()
         self._connections: list[Connection] = []
         self._connections_lock = threading.Lock()
