@@ -66,15 +66,14 @@ class Signals:
             self._observers.remove(observer)
 
     def message_final(self, state: FinalState) -> None:
-        for observer in list(self._observers):
-            try:
-                observer.message_final(state)
-            except Exception:  # an observer's bug must not touch the conversation
-                log.exception("observer %r failed on a final state", observer)
+        self._emit("message_final", state)
 
     def reply_progress(self, progress: ReplyProgress) -> None:
+        self._emit("reply_progress", progress)
+
+    def _emit(self, method: str, payload: FinalState | ReplyProgress) -> None:
         for observer in list(self._observers):
             try:
-                observer.reply_progress(progress)
+                getattr(observer, method)(payload)
             except Exception:  # an observer's bug must not touch the conversation
-                log.exception("observer %r failed on reply progress", observer)
+                log.exception("observer %r failed in %s", observer, method)

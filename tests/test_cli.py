@@ -4,6 +4,7 @@ machine allows one (``unshare -n``), else with the in-process guard only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -349,11 +350,11 @@ def test_a_data_dir_that_cannot_be_created_is_one_line_exit_73(tmp_path: Path) -
     assert "Traceback" not in result.stderr
 
 
-def test_a_second_runtime_on_one_data_dir_is_refused(tmp_path: Path,
-                                                     scripted_config: Path) -> None:
-    data = tmp_path / "d"
+@contextlib.contextmanager
+def _chat_running(config: Path, data_dir: Path) -> Iterator[subprocess.Popen[str]]:
+    """A `chat` REPL running in a subprocess (killed, like kill -9, when the block ends)."""
     first = subprocess.Popen(
-        [sys.executable, "-m", "bot", "--config", str(scripted_config), "--data-dir", str(data),
+        [sys.executable, "-m", "bot", "--config", str(config), "--data-dir", str(data_dir),
          "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True)
     try:
@@ -361,11 +362,18 @@ def test_a_second_runtime_on_one_data_dir_is_refused(tmp_path: Path,
         deadline = time.monotonic() + 60
         while "/quit" not in first.stdout.readline():  # the help line: the REPL is up
             assert time.monotonic() < deadline
-        second = vtuber("--config", str(scripted_config), "--data-dir", str(data), "chat",
-                        "--once", "hi")
+        yield first
     finally:
         first.kill()
         first.wait(timeout=10)
+
+
+def test_a_second_runtime_on_one_data_dir_is_refused(tmp_path: Path,
+                                                     scripted_config: Path) -> None:
+    data = tmp_path / "d"
+    with _chat_running(scripted_config, data) as first:
+        second = vtuber("--config", str(scripted_config), "--data-dir", str(data), "chat",
+                        "--once", "hi")
     assert second.returncode == 75
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"(pid {first.pid})" in errors[0], second.stderr
@@ -422,20 +430,9 @@ def test_a_second_runtime_on_one_sqlite_store_is_refused(tmp_path: Path) -> None
     config = tmp_path / "config.yaml"
     config.write_text(SCRIPTED + f"store:\n  url: sqlite+aiosqlite:///{shared}\n",
                       encoding="utf-8")
-    first = subprocess.Popen(
-        [sys.executable, "-m", "bot", "--config", str(config), "--data-dir",
-         str(tmp_path / "one"), "chat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True)
-    try:
-        assert first.stdout is not None
-        deadline = time.monotonic() + 60
-        while "/quit" not in first.stdout.readline():  # the help line: the REPL is up
-            assert time.monotonic() < deadline
+    with _chat_running(config, tmp_path / "one") as first:
         second = vtuber("--config", str(config), "--data-dir", str(tmp_path / "two"), "chat",
                         "--once", "hi")
-    finally:
-        first.kill()
-        first.wait(timeout=10)
     assert second.returncode == 75
     errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, second.stderr
