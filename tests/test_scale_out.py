@@ -142,3 +142,38 @@ async def test_a_linked_viewer_on_two_processes_is_answered_in_arrival_order(
                    if m.role == "assistant"]
     assert answered_in == sorted(questions)  # replies recorded in arrival order
     assert (state.conversation_count, state.version) == (6, 6)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+async def test_a_restart_leaves_other_processes_platforms_alone(db_url: str,
+                                                                tmp_path: Path) -> None:
+    """A Discord-only process restarting on PostgreSQL leaves alone a Twitch message younger
+    than twice the reply timeout (the Twitch process may be answering it now); on SQLite, the
+    only process, what no adapter here can answer ends expired (crash)."""
+    from datetime import UTC, datetime
+
+    from bot.config import parse_config
+    from bot.paths import DataPaths
+    from bot.runtime import open_runtime
+
+    store = await Store.open(db_url)
+    try:
+        user = await store.resolve_user("twitch", "tw", "Tw")
+        message = await store.record_incoming(
+            user_id=user, persona_id="pell", platform="twitch", channel_id="c",
+            platform_message_id="m1", text="在嗎", created_at=datetime.now(UTC))
+    finally:
+        await store.close()
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "store": {"url": db_url}}, env={})
+
+    class DiscordOnly:
+        name = "discord"
+
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "discord")) as runtime:
+        await runtime._answer_leftovers([DiscordOnly()])  # type: ignore[list-item]
+        stored = await runtime.store.get_message(message)
+    assert stored is not None
+    expected = "received" if db_url.startswith("postgresql") else "expired"
+    assert stored.status == expected
