@@ -90,6 +90,14 @@ def _run_selection(args: argparse.Namespace, config: AppConfig) -> list[str]:
     return names
 
 
+def _reloaded(args: argparse.Namespace) -> AppConfig:
+    """The config file again, with this process's command-line choices applied (so they
+    do not read as changes that need a restart)."""
+    config = load_config(args.config)
+    _run_selection(args, config)
+    return config
+
+
 async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
     names = _run_selection(args, config)
     from bot.operator import RuntimeView, binding_problems, operator_server
@@ -104,7 +112,7 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
                                "banner": _banner(runtime), "services": runtime},
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}
         adapters = build_adapters(config, names, **options)
-        runtime.reload_config = lambda: load_config(args.config)  # for SIGHUP
+        runtime.reload_config = lambda: _reloaded(args)  # for SIGHUP
         log.info("running adapters: %s", ", ".join(names))
         async with operator_server(config, RuntimeView(runtime, adapters)):
             await runtime.run_adapters(adapters)
