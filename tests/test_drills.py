@@ -90,8 +90,11 @@ async def _after_restart(config: Path, data_dir: Path) -> dict[str, Any]:
             async with runtime.store.database.read() as session:
                 integrity = (await session.execute(text("PRAGMA integrity_check"))).scalar()
     questions = [r for r in rows if r.role == "user"]
-    replies = {r.reply_to_id for r in rows if r.role == "assistant"}
-    return {"questions": questions, "replies": replies, "integrity": integrity}
+    answers = [r.reply_to_id for r in rows if r.role == "assistant"]
+    replies = set(answers)
+    duplicates = sorted({a for a in answers if answers.count(a) > 1})
+    return {"questions": questions, "replies": replies, "integrity": integrity,
+            "duplicates": duplicates}
 
 
 def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) -> None:

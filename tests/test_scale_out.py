@@ -177,3 +177,52 @@ async def test_a_restart_leaves_other_processes_platforms_alone(db_url: str,
     assert stored is not None
     expected = "received" if db_url.startswith("postgresql") else "expired"
     assert stored.status == expected
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_sigkill_of_one_process_leaves_the_other_answering(pg_url: str,
+                                                           tmp_path: Path) -> None:
+    """Two `chat` processes on one PostgreSQL, one SIGKILLed under load: the other keeps
+    answering; after the killed one restarts nothing is left `received` and no question has
+    two replies."""
+    import queue
+    import subprocess
+    import threading
+    import time
+
+    from tests.test_drills import REPLY, _after_restart, _chat_under_load, _pump, _write_config
+
+    config = _write_config(tmp_path, pg_url)
+    other = subprocess.Popen(
+        [sys.executable, "-m", "bot", "--config", str(config), "--data-dir",
+         str(tmp_path / "other"), "--log-level", "ERROR", "chat", "--user", "bee"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert other.stdin is not None and other.stdout is not None
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=_pump, args=(other.stdout, lines), daemon=True).start()
+
+    def replies_from_other(count: int) -> int:
+        for index in range(count):
+            other.stdin.write(f"still there {index}\n")  # type: ignore[union-attr]
+            other.stdin.flush()  # type: ignore[union-attr]
+        seen, deadline = 0, time.monotonic() + 30
+        while seen < count and time.monotonic() < deadline:
+            try:
+                seen += lines.get(timeout=1).count(REPLY)
+            except queue.Empty:
+                continue
+        return seen
+
+    try:
+        assert replies_from_other(3) == 3  # up, and answering
+        printed = _chat_under_load(config, tmp_path / "killed", rate=50, kill_after=60)
+        assert sum(line.count(REPLY) for line in printed) > 10
+        assert replies_from_other(5) == 5  # the kill did not touch it
+    finally:
+        other.kill()
+        other.wait(timeout=10)
+    time.sleep(2.5)  # past 2 x reply_timeout_s: nothing of the killed run is in flight
+    state = asyncio.run(_after_restart(config, tmp_path / "killed"))
+    questions = state["questions"]
+    assert [q for q in questions if q.status == "received"] == []
+    assert state["duplicates"] == []
