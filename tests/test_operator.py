@@ -212,6 +212,27 @@ async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served
     assert status["platforms"] == {"discord": {"ready": False, "paused": False}}
 
 
+async def test_an_overlay_can_show_one_platform(served: Served) -> None:
+    """`/overlay?platform=twitch`: a scene for one stream; the other platform's replies stay
+    off it."""
+    import json
+
+    service = served.runtime.service
+    async with served.client.stream("GET", "/overlay/events?platform=twitch") as events:
+        lines = events.aiter_lines()
+        assert await anext(lines) == ": connected"
+        await service.handle(chat("來自 Discord", user="dee"))
+        await service.handle(chat("來自 Twitch", user="tee", platform="twitch"))
+        shown: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            async for line in lines:
+                if line.startswith("data: "):
+                    shown.append(json.loads(line.removeprefix("data: ")))
+                    if shown[-1]["done"]:
+                        break
+    assert {event["name"] for event in shown} == {"Tee"}
+
+
 async def test_controls_from_another_site_are_refused(served: Served) -> None:
     """A page of another site, open in the operator's browser, cannot drive the controls."""
     foreign = {"Origin": "https://evil.example"}

@@ -45,7 +45,8 @@ class OverlayHub:
 
     def __init__(self, config: OverlayConfig) -> None:
         self._config = config
-        self._listeners: set[asyncio.Queue[str | None]] = set()
+        # Each open page's queue, and the platform it shows (None: every platform).
+        self._listeners: dict[asyncio.Queue[str | None], str | None] = {}
 
     @property
     def listeners(self) -> int:
@@ -66,7 +67,9 @@ class OverlayHub:
             "done": progress.done, "mood": progress.mood,
             "colour": mood_colour(progress.mood, self._config.mood_colors)},
             ensure_ascii=False)
-        for queue in self._listeners:
+        for queue, platform in self._listeners.items():
+            if platform is not None and platform != progress.platform:
+                continue
             if queue.qsize() >= QUEUE_LIMIT:  # a stalled page loses its oldest updates
                 with contextlib.suppress(asyncio.QueueEmpty):
                     queue.get_nowait()
@@ -77,7 +80,8 @@ class OverlayHub:
                                                "Cache-Control": "no-cache"})
         await response.prepare(request)
         queue: asyncio.Queue[str | None] = asyncio.Queue(QUEUE_LIMIT + 1)
-        self._listeners.add(queue)
+        # `/overlay?platform=twitch`: a scene for one platform's stream.
+        self._listeners[queue] = request.query.get("platform") or None
         try:
             await response.write(b": connected\n\n")
             while True:
@@ -92,7 +96,7 @@ class OverlayHub:
         except ConnectionResetError:
             pass  # the page went away
         finally:
-            self._listeners.discard(queue)
+            self._listeners.pop(queue, None)
         return response
 
     async def page(self, request: web.Request) -> web.Response:
