@@ -27,6 +27,7 @@ from memory.errors import StoreError
 from memory.store import Store
 
 log = logging.getLogger(__name__)
+PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
 ORDER_WAIT_LIMIT_S = 30.0  # a crashed process's unanswered message holds a viewer no longer
 
 
@@ -136,16 +137,22 @@ class Answerer:
         if not self._signals.active:
             return streaming.on_chunk if streaming else None
         raw: list[str] = []
-        shown = [""]
+        shown, last = [""], [0.0]
         conversion = self.conversion_mode(exchange.event)
 
         async def on_chunk(chunk: str) -> None:
             raw.append(chunk)
-            text = self._engine.preview("".join(raw), prompt.request,
-                                        conversion_mode=conversion)
-            if text and text != shown[0]:
-                shown[0] = text
-                self._signals.reply_progress(self._progress(exchange, text))
+            # The output-safety stage reruns over the whole text: at most every
+            # PROGRESS_INTERVAL_S on the event loop, not once per token (the final text
+            # always goes out when the reply is recorded).
+            now = time.monotonic()
+            if now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                text = self._engine.preview("".join(raw), prompt.request,
+                                            conversion_mode=conversion)
+                if text and text != shown[0]:
+                    shown[0] = text
+                    self._signals.reply_progress(self._progress(exchange, text))
             if streaming is not None:
                 await streaming.on_chunk(chunk)
 

@@ -233,6 +233,21 @@ async def test_an_overlay_can_show_one_platform(served: Served) -> None:
     assert {event["name"] for event in shown} == {"Tee"}
 
 
+async def test_a_store_failure_under_a_page_is_a_503_with_its_reason(
+        served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from memory.errors import StoreError
+
+    async def unreachable(*_args: Any) -> None:
+        raise StoreError("store: connection refused")
+
+    monkeypatch.setattr(served.runtime.store, "find_user", unreachable)
+    for response in (await served.client.get("/api/viewer/discord/ann"),
+                     await served.client.post("/api/control/forget", json={
+                         "platform": "discord", "platform_user_id": "ann"})):
+        assert response.status_code == 503
+        assert response.json() == {"error": "store: connection refused"}
+
+
 async def test_controls_from_another_site_are_refused(served: Served) -> None:
     """A page of another site, open in the operator's browser, cannot drive the controls."""
     foreign = {"Origin": "https://evil.example"}

@@ -12,6 +12,8 @@ from prometheus_client.registry import Collector
 
 from bot.signals import FinalState, ReplyProgress
 
+MESSAGES_HELP = ("Chat events by final state and reason (a redelivered event counts as "
+                 "dropped, reason duplicate; the store keeps one row for it)")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 
 
@@ -44,7 +46,7 @@ class Metrics:
                  adapters: Callable[[], dict[str, bool]],
                  gpu_memory: Callable[[], dict[str, int]]) -> None:
         self.registry = CollectorRegistry()
-        self.messages = Counter("vtuber_messages", "Chat messages by final state and reason",
+        self.messages = Counter("vtuber_messages", MESSAGES_HELP,
                                 ["platform", "status", "reason"], registry=self.registry)
         self.reply_seconds = Histogram(
             "vtuber_reply_seconds", "Answered messages: from arrival to the reply recorded",

@@ -24,6 +24,7 @@ from bot.operator.metrics import Metrics
 from bot.operator.overlay import OverlayHub, overlay_routes
 from bot.operator.status import RuntimeView
 from bot.operator.viewers import ViewerPages
+from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -80,9 +81,20 @@ async def same_origin_controls(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
+@web.middleware
+async def store_unavailable(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The store failing under a page is a 503 with its one-line reason, not a traceback."""
+    try:
+        return await handler(request)
+    except StoreError as exc:
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return web.json_response({"error": str(exc)}, status=503)
+
+
 def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
               metrics: Metrics, overlay: OverlayHub) -> web.Application:
-    app = web.Application(middlewares=[same_origin_controls, token_middleware(token)])
+    app = web.Application(middlewares=[same_origin_controls, token_middleware(token),
+                                       store_unavailable])
     dashboard = Dashboard(view, web_config.recent_messages)
     view.signals.connect(dashboard)
     viewers = ViewerPages(view.runtime)
