@@ -1,7 +1,7 @@
 """The ``vtuber-bot`` command line (also ``python -m bot``).
 
 Exit codes (BSD sysexits where one fits): 0 ok, 1 operational error (store, model), 2 usage,
-69 adapter or platform unavailable, 70 a bug, 73 data dir cannot be created, 75 another
+69 adapter, platform or LLM server unavailable, 70 a bug, 73 data dir cannot be created, 75 another
 runtime holds the data dir, 77 credentials rejected, 78 bad config or missing secret,
 130 interrupted before start-up finished.
 """
@@ -31,13 +31,13 @@ from bot.cli_data import (
 from bot.cli_parser import build_parser
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
-from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, BotError, ConfigError
+from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, BotError, ConfigError
 from bot.instance_lock import instance_lock, sqlite_store_lock
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.registry import load_adapter_class
 from bot.runtime import Runtime, build_adapters, open_runtime, open_store, store_url
-from engine.errors import EngineConfigError, EngineError
+from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
 from engine.persona import PersonaError, load_persona
 from memory.errors import StoreError
 
@@ -325,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"persona error: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    except BackendUnavailableError as exc:  # the LLM server: like a platform, retry later
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
     except (StoreError, EngineError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

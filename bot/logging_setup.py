@@ -51,7 +51,7 @@ class JsonFormatter(MaskingFormatter):
 
 # Libraries whose INFO output is noise for an operator.
 _QUIET = ("transformers", "huggingface_hub", "urllib3", "httpx", "asyncio", "aiosqlite",
-          "sqlalchemy", "alembic", "filelock", "accelerate")
+          "sqlalchemy", "alembic", "filelock", "accelerate", "sentence_transformers")
 
 
 def configure_logging(level: str = "INFO", secrets: Iterable[str] = (),

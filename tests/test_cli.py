@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import os
 import re
 import shutil
@@ -16,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import pytest
 
 from memory.store import Store
 from tests import secret_guard
+from tests.cli_logging import root_logging_restored
 
 SCRIPTED = """
 models:
@@ -163,18 +162,6 @@ def _closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-@contextmanager
-def _root_logging_restored() -> Iterator[None]:
-    """``main`` configures the root logger for a process; give the test session its own back."""
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    try:
-        yield
-    finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
-
-
 def test_run_with_discord_unreachable_is_one_line_exit_69(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -188,7 +175,7 @@ def test_run_with_discord_unreachable_is_one_line_exit_69(
     monkeypatch.setenv("DISCORD_TOKEN", "discord-token-cli-7731")
     # In-process, so that the client can be pointed at a local port nobody listens on.
     monkeypatch.setattr(discord.http.Route, "BASE", f"http://127.0.0.1:{_closed_port()}/api")
-    with _root_logging_restored():
+    with root_logging_restored():
         code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"), "run"])
     err = capsys.readouterr().err
     assert code == 69, err
@@ -306,7 +293,7 @@ def test_chat_once_that_fails_exits_1_with_one_line(
         raise StoreError("store: database or disk is full")
 
     monkeypatch.setattr(Store, "intake", full_disk)
-    with _root_logging_restored():
+    with root_logging_restored():
         code = cli.main(["--config", str(scripted_config), "--data-dir", str(tmp_path / "d"),
                          "chat", "--once", "hello"])
     captured = capsys.readouterr()

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.server
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from engine.backends.openai_backend import OpenAIBackend
 from engine.config import EngineConfig, OpenAIBackendConfig
 from engine.errors import BackendUnavailableError
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
+from tests.cli_logging import root_logging_restored
 
 
 @contextlib.contextmanager
@@ -277,3 +280,71 @@ async def test_a_stream_cut_before_it_finished_is_an_error_not_a_reply() -> None
         await backend.close()
     # Thinking models are asked to answer, not think.
     assert bodies[0]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+class _BusyServer(http.server.BaseHTTPRequestHandler):
+    """Lists one model, then answers every chat request 429 with a long ``Retry-After``."""
+
+    def do_GET(self) -> None:
+        self._reply(200, b'{"object": "list", "data": [{"id": "m", "object": "model"}]}')
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self._reply(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "600"})
+
+    def _reply(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for name, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+def _cli_config(tmp_path: Path, base_url: str) -> Path:
+    config = tmp_path / "openai.yaml"
+    config.write_text("models:\n  llm:\n    backend: openai\n    openai:\n"
+                      f"      base_url: {base_url}\n      model: m\n"
+                      "  embedding:\n    enabled: false\n", encoding="utf-8")
+    return config
+
+
+def test_chat_once_against_a_failing_server_is_the_fallback_one_line_and_exit_1(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A new user's first try against a busy server: the viewer's fallback, one error line,
+    exit 1 (a script can tell), no traceback in the terminal."""
+    from bot import cli
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BusyServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = _cli_config(tmp_path, f"http://127.0.0.1:{server.server_address[1]}/v1")
+        with root_logging_restored():
+            code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"),
+                             "chat", "--once", "hi"])
+    finally:
+        server.shutdown()
+    captured = capsys.readouterr()
+    assert code == 1, captured.err
+    assert captured.out.strip()  # the in-character fallback
+    errors = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: the message ended failed (backend)"], captured.err
+    assert "Traceback" not in captured.err
+
+
+def test_an_unreachable_server_at_start_is_one_line_exit_69(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot import cli
+
+    config = _cli_config(tmp_path, f"http://127.0.0.1:{_free_port()}/v1")
+    with root_logging_restored():
+        code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"),
+                         "chat", "--once", "hi"])
+    err = capsys.readouterr().err
+    assert code == 69, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        line for line in err.splitlines() if "cannot reach" in line]
+    assert "Traceback" not in err
