@@ -24,7 +24,7 @@ from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
 from engine.response_generator import GeneratedReply
 from memory.errors import StoreError
-from memory.store import Store
+from memory.store import StateSnapshot, Store
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
@@ -83,7 +83,8 @@ class Answerer:
         attempt.delivered = True
         attempt.stage = "store"
         trace = self._trace(exchange, prompt, reply, queue_wait)
-        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id)
+        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id,
+                                            prompt.state)
         if self._signals.active:
             self._signals.reply_progress(self._progress(
                 exchange, reply.text, done=True, mood=mood,
@@ -114,14 +115,15 @@ class Answerer:
         return trace
 
     async def _record(self, exchange: Exchange, text: str, reply: GeneratedReply,
-                      trace: dict[str, Any], sent_id: str | None) -> tuple[int, str]:
+                      trace: dict[str, Any], sent_id: str | None,
+                      seen: StateSnapshot) -> tuple[int, str]:
         """Reply, state change (with its audit row) and the question's status, in one unit."""
         persona = self._engine.persona
         now: datetime = self._clock()
         reply_id, state = await self._store.complete_exchange(
             user_message_id=exchange.message_id, reply_text=reply.text, trace=trace,
             platform_message_id=sent_id, default_mood=persona.moods.baseline,
-            rule=persona_rule(persona, text, now), created_at=now,
+            rule=persona_rule(persona, text, now), created_at=now, seen=seen,
         )
         return reply_id, state.mood
 

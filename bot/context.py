@@ -10,7 +10,7 @@ from bot.state_rules import to_persona_state
 from engine.client import EngineClient, PromptInputs
 from engine.types import GenerationRequest
 from memory.rag import MemoryRetriever, RetrievedChunk
-from memory.store import HistoryMessage, Store
+from memory.store import HistoryMessage, StateSnapshot, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,7 @@ class PreparedPrompt:
     request: GenerationRequest
     history: list[HistoryMessage]
     retrieved: list[RetrievedChunk]
+    state: StateSnapshot  # as read for this reply: the state change applies to it if unchanged
 
     def trace(self) -> dict[str, Any]:
         return {"history_message_ids": [item.id for item in self.history],
@@ -51,7 +52,7 @@ class ContextBuilder:
             context=knowledge or None,
             user_notes=[c.text for c in retrieved if c.scope == "user"],
         ))
-        return PreparedPrompt(request, history, retrieved)
+        return PreparedPrompt(request, history, retrieved, state)
 
     def within_budget(self, history: list[HistoryMessage]) -> list[HistoryMessage]:
         """Keep the newest messages whose tokens fit the budget, starting on a user turn."""

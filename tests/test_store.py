@@ -143,18 +143,21 @@ async def test_read_only_file_is_refused(tmp_path: Path) -> None:
 
 
 async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: Path) -> None:
-    from sqlalchemy import event
+    from sqlalchemy import Engine, event
 
-    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'kinds.db'}")
     begins: list[str] = []
 
-    def record(_conn: object, _cursor: object, statement: str, *_: object) -> None:
-        if statement.startswith("BEGIN"):
-            begins.append(statement)
+    def trace(dbapi_connection: Any, _record: object) -> None:
+        # SQLite's own trace: the store issues BEGIN straight to the driver.
+        raw = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        raw = getattr(raw, "_conn", raw)  # aiosqlite's sqlite3 connection
+        raw.set_trace_callback(
+            lambda statement: begins.append(statement) if statement.startswith("BEGIN") else None)
 
-    for engine in store.database.sync_engines:
-        event.listen(engine, "before_cursor_execute", record)
+    event.listen(Engine, "connect", trace)  # connections are opened lazily: keep it on
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'kinds.db'}")
     try:
+        begins.clear()
         user = await store.resolve_user("console", "viewer", "viewer")
         assert begins == ["BEGIN IMMEDIATE"]
         begins.clear()
@@ -162,6 +165,7 @@ async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: P
         await store.recent_history(user, "pell", 5)
         assert begins == ["BEGIN", "BEGIN"]
     finally:
+        event.remove(Engine, "connect", trace)
         await store.close()
 
 
@@ -264,3 +268,23 @@ async def test_upgrading_a_database_with_redelivered_duplicates(db_url: str) -> 
         assert again.duplicate
     finally:
         await store.close()
+
+
+async def test_a_state_read_before_another_change_is_not_applied_over_it(store: Store) -> None:
+    """The reply path passes the state it read (``seen``) to skip a re-read; when another
+    change landed in between (another process, an admin), the rule applies to the stored
+    row instead, so no change is lost."""
+    user = await store.resolve_user("console", "optimist", "o")
+    await _exchange(store, user, "one", "reply one")
+    seen = await store.get_state(user, "pell", "calm")
+    for question in ("two (first to finish)", "three (read before two finished)"):
+        message_id = await store.record_incoming(
+            user_id=user, persona_id="pell", platform="console", channel_id="c",
+            platform_message_id=None, text=question, created_at=NOW)
+        await store.complete_exchange(
+            user_message_id=message_id, reply_text="ok", trace={}, platform_message_id=None,
+            default_mood="calm", rule=bump_intimacy, created_at=NOW, seen=seen)
+    state = await store.get_state(user, "pell", "calm")
+    assert (state.conversation_count, state.intimacy, state.version) == (3, 3.0, 3)
+    events = await store.state_timeline(user, "pell")
+    assert [point.intimacy for point in events] == [1.0, 2.0, 3.0]

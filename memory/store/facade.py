@@ -165,11 +165,12 @@ class Store:
     async def complete_exchange(self, *, user_message_id: int, reply_text: str,
                                 trace: dict[str, Any], platform_message_id: str | None,
                                 default_mood: str, rule: StateRule,
-                                created_at: datetime) -> tuple[int, StateSnapshot]:
+                                created_at: datetime, seen: StateSnapshot | None = None
+                                ) -> tuple[int, StateSnapshot]:
         return await self.states.complete_exchange(
             user_message_id=user_message_id, reply_text=reply_text, trace=trace,
             platform_message_id=platform_message_id, default_mood=default_mood, rule=rule,
-            created_at=created_at)
+            created_at=created_at, seen=seen)
 
     async def state_timeline(self, user_id: int, persona_id: str,
                              limit: int = 500) -> list[TimelinePoint]:

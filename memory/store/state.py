@@ -15,6 +15,7 @@ from memory.store import statements as sql
 from memory.store.database import Database
 from memory.store.records import (
     STATE_FIELDS,
+    StateChange,
     StateRule,
     StateSnapshot,
     TimelinePoint,
@@ -69,9 +70,12 @@ class States:
         default_mood: str,
         rule: StateRule,
         created_at: datetime,
+        seen: StateSnapshot | None = None,
     ) -> tuple[int, StateSnapshot]:
         """One unit of work: persist the reply, apply the state rule, mark the question
-        answered. Either all of it lands or none."""
+        answered. Either all of it lands or none. ``seen`` is the state the caller read for
+        this reply: if the row is still at its version, the rule applies to it without
+        reading the row again."""
 
         def work(connection: Connection) -> tuple[int, StateSnapshot]:
             asked = {"question_id": user_message_id}
@@ -87,26 +91,30 @@ class States:
                 "reply_to_id": user_message_id, "trace": trace, "created_at": created_at,
             }).scalar_one()
             state = self._apply_rule(connection, question.user_id, question.persona_id,
-                                     default_mood, rule, user_message_id)
+                                     default_mood, rule, user_message_id, seen)
             return reply_id, state
 
         return await self._db.write_unit(work)
 
     def _apply_rule(self, connection: Connection, user_id: int, persona_id: str,
-                    default_mood: str, rule: StateRule,
-                    message_id: int | None) -> StateSnapshot:
-        row_id, before = self._locked_state(connection, user_id, persona_id, default_mood)
-        change = rule(before)
-        after = replace(change.new, version=before.version + 1)
+                    default_mood: str, rule: StateRule, message_id: int | None,
+                    seen: StateSnapshot | None = None) -> StateSnapshot:
+        now = datetime.now(UTC)
+        applied = self._apply_to_seen(connection, user_id, persona_id, rule, seen, now)
+        if applied is None:
+            row_id, before = self._locked_state(connection, user_id, persona_id, default_mood)
+            change = rule(before)
+            after = replace(change.new, version=before.version + 1)
+            connection.execute(sql.UPDATE_STATE, {
+                "row_id": row_id, **{name: getattr(after, name) for name in STATE_FIELDS},
+                "version": after.version, "updated_at": now})
+        else:
+            before, change, after = applied
         diff = {
             name: [_jsonable(getattr(before, name)), _jsonable(getattr(after, name))]
             for name in STATE_FIELDS
             if getattr(before, name) != getattr(after, name)
         }
-        now = datetime.now(UTC)
-        connection.execute(sql.UPDATE_STATE, {
-            "row_id": row_id, **{name: getattr(after, name) for name in STATE_FIELDS},
-            "version": after.version, "updated_at": now})
         connection.execute(sql.INSERT_STATE_EVENT, {
             "user_id": user_id, "persona_id": persona_id, "message_id": message_id,
             "created_at": after.last_interaction_at or now, "cause": change.cause[:200],
@@ -118,6 +126,23 @@ class States:
             },
         })
         return after
+
+    @staticmethod
+    def _apply_to_seen(connection: Connection, user_id: int, persona_id: str, rule: StateRule,
+                       seen: StateSnapshot | None, now: datetime
+                       ) -> tuple[StateSnapshot, StateChange, StateSnapshot] | None:
+        """Apply ``rule`` to the state the caller read, if the stored row is still at that
+        version (one conditional UPDATE; on PostgreSQL it also waits for and then re-checks
+        a concurrent writer's row). None when there is no row yet or it has moved on."""
+        if seen is None or seen.version == 0:  # version 0: no row stored yet
+            return None
+        change = rule(seen)
+        after = replace(change.new, version=seen.version + 1)
+        updated = connection.execute(sql.UPDATE_STATE_IF_UNCHANGED, {
+            "key_user_id": user_id, "key_persona_id": persona_id,
+            "seen_version": seen.version, "version": after.version, "updated_at": now,
+            **{name: getattr(after, name) for name in STATE_FIELDS}}).rowcount
+        return (seen, change, after) if updated == 1 else None
 
     def _locked_state(self, connection: Connection, user_id: int, persona_id: str,
                       default_mood: str) -> tuple[int, StateSnapshot]:

@@ -34,6 +34,12 @@ STATE = select(*STATE_COLUMNS).where(states.c.user_id == bindparam("user_id"),
 STATE_FOR_UPDATE = STATE.with_for_update()
 # Parameters: row_id and the columns to set.
 UPDATE_STATE = states.update().where(states.c.id == bindparam("row_id"))
+# Parameters: key_user_id, key_persona_id, seen_version and the columns to set. Updates only a
+# row still at the version the caller read: no re-read when nothing changed in between.
+UPDATE_STATE_IF_UNCHANGED = states.update().where(
+    states.c.user_id == bindparam("key_user_id"),
+    states.c.persona_id == bindparam("key_persona_id"),
+    states.c.version == bindparam("seen_version"))
 INSERT_STATE_EVENT = state_events.insert()
 
 # Parameters: question_id. Marks a question answered unless a moderator purged it meanwhile.
