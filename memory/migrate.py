@@ -14,13 +14,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from memory.errors import SchemaTooNewError
 
 log = logging.getLogger(__name__)
+MIGRATION_LOCK_KEY = 0x7674_7562_6572_0001  # a PostgreSQL advisory lock key of our own
 
 
 def alembic_config(url: str) -> Config:
@@ -67,6 +68,12 @@ async def _run(url: str, action: str, target: str = "head",
 
     def run_sync(connection: Connection) -> None:
         nonlocal result
+        if connection.dialect.name == "postgresql":
+            # Several processes starting at once on a new database would each create the
+            # schema (and fail on each other's types): one migrates, the others wait for its
+            # commit and then find the schema current. Released when this transaction ends.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"),
+                               {"key": MIGRATION_LOCK_KEY})
         _refuse_newer_schema(connection, config)
         config.attributes["connection"] = connection
         if action == "upgrade":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import network_guard, secret_guard
+from tests import network_guard, openai_servers, secret_guard
 from tests.pg_server import PostgresServer, running_server
 
 network_guard.install()
@@ -48,6 +48,12 @@ def tiny_model_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="vtuber-tiny-qwen3-"))
     yield build_tiny_qwen3(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The real vLLM (CPU build) serving the bundled model; one for the whole session."""
+    yield from openai_servers.vllm_server(model_cache, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

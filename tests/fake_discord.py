@@ -30,8 +30,23 @@ BOT_USER = {"id": BOT_ID, "username": "pell", "discriminator": "0", "global_name
 _json = json_response
 
 
+def shard_of(guild_id: str, shard_count: int) -> int:
+    """Discord's routing: a guild's events go to shard ``(guild_id >> 22) % shard_count``."""
+    return (int(guild_id) >> 22) % shard_count
+
+
+def channel_of(guild_id: str) -> str:
+    """The one text channel of each fake guild (the default guild keeps ``CHANNEL_ID``)."""
+    return CHANNEL_ID if guild_id == GUILD_ID else str(int(guild_id) + 1)
+
+
 @dataclass
 class FakeDiscord(LocalServer):
+    # Several guilds and shards: each gateway connection gets the guilds of the shard it
+    # identified as, and a guild's events go to its shard's connection only.
+    guilds: tuple[str, ...] = (GUILD_ID,)
+    shard_count: int = 1
+    shard_connections: dict[int, web.WebSocketResponse] = field(default_factory=dict)
     identifies: int = 0
     resumes: int = 0
     _seq: itertools.count = field(default_factory=lambda: itertools.count(1))
@@ -77,9 +92,10 @@ class FakeDiscord(LocalServer):
                                               "reset_after": 0, "max_concurrency": 1}})
 
     def message_payload(self, content: str, *, author: dict, mentions: list[dict],
-                        message_id: str | None = None) -> dict[str, Any]:
-        return {"id": message_id or str(next(self._ids)), "channel_id": CHANNEL_ID,
-                "guild_id": GUILD_ID, "author": author, "content": content,
+                        message_id: str | None = None,
+                        guild_id: str = GUILD_ID) -> dict[str, Any]:
+        return {"id": message_id or str(next(self._ids)), "channel_id": channel_of(guild_id),
+                "guild_id": guild_id, "author": author, "content": content,
                 "timestamp": datetime.now(UTC).isoformat(), "edited_timestamp": None,
                 "tts": False, "mention_everyone": False, "mentions": mentions,
                 "mention_roles": [], "attachments": [], "embeds": [], "pinned": False,
@@ -123,35 +139,49 @@ class FakeDiscord(LocalServer):
                 await ws.send_str(json.dumps({"op": 11}))
             elif frame["op"] == 2:
                 self.identifies += 1
+                shard = (frame["d"].get("shard") or [0, 1])[0]
+                self.shard_connections[shard] = ws
                 if self.ready_allowed.is_set():
-                    await self._ready(ws)
+                    await self._ready(ws, shard)
                 else:  # heartbeats go on being acknowledged meanwhile
-                    self._pending_ready = asyncio.create_task(self._ready_once_allowed(ws))
+                    self._pending_ready = asyncio.create_task(
+                        self._ready_once_allowed(ws, shard))
             elif frame["op"] == 6:
                 self.resumes += 1
-                await self.dispatch("RESUMED", {})
+                # The session ids READY hands out name their shard ("session-<shard>").
+                shard = int(frame["d"]["session_id"].rsplit("-", 1)[1])
+                self.shard_connections[shard] = ws
+                await self.dispatch("RESUMED", {}, ws)
                 self.connected.set()
         return ws
 
-    async def _ready_once_allowed(self, ws: web.WebSocketResponse) -> None:
+    async def _ready_once_allowed(self, ws: web.WebSocketResponse, shard: int) -> None:
         await self.ready_allowed.wait()
-        await self._ready(ws)
+        await self._ready(ws, shard)
 
-    async def _ready(self, ws: web.WebSocketResponse) -> None:
+    async def _ready(self, ws: web.WebSocketResponse, shard: int) -> None:
+        mine = [g for g in self.guilds if shard_of(g, self.shard_count) == shard]
         await self.dispatch("READY", {
-            "v": 10, "user": BOT_USER, "guilds": [{"id": GUILD_ID, "unavailable": True}],
-            "session_id": "session-1", "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
+            "v": 10, "user": BOT_USER, "guilds": [{"id": g, "unavailable": True} for g in mine],
+            "session_id": f"session-{shard}",
+            "resume_gateway_url": f"ws://127.0.0.1:{self.port}/gateway",
             "application": {"id": BOT_ID, "flags": 0}, "private_channels": [],
-            "relationships": [], "presences": [],
-        })
-        await self.dispatch("GUILD_CREATE", {
-            "id": GUILD_ID, "name": "Lighthouse", "owner_id": "1", "icon": None,
+            "relationships": [], "presences": [], "shard": [shard, self.shard_count],
+        }, ws)
+        for guild_id in mine:
+            await self.dispatch("GUILD_CREATE", self._guild(guild_id), ws)
+        self.connected.set()
+
+    def _guild(self, guild_id: str) -> dict[str, Any]:
+        channel_id = channel_of(guild_id)
+        return {
+            "id": guild_id, "name": "Lighthouse", "owner_id": "1", "icon": None,
             "unavailable": False, "member_count": 2, "large": False, "features": [],
-            "roles": [{"id": GUILD_ID, "name": "@everyone", "permissions": "1024",
+            "roles": [{"id": guild_id, "name": "@everyone", "permissions": "1024",
                        "position": 0, "color": 0, "hoist": False, "managed": False,
                        "mentionable": False, "flags": 0}],
-            "channels": [{"id": CHANNEL_ID, "type": 0, "name": "chat", "position": 0,
-                          "guild_id": GUILD_ID, "permission_overwrites": [], "nsfw": False,
+            "channels": [{"id": channel_id, "type": 0, "name": "chat", "position": 0,
+                          "guild_id": guild_id, "permission_overwrites": [], "nsfw": False,
                           "parent_id": None}],
             "members": [{"user": VIEWER, "roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
                          "deaf": False, "mute": False, "flags": 0}],
@@ -161,13 +191,18 @@ class FakeDiscord(LocalServer):
             "explicit_content_filter": 0, "mfa_level": 0, "system_channel_flags": 0,
             "premium_tier": 0, "preferred_locale": "zh-TW", "nsfw_level": 0,
             "joined_at": "2026-01-01T00:00:00+00:00",
-        })
-        self.connected.set()
+        }
 
-    async def dispatch(self, event: str, data: dict[str, Any]) -> None:
-        assert self._ws is not None, "no gateway connection"
-        await self._ws.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq),
-                                            "d": data}))
+    async def dispatch(self, event: str, data: dict[str, Any],
+                       ws: web.WebSocketResponse | None = None) -> None:
+        """Send an event on ``ws``, else on the connection of the event's guild's shard (the
+        latest connection when the event names no guild)."""
+        if ws is None and "guild_id" in data:
+            ws = self.shard_connections.get(shard_of(data["guild_id"], self.shard_count))
+        target = ws or self._ws
+        assert target is not None, "no gateway connection"
+        await target.send_str(json.dumps({"op": 0, "t": event, "s": next(self._seq),
+                                          "d": data}))
 
     async def drop_connection(self) -> None:
         """Close the socket like a gateway restart; the client must come back by itself."""

@@ -4,13 +4,9 @@ the tiny Qwen3 on CPU (same protocol as vLLM, llama.cpp server, Ollama)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import http.server
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -18,7 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import httpx2
 import pytest
 
@@ -28,39 +23,7 @@ from engine.config import EngineConfig, OpenAIBackendConfig
 from engine.errors import BackendUnavailableError
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
 from tests.cli_logging import root_logging_restored
-
-
-@contextlib.contextmanager
-def _served(command: list[str], port: int, env: dict[str, str], log: Path,
-            seconds: float) -> Iterator[str]:
-    """Run an OpenAI-compatible server in its own process group until it answers /health;
-    yield its /v1 base URL; stop the whole group afterwards."""
-    with log.open("w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
-        base = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + seconds
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"{command[0]} exited; see {log}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"server not healthy after {seconds:.0f} s; see {log}")
-                try:
-                    if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.5)
-            yield f"{base}/v1"
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.openai_servers import free_port, served
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +31,12 @@ def server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     cli = shutil.which("transformers", path=str(Path(sys.executable).parent))
     if cli is None:
         pytest.skip("transformers[serving] is not installed")
-    port = _free_port()
+    port = free_port()
     home = tmp_path_factory.mktemp("serve-home")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
     command = [cli, "serve", str(tiny_model_dir), "--host", "127.0.0.1", "--port", str(port),
                "--device", "cpu"]
-    with _served(command, port, env, home / "server.log", 90) as url:
+    with served(command, port, env, home / "server.log", 90) as url:
         yield url
 
 
@@ -121,12 +84,12 @@ async def test_seed_api_over_the_openai_backend(server: str) -> None:
 
 
 async def test_unreachable_server_is_a_clear_error() -> None:
-    backend = OpenAIBackend(settings_for(f"http://127.0.0.1:{_free_port()}/v1"))
+    backend = OpenAIBackend(settings_for(f"http://127.0.0.1:{free_port()}/v1"))
     with pytest.raises(BackendUnavailableError, match=r"models\.llm\.openai\.base_url"):
         await backend.start()
     await backend.close()
     config = {"models": {"llm": {"backend": "openai",
-                                 "openai": {"base_url": f"http://127.0.0.1:{_free_port()}/v1"}},
+                                 "openai": {"base_url": f"http://127.0.0.1:{free_port()}/v1"}},
                          "embedding": {"enabled": False}}}
     assert await create_llm_manager(config) is None
 
@@ -163,7 +126,6 @@ async def test_retries_with_backoff_before_the_first_token() -> None:
 def _busy_then_ok(retry_after: str) -> tuple[httpx2.AsyncClient, list[float]]:
     """A server that answers 429 with ``Retry-After`` once, then the reply; records when
     each chat request came."""
-    import time
 
     seen: list[float] = []
 
@@ -207,29 +169,6 @@ async def test_a_retry_after_longer_than_a_live_reply_can_wait_fails_at_once() -
 
 
 # -- the real scale-out engine: vLLM's CPU build, in its own venv (see Makefile) -------------
-
-@pytest.fixture(scope="module")
-def vllm_server(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    python = os.environ.get("VTUBER_VLLM_PYTHON")
-    if not python or not Path(python).exists():
-        if os.environ.get("VTUBER_REQUIRE_VLLM"):
-            pytest.fail("VTUBER_VLLM_PYTHON is not set or missing, and VTUBER_REQUIRE_VLLM is")
-        pytest.skip("vLLM CPU venv not found (make test builds .venv-vllm and sets "
-                    "VTUBER_VLLM_PYTHON)")
-    from engine.model_loader import resolve_llm_dir
-
-    model_dir = resolve_llm_dir(None, None, model_cache)  # the bundled SmolLM2, converted
-    home = tmp_path_factory.mktemp("vllm")
-    port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2",
-           "TMPDIR": str(home), "VLLM_CACHE_ROOT": str(home / "cache"),
-           "HF_HOME": str(home / "hf")}
-    command = [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-               "--served-model-name", "smollm2", "--host", "127.0.0.1", "--port", str(port),
-               "--max-model-len", "2048", "--dtype", "bfloat16", "--enforce-eager"]
-    with _served(command, port, env, home / "server.log", 180) as url:
-        yield url
-
 
 async def test_streams_from_real_vllm(vllm_server: str) -> None:
     backend = OpenAIBackend(settings_for(vllm_server))
@@ -339,7 +278,7 @@ def test_an_unreachable_server_at_start_is_one_line_exit_69(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from bot import cli
 
-    config = _cli_config(tmp_path, f"http://127.0.0.1:{_free_port()}/v1")
+    config = _cli_config(tmp_path, f"http://127.0.0.1:{free_port()}/v1")
     with root_logging_restored():
         code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"),
                          "chat", "--once", "hi"])

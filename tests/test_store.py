@@ -288,3 +288,12 @@ async def test_a_state_read_before_another_change_is_not_applied_over_it(store: 
     assert (state.conversation_count, state.intimacy, state.version) == (3, 3.0, 3)
     events = await store.state_timeline(user, "pell")
     assert [point.intimacy for point in events] == [1.0, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_processes_starting_together_on_a_new_database_migrate_it_once(
+        db_url: str) -> None:
+    """Several bot processes started at once (a compose profile) all upgrade the new schema:
+    one creates it, the others wait and find it current."""
+    await asyncio.gather(*(migrate.upgrade_to_head(db_url) for _ in range(4)))
+    assert len(await migrate.current_revisions(db_url)) == 1

@@ -1,0 +1,231 @@
+"""Scale-out end to end (issue "Scale-out", acceptance 1): three `vtuber-bot run` processes on
+one PostgreSQL and one vLLM server — Discord shards 0 and 1 in one process each, Twitch in a
+third — with the real discord.py and twitchio clients against fakes that speak their
+protocols (the fake gateway routes each guild's events to its shard's connection). A busy
+chat across both platforms: every message answered exactly once, none lost, each viewer's
+order kept."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("discord")
+pytest.importorskip("twitchio")
+
+from memory.store import Store
+from tests.fake_discord import BOT_USER, FakeDiscord, channel_of, shard_of
+from tests.fake_twitch import CHANNEL_LOGIN, FakeTwitch
+from tests.test_twitch import ENV as TWITCH_ENV
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = 200
+# Guild ids are chosen so that Discord's routing ((id >> 22) % 2) puts one on each shard.
+GUILDS = (str(2 << 22), str(3 << 22))
+DISCORD_VIEWERS = 12  # per guild
+TWITCH_VIEWERS = 12
+
+
+@dataclass(frozen=True)
+class Viewer:
+    platform: str
+    platform_user_id: str
+    guild: str | None = None  # Discord only
+
+
+VIEWERS = ([Viewer("discord", f"41{g}{n:02d}", guild)
+            for g, guild in enumerate(GUILDS) for n in range(DISCORD_VIEWERS)]
+           + [Viewer("twitch", f"52{n:02d}") for n in range(TWITCH_VIEWERS)])
+
+
+def _config(tmp_path: Path, pg_url: str, vllm_url: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(f"""
+models:
+  llm:
+    backend: openai
+    openai: {{base_url: "{vllm_url}", model: smollm2, timeout_s: 120}}
+  embedding: {{enabled: false}}
+store: {{url: "{pg_url}", rag_enabled: false}}
+vtuber:
+  response: {{max_tokens: 8}}
+limits: {{user_messages_per_minute: 1000, max_pending: 1000, stream_edit_interval_s: 0,
+          reply_timeout_s: 120}}
+adapters:
+  console: {{enabled: false}}
+  discord: {{enabled: true}}
+  twitch: {{enabled: true, channels: [{CHANNEL_LOGIN}], bot_is_moderator: true}}
+""", encoding="utf-8")
+    return path
+
+
+class Fleet:
+    """The three bot processes, each logging to its own file."""
+
+    def __init__(self, config: Path, tmp_path: Path, discord: FakeDiscord,
+                 twitch: FakeTwitch) -> None:
+        self._config, self._tmp = config, tmp_path
+        self._env = {**os.environ, **TWITCH_ENV, "DISCORD_TOKEN": "fake-token",
+                     "PYTHONPATH": str(ROOT), "FAKE_DISCORD_PORT": str(discord.port),
+                     "FAKE_TWITCH_PORT": str(twitch.port)}
+        self.processes: dict[str, asyncio.subprocess.Process] = {}
+
+    def log(self, name: str) -> str:
+        path = self._tmp / f"{name}.log"
+        return path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+
+    async def start(self, name: str, *options: str) -> None:
+        data_dir = self._tmp / name
+        data_dir.mkdir(exist_ok=True)
+        with (self._tmp / f"{name}.log").open("a") as log:
+            self.processes[name] = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tests.fake_launch", "--config", str(self._config),
+                "--data-dir", str(data_dir), "run", *options,
+                cwd=data_dir, env=self._env, stdout=log, stderr=log)
+
+    async def wait_for_line(self, name: str, text: str, within_s: float = 60) -> None:
+        deadline = time.monotonic() + within_s
+        while text not in self.log(name):
+            process = self.processes[name]
+            assert process.returncode is None, f"{name} exited:\n{self.log(name)}"
+            assert time.monotonic() < deadline, f"{name}: no {text!r}:\n{self.log(name)}"
+            await asyncio.sleep(0.2)
+
+    async def stop(self) -> dict[str, int | None]:
+        for process in self.processes.values():
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = await asyncio.wait_for(process.wait(), 60)
+            except TimeoutError:
+                process.kill()
+                codes[name] = await process.wait()
+        return codes
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeDiscord, FakeTwitch]]:
+    discord, twitch = FakeDiscord(guilds=GUILDS, shard_count=2), FakeTwitch()
+    await discord.start()
+    await twitch.start()
+    try:
+        yield discord, twitch
+    finally:
+        await discord.stop()
+        await twitch.stop()
+
+
+async def _wait(check: Callable[[], Any], within_s: float, what: str) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.5)
+
+
+async def _say(discord: FakeDiscord, twitch: FakeTwitch, viewer: Viewer, index: int) -> None:
+    text = f"第 {index} 個問題"
+    if viewer.platform == "twitch":
+        await twitch.notify("channel.chat.message", twitch.chat_event(
+            f"佩兒 {text}", user_id=viewer.platform_user_id, login=f"v{viewer.platform_user_id}"))
+        return
+    author = {"id": viewer.platform_user_id, "username": f"v{viewer.platform_user_id}",
+              "discriminator": "0", "global_name": None, "avatar": None, "bot": False}
+    assert viewer.guild is not None
+    await discord.dispatch("MESSAGE_CREATE", discord.message_payload(
+        f"<@{BOT_USER['id']}> {text}", author=author, mentions=[BOT_USER],
+        guild_id=viewer.guild))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_two_discord_shards_and_twitch_answer_every_message_once_in_order(
+        db_url: str, vllm_server: str, fakes: tuple[FakeDiscord, FakeTwitch],
+        tmp_path: Path) -> None:
+    if not db_url.startswith("postgresql"):
+        pytest.skip("several processes need PostgreSQL")
+    discord, twitch = fakes
+    fleet = Fleet(_config(tmp_path, db_url, vllm_server), tmp_path, discord, twitch)
+    try:
+        for shard in (0, 1):
+            await fleet.start(f"shard{shard}", "--adapters", "discord",
+                              "--shard-ids", str(shard), "--shard-count", "2")
+        await fleet.start("twitch", "--adapters", "twitch")
+        for name in ("shard0", "shard1"):
+            await fleet.wait_for_line(name, "connected to Discord")
+        await fleet.wait_for_line("twitch", "subscribed to chat in")
+        assert sorted(discord.shard_connections) == [0, 1]
+
+        sent: list[Viewer] = []
+        for index in range(MESSAGES):  # ~40 msg/s, each viewer writing again and again
+            viewer = VIEWERS[(index * 7) % len(VIEWERS)]
+            await _say(discord, twitch, viewer, index)
+            sent.append(viewer)
+            await asyncio.sleep(0.025)
+
+        store = await Store.open(db_url, auto_migrate=False)
+        try:
+            async def all_final() -> bool:
+                return await _user_messages_final(store) == MESSAGES
+
+            await _wait(all_final, 240, "not every message ended final")
+            await asyncio.sleep(1)  # a reply sent twice would show up by now
+            rows = await _rows_by_viewer(store)
+        finally:
+            await store.close()
+    finally:
+        codes = await fleet.stop()
+    assert codes == {"shard0": 0, "shard1": 0, "twitch": 0}, {
+        name: fleet.log(name)[-2000:] for name in codes}
+
+    # Every message stored once and answered once, by one reply.
+    expected = Counter((v.platform, v.platform_user_id) for v in sent)
+    assert {key: len(questions) for key, (questions, _) in rows.items()} == expected
+    for key, (questions, replies) in rows.items():
+        assert [q.status for q in questions] == ["answered"] * len(questions), key
+        answered = [r.reply_to_id for r in replies]
+        assert sorted(answered) == [q.id for q in questions], key  # once each
+        assert answered == [q.id for q in questions], key  # and in the viewer's order
+    # Each platform delivered exactly one reply per message, each guild's on its own shard.
+    per_guild = Counter(v.guild for v in sent if v.platform == "discord")
+    for guild in GUILDS:
+        assert len(discord.posts_to(f"/channels/{channel_of(guild)}/messages")) == (
+            per_guild[guild]), guild
+    assert {shard_of(g, 2) for g in GUILDS} == {0, 1}
+    assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
+
+
+async def _user_messages_final(store: Store) -> int:
+    from sqlalchemy import func, select
+
+    from memory.models import Message
+
+    async with store.database.read() as session:
+        return int(await session.scalar(
+            select(func.count()).select_from(Message)
+            .where(Message.role == "user", Message.status != "received")) or 0)
+
+
+async def _rows_by_viewer(store: Store) -> dict[tuple[str, str], tuple[list[Any], list[Any]]]:
+    """Per (platform, platform user id): the viewer's questions and the replies to them, each
+    in the order they were stored."""
+    rows = {}
+    for viewer in VIEWERS:
+        user_id = await store.find_user(viewer.platform, viewer.platform_user_id)
+        if user_id is None:
+            continue
+        stored = await store.messages_for(user_id)
+        rows[(viewer.platform, viewer.platform_user_id)] = (
+            [m for m in stored if m.role == "user"],
+            [m for m in stored if m.role == "assistant"])
+    return rows
