@@ -32,14 +32,16 @@ from bot.cli_parser import build_parser
 from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, BotError, ConfigError
-from bot.instance_lock import instance_lock, sqlite_store_lock
+from bot.instance_lock import EXIT_TEMPFAIL, instance_lock, sqlite_store_lock
 from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
+from bot.recovery import runtime_role
 from bot.registry import load_adapter_class
 from bot.runtime import Runtime, build_adapters, open_runtime, open_store, store_url
 from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
 from engine.persona import PersonaError, load_persona
 from memory.errors import StoreError
+from memory.store.roles import RoleTakenError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +55,8 @@ def _banner(runtime: Runtime) -> str:
 
 async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
     adapter_class = load_adapter_class("console")
-    async with open_runtime(config, paths) as runtime:
+    role = runtime_role(config, ["console"], paths.data_dir)
+    async with open_runtime(config, paths, role=role) as runtime:
         adapter = adapter_class(
             config, user=args.user, once=args.once, speaker=runtime.engine.persona.names.zh,
             banner=_banner(runtime), services=runtime,
@@ -107,7 +110,8 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
         raise ConfigError(problems)
     for name in names:  # fail on a missing extra before spending time on the model
         load_adapter_class(name)
-    async with open_runtime(config, paths) as runtime:
+    role = runtime_role(config, names, paths.data_dir)
+    async with open_runtime(config, paths, role=role) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,
                                "banner": _banner(runtime), "services": runtime},
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}
@@ -325,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             print(f"persona error: {line}", file=sys.stderr)
         return EXIT_CONFIG
+    except RoleTakenError as exc:  # another process does this one's work: like a lock
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_TEMPFAIL
     except BackendUnavailableError as exc:  # the LLM server: like a platform, retry later
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNAVAILABLE

@@ -326,15 +326,19 @@ async def open_runtime(
     *,
     backend: Backend | None = None,
     clock: Clock = utcnow,
+    role: str | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Open store and engine; always close both, in reverse order."""
+    """Open store and engine; always close both, in reverse order. With a ``role`` (see
+    ``bot.recovery.runtime_role``) this process holds it on a shared database, or fails."""
     async with open_store(config, paths) as store:
+        if role is not None:
+            await store.role_lock.take(role)
         engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend)
         try:
             await engine.start()
             retriever = await _open_retriever(config, engine, store)
             service = ConversationService(config, engine, store, clock=clock,
-                                          retriever=retriever)
+                                          retriever=retriever, role=role)
             await service.recover()
             warm_up = asyncio.create_task(_load_embedder(engine), name="embedder-warm-up")
             try:

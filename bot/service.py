@@ -16,7 +16,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from bot.answer import Answerer, Attempt, Exchange
@@ -25,6 +25,7 @@ from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
 from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
+from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
 from bot.signals import FinalState, Signals
 from bot.spool import Spool
@@ -50,8 +51,10 @@ def utcnow() -> datetime:
 
 class ConversationService:
     def __init__(self, config: AppConfig, engine: EngineClient, store: Store, *,
-                 clock: Clock = utcnow, retriever: MemoryRetriever | None = None) -> None:
+                 clock: Clock = utcnow, retriever: MemoryRetriever | None = None,
+                 role: str | None = None) -> None:
         self._config = config
+        self._role = role  # this process's runtime role (memory.store.roles), if it holds one
         self._engine = engine
         self._store = store
         self._clock = clock
@@ -166,7 +169,7 @@ class ConversationService:
             platform=event.platform, platform_user_id=event.platform_user_id,
             display_name=event.display_name, persona_id=self.persona.id,
             channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
-            created_at=event.timestamp, status=status, reason=reason)
+            created_at=event.timestamp, status=status, reason=reason, owner=self._role)
 
     def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
         """Record a refused message in the background (batched; it costs no transaction of
@@ -298,21 +301,10 @@ class ConversationService:
 
     async def recover(self) -> int:
         """Start-up: messages an earlier run left ``received`` (it crashed or was killed).
-        Those younger than ``limits.answer_leftovers_within_s`` wait in ``leftovers`` for
-        their platform (``answer_leftovers``); older ones end ``expired(crash)``.
-
-        A SQLite file has one process, so every such row is ours. PostgreSQL may be shared:
-        rows younger than twice the reply timeout may be in flight in another process, so
-        they are left alone."""
-        limits = self._config.limits
-        now = self._clock()
-        fresh_since = now - timedelta(seconds=limits.answer_leftovers_within_s)
-        in_flight_since = (None if self._store.dialect == "sqlite"
-                           else now - timedelta(seconds=2 * limits.reply_timeout_s))
-        expire_before = min(fresh_since, in_flight_since or fresh_since)
-        expired = await self._store.expire_received("crash", before=expire_before)
-        self.leftovers = ([] if not limits.answer_leftovers_within_s else
-                          await self._store.leftovers(fresh_since, before=in_flight_since))
+        Those this process may answer wait in ``leftovers`` for their platform
+        (``answer_leftovers``); older ones end ``expired(crash)`` (see ``bot.recovery``)."""
+        expired, self.leftovers = await sort_out_leftovers(
+            self._store, self._config.limits, self._clock(), self._role)
         if expired or self.leftovers:
             log.warning("start-up: an earlier run left %d message(s) unanswered: %d to be "
                         "answered now, %d ended expired (crash)",

@@ -226,3 +226,39 @@ def test_sigkill_of_one_process_leaves_the_other_answering(pg_url: str,
     questions = state["questions"]
     assert [q for q in questions if q.status == "received"] == []
     assert state["duplicates"] == []
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_role_runs_in_one_process_and_recovers_its_own_messages(
+        pg_url: str, tmp_path: Path) -> None:
+    """A runtime role ("discord[1/2]") is held by one process at a time. After its process
+    died, the one taking the role again answers the messages that role took, however recent
+    (no live process can be answering them); another role leaves them alone."""
+    from datetime import UTC, datetime
+
+    from bot.config import parse_config
+    from bot.paths import DataPaths
+    from bot.runtime import open_runtime
+    from memory.store import IntakeItem
+    from memory.store.roles import RoleTakenError
+
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "store": {"url": pg_url}}, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "a"),
+                            role="discord[1/2]") as first:
+        with pytest.raises(RoleTakenError, match=r"already runs discord\[1/2\]"):
+            async with open_runtime(config, DataPaths.resolve(tmp_path / "b"),
+                                    role="discord[1/2]"):
+                pass
+        [taken] = await first.store.intake([IntakeItem(
+            platform="discord", platform_user_id="ann", display_name="Ann", persona_id="pell",
+            channel_id="c", platform_message_id="m1", text="在嗎", created_at=datetime.now(UTC),
+            owner="discord[1/2]")])
+    # Its process is gone (the role is free) and the message is a second old.
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "b"),
+                            role="discord[0/2]") as other:
+        assert other.service.leftovers == []  # not its role, and maybe in flight elsewhere
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "c"),
+                            role="discord[1/2]") as again:
+        assert [m.message_id for m in again.service.leftovers] == [taken.message_id]

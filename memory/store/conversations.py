@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, select, update
+from sqlalchemy import Connection, and_, or_, select, true, update
 from sqlalchemy.orm import aliased
 
 from memory.models import Identity, Message
@@ -84,21 +84,28 @@ class Conversations:
                 await session.execute(update(Message).where(Message.id == message_id)
                                       .values(status=status, status_reason=reason))
 
-    async def expire_received(self, reason: str, before: datetime | None = None) -> int:
-        """End every user message still ``received`` (older than ``before``, if given) as
-        ``expired`` with ``reason``: crash recovery and shutdown."""
+    async def expire_received(self, reason: str, before: datetime | None = None,
+                              owner: str | None = None) -> int:
+        """End every user message still ``received`` (older than ``before``, if given; taken
+        by the runtime role ``owner``, if given) as ``expired`` with ``reason``: crash
+        recovery and shutdown."""
         query = update(Message).where(Message.status == "received", Message.role == "user")
         if before is not None:
             query = query.where(Message.created_at < before)
+        if owner is not None:
+            query = query.where(Message.owner == owner)
         async with self._db.write() as session:
             result = await session.execute(
                 query.values(status="expired", status_reason=reason))
             return int(getattr(result, "rowcount", 0) or 0)
 
-    async def leftovers(self, since: datetime, before: datetime | None = None
-                        ) -> list[Leftover]:
-        """User messages still ``received`` created at or after ``since`` (and before
-        ``before``, if given), oldest first, with the viewer's identity on their platform."""
+    async def leftovers(self, since: datetime, before: datetime | None = None,
+                        owner: str | None = None) -> list[Leftover]:
+        """User messages still ``received`` created at or after ``since``, oldest first,
+        with the viewer's identity on their platform: those created before ``before`` (if
+        given), and with ``owner``, also every one that runtime role took, however recent
+        (its holder is this process now, so none of them is in flight elsewhere); messages
+        other roles took are theirs to recover."""
         query = (select(Message.id, Message.user_id, Message.platform, Message.channel_id,
                         Message.platform_message_id, Message.content, Message.created_at,
                         Identity.platform_user_id, Identity.display_name)
@@ -107,7 +114,11 @@ class Conversations:
                  .where(Message.status == "received", Message.role == "user",
                         Message.created_at >= since)
                  .order_by(Message.id))
-        if before is not None:
+        if owner is not None:
+            query = query.where(or_(Message.owner == owner, and_(
+                Message.owner.is_(None),
+                Message.created_at < before if before is not None else true())))
+        elif before is not None:
             query = query.where(Message.created_at < before)
         async with self._db.read() as session:
             rows = (await session.execute(query)).all()

@@ -30,6 +30,7 @@ from memory.store.records import (
     TranscriptRow,
     UserStats,
 )
+from memory.store.roles import RoleLock
 from memory.store.search import Memories
 from memory.store.state import States
 
@@ -46,6 +47,7 @@ class Store:
         self.memories = Memories(db)
         self.intake_log = Intake(db)
         self.link_codes = LinkCodeStore(db)
+        self.role_lock = RoleLock(db)
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool = True,
@@ -69,6 +71,7 @@ class Store:
         return self._db.dialect
 
     async def close(self) -> None:
+        await self.role_lock.release()
         await self._db.close()
 
     async def ping(self) -> None:
@@ -110,16 +113,17 @@ class Store:
     async def set_statuses(self, changes: list[tuple[int, str, str | None]]) -> None:
         await self.conversations.set_statuses(changes)
 
-    async def expire_received(self, reason: str, before: datetime | None = None) -> int:
-        return await self.conversations.expire_received(reason, before)
+    async def expire_received(self, reason: str, before: datetime | None = None,
+                              owner: str | None = None) -> int:
+        return await self.conversations.expire_received(reason, before, owner)
 
     async def wait_for_earlier(self, user_id: int, message_id: int, since: datetime,
                                timeout_s: float) -> bool:
         return await self.conversations.wait_for_earlier(user_id, message_id, since, timeout_s)
 
-    async def leftovers(self, since: datetime, before: datetime | None = None
-                        ) -> list[Leftover]:
-        return await self.conversations.leftovers(since, before)
+    async def leftovers(self, since: datetime, before: datetime | None = None,
+                        owner: str | None = None) -> list[Leftover]:
+        return await self.conversations.leftovers(since, before, owner)
 
     async def intake(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
         """Record inbound messages (viewers created on first sight) in one transaction;

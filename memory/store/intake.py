@@ -109,7 +109,7 @@ def _values(item: IntakeItem, user_id: int) -> dict[str, Any]:
             "content": item.text, "status": item.status, "status_reason": item.reason,
             "platform": item.platform, "channel_id": item.channel_id,
             "platform_message_id": item.platform_message_id, "reply_to_id": None,
-            "trace": None, "created_at": item.created_at}
+            "trace": None, "created_at": item.created_at, "owner": item.owner}
 
 
 class IntakeWriter:

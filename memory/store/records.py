@@ -69,6 +69,7 @@ class IntakeItem:
     created_at: datetime
     status: str = "received"
     reason: str | None = None
+    owner: str | None = None  # the runtime role taking it (see memory.store.roles)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,46 @@
+"""Crash recovery's policy: which messages an earlier run left ``received`` are this
+process's to answer now, which end ``expired(crash)``, and which are left to others."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from bot.config import AppConfig, LimitsConfig
+from memory.store import Leftover, Store
+
+
+async def sort_out_leftovers(store: Store, limits: LimitsConfig, now: datetime,
+                             role: str | None) -> tuple[int, list[Leftover]]:
+    """Expire what is too old to answer; return how many ended so, and the leftovers to
+    answer (younger than ``limits.answer_leftovers_within_s``).
+
+    A SQLite file has one process, so every such row is ours. PostgreSQL may be shared: the
+    rows this process's ``role`` took are ours (it holds the role now, so nobody else is
+    answering them); other rows younger than twice the reply timeout may be in flight in
+    another process and are left alone, and rows other roles took are theirs to recover."""
+    fresh_since = now - timedelta(seconds=limits.answer_leftovers_within_s)
+    in_flight_since = (None if store.dialect == "sqlite"
+                       else now - timedelta(seconds=2 * limits.reply_timeout_s))
+    expire_before = min(fresh_since, in_flight_since or fresh_since)
+    expired = await store.expire_received("crash", before=expire_before)
+    if role is not None and in_flight_since is not None:
+        expired += await store.expire_received("crash", before=fresh_since, owner=role)
+    if not limits.answer_leftovers_within_s:
+        return expired, []
+    return expired, await store.leftovers(fresh_since, before=in_flight_since, owner=role)
+
+
+def runtime_role(config: AppConfig, adapters: list[str], data_dir: Path) -> str:
+    """The work this process does, as a role name: its platforms, with the Discord shards it
+    runs ("discord[0,1/4]+twitch"). A console chat is the terminal's own (one per data dir)."""
+    parts = []
+    for name in sorted(adapters):
+        discord = config.adapters.discord
+        if name == "discord" and discord.shard_ids is not None:
+            name = f"discord[{','.join(map(str, discord.shard_ids))}/{discord.shard_count}]"
+        elif name == "console":
+            name = "console@" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
+        parts.append(name)
+    return "+".join(parts)
