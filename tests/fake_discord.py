@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from aiohttp import WSMsgType, web
 from tests.local_server import LocalServer, json_response
 
 BOT_ID = "1000"
+DISCORD_EPOCH_MS = 1_420_070_400_000
 GUILD_ID = "2000"
 CHANNEL_ID = "3000"
 VIEWER = {"id": "4000", "username": "viewer", "discriminator": "0", "global_name": "Viewer",
@@ -91,10 +93,15 @@ class FakeDiscord(LocalServer):
                       "session_start_limit": {"total": 1000, "remaining": 999,
                                               "reset_after": 0, "max_concurrency": 1}})
 
+    def snowflake(self) -> str:
+        """A Discord id made now: clients read a message's time from it (ms since 2015)."""
+        return str(((time.time_ns() // 1_000_000 - DISCORD_EPOCH_MS) << 22) | (
+            next(self._ids) & 0x3FFFFF))
+
     def message_payload(self, content: str, *, author: dict, mentions: list[dict],
                         message_id: str | None = None,
                         guild_id: str = GUILD_ID) -> dict[str, Any]:
-        return {"id": message_id or str(next(self._ids)), "channel_id": channel_of(guild_id),
+        return {"id": message_id or self.snowflake(), "channel_id": channel_of(guild_id),
                 "guild_id": guild_id, "author": author, "content": content,
                 "timestamp": datetime.now(UTC).isoformat(), "edited_timestamp": None,
                 "tts": False, "mention_everyone": False, "mentions": mentions,

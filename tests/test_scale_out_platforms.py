@@ -93,13 +93,20 @@ class Fleet:
                 "--data-dir", str(data_dir), "run", *options,
                 cwd=data_dir, env=self._env, stdout=log, stderr=log)
 
-    async def wait_for_line(self, name: str, text: str, within_s: float = 60) -> None:
+    async def wait_for_line(self, name: str, text: str, within_s: float = 60,
+                            times: int = 1) -> None:
+        """Until ``text`` shows ``times`` times in the log (a restarted process appends)."""
         deadline = time.monotonic() + within_s
-        while text not in self.log(name):
+        while self.log(name).count(text) < times:
             process = self.processes[name]
             assert process.returncode is None, f"{name} exited:\n{self.log(name)}"
             assert time.monotonic() < deadline, f"{name}: no {text!r}:\n{self.log(name)}"
             await asyncio.sleep(0.2)
+
+    async def kill(self, name: str) -> None:
+        process = self.processes[name]
+        process.kill()  # SIGKILL: no drain, no goodbye to the gateway
+        await process.wait()
 
     async def stop(self) -> dict[str, int | None]:
         for process in self.processes.values():
@@ -157,45 +164,14 @@ async def test_two_discord_shards_and_twitch_answer_every_message_once_in_order(
     discord, twitch = fakes
     fleet = Fleet(_config(tmp_path, db_url, vllm_server), tmp_path, discord, twitch)
     try:
-        for shard in (0, 1):
-            await fleet.start(f"shard{shard}", "--adapters", "discord",
-                              "--shard-ids", str(shard), "--shard-count", "2")
-        await fleet.start("twitch", "--adapters", "twitch")
-        for name in ("shard0", "shard1"):
-            await fleet.wait_for_line(name, "connected to Discord")
-        await fleet.wait_for_line("twitch", "subscribed to chat in")
-        assert sorted(discord.shard_connections) == [0, 1]
-
-        sent: list[Viewer] = []
-        for index in range(MESSAGES):  # ~40 msg/s, each viewer writing again and again
-            viewer = VIEWERS[(index * 7) % len(VIEWERS)]
-            await _say(discord, twitch, viewer, index)
-            sent.append(viewer)
-            await asyncio.sleep(0.025)
-
-        store = await Store.open(db_url, auto_migrate=False)
-        try:
-            async def all_final() -> bool:
-                return await _user_messages_final(store) == MESSAGES
-
-            await _wait(all_final, 240, "not every message ended final")
-            await asyncio.sleep(1)  # a reply sent twice would show up by now
-            rows = await _rows_by_viewer(store)
-        finally:
-            await store.close()
+        await _start_all(fleet, discord)
+        sent = await _chat(discord, twitch, VIEWERS, MESSAGES)
+        rows = await _all_final(db_url, MESSAGES)
     finally:
         codes = await fleet.stop()
     assert codes == {"shard0": 0, "shard1": 0, "twitch": 0}, {
         name: fleet.log(name)[-2000:] for name in codes}
-
-    # Every message stored once and answered once, by one reply.
-    expected = Counter((v.platform, v.platform_user_id) for v in sent)
-    assert {key: len(questions) for key, (questions, _) in rows.items()} == expected
-    for key, (questions, replies) in rows.items():
-        assert [q.status for q in questions] == ["answered"] * len(questions), key
-        answered = [r.reply_to_id for r in replies]
-        assert sorted(answered) == [q.id for q in questions], key  # once each
-        assert answered == [q.id for q in questions], key  # and in the viewer's order
+    _each_answered_once_in_order(rows, sent)
     # Each platform delivered exactly one reply per message, each guild's on its own shard.
     per_guild = Counter(v.guild for v in sent if v.platform == "discord")
     for guild in GUILDS:
@@ -203,6 +179,100 @@ async def test_two_discord_shards_and_twitch_answer_every_message_once_in_order(
             per_guild[guild]), guild
     assert {shard_of(g, 2) for g in GUILDS} == {0, 1}
     assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_restart(
+        db_url: str, vllm_server: str, fakes: tuple[FakeDiscord, FakeTwitch],
+        tmp_path: Path) -> None:
+    """Acceptance 4 with the platforms: shard 1's process is SIGKILLed with its messages
+    still unanswered; shard 0 and Twitch keep answering; shard 1 restarted answers its own
+    unfinished messages, and no question gets two replies."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("several processes need PostgreSQL")
+    discord, twitch = fakes
+    fleet = Fleet(_config(tmp_path, db_url, vllm_server), tmp_path, discord, twitch)
+    survivors = [v for v in VIEWERS if v.guild != GUILDS[1]]
+    try:
+        await _start_all(fleet, discord)
+        sent = await _chat(discord, twitch, VIEWERS, 40)
+        await asyncio.sleep(1)  # every message taken in (recorded) by its process
+        await fleet.kill("shard1")
+        sent += await _chat(discord, twitch, survivors, 40, first=40)
+        await _all_final_for(db_url, survivors, sum(v in survivors for v in sent))
+        await fleet.start("shard1", "--adapters", "discord", "--shard-ids", "1",
+                          "--shard-count", "2")
+        rows = await _all_final(db_url, len(sent))
+    finally:
+        await fleet.stop()
+    assert "to be answered now" in fleet.log("shard1")  # it found its own leftovers
+    _each_answered_once_in_order(rows, sent)
+    for guild in GUILDS:  # a reply posted just before the kill may be posted again
+        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
+        wanted = sum(v.guild == guild for v in sent)
+        assert posted == wanted if guild == GUILDS[0] else posted >= wanted, guild
+    assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
+
+
+async def _start_all(fleet: Fleet, discord: FakeDiscord) -> None:
+    for shard in (0, 1):
+        await fleet.start(f"shard{shard}", "--adapters", "discord",
+                          "--shard-ids", str(shard), "--shard-count", "2")
+    await fleet.start("twitch", "--adapters", "twitch")
+    for name in ("shard0", "shard1"):
+        await fleet.wait_for_line(name, "connected to Discord")
+    await fleet.wait_for_line("twitch", "subscribed to chat in")
+    assert sorted(discord.shard_connections) == [0, 1]
+
+
+async def _chat(discord: FakeDiscord, twitch: FakeTwitch, viewers: list[Viewer], count: int,
+                first: int = 0) -> list[Viewer]:
+    """``count`` messages at ~40 msg/s, each viewer writing again and again."""
+    sent = []
+    for index in range(first, first + count):
+        viewer = viewers[(index * 7) % len(viewers)]
+        await _say(discord, twitch, viewer, index)
+        sent.append(viewer)
+        await asyncio.sleep(0.025)
+    return sent
+
+
+async def _all_final(db_url: str, count: int) -> dict[tuple[str, str], Any]:
+    """Wait until ``count`` user messages are final; then every viewer's rows."""
+    store = await Store.open(db_url, auto_migrate=False)
+    try:
+        async def all_final() -> bool:
+            return await _user_messages_final(store) == count
+
+        await _wait(all_final, 240, "not every message ended final")
+        await asyncio.sleep(1)  # a reply sent twice would show up by now
+        return await _rows_by_viewer(store)
+    finally:
+        await store.close()
+
+
+async def _all_final_for(db_url: str, viewers: list[Viewer], count: int) -> None:
+    """Wait until ``viewers`` have ``count`` answered questions between them."""
+    store = await Store.open(db_url, auto_migrate=False)
+    try:
+        async def answered() -> bool:
+            rows = await _rows_by_viewer(store, viewers)
+            return sum(q.status == "answered" for qs, _ in rows.values() for q in qs) == count
+
+        await _wait(answered, 240, "the live processes stopped answering")
+    finally:
+        await store.close()
+
+
+def _each_answered_once_in_order(rows: dict[tuple[str, str], Any], sent: list[Viewer]) -> None:
+    """Every message stored once and answered once, by one reply, in each viewer's order."""
+    expected = Counter((v.platform, v.platform_user_id) for v in sent)
+    assert {key: len(questions) for key, (questions, _) in rows.items()} == expected
+    for key, (questions, replies) in rows.items():
+        assert [q.status for q in questions] == ["answered"] * len(questions), key
+        answered = [r.reply_to_id for r in replies]
+        assert sorted(answered) == [q.id for q in questions], key  # once each
+        assert answered == [q.id for q in questions], key  # and in the viewer's order
 
 
 async def _user_messages_final(store: Store) -> int:
@@ -216,11 +286,12 @@ async def _user_messages_final(store: Store) -> int:
             .where(Message.role == "user", Message.status != "received")) or 0)
 
 
-async def _rows_by_viewer(store: Store) -> dict[tuple[str, str], tuple[list[Any], list[Any]]]:
+async def _rows_by_viewer(store: Store, viewers: list[Viewer] = VIEWERS
+                          ) -> dict[tuple[str, str], tuple[list[Any], list[Any]]]:
     """Per (platform, platform user id): the viewer's questions and the replies to them, each
     in the order they were stored."""
     rows = {}
-    for viewer in VIEWERS:
+    for viewer in viewers:
         user_id = await store.find_user(viewer.platform, viewer.platform_user_id)
         if user_id is None:
             continue
