@@ -2,6 +2,7 @@
 SQLite in a temporary folder, this machine's CPU.
 
     python -m benchmarks.pipeline_bench [--rate 2000] [--seconds 30] [--viewers 2000]
+                                        [--store-url postgresql+asyncpg://...]
 
 Run it from any checkout of the project (an older one too, for the baseline in the same run):
 it only uses ``open_runtime``, ``ConversationService.handle`` and the store.
@@ -146,12 +147,16 @@ async def _stored_states(runtime: Any) -> Counter[str]:
         return Counter({status: count for status, count in rows})
 
 
-async def scenario(rate: float, seconds: float, viewers: int) -> dict[str, Any]:
+async def scenario(rate: float, seconds: float, viewers: int,
+                   store_url: str | None = None) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="vtuber-pipeline-bench-"))
+    store: dict[str, Any] = {"remember_messages_min_chars": 0, "rag_enabled": False}
+    if store_url:  # an empty PostgreSQL database, say (the bot process's CPU is measured)
+        store["url"] = store_url
     config = parse_config({
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["收到～"]}},
                    "embedding": {"enabled": False}},
-        "store": {"remember_messages_min_chars": 0, "rag_enabled": False},
+        "store": store,
     }, env={})
     gc.collect()
     rss_before = _rss_mb()
@@ -215,10 +220,13 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=2000)
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval for this run (default: Python's 5 ms)")
+    parser.add_argument("--store-url", default=None,
+                        help="an empty database to use instead of a new SQLite file, e.g. "
+                             "postgresql+asyncpg://user@host/bench")
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
-    result = asyncio.run(scenario(args.rate, args.seconds, args.viewers))
+    result = asyncio.run(scenario(args.rate, args.seconds, args.viewers, args.store_url))
     _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers",
            result)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

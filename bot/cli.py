@@ -2,7 +2,8 @@
 
 Exit codes (BSD sysexits where one fits): 0 ok, 1 operational error (store, model), 2 usage,
 69 adapter, platform or LLM server unavailable, 70 a bug, 73 data dir cannot be created, 75 another
-runtime holds the data dir, 77 credentials rejected, 78 bad config or missing secret,
+runtime holds the data dir, the SQLite file or the runtime role, 77 credentials rejected, 78 bad
+config or missing secret,
 130 interrupted before start-up finished.
 """
 
