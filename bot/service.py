@@ -169,7 +169,8 @@ class ConversationService:
             platform=event.platform, platform_user_id=event.platform_user_id,
             display_name=event.display_name, persona_id=self.persona.id,
             channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
-            created_at=event.timestamp, status=status, reason=reason, owner=self._role)
+            created_at=event.timestamp, status=status, reason=reason, owner=self._role,
+            shared_per_minute=self._config.limits.user_messages_per_minute)
 
     def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
         """Record a refused message in the background (batched; it costs no transaction of
@@ -221,6 +222,8 @@ class ConversationService:
             self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store"))
             return Reply(await self._fallback(event, None), "failed", reason="store")
         self.store_health.succeeded()
+        if outcome is not None and outcome.refused is not None:  # another process's share
+            return Reply("", "dropped", reason=outcome.refused)
         if outcome is None or outcome.message_id is None:
             return Reply("", "dropped", reason="duplicate")
         return Exchange(event, outcome.user_id, outcome.message_id, admitted_at)

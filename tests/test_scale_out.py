@@ -262,3 +262,38 @@ async def test_a_role_runs_in_one_process_and_recovers_its_own_messages(
     async with open_runtime(config, DataPaths.resolve(tmp_path / "c"),
                             role="discord[1/2]") as again:
         assert [m.message_id for m in again.service.leftovers] == [taken.message_id]
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_viewers_rate_limit_holds_across_processes(pg_url: str, tmp_path: Path) -> None:
+    """One Discord viewer writing in two guilds that two shard processes serve: together
+    they admit the viewer's per-minute budget once, not once each (checked in the database
+    at intake); the rest are recorded dropped (rate_limited)."""
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+    from bot.paths import DataPaths
+    from bot.runtime import open_runtime
+    from tests.sinks import RecordingSink
+
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "store": {"url": pg_url, "rag_enabled": False},
+                           "limits": {"user_messages_per_minute": 3}}, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "s0"),
+                            role="discord[0/2]") as shard0, \
+            open_runtime(config, DataPaths.resolve(tmp_path / "s1"),
+                         role="discord[1/2]") as shard1:
+        replies = []
+        for index in range(6):
+            runtime = (shard0, shard1)[index % 2]
+            replies.append(await runtime.service.handle(ChatEvent(
+                platform="discord", channel_id=f"guild-{index % 2}", platform_user_id="ann",
+                display_name="Ann", text=f"hi {index}", sink=RecordingSink(),
+                message_id=f"m{index}")))
+        user = await shard0.store.find_user("discord", "ann")
+        assert user is not None
+        stored = [m for m in await shard0.store.messages_for(user) if m.role == "user"]
+    assert [(r.status, r.reason) for r in replies] == (
+        [("answered", None)] * 3 + [("dropped", "rate_limited")] * 3)
+    assert [(m.status, m.status_reason) for m in stored] == (
+        [("answered", None)] * 3 + [("dropped", "rate_limited")] * 3)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, delete, update
@@ -18,6 +20,7 @@ from memory.store.database import Database
 from memory.store.records import IntakeItem, IntakeOutcome
 
 log = logging.getLogger(__name__)
+SHARED_LIMIT_WINDOW = timedelta(minutes=1)
 
 Key = tuple[str, str]
 
@@ -34,12 +37,38 @@ class Intake:
 
     def _record(self, connection: Connection, items: list[IntakeItem]) -> list[IntakeOutcome]:
         users = self._resolve_users(connection, items)
+        self._lock_limited_viewers(connection, items, users)
         outcomes = []
         for item in items:
             user_id = users[(item.platform, item.platform_user_id)]
-            outcomes.append(IntakeOutcome(user_id, self._insert_message(connection, item,
-                                                                        user_id)))
+            refused = "rate_limited" if self._over_shared_limit(connection, item,
+                                                                 user_id) else None
+            if refused is not None:
+                item = replace(item, status="dropped", reason=refused)
+            outcomes.append(IntakeOutcome(
+                user_id, self._insert_message(connection, item, user_id), refused))
         return outcomes
+
+    def _limited(self, item: IntakeItem) -> bool:
+        return (item.shared_per_minute is not None and item.status == "received"
+                and self._db.dialect == "postgresql")
+
+    def _lock_limited_viewers(self, connection: Connection, items: list[IntakeItem],
+                              users: dict[Key, int]) -> None:
+        """Lock the viewers whose limit is checked, in id order (no deadlock between two
+        processes' batches): a viewer's intakes then count one after the other."""
+        for user_id in sorted({users[(i.platform, i.platform_user_id)]
+                               for i in items if self._limited(i)}):
+            connection.execute(sql.LOCK_USER, {"user_id": user_id})
+
+    def _over_shared_limit(self, connection: Connection, item: IntakeItem,
+                           user_id: int) -> bool:
+        if not self._limited(item):
+            return False
+        admitted = connection.execute(sql.RECENT_ADMITTED, {
+            "user_id": user_id, "platform": item.platform,
+            "since": item.created_at - SHARED_LIMIT_WINDOW}).scalar_one()
+        return bool(item.shared_per_minute is not None and admitted >= item.shared_per_minute)
 
     def _resolve_users(self, connection: Connection, items: list[IntakeItem]) -> dict[Key, int]:
         names = {(i.platform, i.platform_user_id): i.display_name for i in items}

@@ -70,6 +70,10 @@ class IntakeItem:
     status: str = "received"
     reason: str | None = None
     owner: str | None = None  # the runtime role taking it (see memory.store.roles)
+    # On PostgreSQL, refuse (``dropped(rate_limited)``) a ``received`` message when the viewer
+    # already has this many admitted messages on this platform in the last minute, in any
+    # process: the per-viewer limit holds across processes (one viewer on two Discord shards).
+    shared_per_minute: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +83,7 @@ class IntakeOutcome:
 
     user_id: int
     message_id: int | None
+    refused: str | None = None  # why the database refused it (recorded dropped): rate_limited
 
     @property
     def duplicate(self) -> bool:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, or_, select, text, tuple_
+from sqlalchemy import Insert, Table, bindparam, func, or_, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 
 from memory.models import INTAKE_WHERE, Identity, Message, RelationshipState, StateEvent, User
@@ -68,6 +68,15 @@ EARLIER_PENDING = (select(messages.c.id)
                           messages.c.id < bindparam("message_id"),
                           messages.c.created_at >= bindparam("since"))
                    .limit(1))
+
+# Parameters: user_id. Serialises one viewer's intake across processes (PostgreSQL).
+LOCK_USER = select(users.c.id).where(users.c.id == bindparam("user_id")).with_for_update()
+# Parameters: user_id, platform, since. The viewer's admitted messages on a platform lately.
+RECENT_ADMITTED = (select(func.count()).select_from(messages)
+                   .where(messages.c.user_id == bindparam("user_id"),
+                          messages.c.platform == bindparam("platform"),
+                          messages.c.role == "user", messages.c.status != "dropped",
+                          messages.c.created_at >= bindparam("since")))
 
 # Parameters: keys, a list of (platform, platform_user_id).
 KNOWN_IDENTITIES = (select(identities.c.platform, identities.c.platform_user_id,
