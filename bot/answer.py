@@ -59,7 +59,9 @@ class Answerer:
         self._context = context
         self._clock = clock
         self._signals = signals or Signals()
-        self._generation_slots = asyncio.Semaphore(config.limits.max_concurrent_generations)
+        self.generation_limit = (config.limits.max_concurrent_generations
+                                 or engine.parallel_requests())
+        self._generation_slots = asyncio.Semaphore(self.generation_limit)
 
     async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
         """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""

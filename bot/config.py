@@ -141,7 +141,9 @@ class LimitsConfig(Section):
     # stored as dropped.
     channel_messages_per_minute: int = Field(0, ge=0)
     max_pending: int = Field(64, ge=1)
-    max_concurrent_generations: int = Field(4, ge=1)
+    # None: as many as the engine batches (models.llm.max_batch_size in process; 32 to an
+    # OpenAI-compatible server). Fewer would leave a GPU's batch slots empty under load.
+    max_concurrent_generations: int | None = Field(None, ge=1)
     reply_timeout_s: float = Field(120.0, gt=0)
     # Platforms that can edit messages show the reply while it is generated, editing it at
     # most once per this many seconds. 0 turns streaming off.

@@ -58,4 +58,9 @@ class EngineClient(Protocol):
 
     def count_tokens(self, text: str) -> int: ...
 
+    def parallel_requests(self) -> int:
+        """How many generations this engine serves at once to good effect: the runtime lets
+        that many run (``limits.max_concurrent_generations``, unless set)."""
+        ...
+
     def health(self) -> EngineHealth: ...

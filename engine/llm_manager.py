@@ -45,6 +45,8 @@ from engine.types import GenerationRequest
 log = logging.getLogger(__name__)
 
 DEFAULT_USER = "default"
+OPENAI_PARALLEL_REQUESTS = 32  # in flight to a vLLM-class server, which batches them itself
+SCRIPTED_PARALLEL_REQUESTS = 4
 
 
 class LLMManager:
@@ -236,6 +238,15 @@ class LLMManager:
 
     def count_tokens(self, text: str) -> int:
         return self.backend.count_tokens(text)
+
+    def parallel_requests(self) -> int:
+        """The in-process model batches up to ``max_batch_size`` requests (continuous
+        batching on a GPU: rows join between steps); an OpenAI-compatible server batches on
+        its side, so more may be in flight; the scripted backend answers at once."""
+        backend = self.config.llm.backend
+        if backend == "transformers":
+            return self.config.llm.max_batch_size
+        return OPENAI_PARALLEL_REQUESTS if backend == "openai" else SCRIPTED_PARALLEL_REQUESTS
 
     async def generate_response(
         self,

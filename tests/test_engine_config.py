@@ -186,3 +186,22 @@ def test_the_embedded_model_gets_a_short_default_reply_length() -> None:
     assert served.sampling().max_new_tokens == DEFAULT_MAX_TOKENS
     chosen = EngineConfig.from_mapping({"vtuber": {"response": {"max_tokens": 200}}})
     assert chosen.sampling().max_new_tokens == 200
+
+
+@pytest.mark.parametrize(("backend", "expected"), [("transformers", 16), ("openai", 32),
+                                                   ("scripted", 4)])
+def test_concurrent_generations_default_to_what_the_engine_batches(backend: str,
+                                                                   expected: int) -> None:
+    """Unless `limits.max_concurrent_generations` is set, the runtime lets as many replies
+    generate at once as the engine batches: a GPU's 16 batch slots are not held to 4."""
+    from bot.answer import Answerer
+
+    config = parse_config({"models": {"llm": {"backend": backend, "max_batch_size": 16},
+                                      "embedding": {"enabled": False}}}, env={})
+    engine = LLMManager(config.engine_config())
+    assert engine.parallel_requests() == expected
+    answerer = Answerer(config, engine, store=None, context=None, clock=None)  # type: ignore[arg-type]
+    assert answerer.generation_limit == expected
+    pinned = parse_config({"limits": {"max_concurrent_generations": 2}}, env={})
+    assert Answerer(pinned, engine, store=None, context=None,  # type: ignore[arg-type]
+                    clock=None).generation_limit == 2
