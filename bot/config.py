@@ -150,6 +150,9 @@ class LimitsConfig(Section):
     stream_edit_interval_s: float = Field(1.0, ge=0)
     # Busy chats: a message still waiting after this many seconds is dropped (0 = never).
     stale_after_s: float = Field(0.0, ge=0)
+    # Overload: refuse a new message (dropped, busy) when, at the pace replies finished in the
+    # last 10 s, it would wait longer than this for a generation slot; 0 = never.
+    max_wait_s: float = Field(0.0, ge=0)
     # Answer only a viewer's newest waiting message; older waiting ones are dropped...
     per_user_queue_of_one: bool = False
     # ...or folded into that newest one, so a burst gets one answer that saw all of it.

@@ -8,6 +8,8 @@ from collections import OrderedDict, deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+from bot.reports import LatencySummary
+
 MAX_TRACKED_KEYS = 50_000
 
 
@@ -112,3 +114,37 @@ class Lanes:
         ticket.lane.users -= 1
         if ticket.lane.users == 0:
             self._lanes.pop(ticket.key, None)
+
+
+class ReplyPace:
+    """Recent replies: their latencies (for the operator) and how many finished lately (the
+    pace the overload policy predicts a queue's wait with)."""
+
+    def __init__(self, window_s: float = 10.0, size: int = 500) -> None:
+        self._window_s = window_s
+        self.latencies: deque[float] = deque(maxlen=size)
+        self._finished: deque[float] = deque(maxlen=size)
+
+    def record(self, latency_s: float, now: float) -> None:
+        self.latencies.append(latency_s)
+        self._finished.append(now)
+
+    def percentiles(self) -> LatencySummary:
+        """p50/p95 of recent reply latencies, in milliseconds."""
+        if not self.latencies:
+            return LatencySummary(p50=None, p95=None, samples=0)
+        ordered = sorted(self.latencies)
+
+        def pick(q: float) -> float:
+            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+        return LatencySummary(p50=pick(0.5), p95=pick(0.95), samples=len(ordered))
+
+    def per_second(self, now: float) -> float:
+        """Replies finished per second in the last ``window_s`` (0 before any), over the
+        time they span (at least a second, so two quick replies do not read as a flood)."""
+        while self._finished and now - self._finished[0] > self._window_s:
+            self._finished.popleft()
+        if not self._finished:
+            return 0.0
+        return len(self._finished) / max(now - self._finished[0], 1.0)

@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -24,7 +23,7 @@ from bot.config import AppConfig, LimitsConfig
 from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
-from bot.flow import Lanes, RecentKeys, SlidingWindowLimiter, Ticket
+from bot.flow import Lanes, RecentKeys, ReplyPace, SlidingWindowLimiter, Ticket
 from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
 from bot.signals import FinalState, Signals
@@ -82,7 +81,7 @@ class ConversationService:
         self._pending = 0
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._latencies: deque[float] = deque(maxlen=500)
+        self._pace = ReplyPace()
         self.leftovers: list[Leftover] = []  # see recover()
         self.paused: set[str] = set()  # platforms whose messages end dropped(paused)
 
@@ -156,7 +155,16 @@ class ConversationService:
             return "channel_cooldown"
         if self._pending >= self._config.limits.max_pending:
             return "queue_full"
+        if 0 < self._config.limits.max_wait_s < self._expected_wait_s():
+            return "busy"
         return None
+
+    def _expected_wait_s(self) -> float:
+        """How long a message admitted now would wait for a generation slot at the recent
+        pace (0 while a slot is free or before any reply finished)."""
+        queued = self._pending - self._answerer.generation_limit + 1
+        pace = self._pace.per_second(time.monotonic())
+        return queued / pace if queued > 0 and pace else 0.0
 
     def allow_command(self, platform: str, platform_user_id: str) -> bool:
         """Commands spend the same per-viewer budget as chat (a flood of ``!link`` guesses or
@@ -247,7 +255,8 @@ class ConversationService:
             raise
         except Exception as exc:  # noqa: BLE001 - the one error boundary; the cause is logged
             return await self._failed(exchange, attempt, exc)
-        self._latencies.append(time.monotonic() - exchange.received_at)
+        now = time.monotonic()
+        self._pace.record(now - exchange.received_at, now)
         return Reply(attempt.text, "answered", message_id=reply_id)
 
     async def _failed(self, exchange: Exchange, attempt: Attempt, exc: Exception) -> Reply:
@@ -384,11 +393,4 @@ class ConversationService:
 
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
-        if not self._latencies:
-            return LatencySummary(p50=None, p95=None, samples=0)
-        ordered = sorted(self._latencies)
-
-        def pick(q: float) -> float:
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
-
-        return LatencySummary(p50=pick(0.5), p95=pick(0.95), samples=len(ordered))
+        return self._pace.percentiles()

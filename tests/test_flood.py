@@ -113,3 +113,47 @@ async def test_channel_cooldown_applies_to_all_viewers_together(flood_runtime: R
     replies = [await flood_runtime.service.handle(event("hi", user=f"u{i}")) for i in range(5)]
     assert [r.status for r in replies] == ["answered"] * 3 + ["dropped"] * 2
     assert replies[-1].reason == "channel_cooldown"
+
+
+@pytest.mark.parametrize("flood_runtime", [{"max_concurrent_generations": 2,
+                                            "max_wait_s": 0.5}], indirect=True)
+async def test_beyond_capacity_new_messages_are_refused_busy_so_waits_stay_bounded(
+        flood_runtime: Runtime) -> None:
+    """Overload policy: at the pace replies finish, a message that would wait longer than
+    `limits.max_wait_s` for the model is refused at once (dropped, busy) instead of queueing;
+    the admitted ones are answered within a bounded time. (Without it the last of 40 would
+    wait ~20 rounds of generation.)"""
+    import time
+
+    runtime = flood_runtime
+    backend = runtime.engine.backend
+    assert isinstance(backend, ScriptedBackend)
+    quick = backend.generate
+
+    async def slow(request: GenerationRequest) -> AsyncIterator[str]:
+        await asyncio.sleep(0.2)  # 2 slots, ~0.2 s a reply: ~10 replies/s at most
+        async for chunk in quick(request):
+            yield chunk
+
+    backend.generate = slow  # type: ignore[method-assign]
+    warm = await asyncio.gather(*(runtime.service.handle(event("hi", user=f"w{i}"))
+                                  for i in range(4)))
+    assert [r.status for r in warm] == ["answered"] * 4  # the pace is known now
+
+    async def timed(index: int) -> tuple[str, str | None, float]:
+        started = time.monotonic()
+        reply = await runtime.service.handle(event(f"m{index}", user=f"f{index}"))
+        return reply.status, reply.reason, time.monotonic() - started
+
+    flood = await asyncio.gather(*(timed(i) for i in range(40)))
+    answered = [took for status, _, took in flood if status == "answered"]
+    busy = [took for status, reason, took in flood if reason == "busy"]
+    assert len(answered) + len(busy) == 40
+    assert answered and len(busy) >= 30
+    assert max(answered) < 1.5  # bounded: at most the wait allowed and a reply or two
+    assert max(busy) < 0.1  # refused at once, not after queueing
+    await runtime.service.flush()
+    user_id = await runtime.store.find_user("discord", "f39")
+    assert user_id is not None
+    [stored] = await runtime.store.messages_for(user_id)
+    assert (stored.status, stored.status_reason) == ("dropped", "busy")
