@@ -1,5 +1,5 @@
 """Where a continuous-batching decode step spends its time: join (prefill) and step costs at
-a few batch sizes, then a torch profiler table of one batch's steps.
+a few batch sizes, then torch profiler tables of one batch's steps and of one join.
 
     python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
 
@@ -37,14 +37,15 @@ NEW_TOKENS = 200
 
 
 def _rows(model: Any, prefix: list[int], rows: int, sampled: bool, vocab: int,
-          graphs: bool) -> Any:
+          graphs: bool, slots: int | None = None) -> Any:
     from engine.continuous import ContinuousBatch
     from engine.types import SamplingParams
 
     rng = random.Random(rows)
-    batch = ContinuousBatch(model, slots=rows)
+    slots = slots or rows
+    batch = ContinuousBatch(model, slots=slots)
     if graphs:
-        batch.make_static(rows, len(prefix) + 200 + NEW_TOKENS + 64, lambda done, total: None)
+        batch.make_static(slots, len(prefix) + 200 + NEW_TOKENS + 64, lambda done, total: None)
     batch.set_prefix(prefix)
     params = SamplingParams(max_new_tokens=NEW_TOKENS) if sampled else None
     joins = []
@@ -99,6 +100,39 @@ def profile(model: Any, prefix: list[int], vocab: int, rows: int) -> None:
     print(prof.key_averages().table(sort_by=sort, row_limit=25))
 
 
+def profile_join(model: Any, prefix: list[int], vocab: int, running: int,
+                 joining: int) -> None:
+    """Where one join's time goes: ``joining`` requests prefilled together while ``running``
+    rows sit in static slots (the pause every running row feels)."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from engine.continuous import Joining
+
+    batch, _ = _rows(model, prefix, running, True, vocab, graphs=True,
+                     slots=running + joining)
+    rng = random.Random(7)
+
+    def group(tag: str) -> list[Any]:
+        return [Joining(f"{tag}{i}", prefix + [rng.randrange(10, vocab) for _ in range(200)],
+                        NEW_TOKENS, frozenset(), None) for i in range(joining)]
+
+    for attempt in range(2):  # warm: allocator, kernels; the rows leave again
+        batch.join_many(group(f"warm{attempt}-"))
+        batch.leave({r.request_id for r in batch.rows[running:]})
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    timed = group("timed-")
+    with torch_profile(activities=activities) as prof:
+        took = _timed(lambda: batch.join_many(timed))
+    sort = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    print(f"\njoin of {joining} request(s) past the prefix beside {running} running rows: "
+          f"{took * 1000:.1f} ms")
+    print(prof.key_averages().table(sort_by=sort, row_limit=20))
+
+
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,6 +143,8 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sizes", default="1,8,32")
+    parser.add_argument("--join-only", action="store_true",
+                        help="only the join (prefill) profiles")
     args = parser.parse_args()
     prepare(args.model_dir, args.tiny)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,8 +155,12 @@ def main() -> None:
     text = _text_of(tokenizer, random.Random(1), 100 if args.tiny else 1200)
     prefix = tokenizer.encode(text, add_special_tokens=False)
     vocab = len(tokenizer)
-    measure(model, prefix, vocab, [int(s) for s in args.sizes.split(",")])
-    profile(model, prefix, vocab, max(int(s) for s in args.sizes.split(",")))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    if not args.join_only:
+        measure(model, prefix, vocab, sizes)
+        profile(model, prefix, vocab, max(sizes))
+    for joining in (1, 8):
+        profile_join(model, prefix, vocab, max(sizes) - joining, joining)
 
 
 if __name__ == "__main__":
