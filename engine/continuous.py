@@ -29,6 +29,7 @@ from transformers import DynamicCache
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
+from engine.prefill_graphs import PrefillGraphs
 from engine.sampling import pick_tokens
 from engine.types import SamplingParams
 
@@ -100,6 +101,7 @@ class ContinuousBatch:
         self.rows: list[Row] = []
         self._cache: SlotCache | None = None
         self._graphs: DecodeGraphs | None = None  # static shapes: fixed slots, maybe captured
+        self._prefill: PrefillGraphs | None = None  # a single join's static prefill
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
         self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output
@@ -132,9 +134,13 @@ class ContinuousBatch:
         like = _kv(probe)
         self._cache = SlotCache(like, slots, width)
         self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw)
+        self._prefill = PrefillGraphs(self.model, like, width, self._cache_kw)
+        if self._prefix is not None:
+            self._prefill.load_prefix(_kv(self._prefix.cache), len(self._prefix.ids))
         devices = {keys.device for keys, _ in like}
         if progress is not None and len(devices) == 1 and next(iter(devices)).type == "cuda":
             self._graphs.capture(progress)
+            self._prefill.capture(progress)
 
     def reset(self) -> None:
         """Drop every row (after a failed step); static slots and graphs stay."""
@@ -155,6 +161,8 @@ class ContinuousBatch:
         self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
                    use_cache=True, **{self._cache_kw: cache})
         self._prefix = _Prefix(list(prefix_ids), cache)
+        if self._prefill is not None:
+            self._prefill.load_prefix(_kv(cache), len(prefix_ids))
 
     def _covered(self, prompt_ids: list[int]) -> int:
         """The tokens this prompt shares with the prefix (the persona's part of a system turn
@@ -188,8 +196,43 @@ class ContinuousBatch:
         arrived during a step join together."""
         device = self.model.device
         covered = min(self._covered(j.prompt_ids) for j in joining)
-        cache = self._prefix_cache(covered, len(joining))
         rests = [j.prompt_ids[covered:] for j in joining]
+        if (len(joining) == 1 and self._prefill is not None
+                and self._prefill.fits(covered, len(rests[0]))):
+            last_logits, layers = self._prefill.run(rests[0], covered)
+            logits = last_logits[None]
+            self.prefix_hits += 1 if covered else 0
+        else:
+            logits, layers = self._prefill_eager(rests, covered)
+        generators = [torch.Generator().manual_seed(j.params.seed)
+                      if j.params is not None and j.params.seed is not None else None
+                      for j in joining]
+        seen = torch.zeros((len(rests), logits.shape[-1]), dtype=torch.bool, device=device)
+        for index, j in enumerate(joining):
+            seen[index, torch.tensor(j.prompt_ids, device=device)] = True
+        firsts = pick_tokens(logits, [j.params for j in joining], seen, [0] * len(joining),
+                             sorted(joining[0].eos_ids), generators).tolist()
+        seen[torch.arange(len(rests), device=device), torch.tensor(firsts, device=device)] = True
+        # Everything that can run out of memory happens before the batch changes.
+        slots = self._room_for(layers, max(len(j.prompt_ids) for j in joining), len(joining),
+                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
+        for index, j in enumerate(joining):
+            end = len(j.prompt_ids)
+            slots.append_row([(keys[index:index + 1, :, :end], values[index:index + 1, :, :end])
+                              for keys, values in layers])
+            self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
+                                 j.params, generators[index]))
+        self._cache = slots
+        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
+                       torch.tensor(firsts, device=device)[:, None], seen)
+        return [int(first) for first in firsts]
+
+    def _prefill_eager(self, rests: list[list[int]], covered: int
+                       ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Prefill ``rests`` (each prompt past ``covered`` prefix tokens) in one forward:
+        each one's last logits [rows, vocab] and the rows' KV per layer."""
+        device = self.model.device
+        cache = self._prefix_cache(covered, len(rests))
         width = max(len(rest) for rest in rests)
         # Padding goes after each prompt's last token: causal attention never lets a real
         # token see it, so no mask is needed.
@@ -204,29 +247,7 @@ class ContinuousBatch:
         where = [ends.index(len(rest) - 1) if keep else len(rest) - 1 for rest in rests]
         logits = out.logits[torch.arange(len(rests), device=device),
                             torch.tensor(where, device=device)]
-        generators = [torch.Generator().manual_seed(j.params.seed)
-                      if j.params is not None and j.params.seed is not None else None
-                      for j in joining]
-        seen = torch.zeros((len(rests), logits.shape[-1]), dtype=torch.bool, device=device)
-        for index, j in enumerate(joining):
-            seen[index, torch.tensor(j.prompt_ids, device=device)] = True
-        firsts = pick_tokens(logits, [j.params for j in joining], seen, [0] * len(joining),
-                             sorted(joining[0].eos_ids), generators).tolist()
-        seen[torch.arange(len(rests), device=device), torch.tensor(firsts, device=device)] = True
-        # Everything that can run out of memory happens before the batch changes.
-        layers = _kv(cache)
-        slots = self._room_for(layers, max(len(j.prompt_ids) for j in joining), len(joining),
-                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
-        for index, j in enumerate(joining):
-            end = len(j.prompt_ids)
-            slots.append_row([(keys[index:index + 1, :, :end], values[index:index + 1, :, :end])
-                              for keys, values in layers])
-            self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
-                                 j.params, generators[index]))
-        self._cache = slots
-        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
-                       torch.tensor(firsts, device=device)[:, None], seen)
-        return [int(first) for first in firsts]
+        return logits, _kv(cache)
 
     def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
                   seen: torch.Tensor) -> None:

@@ -319,3 +319,36 @@ def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any],
     assert results == {"first": _alone(model, ids[0]),
                        **{f"r{i}": _alone(model, ids[i]) for i in range(1, len(ids))}}
     assert batch.prefix_hits == (len(ids) if with_prefix else 0)
+
+
+def test_a_static_single_join_past_a_partly_shared_prefix_matches_generate(
+        tiny: tuple[Any, Any]) -> None:
+    """With static slots a single arrival is prefilled by the static-shape path (captured as
+    CUDA graphs on a GPU, eager here): its tokens padded to a bucket, attending to the prefix
+    columns it shares (the rest of the prefix masked) and causally to each other. Viewers
+    whose mood hints differ share different lengths of the prefix; every reply is still
+    what ``generate()`` gives alone."""
+    model, tokenizer = tiny
+    persona = tokenizer.encode("The lighthouse keeper draws maps of the stars. " * 3,
+                               add_special_tokens=False)
+    hints = ["good night", "hello there, how are you today?", "maps"]
+    ids = [persona + tokenizer.encode(h, add_special_tokens=False) for h in hints]
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=128)
+    batch.set_prefix(ids[1])  # one viewer's whole system turn: the others share less of it
+    prefill = batch._prefill
+    assert prefill is not None
+    shared: list[int] = []
+    static_run = prefill.run
+
+    def run(rest: list[int], covered: int) -> Any:
+        shared.append(covered)
+        return static_run(rest, covered)
+
+    prefill.run = run  # type: ignore[method-assign]
+    order = [0, 1, 2, 2, 0, 1]
+    arrivals = {3 * n: [(f"r{n}", ids[which])] for n, which in enumerate(order)}
+    results = _drive(batch, arrivals)
+    expected = [_alone(model, prompt) for prompt in ids]
+    assert results == {f"r{n}": expected[which] for n, which in enumerate(order)}
+    assert len(shared) == len(order) and len(set(shared)) > 1  # every join, varied sharing

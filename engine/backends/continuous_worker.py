@@ -69,7 +69,8 @@ class ContinuousWorker:
         width = -(-(self._backend.max_length + 1) // 64) * 64
 
         def progress(done: int, total: int) -> None:
-            log.info("capturing the decode step for batch sizes up to %d: %d of %d",
+            # Decode steps (batch sizes up to the slots), then single-request prefills.
+            log.info("capturing CUDA graphs (decode up to %d rows, then prefill): %d of %d",
                      slots, done, total)
 
         try:
