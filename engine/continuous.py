@@ -134,13 +134,15 @@ class ContinuousBatch:
         like = _kv(probe)
         self._cache = SlotCache(like, slots, width)
         self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw)
-        self._prefill = PrefillGraphs(self.model, like, width, self._cache_kw)
-        if self._prefix is not None:
+        self._prefill = (PrefillGraphs(self.model, like, width, self._cache_kw)
+                         if self._last_logits_only else None)
+        if self._prefill is not None and self._prefix is not None:
             self._prefill.load_prefix(_kv(self._prefix.cache), len(self._prefix.ids))
         devices = {keys.device for keys, _ in like}
         if progress is not None and len(devices) == 1 and next(iter(devices)).type == "cuda":
             self._graphs.capture(progress)
-            self._prefill.capture(progress)
+            if self._prefill is not None:
+                self._prefill.capture(progress)
 
     def reset(self) -> None:
         """Drop every row (after a failed step); static slots and graphs stay."""
@@ -197,11 +199,10 @@ class ContinuousBatch:
         device = self.model.device
         covered = min(self._covered(j.prompt_ids) for j in joining)
         rests = [j.prompt_ids[covered:] for j in joining]
-        if (len(joining) == 1 and self._prefill is not None
-                and self._prefill.fits(covered, len(rests[0]))):
-            last_logits, layers = self._prefill.run(rests[0], covered)
-            logits = last_logits[None]
-            self.prefix_hits += 1 if covered else 0
+        if self._prefill is not None and self._prefill.fits(
+                len(rests), covered, max(len(rest) for rest in rests)):
+            logits, layers = self._prefill.run(rests, covered)
+            self.prefix_hits += len(rests) if covered else 0
         else:
             logits, layers = self._prefill_eager(rests, covered)
         generators = [torch.Generator().manual_seed(j.params.seed)

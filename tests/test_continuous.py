@@ -341,9 +341,9 @@ def test_a_static_single_join_past_a_partly_shared_prefix_matches_generate(
     shared: list[int] = []
     static_run = prefill.run
 
-    def run(rest: list[int], covered: int) -> Any:
+    def run(rests: list[list[int]], covered: int) -> Any:
         shared.append(covered)
-        return static_run(rest, covered)
+        return static_run(rests, covered)
 
     prefill.run = run  # type: ignore[method-assign]
     order = [0, 1, 2, 2, 0, 1]
@@ -352,3 +352,23 @@ def test_a_static_single_join_past_a_partly_shared_prefix_matches_generate(
     expected = [_alone(model, prompt) for prompt in ids]
     assert results == {f"r{n}": expected[which] for n, which in enumerate(order)}
     assert len(shared) == len(order) and len(set(shared)) > 1  # every join, varied sharing
+
+
+def test_a_static_group_join_matches_generate(tiny: tuple[Any, Any]) -> None:
+    """Requests arriving together take the static prefill too (rows and tokens padded to a
+    bucket: 3 requests run in the 4-row bucket, prompts of different lengths); each still
+    gets what ``generate()`` gives alone, and those already running are undisturbed."""
+    model, tokenizer = tiny
+    system = tokenizer.encode("system user assistant good night", add_special_tokens=False)
+    ids = [system + tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
+    batch = ContinuousBatch(model, slots=8)
+    batch.make_static(slots=8, width=128)
+    batch.set_prefix(system)
+    batch.join("first", ids[0], NEW_TOKENS, frozenset())
+    batch.step()
+    batch.join_many([Joining(f"r{i}", prompt, NEW_TOKENS, frozenset())
+                     for i, prompt in enumerate(ids[1:4], start=1)])
+    results = _drive(batch, {0: []})
+    assert results == {"first": _alone(model, ids[0]),
+                       **{f"r{i}": _alone(model, ids[i]) for i in range(1, 4)}}
+    assert batch.prefix_hits == 4
