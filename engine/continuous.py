@@ -5,7 +5,8 @@ with the others that arrived during the same step; its KV then goes into a slot 
 batch's preallocated cache (``engine/kv_slots.py``), right-aligned with the other rows, and
 every decode step feeds each row its last token at its own position. A finished or cancelled
 row frees its slot at once. With ``make_static`` the slots are fixed and the decode step has
-static shapes, captured as CUDA graphs on a GPU (``engine/decode_graphs.py``). Greedy output
+static shapes, captured as CUDA graphs on a GPU (``engine/decode_graphs.py``), and so does the
+prefill of up to 4 requests joining together (``engine/prefill_graphs.py``). Greedy output
 is the same as ``generate()`` gives each prompt alone.
 
 Supported: decoder-only models with full attention and a ``DynamicCache`` of plain
@@ -101,7 +102,7 @@ class ContinuousBatch:
         self.rows: list[Row] = []
         self._cache: SlotCache | None = None
         self._graphs: DecodeGraphs | None = None  # static shapes: fixed slots, maybe captured
-        self._prefill: PrefillGraphs | None = None  # a single join's static prefill
+        self._prefill: PrefillGraphs | None = None  # static prefill of joins (up to 4 rows)
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
         self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output

@@ -69,7 +69,7 @@ class ContinuousWorker:
         width = -(-(self._backend.max_length + 1) // 64) * 64
 
         def progress(done: int, total: int) -> None:
-            # Decode steps (batch sizes up to the slots), then single-request prefills.
+            # Decode steps (batch sizes up to the slots), then prefills (rows x tokens).
             log.info("capturing CUDA graphs (decode up to %d rows, then prefill): %d of %d",
                      slots, done, total)
 
