@@ -137,7 +137,7 @@ class Message(Base):
     )
     trace: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # The role of the runtime that took an inbound message (see bot.roles): after a crash,
+    # The role of the runtime that took an inbound message (memory.store.roles): after a crash,
     # the process that takes that role again recovers it, and no other process does.
     owner: Mapped[str | None] = mapped_column(String(120), default=None)
 
