@@ -320,3 +320,19 @@ async def test_the_wal_is_checkpointed_off_the_writers_path(tmp_path: Path) -> N
     finally:
         await store.close()
 
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_redelivery_past_the_shared_limit_is_a_duplicate_and_changes_nothing(
+        store: Store) -> None:
+    """The same platform message delivered again (to another process) while the viewer is
+    at the shared per-minute limit: a duplicate, and the first delivery, still being
+    answered, stays ``received`` (not dropped by the limit check)."""
+    [first] = await store.intake([_item("hi", "same-1", shared_per_minute=1)])
+    assert first.message_id is not None and first.refused is None
+    [again] = await store.intake([_item("hi", "same-1", shared_per_minute=1)])
+    assert (again.message_id, again.refused) == (None, None)
+    stored = await store.get_message(first.message_id)
+    assert stored is not None and stored.status == "received"
+    [other] = await store.intake([_item("more", "same-2", shared_per_minute=1)])
+    assert other.refused == "rate_limited"  # a new message past the limit is refused

@@ -41,12 +41,15 @@ class Intake:
         outcomes = []
         for item in items:
             user_id = users[(item.platform, item.platform_user_id)]
-            refused = "rate_limited" if self._over_shared_limit(connection, item,
-                                                                 user_id) else None
-            if refused is not None:
-                item = replace(item, status="dropped", reason=refused)
-            outcomes.append(IntakeOutcome(
-                user_id, self._insert_message(connection, item, user_id), refused))
+            if self._over_shared_limit(connection, item, user_id):
+                refused = replace(item, status="dropped", reason="rate_limited")
+                message_id = self._insert_message(connection, refused, user_id, settle=False)
+                # A redelivery inserts nothing: it is a duplicate, whatever the limit says.
+                outcomes.append(IntakeOutcome(user_id, None, refused.reason)
+                                if message_id is not None else IntakeOutcome(user_id, None))
+                continue
+            outcomes.append(IntakeOutcome(user_id,
+                                          self._insert_message(connection, item, user_id)))
         return outcomes
 
     def _limited(self, item: IntakeItem) -> bool:
@@ -113,11 +116,11 @@ class Intake:
         rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
         connection.execute(sql.intake_final(self._db.dialect), rows)
 
-    def _insert_message(self, connection: Connection, item: IntakeItem,
-                        user_id: int) -> int | None:
+    def _insert_message(self, connection: Connection, item: IntakeItem, user_id: int,
+                        settle: bool = True) -> int | None:
         statement = sql.intake_message(self._db.dialect, item.platform_message_id is not None)
         message_id: int | None = connection.execute(statement, _values(item, user_id)).scalar()
-        if message_id is None and item.status != "received":
+        if message_id is None and item.status != "received" and settle:
             self._settle(connection, item)
         return message_id
 
