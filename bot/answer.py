@@ -18,6 +18,7 @@ from bot.config import AppConfig
 from bot.context import ContextBuilder, PreparedPrompt
 from bot.delivery import cosmetic, deliver
 from bot.events import ChatEvent
+from bot.flow import Stay
 from bot.signals import ReplyProgress, Signals
 from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
@@ -45,6 +46,7 @@ class Exchange:
 class Attempt:
     """How far an answer got: the stage it is in, and whether the viewer has the reply."""
 
+    stay: Stay  # its time in the bot's own stages (the model's time is not)
     stage: str = "store"  # store (reading context) | backend | send | store (recording)
     delivered: bool = False
     text: str = ""  # the reply, once generated
@@ -65,9 +67,31 @@ class Answerer:
 
     async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
         """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""
-        event = exchange.event
-        await self._earlier_first(exchange)
+        with attempt.stay.away():  # another process's work, not this one's
+            await self._earlier_first(exchange)
         prompt = await self._context.prepare(exchange.user_id, text)
+        with attempt.stay.away():  # the model's and the platform's time
+            reply, sent_id, queue_wait = await self._generate_and_send(exchange, prompt,
+                                                                       attempt)
+        attempt.stage = "store"
+        trace = self._trace(exchange, prompt, reply, queue_wait)
+        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id,
+                                            prompt.state)
+        if self._signals.active:
+            self._signals.reply_progress(self._progress(
+                exchange, reply.text, done=True, mood=mood,
+                timings_ms={**trace["timings_ms"], "tokens": reply.completion_tokens}))
+        try:  # a long-term memory is a bonus: losing one must not fail the exchange
+            await self._context.remember(exchange.user_id, exchange.message_id, text)
+        except StoreError as exc:
+            log.warning("message %d: not kept as a memory: %s", exchange.message_id, exc)
+        return reply_id
+
+    async def _generate_and_send(self, exchange: Exchange, prompt: PreparedPrompt,
+                                 attempt: Attempt) -> tuple[GeneratedReply, str | None, float]:
+        """The reply, generated and delivered: it, its platform message id, and how long the
+        message waited before a generation slot was free."""
+        event = exchange.event
         attempt.stage = "backend"
         await cosmetic(event.sink.typing(), "typing")
         async with self._generation_slots:
@@ -83,19 +107,7 @@ class Answerer:
         else:
             sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
         attempt.delivered = True
-        attempt.stage = "store"
-        trace = self._trace(exchange, prompt, reply, queue_wait)
-        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id,
-                                            prompt.state)
-        if self._signals.active:
-            self._signals.reply_progress(self._progress(
-                exchange, reply.text, done=True, mood=mood,
-                timings_ms={**trace["timings_ms"], "tokens": reply.completion_tokens}))
-        try:  # a long-term memory is a bonus: losing one must not fail the exchange
-            await self._context.remember(exchange.user_id, exchange.message_id, text)
-        except StoreError as exc:
-            log.warning("message %d: not kept as a memory: %s", exchange.message_id, exc)
-        return reply_id
+        return reply, sent_id, queue_wait
 
     async def _earlier_first(self, exchange: Exchange) -> None:
         """Several processes (PostgreSQL): this viewer's earlier messages, taken by another

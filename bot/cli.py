@@ -57,7 +57,7 @@ def _banner(runtime: Runtime) -> str:
 async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
     adapter_class = load_adapter_class("console")
     role = runtime_role(config, ["console"], paths.data_dir)
-    async with open_runtime(config, paths, role=role) as runtime:
+    async with open_runtime(config, paths, role=role, freeze_heap=True) as runtime:
         adapter = adapter_class(
             config, user=args.user, once=args.once, speaker=runtime.engine.persona.names.zh,
             banner=_banner(runtime), services=runtime,
@@ -112,7 +112,7 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
     for name in names:  # fail on a missing extra before spending time on the model
         load_adapter_class(name)
     role = runtime_role(config, names, paths.data_dir)
-    async with open_runtime(config, paths, role=role) as runtime:
+    async with open_runtime(config, paths, role=role, freeze_heap=True) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,
                                "banner": _banner(runtime), "services": runtime},
                    "discord": {"services": runtime}, "twitch": {"services": runtime}}

@@ -4,8 +4,10 @@ recently seen message keys, and per-viewer ordered lanes. Every structure is bou
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from bot.reports import LatencySummary
@@ -148,3 +150,111 @@ class ReplyPace:
         if not self._finished:
             return 0.0
         return len(self._finished) / max(now - self._finished[0], 1.0)
+
+
+STALL_FACTOR = 2.0  # a message this far past the budget and still in the pipeline: stalled
+STALL_QUEUE = 4  # ...with this many behind it: a queue, not one slow message or a hiccup
+CALM_S = 1.0  # each second with no message over the budget doubles the bound
+
+
+class Pipeline:
+    """Admitted messages in the bot's own stages: being recorded, their context read, their
+    reply sent and recorded; not while they wait for the model or for the viewer's earlier
+    message. How many there are, since when the oldest is there, and how long each spent
+    there in all (the bot's own overhead for it)."""
+
+    def __init__(self) -> None:
+        # Insertion order is entry order: the first is the one present the longest.
+        self._present: dict[Stay, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._present)
+
+    def enter(self) -> Stay:
+        stay = Stay(self)
+        stay.come_back()
+        return stay
+
+    def oldest_age(self, now: float) -> float:
+        for entered in self._present.values():
+            return now - entered
+        return 0.0
+
+
+class Stay:
+    """One message's time in the ``Pipeline``."""
+
+    __slots__ = ("_pipeline", "spent_s")
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self._pipeline = pipeline
+        self.spent_s = 0.0
+
+    def come_back(self) -> None:
+        self._pipeline._present[self] = time.monotonic()
+
+    def leave(self) -> None:
+        entered = self._pipeline._present.pop(self, None)
+        if entered is not None:
+            self.spent_s += time.monotonic() - entered
+
+    @contextmanager
+    def away(self) -> Iterator[None]:
+        """Out of the pipeline meanwhile (waiting for the model, or for a turn)."""
+        self.leave()
+        try:
+            yield
+        finally:
+            self.come_back()
+
+
+class OverheadLimit:
+    """How many messages may be in the ``Pipeline`` at once: an adaptive bound that keeps
+    the bot's own overhead per message near ``budget_s`` when the bot itself (its store, its
+    event loop) is the bottleneck; past the bound new messages are refused at once (``busy``)
+    instead of queueing.
+
+    Sized as TCP sizes its window: a reply within the budget raises the bound by ``1/bound``
+    (about one per round of replies); a reply over it, or a message stalled in the pipeline
+    (``STALL_FACTOR`` times the budget), lowers it by a tenth, never below one; each calm
+    second doubles it, up to ``ceiling``, so a chat the bot keeps up with never meets it and
+    a raid's burst comes in whole. The budget is at least twice the lowest overhead seen
+    lately: a remote database is slow even when idle, which is its cost, not congestion."""
+
+    def __init__(self, budget_s: float, ceiling: int, window: int = 256) -> None:
+        self._budget_s = budget_s
+        self._ceiling = float(ceiling)
+        self.bound = self._ceiling
+        self._window = window
+        self._recent: deque[float] = deque(maxlen=window)
+        self._samples = 0
+        self._floor_s = float("inf")  # the lowest overhead seen lately
+        self._calm_since = 0.0
+
+    def _limit_s(self) -> float:
+        return max(self._budget_s, 2 * self._floor_s) if self._samples else self._budget_s
+
+    def admits(self, pipeline: Pipeline, now: float) -> bool:
+        if self._budget_s <= 0:
+            return True
+        if (len(pipeline) >= STALL_QUEUE
+                and pipeline.oldest_age(now) > STALL_FACTOR * self._limit_s()):
+            self._calm_since = now
+            return False
+        if now - self._calm_since >= CALM_S and self.bound < self._ceiling:
+            self.bound, self._calm_since = min(self._ceiling, self.bound * 2), now
+        return len(pipeline) < int(self.bound)
+
+    def record(self, overhead_s: float, now: float) -> None:
+        """An answered message's overhead (its ``Stay``)."""
+        if self._budget_s <= 0:
+            return
+        self._recent.append(overhead_s)
+        self._samples += 1
+        # Down at once; back up (the window forgot a lucky one) only now and then.
+        self._floor_s = (min(self._recent) if self._samples % self._window == 0
+                         else min(self._floor_s, overhead_s))
+        if overhead_s > self._limit_s():
+            self.bound, self._calm_since = max(1.0, self.bound * 0.9), now
+        else:
+            self.bound = min(self._ceiling, self.bound + 1 / self.bound)

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.admission import Admission
 from bot.answer import Answerer, Attempt, Exchange
 from bot.config import AppConfig, LimitsConfig
 from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
-from bot.flow import Lanes, RecentKeys, ReplyPace, SlidingWindowLimiter, Ticket
+from bot.flow import Lanes, Ticket
 from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
 from bot.signals import FinalState, Signals
@@ -66,24 +67,18 @@ class ConversationService:
         # Observers (the operator server) hear of final states and replies being made.
         self.signals = Signals()
         self._answerer = Answerer(config, engine, store, context, clock, self.signals)
-        limits = config.limits
-        self._limiter = SlidingWindowLimiter(limits.user_messages_per_minute)
-        self._channel_limiter = (SlidingWindowLimiter(limits.channel_messages_per_minute)
-                                 if limits.channel_messages_per_minute else None)
-        self._recent = RecentKeys()
+        self._admission = Admission(config)
         self._lanes = Lanes()
-        self._writer = IntakeWriter(store.intake)
-        # Drops wait longer and go in bigger batches: a flood's bookkeeping must not hold the
-        # write lock the answers need.
-        self._drop_writer = IntakeWriter(store.intake_final, max_batch=2000, max_delay_s=0.1)
+        self._writer = IntakeWriter(store.intake, pipelined=store.groups_writes)
+        # Drops go in batches of up to 64, one batch per 30 ms unless more wait: a flood's
+        # bookkeeping costs a few short transactions a second, out of the answers' way.
+        self._drop_writer = IntakeWriter(store.intake_final, max_batch=64, max_delay_s=0.03)
         self._spool = Spool(store)
         self.store_health = StoreHealth()
         self._pending = 0
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
-        self._pace = ReplyPace()
         self.leftovers: list[Leftover] = []  # see recover()
-        self.paused: set[str] = set()  # platforms whose messages end dropped(paused)
 
     @property
     def persona(self) -> Persona:
@@ -96,21 +91,20 @@ class ConversationService:
     # -- intake -------------------------------------------------------------------------------
 
     def apply_limits(self, old: LimitsConfig) -> None:
-        """After a reload changed ``config.limits``: rebuild the rate limiters whose rate
-        changed (their windows start afresh); the other limits are read where used."""
-        limits = self._config.limits
-        if limits.user_messages_per_minute != old.user_messages_per_minute:
-            self._limiter = SlidingWindowLimiter(limits.user_messages_per_minute)
-        if limits.channel_messages_per_minute != old.channel_messages_per_minute:
-            self._channel_limiter = (SlidingWindowLimiter(limits.channel_messages_per_minute)
-                                     if limits.channel_messages_per_minute else None)
+        """After a reload changed ``config.limits``."""
+        self._admission.apply_limits(old)
+
+    @property
+    def paused(self) -> set[str]:
+        """Platforms whose messages end ``dropped(paused)``."""
+        return self._admission.paused
 
     def pause(self, platform: str) -> None:
         """Stop replying on ``platform``: its messages end ``dropped(paused)``."""
-        self.paused.add(platform)
+        self._admission.paused.add(platform)
 
     def resume(self, platform: str) -> None:
-        self.paused.discard(platform)
+        self._admission.paused.discard(platform)
 
     async def handle(self, event: ChatEvent) -> Reply:
         """Take one event to a final state. Never raises for store, model or platform trouble:
@@ -129,47 +123,18 @@ class ConversationService:
             return Reply("", "dropped", reason="bot_author")
         event = sanitized(event)
         text = event.text.strip()
-        if event.message_id is not None and self._recent.seen(
-                (event.platform, event.channel_id, event.message_id)):
+        if self._admission.redelivered(event):
             return Reply("", "dropped", reason="duplicate")
-        refusal = self._refusal(event, text)
+        refusal = "shutdown" if self._closing else self._admission.refusal(
+            event, text, pending=self._pending,
+            generation_limit=self._answerer.generation_limit)
         if refusal is not None:
             self._record_drop(event, text, refusal)
             return Reply("", "dropped", reason=refusal)
         return await self._admitted(event, text)
 
-    def _refusal(self, event: ChatEvent, text: str) -> str | None:
-        """Admission, in memory: the reason to drop, or None to answer."""
-        if self._closing:
-            return "shutdown"
-        if event.platform in self.paused:
-            return "paused"
-        if not text:
-            return "empty"
-        # The event's own time, so replays rate-limit exactly as the live run did.
-        moment = event.timestamp.timestamp()
-        if not self._limiter.allow(f"{event.platform}:{event.platform_user_id}", moment):
-            return "rate_limited"
-        if self._channel_limiter is not None and not self._channel_limiter.allow(
-                f"{event.platform}:{event.channel_id}", moment):
-            return "channel_cooldown"
-        if self._pending >= self._config.limits.max_pending:
-            return "queue_full"
-        if 0 < self._config.limits.max_wait_s < self._expected_wait_s():
-            return "busy"
-        return None
-
-    def _expected_wait_s(self) -> float:
-        """How long a message admitted now would wait for a generation slot at the recent
-        pace (0 while a slot is free or before any reply finished)."""
-        queued = self._pending - self._answerer.generation_limit + 1
-        pace = self._pace.per_second(time.monotonic())
-        return queued / pace if queued > 0 and pace else 0.0
-
     def allow_command(self, platform: str, platform_user_id: str) -> bool:
-        """Commands spend the same per-viewer budget as chat (a flood of ``!link`` guesses or
-        ``!stats`` is a flood all the same)."""
-        return self._limiter.allow(f"{platform}:{platform_user_id}", time.time())
+        return self._admission.allow_command(platform, platform_user_id)
 
     def _intake_item(self, event: ChatEvent, text: str, status: str = "received",
                      reason: str | None = None) -> IntakeItem:
@@ -201,6 +166,7 @@ class ConversationService:
         take the message through its lifecycle."""
         admitted_at = time.monotonic()
         self._pending += 1
+        attempt = Attempt(self._admission.admitted())
         # A place in this viewer's lane before the first await keeps arrival order.
         ticket = self._lanes.enter((event.platform, event.platform_user_id))
         task = asyncio.current_task()
@@ -211,8 +177,9 @@ class ConversationService:
                         else await self._record(event, text, admitted_at))
             if isinstance(exchange, Reply):
                 return exchange
-            return await self._lifecycle(exchange, ticket, text)
+            return await self._lifecycle(exchange, ticket, text, attempt)
         finally:
+            attempt.stay.leave()
             self._pending -= 1
             self._lanes.leave(ticket)
             if task is not None:
@@ -238,10 +205,11 @@ class ConversationService:
 
     # -- the lifecycle's one owner ------------------------------------------------------------
 
-    async def _lifecycle(self, exchange: Exchange, ticket: Ticket, text: str) -> Reply:
-        attempt = Attempt()
+    async def _lifecycle(self, exchange: Exchange, ticket: Ticket, text: str,
+                         attempt: Attempt) -> Reply:
         try:
-            await ticket.turn
+            with attempt.stay.away():  # this viewer's earlier message first
+                await ticket.turn
             dropped = await self._flood_control(ticket, exchange, text)
             if dropped is not None:
                 return dropped
@@ -255,8 +223,7 @@ class ConversationService:
             raise
         except Exception as exc:  # noqa: BLE001 - the one error boundary; the cause is logged
             return await self._failed(exchange, attempt, exc)
-        now = time.monotonic()
-        self._pace.record(now - exchange.received_at, now)
+        self._admission.answered(time.monotonic() - exchange.received_at, attempt.stay)
         return Reply(attempt.text, "answered", message_id=reply_id)
 
     async def _failed(self, exchange: Exchange, attempt: Attempt, exc: Exception) -> Reply:
@@ -393,4 +360,4 @@ class ConversationService:
 
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
-        return self._pace.percentiles()
+        return self._admission.latency_percentiles()

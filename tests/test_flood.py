@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -154,6 +155,44 @@ async def test_beyond_capacity_new_messages_are_refused_busy_so_waits_stay_bound
     assert max(busy) < 0.1  # refused at once, not after queueing
     await runtime.service.flush()
     user_id = await runtime.store.find_user("discord", "f39")
+    assert user_id is not None
+    [stored] = await runtime.store.messages_for(user_id)
+    assert (stored.status, stored.status_reason) == ("dropped", "busy")
+
+
+@pytest.mark.parametrize("flood_runtime", [{"max_overhead_ms": 1}], indirect=True)
+async def test_while_the_bot_itself_stalls_new_messages_are_refused_busy_at_once(
+        flood_runtime: Runtime) -> None:
+    """The bot's own overload (``limits.max_overhead_ms``): messages stuck in the store
+    stall the pipeline, and new ones are refused at once instead of queueing behind them;
+    once they move, they are answered and the refused one is on record."""
+    import time
+
+    from bot.flow import STALL_QUEUE
+
+    runtime = flood_runtime
+    release = asyncio.Event()
+    record = runtime.store.intake_log.record
+
+    async def stalled(items: list[Any]) -> Any:
+        await release.wait()
+        return await record(items)
+
+    runtime.store.intake_log.record = stalled  # type: ignore[method-assign]
+    stuck = [asyncio.create_task(runtime.service.handle(event("one", user=f"stuck{i}")))
+             for i in range(STALL_QUEUE)]
+    try:
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        refused = await asyncio.wait_for(
+            runtime.service.handle(event("two", user="next")), 1)
+        assert (refused.status, refused.reason) == ("dropped", "busy")
+        assert time.monotonic() - started < 0.1
+    finally:
+        release.set()
+    assert [r.status for r in await asyncio.gather(*stuck)] == ["answered"] * STALL_QUEUE
+    await runtime.service.flush()
+    user_id = await runtime.store.find_user("discord", "next")
     assert user_id is not None
     [stored] = await runtime.store.messages_for(user_id)
     assert (stored.status, stored.status_reason) == ("dropped", "busy")

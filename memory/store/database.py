@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import (
 from memory.errors import IntegrityViolation, StoreError
 from memory.migrate import upgrade_to_head
 from memory.models import User
+from memory.store.write_rounds import Outcome, WriteRounds
 from memory.urls import mask_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -128,10 +129,18 @@ class Database:
         self._reads = async_sessionmaker(self._read_engine, expire_on_commit=False)
         self._sqlite_writer = asyncio.Lock() if self.dialect == "sqlite" else None
         self._threads = threads
+        self._rounds = (WriteRounds(threads.run_round, self._sqlite_writer)
+                        if threads is not None and self._sqlite_writer is not None else None)
 
     @property
     def dialect(self) -> str:
         return self.sql_engine.dialect.name
+
+    @property
+    def groups_writes(self) -> bool:
+        """Whether concurrent ``write_unit`` calls share transactions, in the order they were
+        made (SQLite's ``WriteRounds``): a caller need not batch or serialise them itself."""
+        return self._rounds is not None
 
     @property
     def sync_engines(self) -> list[Engine]:
@@ -190,19 +199,21 @@ class Database:
     async def write_unit(self, work: Work[T]) -> T:
         """``work`` as one write transaction, committed when it returns.
 
-        The hot paths (intake, a reply's context, completing an exchange) are written this
-        way: on SQLite the whole transaction runs in a store thread, one hop from the event
-        loop instead of about four per statement through aiosqlite; on PostgreSQL it runs
-        through ``run_sync`` over asyncpg, the same code."""
-        if self._threads is None:
+        The hot paths (intake, completing an exchange) are written this way: on SQLite the
+        whole transaction runs in a store thread, one hop from the event loop instead of about
+        four per statement through aiosqlite, and units that queue meanwhile share the next
+        transaction (``WriteRounds``); on PostgreSQL it runs through ``run_sync`` over
+        asyncpg, the same code."""
+        if self._rounds is None:
             with store_errors():
                 async with self.sql_engine.begin() as connection:
                     return await connection.run_sync(work)
-        async with self._sqlite_writer or contextlib.nullcontext():
-            with store_errors():
-                return await self._threads.run(self._threads.writes, work)
+        with store_errors():
+            return await self._rounds.run(work)
 
     async def close(self) -> None:
+        if self._rounds is not None:
+            await self._rounds.wait_idle()
         if self._threads is not None:
             self._threads.close()
         await self.sql_engine.dispose()
@@ -289,6 +300,41 @@ class _SqliteThreads:
             # caller (which may hold the writer lock) moves on.
             await asyncio.wait([future])
             raise
+
+    async def run_round(self, works: list[Work[Any]]) -> list[Outcome]:
+        """``works`` in one write transaction (see ``WriteRounds``): each one's outcome."""
+        future = asyncio.get_running_loop().run_in_executor(self._executor, self._round, works)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            await asyncio.wait([future])  # the transaction ends in its thread first
+            raise
+
+    def _round(self, works: list[Work[Any]]) -> list[Outcome]:
+        if len(works) > 1:
+            connection = self._connection(self.writes)
+            try:
+                with connection.begin():
+                    return [(True, work(connection)) for work in works]
+            except Exception as exc:  # noqa: BLE001 - rolled back; each unit alone says why
+                self._forget_if_invalid(connection, exc)
+                log.debug("store: a round of %d units failed (%s); each runs alone",
+                          len(works), exc)
+        return [self._alone(work) for work in works]
+
+    def _alone(self, work: Work[Any]) -> Outcome:
+        connection = self._connection(self.writes)
+        try:
+            with connection.begin():
+                return True, work(connection)
+        except Exception as exc:  # noqa: BLE001 - the outcome carries it to the unit's caller
+            self._forget_if_invalid(connection, exc)
+            return False, exc
+
+    def _forget_if_invalid(self, connection: Connection, exc: Exception) -> None:
+        if isinstance(exc, DBAPIError) and (exc.connection_invalidated
+                                            or connection.invalidated):
+            self._forget(self.writes, connection)
 
     def _connection(self, sql_engine: Engine) -> Connection:
         """This thread's connection for ``sql_engine`` (reads or writes), opened once."""

@@ -70,6 +70,10 @@ class Store:
     def dialect(self) -> str:
         return self._db.dialect
 
+    @property
+    def groups_writes(self) -> bool:
+        return self._db.groups_writes
+
     async def close(self) -> None:
         await self.role_lock.release()
         await self._db.close()

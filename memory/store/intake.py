@@ -146,14 +146,21 @@ def _values(item: IntakeItem, user_id: int) -> dict[str, Any]:
 
 class IntakeWriter:
     """Group commit: submissions arriving while a batch is written wait for the next one
-    (at most ``max_batch`` items); one transaction per batch instead of one per message."""
+    (at most ``max_batch`` items); one transaction per batch instead of one per message.
+
+    ``pipelined``: the database groups concurrent writes itself, in order (SQLite's
+    ``WriteRounds``), so a batch is handed over without waiting for the one before it to
+    commit; the batch then shares a transaction with whatever else is being written."""
 
     def __init__(self, record: Callable[[list[IntakeItem]],
                                         Awaitable[list[IntakeOutcome] | None]],
-                 *, max_batch: int = 256, max_delay_s: float = 0.0) -> None:
+                 *, max_batch: int = 256, max_delay_s: float = 0.0,
+                 pipelined: bool = False) -> None:
         self._record = record  # returns an outcome per item, or None when nobody needs them
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
+        self._pipelined = pipelined
+        self._writing: set[asyncio.Task[None]] = set()
         self._queue: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -175,7 +182,14 @@ class IntakeWriter:
         while self._queue:
             batch, self._queue = (self._queue[:self._max_batch],
                                   self._queue[self._max_batch:])
-            await self._write(batch)
+            if not self._pipelined:
+                await self._write(batch)
+                if self._max_delay_s and len(self._queue) < self._max_batch:
+                    await asyncio.sleep(self._max_delay_s)  # a fuller batch next time
+                continue
+            task = asyncio.create_task(self._write(batch), name="intake-batch")
+            self._writing.add(task)
+            task.add_done_callback(self._writing.discard)
 
     async def _write(self,
                      batch: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]]
@@ -198,3 +212,5 @@ class IntakeWriter:
         """Wait until everything submitted so far is written (shutdown)."""
         while self._task is not None and not self._task.done():
             await asyncio.shield(self._task)
+        while self._writing:
+            await asyncio.wait(set(self._writing))
