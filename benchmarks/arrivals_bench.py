@@ -26,8 +26,11 @@ from typing import Any
 
 from benchmarks.engine_bench import QWEN3_8B, log
 
-LOADS = (("poisson 4 msg/s", 4.0, 12.0), ("poisson 12 msg/s", 12.0, 10.0),
-         ("poisson 24 msg/s", 24.0, 8.0), ("burst of 32", 0.0, 32.0))
+# (label, rate, amount): Poisson arrivals at ``rate`` msg/s for ``amount`` seconds; rate 0:
+# ``amount`` at once; rate -1: ``amount`` one after the other (each after the last reply).
+LOADS = (("one viewer at a time", -1.0, 8.0), ("poisson 4 msg/s", 4.0, 12.0),
+         ("poisson 12 msg/s", 12.0, 10.0), ("poisson 24 msg/s", 24.0, 8.0),
+         ("burst of 32", 0.0, 32.0))
 NEW_TOKENS = 60
 
 
@@ -91,12 +94,14 @@ async def _load(backend: Any, label: str, rate: float, amount: float, cap: float
     total: list[float] = []
     tasks = []
     started = time.perf_counter()
-    count = int(amount) if rate == 0 else int(rate * amount)
+    count = int(amount) if rate <= 0 else int(rate * amount)
     for index in range(count):
-        if rate:
+        if rate > 0:
             await asyncio.sleep(rng.expovariate(rate))
         request = _request(backend.tokenizer, rng, index, system)
         tasks.append(asyncio.create_task(_one(backend, request, ttft, total)))
+        if rate < 0:
+            await asyncio.wait(tasks[-1:], timeout=cap)
     _done, late = await asyncio.wait(tasks, timeout=cap)
     for task in late:
         task.cancel()

@@ -10,6 +10,7 @@ a ~1,200-token shared persona prefix plus ~200 unique tokens per row.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import time
 from pathlib import Path
@@ -81,6 +82,29 @@ def measure(model: Any, prefix: list[int], vocab: int, sizes: list[int]) -> None
                     torch.cuda.empty_cache()
 
 
+def breakdown(model: Any, prefix: list[int], vocab: int, sizes: list[int]) -> None:
+    """Where a captured step's wall time goes: the graph replay alone (the model), then the
+    whole ``step()`` (sampling, reading the tokens back, bookkeeping), greedy and sampled."""
+    import torch
+
+    print("\n| rows | replay ms (GPU) | step ms, greedy | step ms, default sampling |")
+    print("| --- | --- | --- | --- |")
+    for rows in sizes:
+        timings = []
+        for sampled in (False, True):
+            batch, _ = _rows(model, prefix, rows, sampled, vocab, graphs=True)
+            batch.step()
+            if not sampled:
+                replay = torch.inference_mode()(
+                    functools.partial(batch._graphs.run, batch._last, batch._positions))
+                replays = [_timed(replay) for _ in range(20)]
+                timings.append(sum(replays) / len(replays) * 1000)
+            steps = [_timed(batch.step) for _ in range(20)]
+            timings.append(sum(steps) / len(steps) * 1000)
+            del batch
+        print(f"| {rows} | " + " | ".join(f"{t:.2f}" for t in timings) + " |", flush=True)
+
+
 def profile(model: Any, prefix: list[int], vocab: int, rows: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity
@@ -145,6 +169,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,8,32")
     parser.add_argument("--join-only", action="store_true",
                         help="only the join (prefill) profiles")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the step's breakdown and one profile per size")
     args = parser.parse_args()
     prepare(args.model_dir, args.tiny)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,6 +182,11 @@ def main() -> None:
     prefix = tokenizer.encode(text, add_special_tokens=False)
     vocab = len(tokenizer)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.breakdown:
+        breakdown(model, prefix, vocab, sizes)
+        for rows in sizes:
+            profile(model, prefix, vocab, rows)
+        return
     if not args.join_only:
         measure(model, prefix, vocab, sizes)
         profile(model, prefix, vocab, max(sizes))

@@ -126,15 +126,17 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def make_static(self, slots: int, width: int,
-                    progress: Callable[[int, int], None] | None = None) -> None:
+                    progress: Callable[[int, int], None] | None = None,
+                    compile_step: bool = False) -> None:
         """Fixed slots (``slots`` rows of ``width`` columns, allocated now) and a decode step
-        with static shapes, captured as CUDA graphs when the model sits on one GPU."""
+        with static shapes, captured as CUDA graphs when the model sits on one GPU (compiled
+        first with ``compile_step``)."""
         probe = DynamicCache()  # one token through the model: each layer's KV shape and device
         self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device),
                    use_cache=True, **{self._cache_kw: probe})
         like = _kv(probe)
         self._cache = SlotCache(like, slots, width)
-        self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw)
+        self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw, compile_step)
         self._prefill = (PrefillGraphs(self.model, like, width, self._cache_kw)
                          if self._last_logits_only else None)
         if self._prefill is not None and self._prefix is not None:

@@ -19,20 +19,21 @@ def pick_tokens(logits: torch.Tensor, params: list[SamplingParams | None], seen:
     scores = logits.float()
     device = scores.device
     chosen = [p or SamplingParams(temperature=0.0, repetition_penalty=1.0) for p in params]
-    penalty = torch.tensor([p.repetition_penalty for p in chosen], device=device)[:, None]
-    if bool((penalty != 1.0).any()):
+    # Decided from the parameters, not from device tensors: reading one back would wait for
+    # the decode step the GPU is still running.
+    if any(p.repetition_penalty != 1.0 for p in chosen):
+        penalty = _on(device, [p.repetition_penalty for p in chosen])[:, None]
         penalized = torch.where(scores < 0, scores * penalty, scores / penalty)
         scores = torch.where(seen, penalized, scores)
-    too_early = torch.tensor([n < p.min_new_tokens for n, p in zip(generated, chosen,
-                                                                   strict=True)], device=device)
-    if eos_ids and bool(too_early.any()):
+    early = [n < p.min_new_tokens for n, p in zip(generated, chosen, strict=True)]
+    if eos_ids and any(early):
         eos = torch.zeros(scores.shape[1], dtype=torch.bool, device=device)
-        eos[torch.tensor(eos_ids, device=device)] = True
-        scores = scores.masked_fill(too_early[:, None] & eos[None, :], float("-inf"))
+        eos[_on(device, eos_ids)] = True
+        scores = scores.masked_fill(_on(device, early)[:, None] & eos[None, :], float("-inf"))
     tokens = scores.argmax(dim=-1)
     sampled_rows = [i for i, p in enumerate(chosen) if not p.greedy]
     if sampled_rows:
-        rows = torch.tensor(sampled_rows, device=device)
+        rows = _on(device, sampled_rows)
         picked = _sample([chosen[i] for i in sampled_rows], scores[rows],
                          [generators[i] for i in sampled_rows])
         tokens[rows] = picked
@@ -43,24 +44,30 @@ def _sample(params: list[SamplingParams], scores: torch.Tensor,
             generators: list[torch.Generator | None]) -> torch.Tensor:
     device = scores.device
     vocab = scores.shape[1]
-    temperature = torch.tensor([p.temperature for p in params], device=device)[:, None]
+    temperature = _on(device, [p.temperature for p in params])[:, None]
     scores = scores / temperature
-    top_k = torch.tensor([p.top_k if 0 < p.top_k < vocab else vocab for p in params],
-                         device=device)
+    top_k = _on(device, [p.top_k if 0 < p.top_k < vocab else vocab for p in params])
     ordered, order = torch.sort(scores, dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
     probabilities = torch.softmax(ordered, dim=-1)
     before = probabilities.cumsum(dim=-1) - probabilities  # mass of the better tokens
-    top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
+    top_p = _on(device, [p.top_p for p in params])[:, None]
     drop = (ranks >= top_k[:, None]) | (before > top_p)
     ordered = ordered.masked_fill(drop, float("-inf"))
     probabilities = torch.softmax(ordered, dim=-1)
     picks = torch.empty(len(params), dtype=torch.long, device=device)
     free = [i for i, g in enumerate(generators) if g is None]
     if free:
-        index = torch.tensor(free, device=device)
+        index = _on(device, free)
         picks[index] = torch.multinomial(probabilities[index], 1)[:, 0]
     for i, generator in enumerate(generators):
         if generator is not None:  # seeded: its own random stream, on the CPU
             picks[i] = torch.multinomial(probabilities[i].cpu(), 1, generator=generator)[0]
     return order.gather(1, picks[:, None])[:, 0]
+
+
+def _on(device: torch.device, values: list[float] | list[int] | list[bool]) -> torch.Tensor:
+    """A small host list on ``device`` without waiting: from pinned memory the copy is queued
+    behind the running step instead of blocking the host until the GPU is idle."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, pin_memory=pinned).to(device, non_blocking=pinned)

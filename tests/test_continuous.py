@@ -372,3 +372,28 @@ def test_a_static_group_join_matches_generate(tiny: tuple[Any, Any]) -> None:
     assert results == {"first": _alone(model, ids[0]),
                        **{f"r{i}": _alone(model, ids[i]) for i in range(1, 4)}}
     assert batch.prefix_hits == 4
+
+
+def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, Any]) -> None:
+    """While a bucket is captured compiled (a GPU), the model runs the compiled forward, and
+    above one row attention stays out of the compiled code; afterwards the model's forward and
+    the attention registry are its own again (prefills run them eagerly)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from engine.decode_graphs import FULLY_COMPILED_ROWS
+
+    model, _ = tiny
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=64)
+    graphs = batch._graphs
+    assert graphs is not None
+    name = model.config._attn_implementation
+    attention = ALL_ATTENTION_FUNCTIONS[name]
+    compiled = object()
+    with graphs._compiled(compiled, FULLY_COMPILED_ROWS + 1):
+        assert model.forward is compiled
+        assert ALL_ATTENTION_FUNCTIONS[name] is not attention  # kept out of the compiled code
+    assert "forward" not in model.__dict__ and ALL_ATTENTION_FUNCTIONS[name] is attention
+    with graphs._compiled(compiled, FULLY_COMPILED_ROWS):
+        assert ALL_ATTENTION_FUNCTIONS[name] is attention  # compiled along
+    assert "forward" not in model.__dict__

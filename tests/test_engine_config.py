@@ -39,6 +39,7 @@ EVERY_SETTING: dict[str, Any] = {
     "models.llm.max_batch_size": 16,
     "models.llm.batch_window_ms": 25.0,
     "models.llm.static_cache": "on",
+    "models.llm.compile_decode": "off",
     "models.llm.continuous_batching": "off",
     "models.llm.openai.base_url": "http://127.0.0.1:9999/v1",
     "models.llm.openai.model": "qwen3-8b",

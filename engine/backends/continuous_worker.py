@@ -33,6 +33,7 @@ class _Backend(Protocol):
     max_batch_size: int
     oom_retries: int
     static_cache: bool
+    compile_decode: bool
 
     @property
     def max_length(self) -> int: ...
@@ -74,7 +75,8 @@ class ContinuousWorker:
                      slots, done, total)
 
         try:
-            self._batch.make_static(slots, width, progress)
+            self._batch.make_static(slots, width, progress,
+                                    compile_step=self._backend.compile_decode)
         except Exception as error:  # noqa: BLE001 - the dynamic batch still serves
             log.warning("static decode unavailable (%s: %s); decoding without it",
                         type(error).__name__, error)

@@ -82,6 +82,7 @@ class TransformersBackend:
         self.report = LoadReport()
         self.model_dir: Path | None = None
         self.static_cache = False
+        self.compile_decode = False
         self.batches_run = 0
         self.oom_retries = 0
         self.continuous: ContinuousWorker | None = None
@@ -125,6 +126,7 @@ class TransformersBackend:
         self.static_cache = wanted == "on" or (
             wanted == "auto" and on_gpu and self.report.mode not in ("4bit", "8bit")
         )
+        self.compile_decode = config.compile_decode == "auto" and on_gpu
         log.info("LLM loaded from %s (%s on %s) in %.1f s; max batch %d%s", self.model_dir,
                  self.report.mode, self.report.device, self.report.seconds,
                  self.max_batch_size, ", static cache" if self.static_cache else "")
