@@ -2,6 +2,7 @@
 SQLite in a temporary folder, this machine's CPU.
 
     python -m benchmarks.pipeline_bench [--rate 2000] [--seconds 30] [--viewers 2000]
+                                        [--limit max_overhead_ms=3]
                                         [--store-url postgresql+asyncpg://...]
 
 Run it from any checkout of the project (an older one too, for the baseline in the same run):
@@ -160,8 +161,8 @@ async def _stored_states(runtime: Any) -> Counter[str]:
         return Counter({status: count for status, count in rows})
 
 
-async def scenario(rate: float, seconds: float, viewers: int,
-                   store_url: str | None = None) -> dict[str, Any]:
+async def scenario(rate: float, seconds: float, viewers: int, store_url: str | None = None,
+                   limits: dict[str, float] | None = None) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="vtuber-pipeline-bench-"))
     store: dict[str, Any] = {"remember_messages_min_chars": 0, "rag_enabled": False}
     if store_url:  # an empty PostgreSQL database, say (the bot process's CPU is measured)
@@ -170,6 +171,7 @@ async def scenario(rate: float, seconds: float, viewers: int,
         "models": {"llm": {"backend": "scripted", "scripted": {"replies": ["收到～"]}},
                    "embedding": {"enabled": False}},
         "store": store,
+        **({"limits": limits} if limits else {}),
     }, env={})
     gc.collect()
     rss_before = _rss_mb()
@@ -252,13 +254,18 @@ def main() -> None:
     parser.add_argument("--viewers", type=int, default=2000)
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval for this run (default: Python's 5 ms)")
+    parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                        help="a limits setting for the run, e.g. max_overhead_ms=3 "
+                             "(repeatable; default: the checkout's defaults)")
     parser.add_argument("--store-url", default=None,
                         help="an empty database to use instead of a new SQLite file, e.g. "
                              "postgresql+asyncpg://user@host/bench")
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
-    result = asyncio.run(scenario(args.rate, args.seconds, args.viewers, args.store_url))
+    limits = {name: float(value) for name, value in (item.split("=", 1) for item in args.limit)}
+    result = asyncio.run(scenario(args.rate, args.seconds, args.viewers, args.store_url,
+                                  limits))
     _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers",
            result)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

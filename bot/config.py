@@ -155,8 +155,10 @@ class LimitsConfig(Section):
     max_wait_s: float = Field(0.0, ge=0)
     # Overload of the bot itself (its store, its event loop): fewer messages are let in at
     # once while recent ones took longer than this from admission to recorded, the model's
-    # time left out (bot.flow.OverheadLimit); refused ones end dropped (busy). 0 = never.
-    max_overhead_ms: float = Field(3.0, ge=0)
+    # time left out (bot.flow.OverheadLimit); refused ones end dropped (busy). 0 = off, the
+    # default: on a machine whose store or CPU is slow at times it refuses messages a queue
+    # would have answered; 3 suits a flooded channel on one process and SQLite.
+    max_overhead_ms: float = Field(0.0, ge=0)
     # Answer only a viewer's newest waiting message; older waiting ones are dropped...
     per_user_queue_of_one: bool = False
     # ...or folded into that newest one, so a burst gets one answer that saw all of it.

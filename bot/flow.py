@@ -180,6 +180,14 @@ class Pipeline:
             return now - entered
         return 0.0
 
+    def arrived(self, stay: Stay) -> None:
+        self._present[stay] = time.monotonic()
+
+    def departed(self, stay: Stay) -> float:
+        """How long ``stay`` was present this time (0 if it was not)."""
+        entered = self._present.pop(stay, None)
+        return time.monotonic() - entered if entered is not None else 0.0
+
 
 class Stay:
     """One message's time in the ``Pipeline``."""
@@ -191,12 +199,10 @@ class Stay:
         self.spent_s = 0.0
 
     def come_back(self) -> None:
-        self._pipeline._present[self] = time.monotonic()
+        self._pipeline.arrived(self)
 
     def leave(self) -> None:
-        entered = self._pipeline._present.pop(self, None)
-        if entered is not None:
-            self.spent_s += time.monotonic() - entered
+        self.spent_s += self._pipeline.departed(self)
 
     @contextmanager
     def away(self) -> Iterator[None]:
@@ -215,11 +221,13 @@ class OverheadLimit:
     instead of queueing.
 
     Sized as TCP sizes its window: a reply within the budget raises the bound by ``1/bound``
-    (about one per round of replies); a reply over it, or a message stalled in the pipeline
-    (``STALL_FACTOR`` times the budget), lowers it by a tenth, never below one; each calm
-    second doubles it, up to ``ceiling``, so a chat the bot keeps up with never meets it and
-    a raid's burst comes in whole. The budget is at least twice the lowest overhead seen
-    lately: a remote database is slow even when idle, which is its cost, not congestion."""
+    (about one per round of replies), a reply over it lowers it by a tenth, never below one,
+    and each calm second doubles it, up to ``ceiling``: a chat the bot keeps up with never
+    meets it, and a raid's burst comes in whole. Replies tell late, so a flood's first wave
+    is cut short another way: while ``STALL_QUEUE`` or more messages are in the pipeline and
+    the oldest has been there ``STALL_FACTOR`` times the budget, new ones are refused. The
+    budget is at least twice the lowest overhead seen lately: a remote database is slow even
+    when idle, which is its cost, not congestion."""
 
     def __init__(self, budget_s: float, ceiling: int, window: int = 256) -> None:
         self._budget_s = budget_s

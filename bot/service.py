@@ -36,7 +36,7 @@ from engine.errors import EngineError
 from engine.persona import Persona
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
-from memory.store import IntakeItem, IntakeOutcome, IntakeWriter, Leftover, Store
+from memory.store import IntakeItem, IntakeWriter, Leftover, Store
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,8 @@ class ConversationService:
         self._writer = IntakeWriter(store.intake, pipelined=store.groups_writes)
         # Drops go in batches of up to 64, one batch per 30 ms unless more wait: a flood's
         # bookkeeping costs a few short transactions a second, out of the answers' way.
-        self._drop_writer = IntakeWriter(store.intake_final, max_batch=64, max_delay_s=0.03)
+        self._drop_writer = IntakeWriter(store.intake_final, max_batch=64, max_delay_s=0.03,
+                                         on_batch=self._drops_recorded)
         self._spool = Spool(store)
         self.store_health = StoreHealth()
         self._pending = 0
@@ -148,17 +149,15 @@ class ConversationService:
     def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
         """Record a refused message in the background (batched; it costs no transaction of
         its own and never delays the chat)."""
-        item = self._intake_item(event, text, "dropped", reason)
-        future = self._drop_writer.submit(item)
+        self._drop_writer.add(self._intake_item(event, text, "dropped", reason))
 
-        def recorded(future: asyncio.Future[IntakeOutcome | None]) -> None:
-            if future.cancelled() or future.exception() is None:
-                self.store_health.succeeded()
-                return
-            self.store_health.failed(future.exception() or StoreError("store"))
+    def _drops_recorded(self, items: list[IntakeItem], error: Exception | None) -> None:
+        if error is None:
+            self.store_health.succeeded()
+            return
+        self.store_health.failed(error)
+        for item in items:  # written once the store is back
             self._spool.add_intake(item)
-
-        future.add_done_callback(recorded)
 
     async def _admitted(self, event: ChatEvent, text: str,
                         recorded: tuple[int, int] | None = None) -> Reply:

@@ -21,6 +21,10 @@ def storable(text: str) -> str:
 
 def sanitized(event: ChatEvent) -> ChatEvent:
     """No NUL and no lone surrogates in anything that reaches the store."""
+    fields = (event.text, event.display_name, event.platform_user_id, event.channel_id,
+              event.message_id or "")
+    if not any(_UNSTORABLE.search(value) for value in fields):
+        return event  # the usual case: no copy (a flood's every message passes here)
     return dataclasses.replace(
         event, text=storable(event.text), display_name=storable(event.display_name),
         platform_user_id=storable(event.platform_user_id),

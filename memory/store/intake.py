@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 SHARED_LIMIT_WINDOW = timedelta(minutes=1)
 
 Key = tuple[str, str]
+Waiter = asyncio.Future[IntakeOutcome | None] | None
+BatchEnded = Callable[[list[IntakeItem], Exception | None], None]  # the items, and the error
 
 
 class Intake:
@@ -155,14 +157,14 @@ class IntakeWriter:
     def __init__(self, record: Callable[[list[IntakeItem]],
                                         Awaitable[list[IntakeOutcome] | None]],
                  *, max_batch: int = 256, max_delay_s: float = 0.0,
-                 pipelined: bool = False) -> None:
+                 pipelined: bool = False, on_batch: BatchEnded | None = None) -> None:
         self._record = record  # returns an outcome per item, or None when nobody needs them
         self._max_batch = max_batch
         self._max_delay_s = max_delay_s
         self._pipelined = pipelined
+        self._on_batch = on_batch  # told how each batch ended (for items ``add``ed)
         self._writing: set[asyncio.Task[None]] = set()
-        self._queue: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]] = []
-        self._wakeup = asyncio.Event()
+        self._queue: list[tuple[IntakeItem, Waiter]] = []
         self._task: asyncio.Task[None] | None = None
 
     def submit(self, item: IntakeItem) -> asyncio.Future[IntakeOutcome | None]:
@@ -170,10 +172,18 @@ class IntakeWriter:
         batch's ``StoreError``)."""
         future: asyncio.Future[IntakeOutcome | None] = (
             asyncio.get_running_loop().create_future())
-        self._queue.append((item, future))
+        self._enqueue(item, future)
+        return future
+
+    def add(self, item: IntakeItem) -> None:
+        """Queue ``item`` with nobody waiting for it (a flood's refusals: no future and no
+        callback each); ``on_batch`` hears how its batch ended."""
+        self._enqueue(item, None)
+
+    def _enqueue(self, item: IntakeItem, waiter: Waiter) -> None:
+        self._queue.append((item, waiter))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="intake-writer")
-        return future
 
     async def _drain(self) -> None:
         # With no delay this yields once: a burst delivered in one loop iteration shares a
@@ -191,22 +201,25 @@ class IntakeWriter:
             self._writing.add(task)
             task.add_done_callback(self._writing.discard)
 
-    async def _write(self,
-                     batch: list[tuple[IntakeItem, asyncio.Future[IntakeOutcome | None]]]
-                     ) -> None:
+    async def _write(self, batch: list[tuple[IntakeItem, Waiter]]) -> None:
+        items = [item for item, _ in batch]
         try:
-            outcomes = await self._record([item for item, _ in batch])
+            outcomes = await self._record(items)
         except Exception as exc:  # every waiter must hear how its batch ended
             if not isinstance(exc, StoreError):
                 log.exception("intake batch of %d failed", len(batch))
             for _, future in batch:
-                if not future.done():
+                if future is not None and not future.done():
                     future.set_exception(exc)
+            if self._on_batch is not None:
+                self._on_batch(items, exc)
             return
         results = outcomes if outcomes is not None else [None] * len(batch)
         for (_, future), outcome in zip(batch, results, strict=True):
-            if not future.done():
+            if future is not None and not future.done():
                 future.set_result(outcome)
+        if self._on_batch is not None:
+            self._on_batch(items, None)
 
     async def flush(self) -> None:
         """Wait until everything submitted so far is written (shutdown)."""
