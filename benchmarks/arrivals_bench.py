@@ -123,8 +123,9 @@ def _stats(name: str, samples: list[float]) -> dict[str, float]:
     return row
 
 
-async def _variant(model_dir: Path, label: str, mode: str, cap: float,
-                   tiny: bool) -> list[dict[str, Any]]:
+async def _variant(model_dir: Path, label: str, mode: str, quantization: str, cap: float,
+                   tiny: bool, loads: tuple[tuple[str, float, float], ...]
+                   ) -> list[dict[str, Any]]:
     import torch
 
     from engine.backends.transformers_backend import TransformersBackend
@@ -132,7 +133,7 @@ async def _variant(model_dir: Path, label: str, mode: str, cap: float,
 
     llm = EngineConfig.from_mapping({"models": {"llm": {
         "model_path": str(model_dir), "max_length": 2048, "max_batch_size": 32,
-        "batch_window_ms": 10, "continuous_batching": mode,
+        "batch_window_ms": 10, "continuous_batching": mode, "quantization": quantization,
         "device": "cpu" if tiny else "auto"}}}).llm
     backend = TransformersBackend(llm, model_dir.parent / "cache")
     await backend.start()
@@ -143,7 +144,7 @@ async def _variant(model_dir: Path, label: str, mode: str, cap: float,
     try:
         log(f"{label}: warm-up (a burst, so compiles happen before the measured window)")
         await _load(backend, "warm-up", 0.0, 8 if tiny else 32, cap, system)
-        for load, rate, amount in LOADS:
+        for load, rate, amount in loads:
             counter = _recompiles()
             timings_before = _worker_timings(backend)
             if torch.cuda.is_available():
@@ -193,17 +194,24 @@ def main() -> None:
     parser.add_argument("--switch-interval-ms", type=float, default=None,
                         help="sys.setswitchinterval for the run (Python's default: 5 ms)")
     parser.add_argument("--variants", default="continuous,micro",
-                        help="which to run, in order: continuous, micro (the baseline)")
+                        help="which to run, in order: continuous, int4, micro (the baseline)")
+    parser.add_argument("--loads", default="",
+                        help="comma-separated start of load names (default: all)")
     args = parser.parse_args()
+    wanted = [w.strip() for w in args.loads.split(",") if w.strip()]
+    loads = tuple(load for load in LOADS
+                  if not wanted or any(load[0].startswith(w) for w in wanted))
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     prepare(args.model_dir, args.tiny)
-    variants = {"micro": ("baseline: micro-batcher", "off"),
-                "continuous": ("ours: continuous", "on")}
+    variants = {"micro": ("baseline: micro-batcher", "off", "none"),
+                "continuous": ("ours: continuous", "on", "none"),
+                "int4": ("ours: continuous, int4 weight-only", "on", "int4")}
     rows = []
     for name in args.variants.split(","):
-        label, mode = variants[name.strip()]
-        rows += asyncio.run(_variant(args.model_dir, label, mode, args.cap, args.tiny))
+        label, mode, quantization = variants[name.strip()]
+        rows += asyncio.run(_variant(args.model_dir, label, mode, quantization, args.cap,
+                                     args.tiny, loads))
     keys = ["variant", "load", "requests", "over_cap", "ttft_p50", "ttft_p95", "reply_p50",
             "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb", "step_ms",
             "rows_per_step", "prefill_ms", "per_prefill"]

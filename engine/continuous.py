@@ -20,13 +20,15 @@ The in-process backend drives it (``engine/backends/continuous_worker.py``) wher
 from __future__ import annotations
 
 import inspect
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from engine.batch_rows import LaunchedStep, Row
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
@@ -41,21 +43,6 @@ def supports(model: Any) -> bool:
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None) in SUPPORTED and not getattr(
         config, "sliding_window", None)
-
-
-@dataclass
-class Row:
-    request_id: str
-    max_new_tokens: int
-    eos_ids: frozenset[int]
-    tokens: list[int] = field(default_factory=list)  # generated so far
-    params: SamplingParams | None = None  # None: greedy, no penalty
-    generator: torch.Generator | None = None  # a seeded request's own random stream
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.tokens) and (self.tokens[-1] in self.eos_ids
-                                      or len(self.tokens) >= self.max_new_tokens)
 
 
 def _cache_keyword(model: Any) -> str:
@@ -84,10 +71,16 @@ class _Prefix:
 class ContinuousBatch:
     """The running batch. Not thread-safe: one decode loop owns it.
 
+    ``pipelined``: a step is launched before the previous one's tokens are read, so the
+    host's work between steps (handing tokens out, joins, leaves) overlaps the device's;
+    ``make_static`` turns it on when the steps are captured on a GPU.
+
     ``set_prefix`` prefills a shared prompt start once (the persona's system prompt); a
     request copies the KV of the tokens it shares with it and prefills only the rest. The
     rows' KV lives in preallocated slots (``engine/kv_slots.py``): a decode step writes one
     column in place instead of copying the batch's cache."""
+
+    pipelined = False
 
     def __init__(self, model: Any, slots: int = 8) -> None:
         self.model = model
@@ -106,6 +99,7 @@ class ContinuousBatch:
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
         self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output
+        self._launched: deque[LaunchedStep] = deque()
 
     @property
     def size(self) -> int:
@@ -146,10 +140,12 @@ class ContinuousBatch:
             self._graphs.capture(progress)
             if self._prefill is not None:
                 self._prefill.capture(progress)
+            self.pipelined = True
 
     def reset(self) -> None:
         """Drop every row (after a failed step); static slots and graphs stay."""
         self.rows = []
+        self._launched.clear()
         self._positions = self._last = self._seen = None
         if self._cache is not None and self.static:
             self._cache.clear()
@@ -283,9 +279,18 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, int]]:
-        """One decode step for every unfinished row: (request id, new token) each."""
-        if not self.rows:
-            return []
+        """Launch one decode step for every unfinished row and return the new tokens
+        (request id, token) of the steps done: this one, or when ``pipelined`` the one before
+        (the device runs this step while the host hands those tokens out). A row that
+        finished meanwhile was stepped once more; that token is dropped."""
+        if self.rows:
+            self._launch()
+        produced: list[tuple[str, int]] = []
+        while len(self._launched) > (1 if self.pipelined and self.rows else 0):
+            produced += self._launched.popleft().collect()
+        return produced
+
+    def _launch(self) -> None:
         assert self._cache is not None and self._positions is not None
         assert self._last is not None
         if self._cache.length == self._cache.width and not self._cache.compact():
@@ -305,17 +310,12 @@ class ContinuousBatch:
         else:
             assert self._seen is not None
             tokens = pick_tokens(logits, [row.params for row in self.rows], self._seen,
-                                 [len(row.tokens) for row in self.rows],
+                                 [len(row.tokens) + row.pending for row in self.rows],
                                  sorted(self.rows[0].eos_ids),
                                  [row.generator for row in self.rows])
             self._seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
         self._positions, self._last = self._positions + 1, tokens[:, None]
-        produced = []
-        for row, token in zip(self.rows, tokens.tolist(), strict=True):
-            if not row.finished:
-                row.tokens.append(int(token))
-                produced.append((row.request_id, int(token)))
-        return produced
+        self._launched.append(LaunchedStep.queue(self.rows, tokens))
 
     @torch.inference_mode()
     def leave(self, request_ids: set[str]) -> None:
@@ -326,6 +326,8 @@ class ContinuousBatch:
             return
         assert self._cache is not None
         order = list(range(len(self.rows)))
+        for position in leaving:
+            self.rows[position].left = True
         for position in reversed(leaving):
             self._cache.remove_row(position)
             order[position] = order[-1]
@@ -333,6 +335,7 @@ class ContinuousBatch:
         self.rows = [self.rows[i] for i in order]
         if not order:
             self._positions = self._last = self._seen = None
+            self._launched.clear()  # steps still queued served only rows that have left
             return
         assert self._positions is not None and self._last is not None
         index = torch.tensor(order, device=self._positions.device)

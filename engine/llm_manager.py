@@ -340,7 +340,7 @@ class LLMManager:
         if mode in ("4bit", "8bit"):
             applied.append(f"bitsandbytes {mode}")
         if mode == "int4":
-            applied.append("torchao int4 weight-only")
+            applied.append("int4 weight-only (tinygemm)")
         if mode == "half":
             applied.append("half precision")
         return applied

@@ -211,6 +211,7 @@ def resolve_llm_dir(model_path: str | None, gguf_file: str | None, cache_dir: Pa
 
 
 def _quantization_config(mode: str) -> Any:
+    """bitsandbytes settings for ``4bit`` (NF4) and ``8bit``."""
     import torch
     from transformers import BitsAndBytesConfig
 
@@ -227,7 +228,7 @@ def _quantization_config(mode: str) -> Any:
 def fallback_chain(quantization: str, placement: Placement) -> list[str]:
     """Steps to try, best first: (int4 →) 4bit → 8bit → half precision → CPU."""
     if placement.llm_device == "cpu":
-        # bitsandbytes also runs on CPU (slowly); torchao int4's tinygemm kernel is GPU-only.
+        # bitsandbytes also runs on CPU (slowly); int4 (engine.int4) is tuned for GPUs.
         return {"4bit": ["4bit", "cpu"], "8bit": ["8bit", "cpu"]}.get(quantization, ["cpu"])
     chain = {"int4": ["int4", "4bit", "8bit"], "4bit": ["4bit", "8bit"],
              "8bit": ["8bit"]}.get(quantization, [])
@@ -251,7 +252,10 @@ def _load_kwargs(step: str, placement: Placement) -> dict[str, Any]:
         kwargs["max_memory"] = dict(placement.llm_max_memory)
     else:
         kwargs["device_map"] = {"": placement.llm_device}
-    if step in ("int4", "4bit", "8bit"):
+    if step == "int4":
+        # Loaded on the CPU, then quantized layer by layer onto the GPU (engine.int4).
+        kwargs["device_map"] = {"": "cpu"}
+    elif step in ("4bit", "8bit"):
         kwargs["quantization_config"] = _quantization_config(step)
     return kwargs
 
@@ -276,6 +280,10 @@ def load_llm(model_dir: Path, quantization: str, placement: Placement,
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, local_files_only=True, **_load_kwargs(step, placement)
             )
+            if step == "int4":
+                from engine.int4 import quantize_int4
+
+                model = quantize_int4(model, placement.llm_device)
         except (RuntimeError, ValueError, ImportError, OSError) as exc:
             # RuntimeError covers CUDA OOM; ImportError a missing bitsandbytes.
             report.record(step, False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")

@@ -58,7 +58,16 @@ def test_the_tiny_model_qualifies(tiny: tuple[Any, Any]) -> None:
     assert supports(tiny[0])
 
 
-def test_staggered_arrivals_match_generate_token_for_token(tiny: tuple[Any, Any]) -> None:
+@pytest.fixture(params=[False, True], ids=["step-by-step", "pipelined"])
+def pipelined(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """Both ways of stepping: each step's tokens read before the next is launched, or one
+    step behind (what a GPU does: a row that finished is stepped once more)."""
+    monkeypatch.setattr(ContinuousBatch, "pipelined", request.param)
+    return bool(request.param)
+
+
+def test_staggered_arrivals_match_generate_token_for_token(tiny: tuple[Any, Any],
+                                                           pipelined: bool) -> None:
     model, tokenizer = tiny
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     expected = {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
@@ -67,7 +76,8 @@ def test_staggered_arrivals_match_generate_token_for_token(tiny: tuple[Any, Any]
     assert _drive(ContinuousBatch(model), arrivals) == expected
 
 
-def test_a_row_joining_does_not_change_the_others(tiny: tuple[Any, Any]) -> None:
+def test_a_row_joining_does_not_change_the_others(tiny: tuple[Any, Any],
+                                                  pipelined: bool) -> None:
     model, tokenizer = tiny
     ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS]
     alone = _drive(ContinuousBatch(model), {0: [("a", ids[2])]})
@@ -130,7 +140,7 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(tiny: tuple[Any, 
 
 
 async def test_the_backend_answers_concurrent_requests_through_the_continuous_loop(
-        tiny_model_dir: Path) -> None:
+        tiny_model_dir: Path, pipelined: bool) -> None:
     """The backend in continuous mode, CPU: greedy replies equal the micro-batcher's, rows
     joining mid-flight included."""
     import asyncio
@@ -168,7 +178,7 @@ async def test_the_backend_answers_concurrent_requests_through_the_continuous_lo
 
 
 async def test_cancel_frees_the_row_and_a_seed_repeats_a_sampled_reply(
-        tiny_model_dir: Path) -> None:
+        tiny_model_dir: Path, pipelined: bool) -> None:
     import asyncio
 
     from engine.backends.transformers_backend import TransformersBackend
@@ -283,7 +293,8 @@ def test_prompts_sharing_only_the_start_of_the_prefix_reuse_that_part(
     assert batch.prefix_hits == 2
 
 
-def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any]) -> None:
+def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any],
+                                                          pipelined: bool) -> None:
     """The static-shape decode step (what is captured as CUDA graphs on a GPU), run eagerly:
     fixed slots, a bucket's idle rows computed alongside, columns cut when the narrow slots
     fill up; every reply is still what ``generate()`` gives alone."""
@@ -397,3 +408,30 @@ def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, A
     with graphs._compiled(compiled, FULLY_COMPILED_ROWS):
         assert ALL_ATTENTION_FUNCTIONS[name] is attention  # compiled along
     assert "forward" not in model.__dict__
+
+
+def test_pipelined_steps_count_the_pending_token_for_penalties_and_minimum_length(
+        tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row one step behind still knows how many tokens it has: the end is allowed from
+    ``min_new_tokens`` on, exactly as when every step is read before the next."""
+    from engine.types import SamplingParams
+
+    model, tokenizer = tiny
+    ids = tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=5, temperature=0.0,
+                            repetition_penalty=1.3)
+
+    def run(pipelined: bool, eos: frozenset[int]) -> list[int]:
+        monkeypatch.setattr(ContinuousBatch, "pipelined", pipelined)
+        batch = ContinuousBatch(model)
+        batch.join("a", ids, NEW_TOKENS, eos, params)
+        while not batch.finished():
+            batch.step()
+        return list(batch.rows[0].tokens)
+
+    free = run(False, frozenset())
+    eos = frozenset({free[5]})  # the sixth token, the first one allowed to end the reply
+    assert eos.isdisjoint(free[:5])
+    step_by_step = run(False, eos)
+    assert step_by_step == free[:6]
+    assert run(True, eos) == step_by_step

@@ -45,6 +45,8 @@ async def test_loads_on_gpu_and_answers(tiny_model_dir: Path, tmp_path: Path,
         assert info["gpu_cluster"]["gpu_count"] >= 1
         assert manager.device.startswith("cuda")
         assert info["load"]["steps"][-1]["ok"]
+        if quantization == "int4":  # our own kernels: no fallback to bitsandbytes or bf16
+            assert info["load"]["mode"] == "int4"
         assert isinstance(await manager.generate_response("hello"), str)
         vectors = manager.get_embeddings(["hello", "星星"])
         assert len(vectors) == 2 and len(vectors[0]) == 384
