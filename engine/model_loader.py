@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -260,6 +261,16 @@ def _load_kwargs(step: str, placement: Placement) -> dict[str, Any]:
     return kwargs
 
 
+def _load_step(auto_model: Any, model_dir: Path, step: str, placement: Placement) -> Any:
+    model = auto_model.from_pretrained(model_dir, local_files_only=True,
+                                       **_load_kwargs(step, placement))
+    if step == "int4":
+        from engine.int4 import quantize_int4
+
+        model = quantize_int4(model, placement.llm_device)
+    return model
+
+
 def load_llm(model_dir: Path, quantization: str, placement: Placement,
              report: LoadReport) -> tuple[Any, Any]:
     """Load tokenizer and causal LM, walking the fallback chain; raise if every step fails."""
@@ -277,16 +288,13 @@ def load_llm(model_dir: Path, quantization: str, placement: Placement,
     last_error: BaseException | None = None
     for step in fallback_chain(quantization, placement):
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, local_files_only=True, **_load_kwargs(step, placement)
-            )
-            if step == "int4":
-                from engine.int4 import quantize_int4
-
-                model = quantize_int4(model, placement.llm_device)
+            model = _load_step(AutoModelForCausalLM, model_dir, step, placement)
         except (RuntimeError, ValueError, ImportError, OSError) as exc:
             # RuntimeError covers CUDA OOM; ImportError a missing bitsandbytes.
             report.record(step, False, f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+            # The traceback's frames hold the half-loaded model: let its memory go before
+            # the next step tries.
+            traceback.clear_frames(exc.__traceback__)
             last_error = exc
             _free_cuda()
             continue
@@ -322,7 +330,10 @@ def load_embedder(model_path: str | None, device: str,
 
 
 def _free_cuda() -> None:
+    import gc
+
     import torch
 
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

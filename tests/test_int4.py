@@ -141,3 +141,38 @@ def test_the_loader_quantizes_int4_itself_instead_of_asking_bitsandbytes(
     model, _tokenizer = load_llm(tiny_model_dir, "int4", gpu, report)
     assert targets == ["cuda:0"] and report.mode == "int4"
     assert isinstance(model.model.layers[0].mlp.up_proj, Int4Linear)
+
+
+def test_a_failed_int4_step_lets_go_of_its_model_before_the_next_step(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of memory half way through quantizing: the half-quantized model must be freed
+    before the fallback loads another copy (the error's traceback held it)."""
+    import weakref
+
+    from engine import int4, model_loader
+    from engine.gpu_manager import GIB, DeviceInfo, plan_placement
+    from engine.model_loader import LoadReport, load_llm
+
+    half_done: list[weakref.ref[Any]] = []
+    alive_at_next_step: list[bool] = []
+
+    def out_of_memory(model: Any, device: str) -> Any:
+        half_done.append(weakref.ref(model))
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    real_kwargs = model_loader._load_kwargs
+
+    def cpu_fallback(step: str, placement: Any) -> dict[str, Any]:
+        if half_done:
+            alive_at_next_step.append(half_done[0]() is not None)
+        kwargs = real_kwargs(step, placement)
+        return kwargs if step == "int4" else real_kwargs("cpu", placement)
+
+    monkeypatch.setattr(int4, "quantize_int4", out_of_memory)
+    monkeypatch.setattr(model_loader, "_load_kwargs", cpu_fallback)
+    gpu = plan_placement([DeviceInfo(0, "H100", 80 * GIB, 79 * GIB)])
+    report = LoadReport()
+    model, _tokenizer = load_llm(tiny_model_dir, "int4", gpu, report)
+    assert model is not None
+    assert report.steps[0]["step"] == "int4" and not report.steps[0]["ok"]
+    assert alive_at_next_step and not alive_at_next_step[0]
