@@ -25,7 +25,7 @@ from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
 from engine.response_generator import GeneratedReply
 from memory.errors import StoreError
-from memory.store import StateSnapshot, Store
+from memory.store import ReplyContext, StateSnapshot, Store
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
@@ -40,6 +40,7 @@ class Exchange:
     user_id: int
     message_id: int
     received_at: float  # time.monotonic() at admission
+    context: ReplyContext | None = None  # read with the intake (see ContextBuilder.prepare)
 
 
 @dataclass(slots=True)
@@ -69,7 +70,7 @@ class Answerer:
         """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""
         with attempt.stay.away():  # another process's work, not this one's
             await self._earlier_first(exchange)
-        prompt = await self._context.prepare(exchange.user_id, text)
+        prompt = await self._context.prepare(exchange.user_id, text, exchange.context)
         with attempt.stay.away():  # the model's and the platform's time
             reply, sent_id, queue_wait = await self._generate_and_send(exchange, prompt,
                                                                        attempt)

@@ -10,7 +10,7 @@ from bot.state_rules import to_persona_state
 from engine.client import EngineClient, PromptInputs
 from engine.types import GenerationRequest
 from memory.rag import MemoryRetriever, RetrievedChunk
-from memory.store import HistoryMessage, StateSnapshot, Store
+from memory.store import ContextWanted, HistoryMessage, ReplyContext, StateSnapshot, Store
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,10 +38,21 @@ class ContextBuilder:
         self._budget = history_token_budget
         self._remember_min_chars = remember_min_chars
 
-    async def prepare(self, user_id: int, text: str) -> PreparedPrompt:
+    def wanted(self) -> ContextWanted:
+        """What to read with a message's intake when nothing can change it before the reply
+        (``IntakeItem.context``)."""
+        return ContextWanted(self._engine.persona.moods.baseline, self._history_messages)
+
+    async def prepare(self, user_id: int, text: str,
+                      read: ReplyContext | None = None) -> PreparedPrompt:
+        """The request for this reply; ``read``: the context read with the message's intake
+        (read again if the persona changed since)."""
         persona = self._engine.persona
-        state, history = await self._store.reply_context(
-            user_id, persona.id, persona.moods.baseline, self._history_messages)
+        if read is not None and read.persona_id == persona.id:
+            state, history = read.state, read.history
+        else:
+            state, history = await self._store.reply_context(
+                user_id, persona.id, persona.moods.baseline, self._history_messages)
         history = self.within_budget(history)
         retrieved = await self._retrieve(text, user_id)
         knowledge = "\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona")

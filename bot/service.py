@@ -67,6 +67,7 @@ class ConversationService:
         # Observers (the operator server) hear of final states and replies being made.
         self.signals = Signals()
         self._answerer = Answerer(config, engine, store, context, clock, self.signals)
+        self._context = context
         self._admission = Admission(config)
         self._lanes = Lanes()
         self._writer = IntakeWriter(store.intake, pipelined=store.groups_writes)
@@ -138,13 +139,14 @@ class ConversationService:
         return self._admission.allow_command(platform, platform_user_id)
 
     def _intake_item(self, event: ChatEvent, text: str, status: str = "received",
-                     reason: str | None = None) -> IntakeItem:
+                     reason: str | None = None, *, with_context: bool = False) -> IntakeItem:
         return IntakeItem(
             platform=event.platform, platform_user_id=event.platform_user_id,
             display_name=event.display_name, persona_id=self.persona.id,
             channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
             created_at=event.timestamp, status=status, reason=reason, owner=self._role,
-            shared_per_minute=self._config.limits.user_messages_per_minute)
+            shared_per_minute=self._config.limits.user_messages_per_minute,
+            context=self._context.wanted() if with_context else None)
 
     def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
         """Record a refused message in the background (batched; it costs no transaction of
@@ -171,9 +173,12 @@ class ConversationService:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
+        # The reply's context can be read with the intake when no earlier message of this
+        # viewer is still being answered: in one process (SQLite) nothing else changes it.
+        first_in_lane = ticket.lane.users == 1 and self._store.groups_writes
         try:
             exchange = (Exchange(event, *recorded, admitted_at) if recorded is not None
-                        else await self._record(event, text, admitted_at))
+                        else await self._record(event, text, admitted_at, first_in_lane))
             if isinstance(exchange, Reply):
                 return exchange
             return await self._lifecycle(exchange, ticket, text, attempt)
@@ -184,23 +189,25 @@ class ConversationService:
             if task is not None:
                 self._in_flight.discard(task)
 
-    async def _record(self, event: ChatEvent, text: str,
-                      admitted_at: float) -> Exchange | Reply:
-        item = self._intake_item(event, text)
+    async def _record(self, event: ChatEvent, text: str, admitted_at: float,
+                      with_context: bool) -> Exchange | Reply:
+        item = self._intake_item(event, text, with_context=with_context)
         try:
             outcome = await self._writer.submit(item)
         except StoreError as exc:
             self.store_health.failed(exc)
             log.error("message %s from %s:%s failed (store): spooled until the store is "
                       "back: %s", event.message_id, event.platform, event.platform_user_id, exc)
-            self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store"))
+            self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store",
+                                                        context=None))
             return Reply(await self._fallback(event, None), "failed", reason="store")
         self.store_health.succeeded()
         if outcome is not None and outcome.refused is not None:  # another process's share
             return Reply("", "dropped", reason=outcome.refused)
         if outcome is None or outcome.message_id is None:
             return Reply("", "dropped", reason="duplicate")
-        return Exchange(event, outcome.user_id, outcome.message_id, admitted_at)
+        return Exchange(event, outcome.user_id, outcome.message_id, admitted_at,
+                        outcome.context)
 
     # -- the lifecycle's one owner ------------------------------------------------------------
 

@@ -115,6 +115,13 @@ async def test_store_error_on_accept(runtime: Runtime, monkeypatch: pytest.Monke
 
 async def test_store_error_on_history_read(runtime: Runtime, monkeypatch: pytest.MonkeyPatch,
                                            caplog: pytest.LogCaptureFixture) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    def read_fails(*_args: Any) -> Any:
+        raise OperationalError("SELECT", {}, Exception("disk I/O error"))
+
+    # On SQLite the first read is made with the intake; when it fails, the reply's own.
+    monkeypatch.setattr(runtime.store.intake_log, "_read_context", read_fails)
     monkeypatch.setattr(runtime.store, "reply_context", fails_with(StoreError("store: gone")))
     sink = FlakySink()
     reply = await runtime.service.handle(event(sink))

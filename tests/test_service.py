@@ -214,3 +214,30 @@ async def test_a_4000_character_message_keeps_the_persona_prompt_first(
     limit = runtime.config.vtuber.response.max_input_chars
     assert len(request.messages[-1].content) == limit
     assert request.messages[-1].content.endswith("…")
+
+
+async def test_a_viewers_context_is_read_with_the_intake_unless_an_earlier_message_runs(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On SQLite (one process) a message with no earlier one of its viewer still being
+    answered gets its context in the intake's transaction; the ones queued behind an earlier
+    message read it after that one is recorded, so their history holds it."""
+    import asyncio
+
+    reads: list[int] = []
+    real_read = runtime.store.reply_context
+
+    async def counted(user_id: int, *args: Any) -> Any:
+        reads.append(user_id)
+        return await real_read(user_id, *args)
+
+    monkeypatch.setattr(runtime.store, "reply_context", counted)
+    await runtime.service.handle(event("first question"))
+    folded = runtime.store.groups_writes
+    assert reads == ([] if folded else [reads[0]])
+    replies = await asyncio.gather(*(runtime.service.handle(event(f"later {i}"))
+                                     for i in range(3)))
+    assert all(r.status == "answered" for r in replies)
+    assert len(reads) == (2 if folded else 4)  # the first of the three was alone in its lane
+    last: GenerationRequest = scripted(runtime).requests[-1]
+    asked = [m.content for m in last.messages if m.role == "user"]
+    assert asked == ["first question", "later 0", "later 1", "later 2"]

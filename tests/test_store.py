@@ -336,3 +336,22 @@ async def test_a_redelivery_past_the_shared_limit_is_a_duplicate_and_changes_not
     assert stored is not None and stored.status == "received"
     [other] = await store.intake([_item("more", "same-2", shared_per_minute=1)])
     assert other.refused == "rate_limited"  # a new message past the limit is refused
+
+
+async def test_an_intake_can_read_the_reply_context_in_its_transaction(store: Any) -> None:
+    from memory.store import ContextWanted, IntakeItem
+
+    def item(text: str, message_id: str, wanted: ContextWanted | None) -> IntakeItem:
+        return IntakeItem(platform="twitch", platform_user_id="ann", display_name="Ann",
+                          persona_id="p", channel_id="c", platform_message_id=message_id,
+                          text=text, created_at=datetime.now(UTC), context=wanted)
+
+    wanted = ContextWanted(default_mood="calm", history_limit=10)
+    first, duplicate = await store.intake([item("hi", "m1", wanted), item("hi", "m1", wanted)])
+    assert first.context is not None and first.context.persona_id == "p"
+    assert first.context.history == [] and first.context.state.mood == "calm"
+    assert duplicate.context is None  # a redelivery is answered by no one
+    assert (first.context.state, first.context.history) == await store.reply_context(
+        first.user_id, "p", "calm", 10)
+    (plain,) = await store.intake([item("again", "m2", None)])
+    assert plain.context is None

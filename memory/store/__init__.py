@@ -9,12 +9,14 @@ from memory.store.database import sqlite_url
 from memory.store.facade import Store
 from memory.store.intake import IntakeWriter
 from memory.store.records import (
+    ContextWanted,
     ExportedUserData,
     HistoryMessage,
     IntakeItem,
     IntakeOutcome,
     Leftover,
     NewMemory,
+    ReplyContext,
     StateChange,
     StateRule,
     StateSnapshot,
@@ -26,6 +28,7 @@ from memory.store.records import (
 )
 
 __all__ = [
+    "ContextWanted",
     "ExportedUserData",
     "HistoryMessage",
     "IntakeItem",
@@ -33,6 +36,7 @@ __all__ = [
     "IntakeWriter",
     "Leftover",
     "NewMemory",
+    "ReplyContext",
     "StateChange",
     "StateRule",
     "StateSnapshot",

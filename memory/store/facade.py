@@ -16,12 +16,14 @@ from memory.store.intake import Intake
 from memory.store.link_codes import LinkCodeStore
 from memory.store.privacy import Privacy
 from memory.store.records import (
+    ContextWanted,
     ExportedUserData,
     HistoryMessage,
     IntakeItem,
     IntakeOutcome,
     Leftover,
     NewMemory,
+    ReplyContext,
     StateRule,
     StateSnapshot,
     StoredMemory,
@@ -45,7 +47,7 @@ class Store:
         self.states = States(db)
         self.privacy = Privacy(db)
         self.memories = Memories(db)
-        self.intake_log = Intake(db)
+        self.intake_log = Intake(db, self._read_reply_context)
         self.link_codes = LinkCodeStore(db)
         self.role_lock = RoleLock(db)
 
@@ -188,12 +190,19 @@ class Store:
                             history_limit: int) -> tuple[StateSnapshot, list[HistoryMessage]]:
         """What a reply needs from the store, in one read transaction: the viewer's state and
         their recent finished exchanges (oldest first)."""
-        def work(connection: Connection) -> tuple[StateSnapshot, list[HistoryMessage]]:
-            return (self.states.read_state(connection, user_id, persona_id, default_mood),
-                    self.conversations.read_history(connection, user_id, persona_id,
-                                                    history_limit))
+        wanted = ContextWanted(default_mood, history_limit)
+        context = await self._db.read_unit(
+            lambda connection: self._read_reply_context(connection, user_id, persona_id,
+                                                        wanted))
+        return context.state, context.history
 
-        return await self._db.read_unit(work)
+    def _read_reply_context(self, connection: Connection, user_id: int, persona_id: str,
+                            wanted: ContextWanted) -> ReplyContext:
+        return ReplyContext(
+            persona_id,
+            self.states.read_state(connection, user_id, persona_id, wanted.default_mood),
+            self.conversations.read_history(connection, user_id, persona_id,
+                                            wanted.history_limit))
 
     async def stats(self, platform: str, platform_user_id: str, persona_id: str,
                     default_mood: str) -> UserStats | None:

@@ -12,12 +12,13 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, delete, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from memory.errors import StoreError
 from memory.models import Message, User, utcnow
 from memory.store import statements as sql
 from memory.store.database import Database
-from memory.store.records import IntakeItem, IntakeOutcome
+from memory.store.records import ContextWanted, IntakeItem, IntakeOutcome, ReplyContext
 
 log = logging.getLogger(__name__)
 SHARED_LIMIT_WINDOW = timedelta(minutes=1)
@@ -25,11 +26,13 @@ SHARED_LIMIT_WINDOW = timedelta(minutes=1)
 Key = tuple[str, str]
 Waiter = asyncio.Future[IntakeOutcome | None] | None
 BatchEnded = Callable[[list[IntakeItem], Exception | None], None]  # the items, and the error
+ReadContext = Callable[[Connection, int, str, ContextWanted], ReplyContext]
 
 
 class Intake:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, read_context: ReadContext) -> None:
         self._db = db
+        self._read_context = read_context  # (connection, user id, persona id, wanted)
 
     async def record(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
         """Record ``items`` in one transaction, in order."""
@@ -50,9 +53,24 @@ class Intake:
                 outcomes.append(IntakeOutcome(user_id, None, refused.reason)
                                 if message_id is not None else IntakeOutcome(user_id, None))
                 continue
-            outcomes.append(IntakeOutcome(user_id,
-                                          self._insert_message(connection, item, user_id)))
+            message_id = self._insert_message(connection, item, user_id)
+            context = (self._context_for(connection, item, user_id)
+                       if message_id is not None else None)
+            outcomes.append(IntakeOutcome(user_id, message_id, context=context))
         return outcomes
+
+    def _context_for(self, connection: Connection, item: IntakeItem,
+                     user_id: int) -> ReplyContext | None:
+        """The reply's context, if the item asks (SQLite only: a failed read there leaves
+        the transaction usable). A failed read costs the intake nothing: the reply reads
+        its context again on its own."""
+        if item.context is None:
+            return None
+        try:
+            return self._read_context(connection, user_id, item.persona_id, item.context)
+        except SQLAlchemyError as exc:
+            log.debug("context not read with the intake (read again for the reply): %s", exc)
+            return None
 
     def _limited(self, item: IntakeItem) -> bool:
         return (item.shared_per_minute is not None and item.status == "received"

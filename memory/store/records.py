@@ -74,6 +74,26 @@ class IntakeItem:
     # already has this many admitted messages on this platform in the last minute, in any
     # process: the per-viewer limit holds across processes (one viewer on two Discord shards).
     shared_per_minute: int | None = None
+    # Read the reply's context in the same transaction (one trip to the store fewer before
+    # the reply): only where nothing can change it before the reply is made.
+    context: ContextWanted | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ContextWanted:
+    """How to read a reply's context: the persona's baseline mood, history length."""
+
+    default_mood: str
+    history_limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyContext:
+    """What a reply needs from the store: the viewer's state and recent history."""
+
+    persona_id: str
+    state: StateSnapshot
+    history: list[HistoryMessage]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +104,7 @@ class IntakeOutcome:
     user_id: int
     message_id: int | None
     refused: str | None = None  # why the database refused it (recorded dropped): rate_limited
+    context: ReplyContext | None = None  # read with it, when the item asked
 
     @property
     def duplicate(self) -> bool:
