@@ -120,14 +120,16 @@ async def test_store_error_on_history_read(runtime: Runtime, monkeypatch: pytest
     def read_fails(*_args: Any) -> Any:
         raise OperationalError("SELECT", {}, Exception("disk I/O error"))
 
-    # On SQLite the first read is made with the intake; when it fails, the reply's own.
+    # A known viewer (a new one has nothing to read). On SQLite the first read is made with
+    # the intake; when it fails, the reply's own.
+    assert (await runtime.service.handle(event(FlakySink()))).status == "answered"
     monkeypatch.setattr(runtime.store.intake_log, "_read_context", read_fails)
     monkeypatch.setattr(runtime.store, "reply_context", fails_with(StoreError("store: gone")))
     sink = FlakySink()
     reply = await runtime.service.handle(event(sink))
     assert (reply.status, reply.reason) == ("failed", "store")
     assert sink.sent == [reply.text]
-    [row] = await user_rows(runtime)
+    _answered, row = await user_rows(runtime)
     assert (row.status, row.status_reason) == ("failed", "store")
     [line] = failure_lines(caplog)
     assert f"message {row.id} failed (store)" in line

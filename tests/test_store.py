@@ -339,19 +339,28 @@ async def test_a_redelivery_past_the_shared_limit_is_a_duplicate_and_changes_not
 
 
 async def test_an_intake_can_read_the_reply_context_in_its_transaction(store: Any) -> None:
-    from memory.store import ContextWanted, IntakeItem
+    from memory.store import ContextWanted
 
     def item(text: str, message_id: str, wanted: ContextWanted | None) -> IntakeItem:
         return IntakeItem(platform="twitch", platform_user_id="ann", display_name="Ann",
-                          persona_id="p", channel_id="c", platform_message_id=message_id,
+                          persona_id="pell", channel_id="c", platform_message_id=message_id,
                           text=text, created_at=datetime.now(UTC), context=wanted)
 
     wanted = ContextWanted(default_mood="calm", history_limit=10)
     first, duplicate = await store.intake([item("hi", "m1", wanted), item("hi", "m1", wanted)])
-    assert first.context is not None and first.context.persona_id == "p"
+    # A viewer created by this intake: nothing to read, the defaults.
+    assert first.context is not None and first.context.persona_id == "pell"
     assert first.context.history == [] and first.context.state.mood == "calm"
     assert duplicate.context is None  # a redelivery is answered by no one
     assert (first.context.state, first.context.history) == await store.reply_context(
-        first.user_id, "p", "calm", 10)
+        first.user_id, "pell", "calm", 10)
     (plain,) = await store.intake([item("again", "m2", None)])
     assert plain.context is None
+    # A known viewer's state and history are read in the intake's transaction.
+    await store.update_state(first.user_id, "pell", "calm", bump_intimacy)
+    await _exchange(store, first.user_id, "question", "answer")
+    (known,) = await store.intake([item("and again", "m3", wanted)])
+    assert known.context is not None and known.context.state.intimacy == 2  # both bumps
+    assert [m.content for m in known.context.history] == ["question", "answer"]
+    assert (known.context.state, known.context.history) == await store.reply_context(
+        known.user_id, "pell", "calm", 10)

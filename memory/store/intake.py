@@ -18,7 +18,13 @@ from memory.errors import StoreError
 from memory.models import Message, User, utcnow
 from memory.store import statements as sql
 from memory.store.database import Database
-from memory.store.records import ContextWanted, IntakeItem, IntakeOutcome, ReplyContext
+from memory.store.records import (
+    ContextWanted,
+    IntakeItem,
+    IntakeOutcome,
+    ReplyContext,
+    StateSnapshot,
+)
 
 log = logging.getLogger(__name__)
 SHARED_LIMIT_WINDOW = timedelta(minutes=1)
@@ -41,7 +47,7 @@ class Intake:
         return await self._db.write_unit(lambda connection: self._record(connection, items))
 
     def _record(self, connection: Connection, items: list[IntakeItem]) -> list[IntakeOutcome]:
-        users = self._resolve_users(connection, items)
+        users, created = self._resolve_users(connection, items)
         self._lock_limited_viewers(connection, items, users)
         outcomes = []
         for item in items:
@@ -54,18 +60,21 @@ class Intake:
                                 if message_id is not None else IntakeOutcome(user_id, None))
                 continue
             message_id = self._insert_message(connection, item, user_id)
-            context = (self._context_for(connection, item, user_id)
+            context = (self._context_for(connection, item, user_id, user_id in created)
                        if message_id is not None else None)
             outcomes.append(IntakeOutcome(user_id, message_id, context=context))
         return outcomes
 
-    def _context_for(self, connection: Connection, item: IntakeItem,
-                     user_id: int) -> ReplyContext | None:
+    def _context_for(self, connection: Connection, item: IntakeItem, user_id: int,
+                     new_viewer: bool) -> ReplyContext | None:
         """The reply's context, if the item asks (SQLite only: a failed read there leaves
         the transaction usable). A failed read costs the intake nothing: the reply reads
         its context again on its own."""
         if item.context is None:
             return None
+        if new_viewer:  # created in this transaction: nothing to read
+            return ReplyContext(item.persona_id, StateSnapshot(mood=item.context.default_mood),
+                                [])
         try:
             return self._read_context(connection, user_id, item.persona_id, item.context)
         except SQLAlchemyError as exc:
@@ -93,12 +102,14 @@ class Intake:
             "since": item.created_at - SHARED_LIMIT_WINDOW}).scalar_one()
         return bool(item.shared_per_minute is not None and admitted >= item.shared_per_minute)
 
-    def _resolve_users(self, connection: Connection, items: list[IntakeItem]) -> dict[Key, int]:
+    def _resolve_users(self, connection: Connection,
+                       items: list[IntakeItem]) -> tuple[dict[Key, int], set[int]]:
+        """Each item's viewer id (created on first sight), and the ids created here."""
         names = {(i.platform, i.platform_user_id): i.display_name for i in items}
         found = self._known(connection, list(names))
         missing = [key for key in names if key not in found]
         if not missing:
-            return found
+            return found, set()
         now = utcnow()
         created: list[int] = list(connection.scalars(
             sql.INSERT_USERS, [{"display_name": names[key], "created_at": now}
@@ -113,7 +124,7 @@ class Intake:
             found.update(self._known(connection, lost))
             connection.execute(delete(User).where(User.id.in_(
                 [u for key, u in zip(missing, created, strict=True) if key in lost])))
-        return found
+        return found, {found[key] for key in missing if key not in lost}
 
     @staticmethod
     def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
@@ -132,7 +143,7 @@ class Intake:
             await self._db.write_unit(lambda connection: self._record_final(connection, items))
 
     def _record_final(self, connection: Connection, items: list[IntakeItem]) -> None:
-        users = self._resolve_users(connection, items)
+        users, _created = self._resolve_users(connection, items)
         rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
         connection.execute(sql.intake_final(self._db.dialect), rows)
 
