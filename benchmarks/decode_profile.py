@@ -38,7 +38,8 @@ NEW_TOKENS = 200
 
 
 def _rows(model: Any, prefix: list[int], rows: int, sampled: bool, vocab: int,
-          graphs: bool, slots: int | None = None) -> Any:
+          graphs: bool, slots: int | None = None, compiled: bool = False,
+          width: int | None = None) -> Any:
     from engine.continuous import ContinuousBatch
     from engine.types import SamplingParams
 
@@ -46,7 +47,8 @@ def _rows(model: Any, prefix: list[int], rows: int, sampled: bool, vocab: int,
     slots = slots or rows
     batch = ContinuousBatch(model, slots=slots)
     if graphs:
-        batch.make_static(slots, len(prefix) + 200 + NEW_TOKENS + 64, lambda done, total: None)
+        batch.make_static(slots, width or len(prefix) + 200 + NEW_TOKENS + 64,
+                          lambda done, total: None, compile_step=compiled)
     batch.set_prefix(prefix)
     params = SamplingParams(max_new_tokens=NEW_TOKENS) if sampled else None
     joins = []
@@ -82,36 +84,84 @@ def measure(model: Any, prefix: list[int], vocab: int, sizes: list[int]) -> None
                     torch.cuda.empty_cache()
 
 
-def breakdown(model: Any, prefix: list[int], vocab: int, sizes: list[int]) -> None:
+def breakdown(model: Any, prefix: list[int], vocab: int, sizes: list[int],
+              compiled: bool = False, width: int | None = None) -> None:
     """Where a captured step's wall time goes: the graph replay alone (the model), then the
-    whole ``step()`` (sampling, reading the tokens back, bookkeeping), greedy and sampled."""
+    whole ``step()`` (sampling, reading the tokens back, bookkeeping), greedy and sampled.
+    One bucket per size (``rows`` slots), compiled as the runtime does with ``compiled``."""
     import torch
 
-    print("\n| rows | replay ms (GPU) | step ms, greedy | step ms, default sampling |")
+    import engine.decode_graphs
+
+    engine.decode_graphs.buckets_for = lambda slots: [slots]  # one capture (and compile) each
+    print(f"\n| rows | replay ms (GPU) | step ms, greedy | step ms, default sampling |"
+          f" (compiled: {compiled}, width {width or 'prompt + 264'})")
     print("| --- | --- | --- | --- |")
     for rows in sizes:
-        timings = []
-        for sampled in (False, True):
-            batch, _ = _rows(model, prefix, rows, sampled, vocab, graphs=True)
-            batch.step()
-            if not sampled:
-                replay = torch.inference_mode()(
-                    functools.partial(batch._graphs.run, batch._last, batch._positions))
-                replays = [_timed(replay) for _ in range(20)]
-                timings.append(sum(replays) / len(replays) * 1000)
-            steps = [_timed(batch.step) for _ in range(20)]
-            timings.append(sum(steps) / len(steps) * 1000)
-            del batch
+        batch, _ = _rows(model, prefix, rows, True, vocab, graphs=True, compiled=compiled,
+                         width=width)
+        batch.step()
+        replay = torch.inference_mode()(
+            functools.partial(batch._graphs.run, batch._last, batch._positions))
+        timings = [_mean_ms(replay)]
+        params = [row.params for row in batch.rows]
+        for row in batch.rows:
+            row.params = None  # greedy: argmax only
+        timings.append(_mean_ms(batch.step))
+        for row, chosen in zip(batch.rows, params, strict=True):
+            row.params = chosen
+        timings.append(_mean_ms(batch.step))
         print(f"| {rows} | " + " | ".join(f"{t:.2f}" for t in timings) + " |", flush=True)
+        _profile_steps(batch, rows)
+        del batch
+
+
+def _mean_ms(work: Any, times: int = 20) -> float:
+    return sum(_timed(work) for _ in range(times)) / times * 1000
+
+
+def sampler(vocab: int, sizes: list[int]) -> None:
+    """``pick_tokens`` alone with the default sampling on random logits: the device time of
+    50 calls queued back to back, and the host's time for one call."""
+    import torch
+
+    from engine.sampling import pick_tokens
+    from engine.types import SamplingParams
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print("\n| rows | sampler, 50 calls back to back: ms per call | host ms for one call |")
+    print("| --- | --- | --- |")
+    for rows in sizes:
+        logits = torch.randn((rows, vocab), device=device, dtype=torch.bfloat16) * 4
+        seen = torch.zeros((rows, vocab), dtype=torch.bool, device=device)
+        seen[:, :300] = True
+        params: list[SamplingParams | None] = [SamplingParams()] * rows
+
+        def call(logits: Any = logits, seen: Any = seen, params: Any = params,
+                 rows: int = rows) -> Any:
+            return pick_tokens(logits, params, seen, [10] * rows, [2], [None] * rows)
+
+        for _ in range(5):
+            call()
+        _sync()
+        host = time.perf_counter()
+        call()
+        host = time.perf_counter() - host
+        device_ms = _mean_ms(lambda: [call() for _ in range(50)], 3) / 50
+        print(f"| {rows} | {device_ms:.3f} | {host * 1000:.3f} |", flush=True)
 
 
 def profile(model: Any, prefix: list[int], vocab: int, rows: int) -> None:
+    batch, _ = _rows(model, prefix, rows, True, vocab, graphs=True)
+    batch.step()
+    _profile_steps(batch, rows)
+
+
+def _profile_steps(batch: Any, rows: int) -> None:
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    batch, _ = _rows(model, prefix, rows, True, vocab, graphs=True)
-    batch.step()
     activities = [ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(ProfilerActivity.CUDA)
@@ -170,7 +220,11 @@ def main() -> None:
     parser.add_argument("--join-only", action="store_true",
                         help="only the join (prefill) profiles")
     parser.add_argument("--breakdown", action="store_true",
-                        help="only the step's breakdown and one profile per size")
+                        help="only the sampler, the step's breakdown and one profile per size")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the decode step as the runtime does (breakdown)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="slot columns (the runtime: max_length + 1, rounded up to 64)")
     args = parser.parse_args()
     prepare(args.model_dir, args.tiny)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,9 +237,8 @@ def main() -> None:
     vocab = len(tokenizer)
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.breakdown:
-        breakdown(model, prefix, vocab, sizes)
-        for rows in sizes:
-            profile(model, prefix, vocab, rows)
+        sampler(vocab, sizes)
+        breakdown(model, prefix, vocab, sizes, args.compile, args.width)
         return
     if not args.join_only:
         measure(model, prefix, vocab, sizes)

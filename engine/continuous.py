@@ -33,7 +33,7 @@ from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
 from engine.prefill_graphs import PrefillGraphs
-from engine.sampling import pick_tokens
+from engine.sampling import on_device, pick_tokens
 from engine.types import SamplingParams
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -209,10 +209,11 @@ class ContinuousBatch:
                       for j in joining]
         seen = torch.zeros((len(rests), logits.shape[-1]), dtype=torch.bool, device=device)
         for index, j in enumerate(joining):
-            seen[index, torch.tensor(j.prompt_ids, device=device)] = True
-        firsts = pick_tokens(logits, [j.params for j in joining], seen, [0] * len(joining),
-                             sorted(joining[0].eos_ids), generators).tolist()
-        seen[torch.arange(len(rests), device=device), torch.tensor(firsts, device=device)] = True
+            seen[index].index_fill_(0, on_device(j.prompt_ids, device), True)
+        first_tokens = pick_tokens(logits, [j.params for j in joining], seen,
+                                   [0] * len(joining), sorted(joining[0].eos_ids), generators)
+        seen.scatter_(1, first_tokens[:, None], True)
+        firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
         # Everything that can run out of memory happens before the batch changes.
         slots = self._room_for(layers, max(len(j.prompt_ids) for j in joining), len(joining),
                                max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
@@ -224,7 +225,7 @@ class ContinuousBatch:
                                  j.params, generators[index]))
         self._cache = slots
         self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
-                       torch.tensor(firsts, device=device)[:, None], seen)
+                       first_tokens[:, None], seen)
         return [int(first) for first in firsts]
 
     def _prefill_eager(self, rests: list[list[int]], covered: int
@@ -313,7 +314,8 @@ class ContinuousBatch:
                                  [len(row.tokens) + row.pending for row in self.rows],
                                  sorted(self.rows[0].eos_ids),
                                  [row.generator for row in self.rows])
-            self._seen[torch.arange(len(self.rows), device=tokens.device), tokens] = True
+            # scatter_, not an index assignment: that copies True from the host and waits
+            self._seen.scatter_(1, tokens[:, None], True)
         self._positions, self._last = self._positions + 1, tokens[:, None]
         self._launched.append(LaunchedStep.queue(self.rows, tokens))
 

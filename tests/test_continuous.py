@@ -251,6 +251,7 @@ async def _answers_with_injected_join(tiny_model_dir: Path, monkeypatch: pytest.
             return real_join(joining)
 
         monkeypatch.setattr(continuous_worker, "JOIN_GROUP", group)
+        monkeypatch.setattr(continuous_worker, "IDLE_JOIN_GROUP", group)
         monkeypatch.setattr(worker._batch, "join_many", tight_join)
         answers = await asyncio.gather(*(reply(text) for text in PROMPTS))
     finally:
@@ -386,11 +387,13 @@ def test_a_static_group_join_matches_generate(tiny: tuple[Any, Any]) -> None:
 
 
 def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, Any]) -> None:
-    """While a bucket is captured compiled (a GPU), the model runs the compiled forward, and
-    above one row attention stays out of the compiled code; afterwards the model's forward and
-    the attention registry are its own again (prefills run them eagerly)."""
+    """While a bucket is captured compiled (a GPU), the model runs the compiled forward with
+    grouped-head attention, kept out of the compiled code above one row; afterwards the
+    model's forward and the attention registry are its own again (prefills run them
+    eagerly)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from engine.decode_attention import grouped_decode_attention
     from engine.decode_graphs import FULLY_COMPILED_ROWS
 
     model, _ = tiny
@@ -406,8 +409,31 @@ def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, A
         assert ALL_ATTENTION_FUNCTIONS[name] is not attention  # kept out of the compiled code
     assert "forward" not in model.__dict__ and ALL_ATTENTION_FUNCTIONS[name] is attention
     with graphs._compiled(compiled, FULLY_COMPILED_ROWS):
-        assert ALL_ATTENTION_FUNCTIONS[name] is attention  # compiled along
+        assert ALL_ATTENTION_FUNCTIONS[name] is grouped_decode_attention  # compiled along
+    assert ALL_ATTENTION_FUNCTIONS[name] is attention
     assert "forward" not in model.__dict__
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_the_step_attention_of_a_compiled_bucket_gives_the_tokens_of_generate(
+        tiny: tuple[Any, Any], rows: int) -> None:
+    """What a compiled bucket captures (grouped-head attention; here run eagerly) decodes
+    token for token like ``generate()``."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from engine.decode_attention import grouped_decode_attention
+
+    model, tokenizer = tiny
+    assert model.config._attn_implementation == "sdpa"
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:rows]]
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=128)
+    graphs = batch._graphs
+    assert graphs is not None
+    with graphs._compiled(model.forward, rows):
+        assert (ALL_ATTENTION_FUNCTIONS["sdpa"] is grouped_decode_attention) == (rows == 1)
+        results = _drive(batch, {0: [(f"r{i}", prompt) for i, prompt in enumerate(ids)]})
+    assert results == {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
 
 
 def test_pipelined_steps_count_the_pending_token_for_penalties_and_minimum_length(

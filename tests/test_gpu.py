@@ -97,3 +97,33 @@ def test_pipelined_captured_steps_give_the_tokens_of_step_by_step(tiny_model_dir
     step_by_step = run(False)
     assert {k: len(v) for k, v in step_by_step.items()} == {f"r{i}": 12 for i in range(4)}
     assert run(True) == step_by_step
+
+
+def test_launching_a_sampled_step_never_waits_for_the_device(tiny_model_dir: Path) -> None:
+    """The host queues step n+1 while the GPU runs step n only if launching a step never
+    synchronises: no host-to-device copy from pageable memory, no read-back. Checked with
+    PyTorch's sync debug mode while rows sample with penalties and a minimum length."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.continuous import ContinuousBatch
+    from engine.types import SamplingParams
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = model.to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(4, 128, lambda done, total: None)
+    eos = frozenset({int(tokenizer.eos_token_id or 0)})
+    for index, text in enumerate(("hello there", "你好", "good night")):
+        params = SamplingParams(max_new_tokens=20, min_new_tokens=10) if index else None
+        batch.join(f"r{index}", tokenizer.encode(text, add_special_tokens=False), 20, eos,
+                   params)
+    batch.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():  # as in step()
+            for _ in range(3):
+                batch._launch()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.step()  # the launched steps read back as usual

@@ -24,7 +24,8 @@ from engine.continuous import ContinuousBatch, Joining, common_prefix
 from engine.errors import EngineError, GenerationAborted
 
 log = logging.getLogger(__name__)
-JOIN_GROUP = 8  # requests prefilled together at most: bounds the pause of running rows
+JOIN_GROUP = 8  # requests prefilled together at most while rows run: bounds their pause
+IDLE_JOIN_GROUP = 32  # with no row running, no one waits on the prefill: a burst joins at once
 
 
 class _Backend(Protocol):
@@ -113,7 +114,8 @@ class ContinuousWorker:
     def _admit(self) -> None:
         """Let waiting requests join, those that arrived together in one prefill."""
         while self._waiting and len(self._running) < self._backend.max_batch_size:
-            room = min(JOIN_GROUP, self._backend.max_batch_size - len(self._running))
+            group_limit = JOIN_GROUP if self._running else IDLE_JOIN_GROUP
+            room = min(group_limit, self._backend.max_batch_size - len(self._running))
             group: list[Job] = []
             while self._waiting and len(group) < room:
                 job = self._waiting.popleft()
