@@ -461,3 +461,39 @@ def test_pipelined_steps_count_the_pending_token_for_penalties_and_minimum_lengt
     step_by_step = run(False, eos)
     assert step_by_step == free[:6]
     assert run(True, eos) == step_by_step
+
+
+def test_a_burst_joins_in_one_prefill_when_nothing_runs() -> None:
+    """A join pauses the running rows, so while rows run a prefill takes ``JOIN_GROUP`` at
+    most; with none running nobody waits, and everyone waiting joins in one pass."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from engine.backends.continuous_worker import JOIN_GROUP, ContinuousWorker
+    from engine.backends.jobs import Job
+    from engine.types import ChatMessage, GenerationRequest
+
+    class Model:
+        def forward(self, input_ids: Any, logits_to_keep: int = 0) -> None: ...
+
+    backend = SimpleNamespace(model=Model(), max_batch_size=32, eos_ids=frozenset)
+    worker = ContinuousWorker(backend, queue.Queue())  # type: ignore[arg-type]
+    joined: list[int] = []
+
+    def join(group: list[Job]) -> None:
+        joined.append(len(group))
+        worker._running.update({job.request.request_id: job for job in group})
+
+    worker._join = join  # type: ignore[method-assign]
+
+    def waiting(count: int) -> list[Job]:
+        return [Job(GenerationRequest((ChatMessage("user", "hi"),)), lambda _: None,
+                    threading.Event()) for _ in range(count)]
+
+    worker._waiting.extend(waiting(20))
+    worker._admit()
+    assert joined == [20]
+    worker._waiting.extend(waiting(20))
+    worker._admit()  # 12 slots left, taken JOIN_GROUP at a time beside the running rows
+    assert joined == [20, JOIN_GROUP, 12 - JOIN_GROUP] and len(worker._waiting) == 8
