@@ -10,6 +10,8 @@ import torch
 from engine.types import SamplingParams
 
 TOPK_CANDIDATES = 1024  # up to this top-k, only the candidates are ordered, not the vocabulary
+GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
+PENALTY, EARLY, TEMPERATURE, TOP_K, TOP_P, SAMPLED = range(6)  # columns of a row's settings
 
 
 def pick_tokens(logits: torch.Tensor, params: list[SamplingParams | None], seen: torch.Tensor,
@@ -41,10 +43,6 @@ def pick_tokens(logits: torch.Tensor, params: list[SamplingParams | None], seen:
         return tokens
     picked = _sample(settings, scores, generators, max(int(row[TOP_K]) for row in host))
     return torch.where(settings[:, SAMPLED] > 0, picked, tokens)
-
-
-GREEDY = SamplingParams(temperature=0.0, repetition_penalty=1.0)
-PENALTY, EARLY, TEMPERATURE, TOP_K, TOP_P, SAMPLED = range(6)  # columns of a row's settings
 
 
 def _host_settings(params: list[SamplingParams], early: list[bool], sampled: list[bool],
