@@ -25,9 +25,10 @@ def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     """transformers' attention-function signature: ``query`` [rows, heads, 1, dim],
     ``key``/``value`` [rows, kv_heads, columns, dim], a boolean ``attention_mask``
     [rows, 1, 1, columns]; returns [rows, 1, heads, dim]. Anything else (a prefill, no
-    grouping) goes to transformers' own SDPA function."""
+    grouping, a position bias or soft cap) goes to transformers' own SDPA function."""
     groups = int(getattr(module, "num_key_value_groups", 1))
-    if query.shape[2] != 1 or groups == 1 or kwargs.get("position_bias") is not None:
+    other_terms = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    if query.shape[2] != 1 or groups == 1 or other_terms:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask,

@@ -82,3 +82,13 @@ def test_grouped_decode_attention_equals_transformers_sdpa(rows: int) -> None:
                                          repeat_kv(value, groups), mask, scaling=0.25)
     assert ours.shape == expected.shape == (rows, 1, query.shape[1], query.shape[3])
     assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_grouped_decode_attention_leaves_what_it_does_not_compute_to_transformers() -> None:
+    """A soft cap is not in the written-out attention: it goes to transformers' SDPA, which
+    refuses it loudly rather than the step computing something else."""
+    from engine.decode_attention import grouped_decode_attention
+
+    module, query, key, value, mask = _attention_inputs(1, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        grouped_decode_attention(module, query, key, value, mask, scaling=0.25, softcap=30.0)
