@@ -93,12 +93,15 @@ async def _load(backend: Any, label: str, rate: float, amount: float, cap: float
     ttft: list[float] = []
     total: list[float] = []
     tasks = []
-    started = time.perf_counter()
     count = int(amount) if rate <= 0 else int(rate * amount)
-    for index in range(count):
+    # Made before the clock starts: writing the texts (tokenizing as they grow) is the
+    # benchmark's own work, and a burst's requests arrive together.
+    requests = [_request(backend.tokenizer, rng, index, system) for index in range(count)]
+    gaps = [rng.expovariate(rate) if rate > 0 else 0.0 for _ in range(count)]
+    started = time.perf_counter()
+    for request, gap in zip(requests, gaps, strict=True):
         if rate > 0:
-            await asyncio.sleep(rng.expovariate(rate))
-        request = _request(backend.tokenizer, rng, index, system)
+            await asyncio.sleep(gap)
         tasks.append(asyncio.create_task(_one(backend, request, ttft, total)))
         if rate < 0:
             await asyncio.wait(tasks[-1:], timeout=cap)

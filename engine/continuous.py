@@ -32,8 +32,9 @@ from engine.batch_rows import LaunchedStep, Row
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
+from engine.packed_prefill import PackedKV, pack, split
 from engine.prefill_graphs import PrefillGraphs
-from engine.sampling import on_device, pick_tokens
+from engine.sampling import pick_tokens, seen_in_prompts
 from engine.types import SamplingParams
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -171,16 +172,15 @@ class ContinuousBatch:
         prefix = self._prefix
         return common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
 
-    def _prefix_cache(self, covered: int, rows: int) -> DynamicCache:
-        """A cache holding the prefix's first ``covered`` tokens for ``rows`` rows."""
+    def _prefix_cache(self, covered: int) -> DynamicCache:
+        """A one-row cache holding the prefix's first ``covered`` tokens (a packed prefill
+        shares them between its prompts)."""
         cache = DynamicCache()
         if self._prefix is None or covered == 0:
             return cache
         for layer, (keys, values) in enumerate(_kv(self._prefix.cache)):
             # ``update`` concatenates into new tensors: the prefix itself is never written.
-            cache.update(keys[:, :, :covered].expand(rows, -1, -1, -1),
-                         values[:, :, :covered].expand(rows, -1, -1, -1), layer)
-        self.prefix_hits += rows
+            cache.update(keys[:, :, :covered], values[:, :, :covered], layer)
         return cache
 
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
@@ -192,35 +192,34 @@ class ContinuousBatch:
 
     @torch.inference_mode()
     def join_many(self, joining: list[Joining]) -> list[int]:
-        """Prefill several requests in one forward pass, add their rows, return each one's
-        first token. A prefill is mostly fixed cost (kernel launches), so requests that
-        arrived during a step join together."""
+        """Prefill several requests together, add their rows, return each one's first
+        token. A prefill is mostly fixed cost (kernel launches) or, for a burst, GEMMs over
+        the prompts' own tokens, so requests that arrived during a step join together."""
         device = self.model.device
         covered = min(self._covered(j.prompt_ids) for j in joining)
         rests = [j.prompt_ids[covered:] for j in joining]
+        self.prefix_hits += len(rests) if covered else 0
         if self._prefill is not None and self._prefill.fits(
                 len(rests), covered, max(len(rest) for rest in rests)):
-            logits, layers = self._prefill.run(rests, covered)
-            self.prefix_hits += len(rests) if covered else 0
+            logits, packed = self._prefill.run(rests, covered)
+            prefilled = [packed]
         else:
-            logits, layers = self._prefill_eager(rests, covered)
+            logits, prefilled = self._prefill_eager(rests, covered)
         generators = [torch.Generator().manual_seed(j.params.seed)
                       if j.params is not None and j.params.seed is not None else None
                       for j in joining]
-        seen = torch.zeros((len(rests), logits.shape[-1]), dtype=torch.bool, device=device)
-        for index, j in enumerate(joining):
-            seen[index].index_fill_(0, on_device(j.prompt_ids, device), True)
+        seen = seen_in_prompts([j.prompt_ids for j in joining], logits.shape[-1], device)
         first_tokens = pick_tokens(logits, [j.params for j in joining], seen,
                                    [0] * len(joining), sorted(joining[0].eos_ids), generators)
         seen.scatter_(1, first_tokens[:, None], True)
         firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
         # Everything that can run out of memory happens before the batch changes.
-        slots = self._room_for(layers, max(len(j.prompt_ids) for j in joining), len(joining),
+        slots = self._room_for(prefilled[0].layers, max(len(j.prompt_ids) for j in joining),
+                               len(joining),
                                max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
+        for packed in prefilled:
+            slots.append_packed(packed, covered)
         for index, j in enumerate(joining):
-            end = len(j.prompt_ids)
-            slots.append_row([(keys[index:index + 1, :, :end], values[index:index + 1, :, :end])
-                              for keys, values in layers])
             self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
                                  j.params, generators[index]))
         self._cache = slots
@@ -229,26 +228,21 @@ class ContinuousBatch:
         return [int(first) for first in firsts]
 
     def _prefill_eager(self, rests: list[list[int]], covered: int
-                       ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-        """Prefill ``rests`` (each prompt past ``covered`` prefix tokens) in one forward:
-        each one's last logits [rows, vocab] and the rows' KV per layer."""
-        device = self.model.device
-        cache = self._prefix_cache(covered, len(rests))
-        width = max(len(rest) for rest in rests)
-        # Padding goes after each prompt's last token: causal attention never lets a real
-        # token see it, so no mask is needed.
-        ids = torch.tensor([rest + rest[-1:] * (width - len(rest)) for rest in rests],
-                           device=device)
-        positions = torch.arange(covered, covered + width, device=device)[None]
-        ends = sorted({len(rest) - 1 for rest in rests})
-        keep = ({"logits_to_keep": torch.tensor(ends, device=device)}
-                if self._last_logits_only else {})
-        out = self.model(input_ids=ids, position_ids=positions.expand(len(rests), -1),
-                         use_cache=True, **{self._cache_kw: cache}, **keep)
-        where = [ends.index(len(rest) - 1) if keep else len(rest) - 1 for rest in rests]
-        logits = out.logits[torch.arange(len(rests), device=device),
-                            torch.tensor(where, device=device)]
-        return logits, _kv(cache)
+                       ) -> tuple[torch.Tensor, list[PackedKV]]:
+        """Prefill ``rests`` (each prompt past ``covered`` prefix tokens), packed a few
+        thousand tokens to a forward (``engine/packed_prefill.py``): each one's last logits
+        [rows, vocab] and the packs' KV."""
+        logits, prefilled = [], []
+        for group in split(rests):
+            cache = self._prefix_cache(covered)
+            packed = pack(group, covered, self.model.device)
+            keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
+            out = self.model(input_ids=packed.ids, position_ids=packed.positions,
+                             attention_mask=packed.mask, use_cache=True,
+                             **{self._cache_kw: cache}, **keep)
+            logits.append(out.logits[0] if keep else out.logits[0, packed.ends])
+            prefilled.append(PackedKV(_kv(cache), [len(rest) for rest in group]))
+        return torch.cat(logits), prefilled
 
     def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
                   seen: torch.Tensor) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from engine.packed_prefill import PackedKV, placement
+
 
 class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """One model layer's slots. ``keys``/``values`` are the whole buffers; ``length`` is the
@@ -153,18 +155,20 @@ class SlotCache(Cache):
         self.mask[:rows] = False
         self.mask[:rows, target:target + count] = mask
 
-    def append_row(self, prompt: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Add a row whose prompt KV (``[1, heads, tokens, dim]`` per layer) ends at the
-        newest column. The caller made room (slots, width, ``length`` ≥ its tokens)."""
-        row, tokens = self.rows, int(prompt[0][0].shape[2])
-        start = self.length - tokens
-        for layer, (keys, values) in zip(self._slot_layers(), prompt, strict=True):
+    def append_packed(self, prompts: PackedKV, covered: int) -> None:
+        """Add one row per packed prompt (its ``covered`` shared tokens, then its own), each
+        ending at the newest column: one gather and one scatter per layer, whatever the
+        number of rows. The caller made room."""
+        rows, columns, source = placement(prompts.lengths, covered, self.rows, self.length,
+                                          self.mask.device)
+        for layer, (keys, values) in zip(self._slot_layers(), prompts.layers, strict=True):
             assert layer.keys is not None and layer.values is not None
-            layer.keys[row, :, start:self.length] = keys[0]
-            layer.values[row, :, start:self.length] = values[0]
-        self.mask[row] = False
-        self.mask[row, start:self.length] = True
-        self.rows += 1
+            # [tokens, heads, dim] on both sides: the advanced indices come first
+            layer.keys[rows, :, columns] = keys[0].index_select(1, source).transpose(0, 1)
+            layer.values[rows, :, columns] = values[0].index_select(1, source).transpose(0, 1)
+        self.mask[self.rows:self.rows + len(prompts.lengths)] = False
+        self.mask[rows, columns] = True
+        self.rows += len(prompts.lengths)
         self._sync()
 
     def step_mask(self, rows: int | None = None) -> torch.Tensor:

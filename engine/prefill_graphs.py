@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from engine.kv_slots import SlotCache, SlotLayer
+from engine.packed_prefill import PackedKV
+from engine.sampling import on_device
 
 log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (64, 128, 256, 512)
@@ -109,21 +111,20 @@ class PrefillGraphs:
         progress(len(ordered), len(ordered))
 
     @torch.inference_mode()
-    def run(self, rests: list[list[int]], covered: int) -> tuple[torch.Tensor, KV]:
+    def run(self, rests: list[list[int]], covered: int) -> tuple[torch.Tensor, PackedKV]:
         """Prefill ``rests`` (prompts past their first ``covered`` tokens, which the prefix
-        holds): each one's last logits [rows, vocab] and the prompts' KV per layer
-        (``[rows, heads, covered + longest rest, dim]``), valid until the next run."""
+        holds): each one's last logits [rows, vocab] and the prompts' KV, packed."""
         count, longest = len(rests), max(len(rest) for rest in rests)
         bucket = next(b for (rows, tokens), b in self._buckets.items()
                       if rows >= count and tokens >= longest)
         device = bucket.ids.device
         padded = [rest + rest[-1:] * (bucket.tokens - len(rest)) for rest in rests]
         padded += padded[-1:] * (bucket.rows - count)  # idle rows repeat the last request
-        bucket.ids.copy_(torch.tensor(padded, device=device))
+        bucket.ids.copy_(on_device(padded, device))  # queued: never waits for a running step
         bucket.positions.copy_(torch.arange(covered, covered + bucket.tokens, device=device)
                                .expand(bucket.rows, -1))
         ends = [len(rest) - 1 for rest in rests]
-        bucket.last.copy_(torch.tensor(ends + ends[-1:] * (bucket.rows - count), device=device))
+        bucket.last.copy_(on_device(ends + ends[-1:] * (bucket.rows - count), device))
         bucket.mask.zero_()
         bucket.mask[:, 0, :, :covered] = True
         bucket.mask[:, 0, :, self._room:self._room + bucket.tokens] = bucket.causal
@@ -133,10 +134,16 @@ class PrefillGraphs:
         else:
             logits = self._forward(bucket)
         index = torch.arange(count, device=device)
-        start, end = self._room, self._room + longest
-        kv = [(torch.cat([layer.keys[:count, :, :covered],  # type: ignore[index]
-                          layer.keys[:count, :, start:end]], dim=2),  # type: ignore[index]
-               torch.cat([layer.values[:count, :, :covered],  # type: ignore[index]
-                          layer.values[:count, :, start:end]], dim=2))  # type: ignore[index]
-              for layer in self._layers()]
-        return logits[index, index], kv
+        start = self._room
+        layers = [(_packed(layer.keys, covered, start, rests),  # type: ignore[arg-type]
+                   _packed(layer.values, covered, start, rests))  # type: ignore[arg-type]
+                  for layer in self._layers()]
+        return logits[index, index], PackedKV(layers, [len(rest) for rest in rests])
+
+
+def _packed(buffer: torch.Tensor, covered: int, start: int, rests: list[list[int]]
+            ) -> torch.Tensor:
+    """The scratch rows' KV packed: the shared prefix once, then each row's own tokens."""
+    parts = [buffer[:1, :, :covered]]
+    parts += [buffer[row:row + 1, :, start:start + len(rest)] for row, rest in enumerate(rests)]
+    return torch.cat(parts, dim=2)

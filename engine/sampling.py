@@ -91,7 +91,17 @@ def _candidates(settings: torch.Tensor, scores: torch.Tensor, widest: int
     return probabilities.masked_fill(before > settings[:, TOP_P, None], 0.0), order
 
 
-def on_device(values: list[int] | list[list[float]], device: torch.device) -> torch.Tensor:
+def seen_in_prompts(prompts: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """``[rows, vocab]``, True where a row's prompt has the token (what the repetition
+    penalty remembers), from one copy for all rows."""
+    flat = [row * vocab + token for row, prompt in enumerate(prompts) for token in prompt]
+    seen = torch.zeros((len(prompts), vocab), dtype=torch.bool, device=device)
+    seen.view(-1).index_fill_(0, on_device(flat, device), True)
+    return seen
+
+
+def on_device(values: list[int] | list[list[int]] | list[list[float]],
+              device: torch.device) -> torch.Tensor:
     """A small host list on ``device`` without waiting: from pinned memory the copy is queued
     behind the running step instead of blocking the host until the GPU is idle."""
     pinned = device.type == "cuda"

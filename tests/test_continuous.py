@@ -312,10 +312,16 @@ def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any],
 
 
 @pytest.mark.parametrize("with_prefix", [False, True])
-def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any],
-                                                    with_prefix: bool) -> None:
-    """Requests that arrived during one step join in one forward pass (prompts of different
-    lengths, padded after their ends); each still gets what ``generate()`` gives alone."""
+@pytest.mark.parametrize("pack_tokens", [4096, 12], ids=["one pack", "several packs"])
+def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any], with_prefix: bool,
+                                                    pack_tokens: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests that arrived during one step join together, their prompts packed into one
+    sequence (or several, past ``PACK_TOKENS``) beside a row already running; each still
+    gets what ``generate()`` gives alone."""
+    from engine import packed_prefill
+
+    monkeypatch.setattr(packed_prefill, "PACK_TOKENS", pack_tokens)
     model, tokenizer = tiny
     system = tokenizer.encode("system user assistant good night", add_special_tokens=False)
     ids = [(system if with_prefix else []) + tokenizer.encode(p, add_special_tokens=False)

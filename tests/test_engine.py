@@ -99,7 +99,7 @@ async def test_prompt_over_budget_drops_oldest_history(backend: TransformersBack
         (ChatMessage("system", "sys"), *long_history, ChatMessage("user", "latest")),
         SamplingParams(max_new_tokens=8, temperature=0.0),
     )
-    assert len(backend._prompt_ids(req)) <= 512 - 8
+    assert len(backend.prompts.ids(req)) <= 512 - 8
 
 
 async def test_a_wall_of_text_never_pushes_out_the_system_prompt(
@@ -109,7 +109,7 @@ async def test_a_wall_of_text_never_pushes_out_the_system_prompt(
         (ChatMessage("system", system), ChatMessage("user", "spam " * 2000)),
         SamplingParams(max_new_tokens=8, temperature=0.0),
     )
-    ids = backend._prompt_ids(req)
+    ids = backend.prompts.ids(req)
     assert len(ids) <= 512 - 8
     assert system in backend.tokenizer.decode(ids)
 

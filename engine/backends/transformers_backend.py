@@ -22,6 +22,7 @@ from typing import Any
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import END, STOP_WORKER, Failure, Job, is_oom
+from engine.backends.prompts import ChatPrompts
 from engine.config import LLMConfig
 from engine.continuous import supports
 from engine.errors import BackendUnavailableError, GenerationAborted
@@ -86,7 +87,7 @@ class TransformersBackend:
         self.batches_run = 0
         self.oom_retries = 0
         self.continuous: ContinuousWorker | None = None
-        self._system_ids: tuple[str | None, list[int]] = (None, [])  # the last system turn
+        self.prompts: ChatPrompts | None = None  # once the tokenizer is loaded
         self._closed = False
 
     @property
@@ -119,6 +120,7 @@ class TransformersBackend:
         self.model, self.tokenizer = load_llm(
             self.model_dir, config.quantization, self._placement, self.report
         )
+        self.prompts = ChatPrompts(self.tokenizer, config.max_length)
         on_gpu = self._placement.llm_device != "cpu" and self.report.mode != "cpu"
         wanted = config.static_cache
         # A static KV cache lets transformers compile the decode step; bitsandbytes layers do
@@ -274,47 +276,14 @@ class TransformersBackend:
     def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]:
         """(the shared prefix: the system turn alone, if the prompt starts with it; the
         whole prompt)."""
-        prompt = self._prompt_ids(job.request)
-        messages = job.request.as_dicts()
-        if not messages or messages[0]["role"] != "system":
-            return [], prompt
-        text = messages[0]["content"]
-        if self._system_ids[0] != text:  # the decode loop waits while we tokenize: once
-            system = self.tokenizer.apply_chat_template(messages[:1], enable_thinking=False)
-            self._system_ids = (text, list(system["input_ids"] if hasattr(system, "keys")
-                                           else system))
-        prefix = self._system_ids[1]
-        return (prefix, prompt) if prompt[:len(prefix)] == prefix else ([], prompt)
-
-    def _prompt_ids(self, request: GenerationRequest) -> list[int]:
-        """Chat template within the budget. The system prompt (the persona and its rules) is
-        never cut: the oldest other turns go first, then the viewer's message is shortened."""
-        messages = request.as_dicts()
-        budget = max(1, self._config.max_length - request.sampling.max_new_tokens)
-        for _ in range(64):
-            ids = self._render(messages)
-            if len(ids) <= budget:
-                return ids
-            droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
-            if droppable:
-                del messages[droppable[0]]
-            elif len(messages[-1]["content"]) > 1:
-                text = messages[-1]["content"]
-                messages[-1] = {**messages[-1], "content": text[:len(text) // 2] + "…"}
-            else:
-                break
-        return ids[:budget]  # a system prompt longer than the context: nothing else fits
-
-    def _render(self, messages: list[dict[str, Any]]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, enable_thinking=False,
-        )
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        assert self.prompts is not None
+        return self.prompts.parts(job.request)
 
     def _encode_batch(self, requests: list[GenerationRequest]) -> dict[str, Any]:
         import torch
 
-        rows = [self._prompt_ids(request) for request in requests]
+        assert self.prompts is not None
+        rows = [self.prompts.ids(request) for request in requests]
         width = max(len(row) for row in rows)
         pad = self.tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)

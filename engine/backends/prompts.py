@@ -1,0 +1,91 @@
+"""Chat-template token ids for requests, with the system turn tokenized once.
+
+Every viewer's prompt starts with the same ~1,200-token persona system turn. Tokenizing it
+again for each request cost ~1 ms of the decode loop's time per request (a burst of 32
+paused the batch ~35 ms more). The template is still rendered whole; only the text past the
+system turn is tokenized, where that gives exactly the ids of tokenizing everything: the
+cut falls before a special token (BPE never merges across one), checked once per system
+turn against the full tokenization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from engine.types import GenerationRequest
+
+
+@dataclass(frozen=True)
+class _SystemTurn:
+    content: str  # the system message as given
+    rendered: str  # its text in the chat template
+    ids: list[int]
+    splits: bool  # text after it may be tokenized on its own
+
+
+class ChatPrompts:
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self._tokenizer = tokenizer
+        self._max_length = max_length
+        self._system: _SystemTurn | None = None
+        self._specials = tuple(tokenizer.get_added_vocab())
+
+    def ids(self, request: GenerationRequest) -> list[int]:
+        """Chat template within the budget. The system prompt (the persona and its rules) is
+        never cut: the oldest other turns go first, then the viewer's message is shortened."""
+        messages = request.as_dicts()
+        budget = max(1, self._max_length - request.sampling.max_new_tokens)
+        for _ in range(64):
+            ids = self._render(messages)
+            if len(ids) <= budget:
+                return ids
+            droppable = [i for i, m in enumerate(messages[:-1]) if m["role"] != "system"]
+            if droppable:
+                del messages[droppable[0]]
+            elif len(messages[-1]["content"]) > 1:
+                text = messages[-1]["content"]
+                messages[-1] = {**messages[-1], "content": text[:len(text) // 2] + "…"}
+            else:
+                break
+        return ids[:budget]  # a system prompt longer than the context: nothing else fits
+
+    def parts(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
+        """(the shared prefix: the system turn alone, if the prompt starts with it; the
+        whole prompt)."""
+        prompt = self.ids(request)
+        system = self._system_turn(request.as_dicts())
+        if system is None or prompt[:len(system.ids)] != system.ids:
+            return [], prompt
+        return system.ids, prompt
+
+    def _render(self, messages: list[dict[str, Any]]) -> list[int]:
+        text: str = self._tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, enable_thinking=False, tokenize=False)
+        system = self._system_turn(messages)
+        if system is not None and system.splits and text.startswith(system.rendered):
+            return system.ids + self._encode(text[len(system.rendered):])
+        return self._encode(text)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def _system_turn(self, messages: list[dict[str, Any]]) -> _SystemTurn | None:
+        if not messages or messages[0]["role"] != "system":
+            return None
+        content = messages[0]["content"]
+        if self._system is None or self._system.content != content:
+            rendered: str = self._tokenizer.apply_chat_template(
+                messages[:1], enable_thinking=False, tokenize=False)
+            ids = self._encode(rendered)
+            self._system = _SystemTurn(content, rendered, ids,
+                                       self._splits(messages, rendered, ids))
+        return self._system
+
+    def _splits(self, messages: list[dict[str, Any]], rendered: str, ids: list[int]) -> bool:
+        probe = [messages[0], {"role": "user", "content": "hello 你好"}]
+        text: str = self._tokenizer.apply_chat_template(
+            probe, add_generation_prompt=True, enable_thinking=False, tokenize=False)
+        if not text.startswith(rendered) or not text[len(rendered):].startswith(self._specials):
+            return False
+        return ids + self._encode(text[len(rendered):]) == self._encode(text)

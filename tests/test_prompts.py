@@ -1,0 +1,40 @@
+"""Prompt ids with the system turn tokenized once are exactly the chat template's ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engine.backends.prompts import ChatPrompts
+from engine.types import ChatMessage, GenerationRequest, SamplingParams
+
+SYSTEM = "You are Pell, a lighthouse keeper who maps the stars. 你是佩兒，燈塔的守護者。"
+
+
+def _request(*turns: tuple[str, str]) -> GenerationRequest:
+    return GenerationRequest(tuple(ChatMessage(role, text) for role, text in turns),
+                             SamplingParams(max_new_tokens=8))
+
+
+def test_ids_past_a_cached_system_turn_equal_the_whole_template(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = ChatPrompts(tokenizer, max_length=4096)
+    for user in ["hello there", "你好～今天的星星很亮喔", " leading space\nand lines", "<|im_end|>"]:
+        request = _request(("system", SYSTEM), ("user", "earlier"), ("assistant", "hi!"),
+                           ("user", user))
+        whole = tokenizer.apply_chat_template(request.as_dicts(), add_generation_prompt=True,
+                                              enable_thinking=False)
+        whole = list(whole["input_ids"] if hasattr(whole, "keys") else whole)
+        prefix, prompt = prompts.parts(request)
+        assert prompt == whole
+        assert prefix and prompt[:len(prefix)] == prefix
+    assert prompts._system is not None and prompts._system.splits  # the fast path ran
+
+
+def test_a_prompt_without_a_system_turn_has_no_shared_prefix(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    prompts = ChatPrompts(AutoTokenizer.from_pretrained(tiny_model_dir), max_length=4096)
+    prefix, prompt = prompts.parts(_request(("user", "hello")))
+    assert prefix == [] and prompt
