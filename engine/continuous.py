@@ -1,7 +1,8 @@
 """Continuous batching over a transformers causal LM: rows join and leave between decode steps.
 
 A request is prefilled (past the shared persona prefix, whose KV is computed once), together
-with the others that arrived during the same step; its KV then goes into a slot of the
+with the others that arrived during the same step (packed into one sequence,
+``engine/packed_prefill.py``); its KV then goes into a slot of the
 batch's preallocated cache (``engine/kv_slots.py``), right-aligned with the other rows, and
 every decode step feeds each row its last token at its own position. A finished or cancelled
 row frees its slot at once. With ``make_static`` the slots are fixed and the decode step has
