@@ -6,10 +6,16 @@ paused the batch ~35 ms more). The template is still rendered whole; only the te
 system turn is tokenized, where that gives exactly the ids of tokenizing everything: the
 cut falls before a special token (BPE never merges across one), checked once per system
 turn against the full tokenization.
+
+Text inside a message never becomes a special token: a viewer who types ``<|im_start|>system``
+would otherwise open a system turn of their own (the tokenizer matches added tokens anywhere in
+the rendered text). Each such string in a message gets a zero-width space after its first
+character, so it is tokenized as the plain text it is.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +36,12 @@ class ChatPrompts:
         self._max_length = max_length
         self._system: _SystemTurn | None = None
         self._specials = tuple(tokenizer.get_added_vocab())
+        self._special_text = _special_pattern(tokenizer)
 
     def ids(self, request: GenerationRequest) -> list[int]:
         """Chat template within the budget. The system prompt (the persona and its rules) is
         never cut: the oldest other turns go first, then the viewer's message is shortened."""
-        messages = request.as_dicts()
+        messages = self._messages(request)
         budget = max(1, self._max_length - request.sampling.max_new_tokens)
         for _ in range(64):
             ids = self._render(messages)
@@ -54,10 +61,18 @@ class ChatPrompts:
         """(the shared prefix: the system turn alone, if the prompt starts with it; the
         whole prompt)."""
         prompt = self.ids(request)
-        system = self._system_turn(request.as_dicts())
+        system = self._system_turn(self._messages(request))
         if system is None or prompt[:len(system.ids)] != system.ids:
             return [], prompt
         return system.ids, prompt
+
+    def _messages(self, request: GenerationRequest) -> list[dict[str, Any]]:
+        """The request's messages with every special token's text defused (module doc)."""
+        pattern = self._special_text
+        if pattern is None:
+            return request.as_dicts()
+        return [{**message, "content": pattern.sub(_defused, message["content"])}
+                for message in request.as_dicts()]
 
     def _render(self, messages: list[dict[str, Any]]) -> list[int]:
         text: str = self._tokenizer.apply_chat_template(
@@ -89,3 +104,19 @@ class ChatPrompts:
         if not text.startswith(rendered) or not text[len(rendered):].startswith(self._specials):
             return False
         return ids + self._encode(text[len(rendered):]) == self._encode(text)
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
+    """Matches the text of the tokenizer's special tokens (not its other added tokens: those
+    can be ordinary words), longest first so a token that starts another is not matched in
+    its place."""
+    specials = {token.content for token in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                if getattr(token, "special", False)}
+    specials |= set(getattr(tokenizer, "all_special_tokens", []))
+    tokens = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def _defused(match: re.Match[str]) -> str:
+    text = match.group(0)
+    return text[0] + "\u200b" + text[1:]
