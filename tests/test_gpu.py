@@ -127,3 +127,46 @@ def test_launching_a_sampled_step_never_waits_for_the_device(tiny_model_dir: Pat
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert batch.step()  # the launched steps read back as usual
+
+
+def test_a_packed_group_join_matches_generate_and_packing_never_waits(
+        tiny_model_dir: Path) -> None:
+    """Six requests (past the captured prefill's four rows) join in one packed prefill on
+    the GPU and each gets the tokens ``generate()`` gives it alone; building the packs and
+    their placement in the slots queues behind the running work without waiting for it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.continuous import ContinuousBatch, Joining
+    from engine.packed_prefill import pack, placement
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = model.to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    system = tokenizer.encode("system user assistant good night", add_special_tokens=False)
+    texts = ("hello there", "你好，今天的星星很亮喔～", "good night", "謝謝", "maps of stars",
+             "燈塔")
+    prompts = [system + tokenizer.encode(text, add_special_tokens=False) for text in texts]
+    alone = {f"r{index}": [int(t) for t in model.generate(
+        torch.tensor([ids], device="cuda"), max_new_tokens=8, min_new_tokens=8,
+        do_sample=False)[0, len(ids):]] for index, ids in enumerate(prompts)}
+
+    batch = ContinuousBatch(model, slots=8)
+    batch.make_static(8, 128, lambda done, total: None)
+    batch.set_prefix(system)
+    batch.join_many([Joining(f"r{index}", ids, 8, frozenset())
+                     for index, ids in enumerate(prompts)])
+    results: dict[str, list[int]] = {}
+    while batch.size:
+        batch.step()
+        done = batch.finished()
+        results.update({row.request_id: list(row.tokens) for row in done})
+        batch.leave({row.request_id for row in done})
+    assert results == alone
+
+    rests = [ids[len(system):] for ids in prompts]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pack(rests, len(system), torch.device("cuda"))
+        placement([len(rest) for rest in rests], len(system), 0, 64, torch.device("cuda"))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
