@@ -63,6 +63,17 @@ def test_optimize_reports_memory() -> None:
     assert report["status"]["gpu_count"] >= 1
 
 
+def _run_to_the_end(batch: Any) -> dict[str, list[int]]:
+    """Step until every row finished; each row's tokens."""
+    results: dict[str, list[int]] = {}
+    while batch.size:
+        batch.step()
+        done = batch.finished()
+        results.update({row.request_id: list(row.tokens) for row in done})
+        batch.leave({row.request_id for row in done})
+    return results
+
+
 def test_pipelined_captured_steps_give_the_tokens_of_step_by_step(tiny_model_dir: Path) -> None:
     """On a GPU the captured decode loop runs one step ahead of the host (tokens read back
     through pinned memory after an event). The same rows, read one step behind or step by
@@ -86,13 +97,7 @@ def test_pipelined_captured_steps_give_the_tokens_of_step_by_step(tiny_model_dir
         # different bucket could round differently); the pipelined run steps once more.
         for index, ids in enumerate(prompts):
             batch.join(f"r{index}", ids, 12, frozenset())
-        results: dict[str, list[int]] = {}
-        while batch.size:
-            batch.step()
-            done = batch.finished()
-            results.update({row.request_id: list(row.tokens) for row in done})
-            batch.leave({row.request_id for row in done})
-        return results
+        return _run_to_the_end(batch)
 
     step_by_step = run(False)
     assert {k: len(v) for k, v in step_by_step.items()} == {f"r{i}": 12 for i in range(4)}
@@ -155,13 +160,7 @@ def test_a_packed_group_join_matches_generate_and_packing_never_waits(
     batch.set_prefix(system)
     batch.join_many([Joining(f"r{index}", ids, 8, frozenset())
                      for index, ids in enumerate(prompts)])
-    results: dict[str, list[int]] = {}
-    while batch.size:
-        batch.step()
-        done = batch.finished()
-        results.update({row.request_id: list(row.tokens) for row in done})
-        batch.leave({row.request_id for row in done})
-    assert results == alone
+    assert _run_to_the_end(batch) == alone
 
     rests = [ids[len(system):] for ids in prompts]
     torch.cuda.set_sync_debug_mode("error")
