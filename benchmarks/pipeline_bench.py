@@ -220,7 +220,9 @@ def _latencies(answered: list[tuple[float, float, float]]) -> dict[str, float]:
     its steady state (messages offered after the first ``TRANSIENT_S``: admission control
     reacts to a flood within its first few tens of milliseconds)."""
     steady = [a for a in answered if a[0] >= TRANSIENT_S]
-    stats = {}
+    slowest = sorted(answered, key=lambda a: a[1])[-max(1, len(answered) // 100):]
+    stats = {"slowest_early": sum(1 for a in slowest if a[0] < TRANSIENT_S),
+             "slowest": len(slowest) if answered else 0}
     for label, rows in (("", answered), ("steady_", steady)):
         for column, name in ((1, "sent"), (2, "lat")):
             values = [row[column] for row in rows]
@@ -240,6 +242,8 @@ def _print(label: str, result: dict[str, Any]) -> None:
         print(f"answered ({span}): reply sent after p50 {result[prefix + 'sent_p50_ms']:.1f} "
               f"ms, p99 {result[prefix + 'sent_p99_ms']:.1f} ms; all recorded after p50 "
               f"{result[prefix + 'lat_p50_ms']:.1f} ms, p99 {result[prefix + 'lat_p99_ms']:.1f} ms")
+    print(f"the slowest 1% to the reply sent: {result['slowest_early']} of "
+          f"{result['slowest']} offered in the first {TRANSIENT_S:.0f} s")
     print(f"event loop lag p99 {result['lag_p99_ms']:.1f} ms, max {result['lag_max_ms']:.1f} ms")
     print(f"CPU {result['cpu_ms_per_msg']:.3f} ms/msg, {result['net_cpu_ms_per_msg']:.3f} ms/msg "
           f"net of the idle {result['idle_cpu_ms_per_s']:.1f} ms/s | RSS growth "
