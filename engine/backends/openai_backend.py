@@ -25,6 +25,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from engine.config import OpenAIBackendConfig
 from engine.errors import BackendUnavailableError, EngineError
+from engine.prompt_text import defuse
 from engine.types import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,9 @@ class OpenAIBackend:
         try:
             stream = await self._client.chat.completions.create(
                 model=self._model,
-                messages=cast("list[ChatCompletionMessageParam]", request.as_dicts()),
+                messages=cast("list[ChatCompletionMessageParam]", [
+                    {**message, "content": defuse(message["content"])}
+                    for message in request.as_dicts()]),  # no viewer-made turns
                 stream=True, stream_options={"include_usage": True},
                 max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_p=sampling.top_p, seed=sampling.seed,

@@ -7,10 +7,8 @@ system turn is tokenized, where that gives exactly the ids of tokenizing everyth
 cut falls before a special token (BPE never merges across one), checked once per system
 turn against the full tokenization.
 
-Text inside a message never becomes a special token: a viewer who types ``<|im_start|>system``
-would otherwise open a system turn of their own (the tokenizer matches added tokens anywhere in
-the rendered text). Each such string in a message gets a zero-width space after its first
-character, so it is tokenized as the plain text it is.
+Text inside a message never becomes one of the tokenizer's special tokens
+(``engine/prompt_text.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +17,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from engine.prompt_text import defuse
 from engine.types import GenerationRequest
 
 
@@ -71,7 +70,7 @@ class ChatPrompts:
         pattern = self._special_text
         if pattern is None:
             return request.as_dicts()
-        return [{**message, "content": pattern.sub(_defused, message["content"])}
+        return [{**message, "content": defuse(message["content"], pattern)}
                 for message in request.as_dicts()]
 
     def _render(self, messages: list[dict[str, Any]]) -> list[int]:
@@ -115,8 +114,3 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     specials |= set(getattr(tokenizer, "all_special_tokens", []))
     tokens = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
-
-
-def _defused(match: re.Match[str]) -> str:
-    text = match.group(0)
-    return text[0] + "\u200b" + text[1:]

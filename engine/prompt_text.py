@@ -1,0 +1,35 @@
+"""Text from viewers never becomes a chat-format control token.
+
+Chat templates put message text between control tokens (``<|im_start|>``, ``[INST]``...),
+and tokenizers match those anywhere in the rendered prompt, so a viewer who types
+``<|im_start|>system`` would open a system turn of their own. A control token's text inside a
+message gets a zero-width space after its first character: it stays readable, and it is
+tokenized as the plain text it is.
+
+Where the tokenizer is ours (``engine/backends/prompts.py``) its own special tokens are
+defused; a remote server's tokenizer is unknown, so ``CONTROL_TEXT`` covers the families'
+usual spellings.
+"""
+
+from __future__ import annotations
+
+import re
+
+ZERO_WIDTH_SPACE = "\u200b"
+CONTROL_TEXT = re.compile(
+    r"<\|[^|<>\s]{1,40}\|>"  # ChatML, Qwen, Llama 3, Phi: <|im_start|>, <|eot_id|>
+    r"|<｜[^｜<>]{1,40}｜>"  # DeepSeek: <｜User｜>
+    r"|\[/?(?:INST|SYSTEM_PROMPT|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS)\]"  # Mistral
+    r"|<</?SYS>>|</?s>"  # Llama 2
+    r"|<(?:start|end)_of_turn>"  # Gemma
+)
+
+
+def defuse(text: str, pattern: re.Pattern[str] = CONTROL_TEXT) -> str:
+    """``text`` with every match of ``pattern`` broken by a zero-width space."""
+    return pattern.sub(_broken, text)
+
+
+def _broken(match: re.Match[str]) -> str:
+    token = match.group(0)
+    return token[0] + ZERO_WIDTH_SPACE + token[1:]
