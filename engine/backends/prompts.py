@@ -66,7 +66,8 @@ class ChatPrompts:
         return system.ids, prompt
 
     def _messages(self, request: GenerationRequest) -> list[dict[str, Any]]:
-        """The request's messages with every special token's text defused (module doc)."""
+        """The request's messages with every special token's text defused
+        (``engine/prompt_text.py``)."""
         pattern = self._special_text
         if pattern is None:
             return request.as_dicts()
