@@ -2,6 +2,7 @@
 a few batch sizes, then torch profiler tables of one batch's steps and of one join.
 
     python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+                                        [--burst | --breakdown [--compile] | --join-only]
 
 Same model and prompt shape as ``arrivals_bench`` (run that once first to prepare the model):
 a ~1,200-token shared persona prefix plus ~200 unique tokens per row.
@@ -207,6 +208,43 @@ def profile_join(model: Any, prefix: list[int], vocab: int, running: int,
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
+def burst(model: Any, prefix: list[int], vocab: int, rows: int = 32) -> None:
+    """A burst joining an idle batch in one prefill, as ``arrivals_bench``'s burst does:
+    ``rows`` prompts of 50-250 tokens past the prefix, into static slots (median of 5), for
+    a few pack sizes (``engine.packed_prefill.PACK_TOKENS``)."""
+    import statistics
+
+    from engine import packed_prefill
+    from engine.continuous import ContinuousBatch, Joining
+
+    rng = random.Random(1)
+    rests = [[rng.randrange(10, vocab) for _ in range(rng.randint(50, 250))]
+             for _ in range(rows)]
+    batch = ContinuousBatch(model, slots=rows)
+    batch.make_static(rows, len(prefix) + 250 + NEW_TOKENS + 64)
+    batch.set_prefix(prefix)
+
+    def join_all() -> None:
+        batch.join_many([Joining(f"b{i}", prefix + rest, NEW_TOKENS, frozenset(), None)
+                         for i, rest in enumerate(rests)])
+        _sync()
+        batch.leave({row.request_id for row in batch.rows})
+
+    chosen = packed_prefill.PACK_TOKENS
+    print(f"\n{rows} prompts ({sum(map(len, rests))} tokens past a {len(prefix)}-token "
+          f"prefix) joining an idle batch:")
+    print("| pack tokens | packs | join ms (median of 5) |")
+    print("| --- | --- | --- |")
+    for limit in sorted({1024, 2048, 4096, chosen}):
+        packed_prefill.PACK_TOKENS = limit
+        join_all()  # warm: kernels and allocator for this shape
+        took = statistics.median(_timed(join_all) for _ in range(5)) * 1000
+        mark = " (the runtime's)" if limit == chosen else ""
+        print(f"| {limit}{mark} | {len(packed_prefill.split(rests))} | {took:.1f} |",
+              flush=True)
+    packed_prefill.PACK_TOKENS = chosen
+
+
 def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -219,6 +257,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,8,32")
     parser.add_argument("--join-only", action="store_true",
                         help="only the join (prefill) profiles")
+    parser.add_argument("--burst", action="store_true",
+                        help="only a burst of 32 joining an idle batch, per pack size")
     parser.add_argument("--breakdown", action="store_true",
                         help="only the sampler, the step's breakdown and one profile per size")
     parser.add_argument("--compile", action="store_true",
@@ -236,6 +276,9 @@ def main() -> None:
     prefix = tokenizer.encode(text, add_special_tokens=False)
     vocab = len(tokenizer)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.burst:
+        burst(model, prefix, vocab)
+        return
     if args.breakdown:
         sampler(vocab, sizes)
         breakdown(model, prefix, vocab, sizes, args.compile, args.width)
