@@ -20,8 +20,10 @@ def test_ids_past_a_cached_system_turn_equal_the_whole_template(tiny_model_dir: 
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = ChatPrompts(tokenizer, max_length=4096)
-    for user in ["hello there", "你好～今天的星星很亮喔", " leading space\nand lines"]:
-        request = _request(("system", SYSTEM), ("user", "earlier"), ("assistant", "hi!"),
+    # the system turn changes per viewer (a mood hint) or stays the same
+    for user, hint in [("hello there", ""), ("你好～今天的星星很亮喔", " Mood: happy."),
+                       (" leading space\nand lines", " Mood: happy."), ("good night", "")]:
+        request = _request(("system", SYSTEM + hint), ("user", "earlier"), ("assistant", "hi!"),
                            ("user", user))
         whole = tokenizer.apply_chat_template(request.as_dicts(), add_generation_prompt=True,
                                               enable_thinking=False)

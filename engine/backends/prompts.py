@@ -1,11 +1,13 @@
-"""Chat-template token ids for requests, with the system turn tokenized once.
+"""Chat-template token ids for requests, each system turn tokenized once.
 
-Every viewer's prompt starts with the same ~1,200-token persona system turn. Tokenizing it
-again for each request cost ~1 ms of the decode loop's time per request (a burst of 32
-paused the batch ~35 ms more). The template is still rendered whole; only the text past the
-system turn is tokenized, where that gives exactly the ids of tokenizing everything: the
-cut falls before a special token (BPE never merges across one), checked once per system
-turn against the full tokenization.
+Every viewer's prompt starts with a ~1,200-token persona system turn, and the decode loop
+needs its ids on their own (the shared prefix) as well as the whole prompt's: that was two
+tokenizations of it per request, ~1 ms of the loop's time each (a burst of 32 paused the
+batch ~35 ms more). Now the template is rendered whole, the system turn is tokenized when it
+changes (for every request where the mood hint differs per viewer; once where it does not),
+and only the text past it is tokenized with it, where that gives exactly the ids of
+tokenizing everything: the cut falls before a special token (BPE never merges across one),
+checked once against the full tokenization.
 
 Text inside a message never becomes one of the tokenizer's special tokens
 (``engine/prompt_text.py``).
@@ -35,6 +37,7 @@ class ChatPrompts:
         self._max_length = max_length
         self._system: _SystemTurn | None = None
         self._specials = tuple(tokenizer.get_added_vocab())
+        self._cut_checked: bool | None = None  # the cut gives the full tokenization's ids
         self._special_text = _special_pattern(tokenizer)
 
     def ids(self, request: GenerationRequest) -> list[int]:
@@ -98,12 +101,17 @@ class ChatPrompts:
         return self._system
 
     def _splits(self, messages: list[dict[str, Any]], rendered: str, ids: list[int]) -> bool:
+        """Whether text after this system turn may be tokenized on its own: the template
+        starts the next turn with a special token, and (checked once, a property of the
+        tokenizer) cutting there gives the full tokenization's ids."""
         probe = [messages[0], {"role": "user", "content": "hello 你好"}]
         text: str = self._tokenizer.apply_chat_template(
             probe, add_generation_prompt=True, enable_thinking=False, tokenize=False)
         if not text.startswith(rendered) or not text[len(rendered):].startswith(self._specials):
             return False
-        return ids + self._encode(text[len(rendered):]) == self._encode(text)
+        if self._cut_checked is None:
+            self._cut_checked = ids + self._encode(text[len(rendered):]) == self._encode(text)
+        return self._cut_checked
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
