@@ -61,7 +61,8 @@ class DecodeGraphs:
         return bool(self._graphs)
 
     def _forward(self, rows: int) -> torch.Tensor:
-        self._cache.use_full_width(rows)
+        """The step's forward only: whatever runs here is captured and replayed, so the
+        write column (filled by the slots from the host) must be set before, never here."""
         out = self._model(input_ids=self._ids[:rows], position_ids=self._positions[:rows],
                           attention_mask=self._cache.attention_mask(rows, self._cache.width),
                           use_cache=True, **{self._cache_keyword: self._cache})
@@ -78,6 +79,7 @@ class DecodeGraphs:
         compiled = torch.compile(self._model.forward) if self._compile else None
         for done, rows in enumerate(sorted(self.buckets, reverse=True)):
             progress(done, len(self.buckets))
+            self._cache.use_full_width(rows)
             self._cache.mask[:rows, 0] = True  # something to attend to
             try:
                 with self._compiled(compiled, rows):
@@ -147,6 +149,7 @@ class DecodeGraphs:
         self._cache.step_mask(bucket)
         captured = self._graphs.get(bucket)
         if captured is None:
+            self._cache.use_full_width(bucket)
             logits = self._forward(bucket)
         else:
             captured[0].replay()

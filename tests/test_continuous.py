@@ -311,6 +311,42 @@ def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any],
     assert batch._cache is not None and batch._cache.width == 64  # never grew
 
 
+def test_the_forward_a_graph_captures_leaves_the_step_inputs_to_the_host(
+        tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU the static step's forward is captured once and replayed: anything it does
+    is done again at every replay with the values of capture time. Setting the write
+    column in there (as ``use_full_width`` did) made every replayed step write column 0,
+    and replies diverged from ``generate()`` on the GPU only. The slots must be synced by
+    the host, outside the forward."""
+    from engine.decode_graphs import DecodeGraphs
+    from engine.kv_slots import SlotCache
+
+    inside: list[bool] = [False]
+    synced_inside: list[str] = []
+    own_forward, own_sync = DecodeGraphs._forward, SlotCache._sync
+
+    def forward(graphs: DecodeGraphs, rows: int) -> Any:
+        inside[0] = True
+        try:
+            return own_forward(graphs, rows)
+        finally:
+            inside[0] = False
+
+    def sync(cache: SlotCache) -> None:
+        if inside[0]:
+            synced_inside.append("_sync")
+        own_sync(cache)
+
+    monkeypatch.setattr(DecodeGraphs, "_forward", forward)
+    monkeypatch.setattr(SlotCache, "_sync", sync)
+    model, tokenizer = tiny
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=64)
+    prompt = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    assert _drive(batch, {0: [("r0", prompt)]}) == {"r0": _alone(model, prompt)}
+    assert synced_inside == []
+
+
 @pytest.mark.parametrize("with_prefix", [False, True])
 @pytest.mark.parametrize("pack_tokens", [4096, 12], ids=["one pack", "several packs"])
 def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any], with_prefix: bool,
