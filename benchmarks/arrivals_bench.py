@@ -1,6 +1,7 @@
 """Engine under live-chat arrivals: the micro-batcher against continuous batching, one run.
 
     python -m benchmarks.arrivals_bench [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+    python -m benchmarks.engine_bench --phase arrivals [the same options]
 
 Random Qwen3-8B-shaped weights (bf16; the vocabulary is the small test tokenizer's, so every
 generated id streams as text and time to first token is measured from the stream), a shared
@@ -189,7 +190,7 @@ def _recompiles() -> int:
     return int(sum(counters["stats"].get(k, 0) for k in ("unique_graphs",)))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
     parser.add_argument("--cap", type=float, default=40.0)
@@ -200,7 +201,7 @@ def main() -> None:
                         help="which to run, in order: continuous, int4, micro (the baseline)")
     parser.add_argument("--loads", default="",
                         help="comma-separated start of load names (default: all)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     wanted = [w.strip() for w in args.loads.split(",") if w.strip()]
     loads = tuple(load for load in LOADS
                   if not wanted or any(load[0].startswith(w) for w in wanted))

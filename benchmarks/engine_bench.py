@@ -8,6 +8,7 @@ upstream's path) is always measured in the same run as ours.
     python -m benchmarks.engine_bench --phase bf16        # baseline vs static cache + compile
     python -m benchmarks.engine_bench --phase serve       # our backend, N concurrent requests
     python -m benchmarks.engine_bench --phase nf4         # bitsandbytes 4-bit
+    python -m benchmarks.engine_bench --phase arrivals    # live-chat loads (arrivals_bench)
     python -m benchmarks.engine_bench --phase all --tiny  # CPU smoke test of the script
 
 Results are printed as a table and appended as JSON lines to --out (default
@@ -351,15 +352,26 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phase", default="all",
-                        help="prepare, bf16, nf4, serve, cb, a comma list, or all")
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b"))
+                        help="prepare, bf16, nf4, serve, cb, a comma list, or all; or "
+                             "arrivals (benchmarks.arrivals_bench, its options after it)")
+    parser.add_argument("--model-dir", type=Path, default=None,
+                        help="default: .bench/qwen3-8b (arrivals: its own default)")
     parser.add_argument("--out", type=Path, default=Path(".bench/results.jsonl"))
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens")
     parser.add_argument("--new", type=int, default=128, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test with a tiny model")
-    args = parser.parse_args()
+    args, rest = parser.parse_known_args()
+    if args.phase == "arrivals":  # its options (--cap, --variants, --loads) go along
+        from benchmarks import arrivals_bench
+
+        model = ["--model-dir", str(args.model_dir)] if args.model_dir else []
+        arrivals_bench.main([*rest, *model, *(["--tiny"] if args.tiny else [])])
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.model_dir = args.model_dir or Path(".bench/qwen3-8b")
     if args.tiny:
         args.model_dir = Path(".bench/tiny")
         args.prompt, args.new, args.repeats, args.concurrency = 64, 8, 1, 4

@@ -169,3 +169,36 @@ def test_a_packed_group_join_matches_generate_and_packing_never_waits(
         placement([len(rest) for rest in rests], len(system), 0, 64, torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_compiled_captured_batch_matches_generate_for_staggered_arrivals(
+        tiny_model_dir: Path) -> None:
+    """The decode step as ``compile_decode`` runs it (compiled by inductor, attention in the
+    one-row bucket too, then captured): rows that join one at a time mid-flight, alone and in
+    a group, each get what ``generate()`` gives alone, through buckets of 1, 2 and 4 rows."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from engine.continuous import ContinuousBatch, Joining
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model = model.to("cuda").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [tokenizer.encode(text, add_special_tokens=False)
+               for text in ("hello there", "你好，今天的星星很亮喔～", "good night", "謝謝")]
+    alone = {f"r{index}": [int(t) for t in model.generate(
+        torch.tensor([ids], device="cuda"), max_new_tokens=10, min_new_tokens=10,
+        do_sample=False)[0, len(ids):]] for index, ids in enumerate(prompts)}
+
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(4, 128, lambda done, total: None, compile_step=True)
+    assert batch.captured
+    results: dict[str, list[int]] = {}
+    batch.join("r0", prompts[0], 10, frozenset())
+    for _ in range(3):  # one row: the fully compiled bucket
+        batch.step()
+    batch.join("r1", prompts[1], 10, frozenset())
+    batch.step()
+    batch.join_many([Joining(f"r{index}", prompts[index], 10, frozenset())
+                     for index in (2, 3)])
+    results.update(_run_to_the_end(batch))
+    assert results == alone
