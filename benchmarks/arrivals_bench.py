@@ -179,6 +179,9 @@ def _loop_summary(spent: Counter[str]) -> dict[str, float]:
     return {"step_ms": round(spent["step_s"] / spent["steps"] * 1000, 1),
             "rows_per_step": round(spent["rows_stepped"] / spent["steps"], 1),
             "prefill_ms": round(spent["admit_s"] / max(1, spent["prefills"]) * 1000, 1),
+            # of which: the prompts' tokenization, and join_many to the first tokens read
+            "tokenize_ms": round(spent["tokenize_s"] / max(1, spent["prefills"]) * 1000, 1),
+            "join_ms": round(spent["join_s"] / max(1, spent["prefills"]) * 1000, 1),
             "per_prefill": round(spent["joined"] / max(1, spent["prefills"]), 1)}
 
 
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                                      args.tiny, loads))
     keys = ["variant", "load", "requests", "over_cap", "ttft_p50", "ttft_p95", "reply_p50",
             "reply_p95", "reply_max", "tok_s", "recompiles", "peak_gb", "step_ms",
-            "rows_per_step", "prefill_ms", "per_prefill"]
+            "rows_per_step", "prefill_ms", "tokenize_ms", "join_ms", "per_prefill"]
     print("\n| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     for row in rows:

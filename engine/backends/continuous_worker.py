@@ -149,7 +149,9 @@ class ContinuousWorker:
         return True
 
     def _join(self, group: list[Job]) -> None:
+        started = time.perf_counter()
         parts = [self._backend.prompt_parts(job) for job in group]
+        self.timings["tokenize_s"] += time.perf_counter() - started
         prefix = parts[0][0]
         # The system turn differs per viewer only in its mood hint and retrieved context;
         # a new prefix is prefilled only when most of it is new (first request, new persona).
@@ -158,10 +160,12 @@ class ContinuousWorker:
             self._prefix = prefix
         self.timings["prefills"] += 1
         self.timings["joined"] += len(group)
+        started = time.perf_counter()
         firsts = self._batch.join_many([
             Joining(job.request.request_id, prompt, job.request.sampling.max_new_tokens,
                     self._eos, job.request.sampling)
             for job, (_prefix, prompt) in zip(group, parts, strict=True)])
+        self.timings["join_s"] += time.perf_counter() - started  # to the first tokens read
         for job, first in zip(group, firsts, strict=True):
             job.decoder = IncrementalDecoder(self._backend.tokenizer)
             self._running[job.request.request_id] = job
