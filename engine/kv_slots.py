@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from engine.errors import EngineError
 from engine.packed_prefill import PackedKV, placement
 
 
@@ -87,6 +88,10 @@ class SlotCache(Cache):
         return self.layers  # type: ignore[return-value]
 
     def _sync(self) -> None:
+        if self.column.is_cuda and torch.cuda.is_current_stream_capturing():
+            # The fill below would become part of the graph and reset the write column to
+            # this moment's value at every replay (every token's KV in one column).
+            raise EngineError("KV slots changed inside a CUDA graph capture")
         for layer in self._slot_layers():
             layer.rows, layer.length = self.rows, self.length
         if self._slot_layers()[0].full_width:

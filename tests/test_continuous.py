@@ -311,39 +311,51 @@ def test_static_slots_with_bucketed_steps_match_generate(tiny: tuple[Any, Any],
     assert batch._cache is not None and batch._cache.width == 64  # never grew
 
 
-def test_the_forward_a_graph_captures_leaves_the_step_inputs_to_the_host(
+def test_the_forwards_graphs_capture_leave_the_step_inputs_to_the_host(
         tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """On a GPU the static step's forward is captured once and replayed: anything it does
-    is done again at every replay with the values of capture time. Setting the write
-    column in there (as ``use_full_width`` did) made every replayed step write column 0,
-    and replies diverged from ``generate()`` on the GPU only. The slots must be synced by
-    the host, outside the forward."""
+    """On a GPU the static decode step and the small prefill are captured once and replayed:
+    anything their forward does is done again at every replay with the values of capture
+    time. Setting the write column in there (as ``use_full_width`` did) made every replayed
+    step write column 0, and replies diverged from ``generate()`` on the GPU only. The slots
+    must be synced by the host, outside the forwards (and syncing them while a capture runs
+    raises)."""
     from engine.decode_graphs import DecodeGraphs
     from engine.kv_slots import SlotCache
+    from engine.prefill_graphs import PrefillGraphs
 
-    inside: list[bool] = [False]
+    inside: list[str] = []
     synced_inside: list[str] = []
-    own_forward, own_sync = DecodeGraphs._forward, SlotCache._sync
+    ran: set[str] = set()
 
-    def forward(graphs: DecodeGraphs, rows: int) -> Any:
-        inside[0] = True
-        try:
-            return own_forward(graphs, rows)
-        finally:
-            inside[0] = False
+    def watched(cls: Any) -> Any:
+        own = cls._forward
+
+        def forward(graphs: Any, *args: Any) -> Any:
+            inside.append(cls.__name__)
+            ran.add(cls.__name__)
+            try:
+                return own(graphs, *args)
+            finally:
+                inside.pop()
+        return forward
+
+    own_sync = SlotCache._sync
 
     def sync(cache: SlotCache) -> None:
-        if inside[0]:
-            synced_inside.append("_sync")
+        synced_inside.extend(inside)
         own_sync(cache)
 
-    monkeypatch.setattr(DecodeGraphs, "_forward", forward)
+    for cls in (DecodeGraphs, PrefillGraphs):
+        monkeypatch.setattr(cls, "_forward", watched(cls))
     monkeypatch.setattr(SlotCache, "_sync", sync)
     model, tokenizer = tiny
+    system = tokenizer.encode("system user assistant good night", add_special_tokens=False)
+    prompt = system + tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     batch = ContinuousBatch(model, slots=4)
     batch.make_static(slots=4, width=64)
-    prompt = tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    batch.set_prefix(system)
     assert _drive(batch, {0: [("r0", prompt)]}) == {"r0": _alone(model, prompt)}
+    assert ran == {"DecodeGraphs", "PrefillGraphs"}  # both were exercised
     assert synced_inside == []
 
 
