@@ -200,3 +200,24 @@ def test_a_compiled_captured_batch_matches_generate_for_staggered_arrivals(
     batch.join_many([Joining(f"r{index}", prompts[index], 10, frozenset())
                      for index in (2, 3)])
     assert _run_to_the_end(batch) == alone
+
+
+@pytest.mark.parametrize("rows", [1, 8, 64], ids=["tinygemm", "tinygemm, most rows",
+                                                  "dequantized for cuBLAS"])
+def test_int4_linear_on_the_gpu_computes_with_its_dequantized_weight(rows: int) -> None:
+    """Both CUDA paths of ``Int4Linear`` (tinygemm for a few rows; past that the weight
+    unpacked in the tile layout probed at start-up, for cuBLAS) give the product with the
+    dequantized weight: a wrong layout would still run, and only give wrong numbers."""
+    from torch import nn
+
+    from engine.int4 import TINYGEMM_MAX_ROWS, Int4Linear, dequantize, quantize_groups
+
+    assert (rows > TINYGEMM_MAX_ROWS) == (rows == 64)
+    torch.manual_seed(0)
+    linear = nn.Linear(512, 256, bias=False).to(torch.bfloat16)
+    layer = Int4Linear(linear, group_size=128, inner_k_tiles=8, device=torch.device("cuda"))
+    codes, scales_and_zeros = quantize_groups(linear.weight.detach().cuda(), 128)
+    weight = dequantize(codes, scales_and_zeros.to(torch.bfloat16), 128)
+    x = torch.randn(rows, 512, dtype=torch.bfloat16, device="cuda")
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, weight.to(torch.bfloat16)),
+                               atol=0.05, rtol=0.02)
