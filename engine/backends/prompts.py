@@ -7,7 +7,7 @@ batch ~35 ms more). Now the template is rendered whole, the system turn is token
 changes (for every request where the mood hint differs per viewer; once where it does not),
 and only the text past it is tokenized with it, where that gives exactly the ids of
 tokenizing everything: the cut falls before a special token (BPE never merges across one),
-checked once against the full tokenization.
+checked once per tokenizer against the full tokenization.
 
 Text inside a message never becomes one of the tokenizer's special tokens
 (``engine/prompt_text.py``).
@@ -43,8 +43,20 @@ class ChatPrompts:
     def ids(self, request: GenerationRequest) -> list[int]:
         """Chat template within the budget. The system prompt (the persona and its rules) is
         never cut: the oldest other turns go first, then the viewer's message is shortened."""
+        return self._ids(self._messages(request), request.sampling.max_new_tokens)
+
+    def parts(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
+        """(the shared prefix: the system turn alone, if the prompt starts with it; the
+        whole prompt)."""
         messages = self._messages(request)
-        budget = max(1, self._max_length - request.sampling.max_new_tokens)
+        prompt = self._ids(list(messages), request.sampling.max_new_tokens)
+        system = self._system_turn(messages)
+        if system is None or prompt[:len(system.ids)] != system.ids:
+            return [], prompt
+        return system.ids, prompt
+
+    def _ids(self, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
+        budget = max(1, self._max_length - max_new_tokens)
         for _ in range(64):
             ids = self._render(messages)
             if len(ids) <= budget:
@@ -58,15 +70,6 @@ class ChatPrompts:
             else:
                 break
         return ids[:budget]  # a system prompt longer than the context: nothing else fits
-
-    def parts(self, request: GenerationRequest) -> tuple[list[int], list[int]]:
-        """(the shared prefix: the system turn alone, if the prompt starts with it; the
-        whole prompt)."""
-        prompt = self.ids(request)
-        system = self._system_turn(self._messages(request))
-        if system is None or prompt[:len(system.ids)] != system.ids:
-            return [], prompt
-        return system.ids, prompt
 
     def _messages(self, request: GenerationRequest) -> list[dict[str, Any]]:
         """The request's messages with every special token's text defused
@@ -101,16 +104,18 @@ class ChatPrompts:
         return self._system
 
     def _splits(self, messages: list[dict[str, Any]], rendered: str, ids: list[int]) -> bool:
-        """Whether text after this system turn may be tokenized on its own: the template
-        starts the next turn with a special token, and (checked once, a property of the
-        tokenizer) cutting there gives the full tokenization's ids."""
+        """Whether text after a system turn may be tokenized on its own: the template starts
+        the next turn with a special token, and cutting there gives the full tokenization's
+        ids. Both are properties of the template and tokenizer: checked once, with the first
+        system turn (``_render`` still checks that each rendering starts with its turn)."""
+        if self._cut_checked is not None:
+            return self._cut_checked
         probe = [messages[0], {"role": "user", "content": "hello 你好"}]
         text: str = self._tokenizer.apply_chat_template(
             probe, add_generation_prompt=True, enable_thinking=False, tokenize=False)
-        if not text.startswith(rendered) or not text[len(rendered):].startswith(self._specials):
-            return False
-        if self._cut_checked is None:
-            self._cut_checked = ids + self._encode(text[len(rendered):]) == self._encode(text)
+        self._cut_checked = (
+            text.startswith(rendered) and text[len(rendered):].startswith(self._specials)
+            and ids + self._encode(text[len(rendered):]) == self._encode(text))
         return self._cut_checked
 
 
