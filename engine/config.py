@@ -84,8 +84,8 @@ class LLMConfig(Section):
     # compiled decode step with micro-batching. auto = on for bf16/fp16 on a GPU.
     static_cache: Literal["auto", "on", "off"] = "auto"
     # The captured decode step compiled first (torch.compile: fused kernels, ~30 % faster for
-    # one viewer; start-up takes ~30-90 s longer on a fresh machine, less from inductor's
-    # cache). auto = wherever the step is captured as CUDA graphs.
+    # one viewer; start-up takes minutes longer on a fresh machine: 164 s for 32 rows on an
+    # H100). auto = wherever the step is captured as CUDA graphs.
     compile_decode: Literal["auto", "off"] = "auto"
     # Requests join and leave the running batch between decode steps (Llama/Qwen/Mistral
     # families): auto = on a GPU; on = also on the CPU; off = one generate() per micro-batch.
