@@ -2,7 +2,7 @@
 SQLite in a temporary folder, this machine's CPU.
 
     python -m benchmarks.pipeline_bench [--rate 2000] [--seconds 30] [--viewers 2000]
-                                        [--limit max_overhead_ms=3]
+                                        [--limit max_overhead_ms=3] [--known-viewers 0]
                                         [--store-url postgresql+asyncpg://...]
 
 Run it from any checkout of the project (an older one too, for the baseline in the same run):
@@ -148,6 +148,27 @@ async def _warm_up(runtime: Any) -> None:
         await runtime.service.handle(event)
 
 
+async def _add_known_viewers(runtime: Any, count: int) -> None:
+    """A channel with a past: ``count`` viewers already in the store (none of them the
+    flood's), so lookups that grow with the audience show."""
+    from memory.models import utcnow
+    from memory.store import statements as sql
+
+    now = utcnow()
+    for start in range(0, count, 10_000):
+        keys = [f"known{i}" for i in range(start, min(count, start + 10_000))]
+
+        def add(connection: Any, keys: list[str] = keys) -> None:
+            ids = list(connection.scalars(sql.INSERT_USERS, [
+                {"display_name": key, "created_at": now} for key in keys]))
+            connection.execute(sql.claim_identities(runtime.store.database.dialect), [
+                {"user_id": user_id, "platform": "twitch", "platform_user_id": key,
+                 "display_name": key, "created_at": now}
+                for key, user_id in zip(keys, ids, strict=True)])
+
+        await runtime.store.database.write_unit(add)
+
+
 async def _stored_states(runtime: Any) -> Counter[str]:
     from sqlalchemy import text
 
@@ -162,7 +183,8 @@ async def _stored_states(runtime: Any) -> Counter[str]:
 
 
 async def scenario(rate: float, seconds: float, viewers: int, store_url: str | None = None,
-                   limits: dict[str, float] | None = None) -> dict[str, Any]:
+                   limits: dict[str, float] | None = None,
+                   known_viewers: int = 0) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix="vtuber-pipeline-bench-"))
     store: dict[str, Any] = {"remember_messages_min_chars": 0, "rag_enabled": False}
     if store_url:  # an empty PostgreSQL database, say (the bot process's CPU is measured)
@@ -179,6 +201,7 @@ async def scenario(rate: float, seconds: float, viewers: int, store_url: str | N
     options = ({"freeze_heap": True}
                if "freeze_heap" in inspect.signature(open_runtime).parameters else {})
     async with open_runtime(config, DataPaths.resolve(folder), **options) as runtime:
+        await _add_known_viewers(runtime, known_viewers)
         await _warm_up(runtime)
         stop, lags = asyncio.Event(), []
         probe = asyncio.create_task(_lag_probe(stop, lags))
@@ -264,13 +287,17 @@ def main() -> None:
     parser.add_argument("--store-url", default=None,
                         help="an empty database to use instead of a new SQLite file, e.g. "
                              "postgresql+asyncpg://user@host/bench")
+    parser.add_argument("--known-viewers", type=int, default=0,
+                        help="viewers already in the store before the run (a channel with "
+                             "a past), none of them among the flood's")
     args = parser.parse_args()
     if args.switch_interval_ms is not None:
         sys.setswitchinterval(args.switch_interval_ms / 1000)
     limits = {name: float(value) for name, value in (item.split("=", 1) for item in args.limit)}
     result = asyncio.run(scenario(args.rate, args.seconds, args.viewers, args.store_url,
-                                  limits))
-    _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers",
+                                  limits, args.known_viewers))
+    known = f", {args.known_viewers} more known" if args.known_viewers else ""
+    _print(f"{args.rate:.0f} msg/s for {args.seconds:.0f} s from {args.viewers} viewers{known}",
            result)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
