@@ -364,3 +364,63 @@ async def test_an_intake_can_read_the_reply_context_in_its_transaction(store: An
     assert [m.content for m in known.context.history] == ["question", "answer"]
     assert (known.context.state, known.context.history) == await store.reply_context(
         known.user_id, "pell", "calm", 10)
+
+
+async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: Path) -> None:
+    """Every statement of a message's life on SQLite (intake of new and known viewers on two
+    platforms, refusals in bulk, the reply's context, the completion), explained by SQLite:
+    none scans a whole table, whose cost would grow with the audience. A row-value
+    ``(platform, platform_user_id) IN (...)`` did, for every batch of refusals."""
+    import re
+    import sqlite3
+
+    from sqlalchemy import event
+
+    from memory.store import ContextWanted
+
+    path = tmp_path / "plans.db"
+    store = await Store.open(f"sqlite+aiosqlite:///{path}")
+    executed: dict[str, Any] = {}
+
+    def keep(_conn: Any, _cursor: Any, statement: str, parameters: Any, _context: Any,
+             executemany: bool) -> None:
+        many = executemany and parameters and isinstance(parameters[0], (tuple, list))
+        executed.setdefault(statement, tuple(parameters[0] if many else parameters))
+
+    wanted = ContextWanted(default_mood="calm", history_limit=10)
+    try:
+        for engine in store.database.sync_engines:
+            event.listen(engine, "before_cursor_execute", keep)
+        for round_ in range(2):  # new viewers, then known ones
+            outcomes = await store.intake([
+                _item(f"hi {round_}", f"m{round_}-{i}", user=f"v{i}", context=wanted)
+                for i in range(3)])
+            await store.intake_final(
+                [_item("spam", f"d{round_}-{i}", user=f"v{i}", status="dropped",
+                       reason="busy") for i in range(4)]
+                + [replace(_item("spam", f"dd{round_}", user="v0", status="dropped",
+                                 reason="busy"), platform="discord")])
+            for outcome in outcomes:
+                assert outcome.message_id is not None
+                await store.reply_context(outcome.user_id, "pell", "calm", 10)
+                await store.complete_exchange(
+                    user_message_id=outcome.message_id, reply_text="hello", trace={},
+                    platform_message_id=None, default_mood="calm", rule=bump_intimacy,
+                    created_at=NOW)
+    finally:
+        for engine in store.database.sync_engines:
+            event.remove(engine, "before_cursor_execute", keep)
+        await store.close()
+    explained = sqlite3.connect(path)
+    scans = {}
+    for statement, parameters in executed.items():
+        if not re.match(r"\s*(SELECT|INSERT|UPDATE|DELETE|WITH)", statement, re.IGNORECASE):
+            continue
+        plan = explained.execute(f"EXPLAIN QUERY PLAN {statement}", parameters).fetchall()
+        tables = [detail for *_ids, detail in plan
+                  if re.match(r"SCAN (?!(\d+ )?CONSTANT ROWS)", detail)]
+        if tables:
+            scans[statement] = tables
+    explained.close()
+    assert len(executed) > 8  # the hot path ran
+    assert scans == {}

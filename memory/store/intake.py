@@ -130,10 +130,15 @@ class Intake:
     def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
         if len(keys) == 1:
             platform, platform_user_id = keys[0]
-            rows = connection.execute(sql.KNOWN_IDENTITY, {
-                "platform": platform, "platform_user_id": platform_user_id})
+            rows = list(connection.execute(sql.KNOWN_IDENTITY, {
+                "platform": platform, "platform_user_id": platform_user_id}))
         else:
-            rows = connection.execute(sql.KNOWN_IDENTITIES, {"keys": keys})
+            by_platform: dict[str, list[str]] = {}
+            for platform, platform_user_id in keys:
+                by_platform.setdefault(platform, []).append(platform_user_id)
+            rows = [row for platform, ids in by_platform.items()
+                    for row in connection.execute(sql.KNOWN_IDENTITIES, {
+                        "platform": platform, "platform_user_ids": ids})]
         return {(r.platform, r.platform_user_id): r.user_id for r in rows}
 
     async def record_final(self, items: list[IntakeItem]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Insert, Table, bindparam, func, or_, select, text, tuple_
+from sqlalchemy import Insert, Table, bindparam, func, or_, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 from memory.models import INTAKE_WHERE, Identity, Message, RelationshipState, StateEvent, User
@@ -78,11 +78,15 @@ RECENT_ADMITTED = (select(func.count()).select_from(messages)
                           messages.c.role == "user", messages.c.status != "dropped",
                           messages.c.created_at >= bindparam("since")))
 
-# Parameters: keys, a list of (platform, platform_user_id).
+# Parameters: platform, platform_user_ids (a list). One platform at a time: SQLite answers
+# a row-value ``(platform, platform_user_id) IN (...)`` by scanning every identity (0.6 ms
+# for 64 keys among 3,000 viewers, growing with the audience); this form searches the
+# unique index.
 KNOWN_IDENTITIES = (select(identities.c.platform, identities.c.platform_user_id,
                            identities.c.user_id)
-                    .where(tuple_(identities.c.platform, identities.c.platform_user_id)
-                           .in_(bindparam("keys", expanding=True))))
+                    .where(identities.c.platform == bindparam("platform"),
+                           identities.c.platform_user_id.in_(
+                               bindparam("platform_user_ids", expanding=True))))
 # Parameters: platform, platform_user_id. The common batch of one, without the IN list.
 KNOWN_IDENTITY = (select(identities.c.platform, identities.c.platform_user_id,
                          identities.c.user_id)
