@@ -11,7 +11,8 @@ Qwen3-8B-shaped model ``arrivals_bench`` prepares) on a GPU. Every message is fr
 viewer, so per-viewer rate limits never refuse one.
 
 First the capacity: a burst of ``2 x max_batch_size`` messages with nothing else running,
-replies per second. Then each load (a multiple of that capacity) runs three ways:
+replies per second. Then each load (a multiple of that capacity) runs three ways, one after
+the other in the same runtime (the limits change between runs as a reload changes them):
 - **unbounded**: ``max_pending`` past the run's size, ``max_wait_s`` off. Every message is
   admitted and waits its turn: past capacity the queue, and the wait, grow all run long.
 - **default**: ``max_pending: 64`` (``queue_full`` beyond it), ``max_wait_s`` off.
@@ -124,33 +125,51 @@ async def _capacity(runtime: Any, batch: int, first_index: int) -> float:
     return max(rates)
 
 
+def _limits(policy: str, max_wait_s: float) -> dict[str, Any]:
+    return {"unbounded": {"max_pending": 1_000_000},
+            "default": {},
+            "max_wait_s": {"max_pending": 1_000_000, "max_wait_s": max_wait_s}}[policy]
+
+
+async def _use_limits(runtime: Any, config: Any) -> None:
+    """``config``'s limits, taken in as an operator's reload (SIGHUP) takes them."""
+    runtime.reload_config = lambda: config
+    refused = await runtime.reload()
+    if refused is not None:
+        raise SystemExit(refused)
+
+
+def _arrivals(rate: float, seconds: float) -> list[float]:
+    rng = random.Random(7)
+    arrivals, clock = [], rng.expovariate(rate)
+    while clock < seconds:
+        arrivals.append(clock)
+        clock += rng.expovariate(rate)
+    return arrivals
+
+
 async def _runs(args: argparse.Namespace) -> list[dict[str, Any]]:
     folder = Path(tempfile.mkdtemp(prefix="vtuber-overload-bench-"))
     batch = args.batch
     rows: list[dict[str, Any]] = []
-    capacity = 0.0
-    for multiple in [float(m) for m in args.multiples.split(",")]:
-        for policy in POLICIES:
-            limits = {"unbounded": {"max_pending": 1_000_000},
-                      "default": {},
-                      "max_wait_s": {"max_pending": 1_000_000,
-                                     "max_wait_s": args.max_wait_s}}[policy]
-            config = _config(args.model_dir, args.device, batch, limits)
-            # A new store per run: one run's backlog never slows the next.
-            paths = DataPaths.resolve(folder / f"{multiple}-{policy}")
-            async with open_runtime(config, paths) as runtime:
-                if not capacity:  # message ids apart from the runs' (no redeliveries)
-                    await _capacity(runtime, batch, 10_000_000)  # warm-up: first compiles
-                    capacity = await _capacity(runtime, batch, 11_000_000)
-                    print(f"capacity: {capacity:.1f} replies/s", flush=True)
-                await _offer(runtime, [0.0] * batch, 20_000_000)  # this runtime's warm-up
-                rng = random.Random(7)
-                rate = multiple * capacity
-                arrivals, clock = [], rng.expovariate(rate)
-                while clock < args.seconds:
-                    arrivals.append(clock)
-                    clock += rng.expovariate(rate)
-                outcomes, replies = await _offer(runtime, arrivals, 0)
+
+    def config(policy: str) -> Any:  # a new object each time: a reload takes over its limits
+        return _config(args.model_dir, args.device, batch, _limits(policy, args.max_wait_s))
+
+    # One runtime for every run: opening one on a GPU compiles and captures its graphs, which
+    # takes minutes. Each run drains before the next starts, and its viewers and message ids
+    # are its own (no redeliveries, no rate limits).
+    async with open_runtime(config("default"), DataPaths.resolve(folder)) as runtime:
+        await _capacity(runtime, batch, 10_000_000)  # warm-up: first compiles
+        capacity = await _capacity(runtime, batch, 11_000_000)
+        print(f"capacity: {capacity:.1f} replies/s", flush=True)
+        multiples = [float(m) for m in args.multiples.split(",")]
+        for number, (multiple, policy) in enumerate(
+                ((m, p) for m in multiples for p in POLICIES), start=1):
+            await _use_limits(runtime, config(policy))
+            rate = multiple * capacity
+            outcomes, replies = await _offer(runtime, _arrivals(rate, args.seconds),
+                                             number * 1_000_000)
             run = Run(f"{multiple:g} x capacity ({rate:.1f} msg/s), {policy}", outcomes,
                       replies, args.seconds)
             rows.append(run.row())
