@@ -47,24 +47,30 @@ def _time_ms(fn: Any, repeats: int) -> float:
     return start.elapsed_time(end) / repeats
 
 
-def _graph_ms(layers: list[Any], inputs: dict[int, Any], repeats: int) -> float:
-    """One replay of a CUDA graph that runs each layer once."""
+def _replay_ms(work: Any, repeats: int) -> float:
+    """``work`` captured as a CUDA graph (after three warm-up runs), one replay's ms: the
+    device's time without the host's per-call cost (launches, dynamo's guards)."""
     import torch
-
-    def run() -> None:
-        for layer in layers:
-            layer(inputs[layer.in_features])
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):
-            run()
+            work()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        run()
+        work()
     return _time_ms(graph.replay, repeats)
+
+
+def _graph_ms(layers: list[Any], inputs: dict[int, Any], repeats: int) -> float:
+    """One replay of a CUDA graph that runs each layer once."""
+    def run() -> None:
+        for layer in layers:
+            layer(inputs[layer.in_features])
+
+    return _replay_ms(run, repeats)
 
 
 def _time_prefill(model: Any, ids: Any) -> float:
@@ -72,23 +78,8 @@ def _time_prefill(model: Any, ids: Any) -> float:
 
 
 def _time_captured_prefill(model: Any, ids: Any) -> float:
-    """The same forward replayed from a CUDA graph, as the runtime's prefills run: without
-    the host's per-call cost (eager launches, the compiled unpack's guards)."""
-    import torch
-
-    def forward() -> Any:
-        return model(ids, use_cache=False, logits_to_keep=1)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            forward()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return _time_ms(graph.replay, 5)
+    """The same forward replayed from a CUDA graph, as the runtime's prefills run."""
+    return _replay_ms(lambda: model(ids, use_cache=False, logits_to_keep=1), 5)
 
 
 def check_kernel() -> None:
