@@ -370,8 +370,8 @@ async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: 
     """Every statement of a message's life on SQLite (intake of new and known viewers on two
     platforms, refusals in bulk, the reply's context, the completion), explained by SQLite:
     none scans a whole table or sorts in a temporary b-tree, whose cost would grow with the
-    audience. A row-value
-    ``(platform, platform_user_id) IN (...)`` did, for every batch of refusals."""
+    audience. A row-value ``(platform, platform_user_id) IN (...)`` did, for every batch of
+    refusals."""
     import re
     import sqlite3
 
