@@ -128,18 +128,19 @@ class Intake:
 
     @staticmethod
     def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
-        if len(keys) == 1:
-            platform, platform_user_id = keys[0]
-            rows = list(connection.execute(sql.KNOWN_IDENTITY, {
-                "platform": platform, "platform_user_id": platform_user_id}))
-        else:
-            by_platform: dict[str, list[str]] = {}
-            for platform, platform_user_id in keys:
-                by_platform.setdefault(platform, []).append(platform_user_id)
-            rows = [row for platform, ids in by_platform.items()
-                    for row in connection.execute(sql.KNOWN_IDENTITIES, {
-                        "platform": platform, "platform_user_ids": ids})]
-        return {(r.platform, r.platform_user_id): r.user_id for r in rows}
+        """The viewer ids of ``keys`` already stored: one indexed lookup per platform (a
+        single viewer's without an IN list, whose SQL would be rendered anew)."""
+        by_platform: dict[str, list[str]] = {}
+        for platform, platform_user_id in keys:
+            by_platform.setdefault(platform, []).append(platform_user_id)
+        found: dict[Key, int] = {}
+        for platform, ids in by_platform.items():
+            rows = (connection.execute(sql.KNOWN_IDENTITY, {
+                        "platform": platform, "platform_user_id": ids[0]}) if len(ids) == 1
+                    else connection.execute(sql.KNOWN_IDENTITIES, {
+                        "platform": platform, "platform_user_ids": ids}))
+            found.update({(r.platform, r.platform_user_id): r.user_id for r in rows})
+        return found
 
     async def record_final(self, items: list[IntakeItem]) -> None:
         """Record messages that are already final (dropped with a reason) in one transaction
