@@ -25,7 +25,7 @@ from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
 from engine.response_generator import GeneratedReply
 from memory.errors import StoreError
-from memory.store import ReplyContext, StateSnapshot, Store
+from memory.store import IntakeItem, IntakeOutcome, ReplyContext, StateSnapshot, Store
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
@@ -33,14 +33,45 @@ ORDER_WAIT_LIMIT_S = 30.0  # a crashed process's unanswered message holds a view
 
 
 @dataclass(frozen=True, slots=True)
+class Behind:
+    """An intake written behind the reply: the item, and its outcome once committed."""
+
+    item: IntakeItem
+    outcome: asyncio.Future[IntakeOutcome | None]
+
+
+@dataclass(slots=True)
 class Exchange:
-    """What the service knows about an admitted, recorded message while answering it."""
+    """What the service knows about an admitted message while answering it. With ``behind``
+    (SQLite), the reply goes out without waiting for the intake to commit: the ids stay None
+    (``user_id`` for good, when the viewer is new) until ``recorded()``."""
 
     event: ChatEvent
-    user_id: int
-    message_id: int
+    user_id: int | None
+    message_id: int | None
     received_at: float  # time.monotonic() at admission
-    context: ReplyContext | None = None  # read with the intake (see ContextBuilder.prepare)
+    key: str  # for observers: one per message, known from admission on
+    context: ReplyContext | None = None  # read before the reply (see ContextBuilder.prepare)
+    behind: Behind | None = None
+
+    @property
+    def label(self) -> str:
+        """For log lines: the stored id, or the platform's while not stored yet."""
+        if self.message_id is not None:
+            return str(self.message_id)
+        return f"{self.event.platform}:{self.event.message_id or self.key}"
+
+    async def recorded(self) -> int:
+        """The stored message's id, once its intake committed; ``StoreError`` if it did not."""
+        if self.message_id is None and self.behind is not None:
+            outcome = await asyncio.shield(self.behind.outcome)
+            if outcome is None or outcome.message_id is None:
+                raise StoreError("store: the platform message was recorded before the reply "
+                                 "(a redelivery)")
+            self.user_id, self.message_id = outcome.user_id, outcome.message_id
+        if self.message_id is None:
+            raise StoreError("store: the message was never recorded")
+        return self.message_id
 
 
 @dataclass(slots=True)
@@ -68,24 +99,27 @@ class Answerer:
 
     async def answer(self, exchange: Exchange, text: str, attempt: Attempt) -> int:
         """Answer and record; return the stored reply's id (the text is ``attempt.text``)."""
-        with attempt.stay.away():  # another process's work, not this one's
-            await self._earlier_first(exchange)
+        if exchange.message_id is not None:  # (written behind: one process, no one to wait for)
+            with attempt.stay.away():  # another process's work, not this one's
+                await self._earlier_first(exchange.user_id, exchange.message_id)
         prompt = await self._context.prepare(exchange.user_id, text, exchange.context)
         with attempt.stay.away():  # the model's and the platform's time
             reply, sent_id, queue_wait = await self._generate_and_send(exchange, prompt,
                                                                        attempt)
         attempt.stage = "store"
+        message_id = await exchange.recorded()
         trace = self._trace(exchange, prompt, reply, queue_wait)
-        reply_id, mood = await self._record(exchange, text, reply, trace, sent_id,
+        reply_id, mood = await self._record(message_id, text, reply, trace, sent_id,
                                             prompt.state)
         if self._signals.active:
             self._signals.reply_progress(self._progress(
                 exchange, reply.text, done=True, mood=mood,
                 timings_ms={**trace["timings_ms"], "tokens": reply.completion_tokens}))
         try:  # a long-term memory is a bonus: losing one must not fail the exchange
-            await self._context.remember(exchange.user_id, exchange.message_id, text)
+            if exchange.user_id is not None:
+                await self._context.remember(exchange.user_id, message_id, text)
         except StoreError as exc:
-            log.warning("message %d: not kept as a memory: %s", exchange.message_id, exc)
+            log.warning("message %d: not kept as a memory: %s", message_id, exc)
         return reply_id
 
     async def _generate_and_send(self, exchange: Exchange, prompt: PreparedPrompt,
@@ -110,17 +144,17 @@ class Answerer:
         attempt.delivered = True
         return reply, sent_id, queue_wait
 
-    async def _earlier_first(self, exchange: Exchange) -> None:
+    async def _earlier_first(self, user_id: int | None, message_id: int) -> None:
         """Several processes (PostgreSQL): this viewer's earlier messages, taken by another
         process (another platform, another shard), are answered first."""
         limits = self._config.limits
         waited = min(limits.reply_timeout_s, ORDER_WAIT_LIMIT_S)
         since = self._clock() - timedelta(seconds=limits.reply_timeout_s)
-        if not await self._store.wait_for_earlier(exchange.user_id, exchange.message_id, since,
-                                                  waited):
+        if user_id is not None and not await self._store.wait_for_earlier(
+                user_id, message_id, since, waited):
             log.warning("message %d: an earlier message of this viewer is still unanswered "
                         "after %.0f s (another process?); answering this one anyway",
-                        exchange.message_id, waited)
+                        message_id, waited)
 
     def _trace(self, exchange: Exchange, prompt: PreparedPrompt, reply: GeneratedReply,
                queue_wait: float) -> dict[str, Any]:
@@ -129,14 +163,14 @@ class Answerer:
         trace["timings_ms"]["total"] = round((time.monotonic() - exchange.received_at) * 1000, 1)
         return trace
 
-    async def _record(self, exchange: Exchange, text: str, reply: GeneratedReply,
+    async def _record(self, message_id: int, text: str, reply: GeneratedReply,
                       trace: dict[str, Any], sent_id: str | None,
                       seen: StateSnapshot) -> tuple[int, str]:
         """Reply, state change (with its audit row) and the question's status, in one unit."""
         persona = self._engine.persona
         now: datetime = self._clock()
         reply_id, state = await self._store.complete_exchange(
-            user_message_id=exchange.message_id, reply_text=reply.text, trace=trace,
+            user_message_id=message_id, reply_text=reply.text, trace=trace,
             platform_message_id=sent_id, default_mood=persona.moods.baseline,
             rule=persona_rule(persona, text, now), created_at=now, seen=seen,
         )
@@ -144,7 +178,7 @@ class Answerer:
 
     def _progress(self, exchange: Exchange, text: str, **extra: Any) -> ReplyProgress:
         event = exchange.event
-        return ReplyProgress(f"{event.platform}:{exchange.message_id}", event.platform,
+        return ReplyProgress(exchange.key, event.platform,
                              event.platform_user_id, event.display_name, text, **extra)
 
     def _on_chunk(self, exchange: Exchange, prompt: PreparedPrompt,

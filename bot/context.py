@@ -39,17 +39,18 @@ class ContextBuilder:
         self._remember_min_chars = remember_min_chars
 
     def wanted(self) -> ContextWanted:
-        """What to read with a message's intake when nothing can change it before the reply
-        (``IntakeItem.context``)."""
+        """What to read of a viewer's context before the reply (``Store.look_ahead``)."""
         return ContextWanted(self._engine.persona.moods.baseline, self._history_messages)
 
-    async def prepare(self, user_id: int, text: str,
+    async def prepare(self, user_id: int | None, text: str,
                       read: ReplyContext | None = None) -> PreparedPrompt:
-        """The request for this reply; ``read``: the context read with the message's intake
-        (read again if the persona changed since)."""
+        """The request for this reply; ``read``: the context read before (read again if the
+        persona changed since); ``user_id`` None: a viewer not stored yet."""
         persona = self._engine.persona
         if read is not None and read.persona_id == persona.id:
             state, history = read.state, read.history
+        elif user_id is None:
+            state, history = StateSnapshot(mood=persona.moods.baseline), []
         else:
             state, history = await self._store.reply_context(
                 user_id, persona.id, persona.moods.baseline, self._history_messages)
@@ -80,7 +81,7 @@ class ContextBuilder:
             kept.pop(0)
         return kept
 
-    async def _retrieve(self, text: str, user_id: int) -> list[RetrievedChunk]:
+    async def _retrieve(self, text: str, user_id: int | None) -> list[RetrievedChunk]:
         if self._retriever is None:
             return []
         return await self._retriever.search(text, user_id=user_id)

@@ -69,9 +69,11 @@ class RecentKeys:
 
 @dataclass(slots=True)
 class Lane:
-    """One viewer's ordered lane: the lock, and how many messages hold or wait for it."""
+    """One viewer's ordered lane: who holds it, the turns waiting for it in arrival order,
+    and how many messages hold or wait for it."""
 
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    held: bool = False
+    waiting: deque[asyncio.Future[bool]] = field(default_factory=deque)
     users: int = 0
     arrived: int = 0  # arrival counter: a message's place in this lane
     burst: list[str] = field(default_factory=list)  # superseded texts, for coalescing
@@ -79,10 +81,20 @@ class Lane:
     def newer_waiting(self, place: int) -> bool:
         return place < self.arrived
 
+    def pass_on(self) -> None:
+        """The holder is done: the next turn still wanted gets the lane."""
+        while self.waiting:
+            turn = self.waiting.popleft()
+            if not turn.done():
+                turn.set_result(True)
+                return
+        self.held = False
+
 
 @dataclass(slots=True)
 class Ticket:
-    """A message's place in its lane; ``turn`` completes when the lane is its own."""
+    """A message's place in its lane; ``turn`` completes when the lane is its own (at once,
+    without a trip through the event loop, when nobody held it)."""
 
     key: tuple[str, str]
     lane: Lane
@@ -105,14 +117,20 @@ class Lanes:
         lane = self._lanes.setdefault(key, Lane())
         lane.users += 1
         lane.arrived += 1
-        return Ticket(key, lane, lane.arrived, asyncio.ensure_future(lane.lock.acquire()))
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if lane.held:
+            lane.waiting.append(turn)
+        else:
+            lane.held = True
+            turn.set_result(True)
+        return Ticket(key, lane, lane.arrived, turn)
 
     def leave(self, ticket: Ticket) -> None:
         """Release the lane (or give up the place if the turn never came)."""
         if ticket.turn.done() and not ticket.turn.cancelled():
-            ticket.lane.lock.release()
+            ticket.lane.pass_on()
         else:
-            ticket.turn.cancel()
+            ticket.turn.cancel()  # pass_on skips it
         ticket.lane.users -= 1
         if ticket.lane.users == 0:
             self._lanes.pop(ticket.key, None)

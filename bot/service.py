@@ -11,7 +11,6 @@ the viewer gets the reply or at most one in-character fallback, and one log line
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -25,18 +24,17 @@ from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
 from bot.flow import Lanes, Ticket
+from bot.recording import Recording
 from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
 from bot.signals import FinalState, Signals
-from bot.spool import Spool
-from bot.store_health import StoreHealth
 from bot.text import sanitized
 from engine.client import EngineClient
 from engine.errors import EngineError
 from engine.persona import Persona
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
-from memory.store import IntakeItem, IntakeWriter, Leftover, Store
+from memory.store import Leftover, Store
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +68,8 @@ class ConversationService:
         self._context = context
         self._admission = Admission(config)
         self._lanes = Lanes()
-        self._writer = IntakeWriter(store.intake, pipelined=store.groups_writes)
-        # Drops go in batches of up to 64, one batch per 30 ms unless more wait: a flood's
-        # bookkeeping costs a few short transactions a second, out of the answers' way.
-        self._drop_writer = IntakeWriter(store.intake_final, max_batch=64, max_delay_s=0.03,
-                                         on_batch=self._drops_recorded)
-        self._spool = Spool(store)
-        self.store_health = StoreHealth()
+        self._recording = Recording(config, store, context, lambda: self.persona.id, role)
+        self.store_health = self._recording.health
         self._pending = 0
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
@@ -131,35 +124,12 @@ class ConversationService:
             event, text, pending=self._pending,
             generation_limit=self._answerer.generation_limit)
         if refusal is not None:
-            self._record_drop(event, text, refusal)
+            self._recording.drop(event, text, refusal)
             return Reply("", "dropped", reason=refusal)
         return await self._admitted(event, text)
 
     def allow_command(self, platform: str, platform_user_id: str) -> bool:
         return self._admission.allow_command(platform, platform_user_id)
-
-    def _intake_item(self, event: ChatEvent, text: str, status: str = "received",
-                     reason: str | None = None, *, with_context: bool = False) -> IntakeItem:
-        return IntakeItem(
-            platform=event.platform, platform_user_id=event.platform_user_id,
-            display_name=event.display_name, persona_id=self.persona.id,
-            channel_id=event.channel_id, platform_message_id=event.message_id, text=text,
-            created_at=event.timestamp, status=status, reason=reason, owner=self._role,
-            shared_per_minute=self._config.limits.user_messages_per_minute,
-            context=self._context.wanted() if with_context else None)
-
-    def _record_drop(self, event: ChatEvent, text: str, reason: str) -> None:
-        """Record a refused message in the background (batched; it costs no transaction of
-        its own and never delays the chat)."""
-        self._drop_writer.add(self._intake_item(event, text, "dropped", reason))
-
-    def _drops_recorded(self, items: list[IntakeItem], error: Exception | None) -> None:
-        if error is None:
-            self.store_health.succeeded()
-            return
-        self.store_health.failed(error)
-        for item in items:  # written once the store is back
-            self._spool.add_intake(item)
 
     async def _admitted(self, event: ChatEvent, text: str,
                         recorded: tuple[int, int] | None = None) -> Reply:
@@ -173,41 +143,27 @@ class ConversationService:
         task = asyncio.current_task()
         if task is not None:
             self._in_flight.add(task)
-        # The reply's context can be read with the intake when no earlier message of this
-        # viewer is still being answered: in one process (SQLite) nothing else changes it.
-        first_in_lane = ticket.lane.users == 1 and self._store.groups_writes
+        # The intake can be written behind the reply when no earlier message of this viewer
+        # is still being answered: in one process (SQLite) nothing else changes its context.
+        behind = ticket.lane.users == 1 and self._store.groups_writes
         try:
-            exchange = (Exchange(event, *recorded, admitted_at) if recorded is not None
-                        else await self._record(event, text, admitted_at, first_in_lane))
+            if recorded is not None:
+                exchange: Exchange | Reply = Exchange(event, *recorded, admitted_at,
+                                                      self._recording.key(event))
+            else:
+                exchange = await self._recording.take(event, text, admitted_at,
+                                                      behind=behind)
             if isinstance(exchange, Reply):
                 return exchange
             return await self._lifecycle(exchange, ticket, text, attempt)
+        except StoreError:  # not recorded (spooled): the fallback, no lifecycle
+            return Reply(await self._fallback(event, None), "failed", reason="store")
         finally:
             attempt.stay.leave()
             self._pending -= 1
             self._lanes.leave(ticket)
             if task is not None:
                 self._in_flight.discard(task)
-
-    async def _record(self, event: ChatEvent, text: str, admitted_at: float,
-                      with_context: bool) -> Exchange | Reply:
-        item = self._intake_item(event, text, with_context=with_context)
-        try:
-            outcome = await self._writer.submit(item)
-        except StoreError as exc:
-            self.store_health.failed(exc)
-            log.error("message %s from %s:%s failed (store): spooled until the store is "
-                      "back: %s", event.message_id, event.platform, event.platform_user_id, exc)
-            self._spool.add_intake(dataclasses.replace(item, status="failed", reason="store",
-                                                        context=None))
-            return Reply(await self._fallback(event, None), "failed", reason="store")
-        self.store_health.succeeded()
-        if outcome is not None and outcome.refused is not None:  # another process's share
-            return Reply("", "dropped", reason=outcome.refused)
-        if outcome is None or outcome.message_id is None:
-            return Reply("", "dropped", reason="duplicate")
-        return Exchange(event, outcome.user_id, outcome.message_id, admitted_at,
-                        outcome.context)
 
     # -- the lifecycle's one owner ------------------------------------------------------------
 
@@ -224,8 +180,8 @@ class ConversationService:
             async with asyncio.timeout(self._config.limits.reply_timeout_s):
                 reply_id = await self._answerer.answer(exchange, text, attempt)
         except asyncio.CancelledError:
-            await asyncio.shield(self._end(exchange.message_id, "expired", "shutdown"))
-            log.warning("message %d expired (shutdown)", exchange.message_id)
+            await asyncio.shield(self._recording.finish(exchange, "expired", "shutdown"))
+            log.warning("message %s expired (shutdown)", exchange.label)
             raise
         except Exception as exc:  # noqa: BLE001 - the one error boundary; the cause is logged
             return await self._failed(exchange, attempt, exc)
@@ -236,10 +192,10 @@ class ConversationService:
         reason = "timeout" if isinstance(exc, TimeoutError) else attempt.stage
         if isinstance(exc, StoreError):
             self.store_health.failed(exc)
-        log.error("message %d failed (%s)%s: %s: %s", exchange.message_id, reason,
+        log.error("message %s failed (%s)%s: %s: %s", exchange.label, reason,
                   " after the reply was delivered" if attempt.delivered else "",
                   type(exc).__name__, exc, exc_info=not isinstance(exc, EXPECTED_FAILURES))
-        await self._end(exchange.message_id, "failed", reason)
+        await self._recording.finish(exchange, "failed", reason)
         if attempt.delivered:
             return Reply(attempt.text, "failed", reason=reason)
         fallback = await self._fallback(exchange.event, exchange.message_id)
@@ -254,14 +210,6 @@ class ConversationService:
             log.error("message %s: the fallback could not be delivered either: %s",
                       message_id if message_id is not None else event.message_id, exc)
         return fallback
-
-    async def _end(self, message_id: int, status: str, reason: str) -> None:
-        try:
-            await self._store.set_status(message_id, status, reason)
-        except StoreError as exc:
-            self.store_health.failed(exc)
-            log.debug("message %d: %s (%s) spooled: %s", message_id, status, reason, exc)
-            self._spool.add_status(message_id, status, reason)
 
     async def _flood_control(self, ticket: Ticket, exchange: Exchange,
                              text: str) -> Reply | None:
@@ -279,7 +227,7 @@ class ConversationService:
                 ticket.lane.burst.append(text)
         if reason is None:
             return None
-        await self._end(exchange.message_id, "dropped", reason)
+        await self._recording.finish(exchange, "dropped", reason)
         return Reply("", "dropped", reason=reason)
 
     # -- start-up and shutdown ----------------------------------------------------------------
@@ -316,7 +264,7 @@ class ConversationService:
                         leftover.message_id, type(exc).__name__, exc)
             sink = None
         if sink is None:
-            await self._end(leftover.message_id, "expired", "crash")
+            await self._recording.end(leftover.message_id, "expired", "crash")
             return Reply("", "expired", reason="crash")
         event = ChatEvent(
             platform=leftover.platform, channel_id=leftover.channel_id or "",
@@ -354,16 +302,14 @@ class ConversationService:
     async def flush(self, spool_timeout_s: float = 0) -> None:
         """Wait until every message taken so far is recorded (drops are written behind);
         with ``spool_timeout_s``, also try that long to write what a store outage spooled."""
-        await self._writer.flush()
-        await self._drop_writer.flush()
-        if spool_timeout_s:
-            await self._spool.flush(spool_timeout_s)
+        await self._recording.flush(spool_timeout_s)
 
     @property
     def spooled(self) -> int:
         """Writes waiting for the store to come back."""
-        return len(self._spool)
+        return len(self._recording.spool)
 
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         return self._admission.latency_percentiles()
+

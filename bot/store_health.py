@@ -3,7 +3,11 @@ when it is back (not one per failed message), and a flag for ``/readyz`` and ``/
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from typing import Any
+
+from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -24,3 +28,13 @@ class StoreHealth:
         if not self.ok:
             self.ok = True
             log.info("store is reachable again")
+
+    def heard(self, write: asyncio.Future[Any]) -> None:
+        """A done-callback for a write nobody awaits at once: how it ended counts."""
+        if write.cancelled():
+            return
+        error = write.exception()
+        if error is None:
+            self.succeeded()
+        elif isinstance(error, StoreError):
+            self.failed(error)

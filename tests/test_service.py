@@ -216,11 +216,12 @@ async def test_a_4000_character_message_keeps_the_persona_prompt_first(
     assert request.messages[-1].content.endswith("…")
 
 
-async def test_a_viewers_context_is_read_with_the_intake_unless_an_earlier_message_runs(
+async def test_a_viewers_context_is_read_ahead_unless_an_earlier_message_runs(
         runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
     """On SQLite (one process) a message with no earlier one of its viewer still being
-    answered gets its context in the intake's transaction; the ones queued behind an earlier
-    message read it after that one is recorded, so their history holds it."""
+    answered has its context read ahead of its intake (``Store.look_ahead``); the ones queued
+    behind an earlier message read it after that one is recorded, so their history holds
+    it."""
     import asyncio
 
     reads: list[int] = []

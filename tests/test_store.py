@@ -338,37 +338,41 @@ async def test_a_redelivery_past_the_shared_limit_is_a_duplicate_and_changes_not
     assert other.refused == "rate_limited"  # a new message past the limit is refused
 
 
-async def test_an_intake_can_read_the_reply_context_in_its_transaction(store: Any) -> None:
+async def test_look_ahead_reads_what_a_reply_needs_before_its_intake_commits(
+        store: Any) -> None:
+    """SQLite writes a message's intake behind its reply: the store says at once who the
+    viewer is, whether the platform message is in already, and the reply's context."""
     from memory.store import ContextWanted
 
-    def item(text: str, message_id: str, wanted: ContextWanted | None) -> IntakeItem:
+    def item(message_id: str) -> IntakeItem:
         return IntakeItem(platform="twitch", platform_user_id="ann", display_name="Ann",
                           persona_id="pell", channel_id="c", platform_message_id=message_id,
-                          text=text, created_at=datetime.now(UTC), context=wanted)
+                          text="hi", created_at=datetime.now(UTC))
 
     wanted = ContextWanted(default_mood="calm", history_limit=10)
-    first, duplicate = await store.intake([item("hi", "m1", wanted), item("hi", "m1", wanted)])
-    # A viewer created by this intake: nothing to read, the defaults.
-    assert first.context is not None and first.context.persona_id == "pell"
-    assert first.context.history == [] and first.context.state.mood == "calm"
-    assert duplicate.context is None  # a redelivery is answered by no one
-    assert (first.context.state, first.context.history) == await store.reply_context(
-        first.user_id, "pell", "calm", 10)
-    (plain,) = await store.intake([item("again", "m2", None)])
-    assert plain.context is None
-    # A known viewer's state and history are read in the intake's transaction.
+    new = await store.look_ahead(item("m1"), wanted)
+    # A viewer never seen: no id, nothing recorded, the defaults.
+    assert (new.user_id, new.recorded) == (None, False)
+    assert new.context.persona_id == "pell" and new.context.history == []
+    assert new.context.state.mood == "calm"
+    (first,) = await store.intake([item("m1")])
+    redelivered = await store.look_ahead(item("m1"), wanted)
+    assert (redelivered.user_id, redelivered.recorded) == (first.user_id, True)
+    # A known viewer's state and history, as the reply would read them.
     await store.update_state(first.user_id, "pell", "calm", bump_intimacy)
     await _exchange(store, first.user_id, "question", "answer")
-    (known,) = await store.intake([item("and again", "m3", wanted)])
-    assert known.context is not None and known.context.state.intimacy == 2  # both bumps
+    known = await store.look_ahead(item("m2"), wanted)
+    assert (known.user_id, known.recorded) == (first.user_id, False)
+    assert known.context.state.intimacy == 2  # both bumps
     assert [m.content for m in known.context.history] == ["question", "answer"]
     assert (known.context.state, known.context.history) == await store.reply_context(
-        known.user_id, "pell", "calm", 10)
+        first.user_id, "pell", "calm", 10)
 
 
 async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: Path) -> None:
-    """Every statement of a message's life on SQLite (intake of new and known viewers on two
-    platforms, refusals in bulk, the reply's context, the completion), explained by SQLite:
+    """Every statement of a message's life on SQLite (what is read ahead of the intake, the
+    intake of new and known viewers on two platforms, refusals in bulk, the reply's context,
+    the completion), explained by SQLite:
     none scans a whole table or sorts in a temporary b-tree, whose cost would grow with the
     audience. A row-value ``(platform, platform_user_id) IN (...)`` did, for every batch of
     refusals."""
@@ -393,9 +397,10 @@ async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: 
         for engine in store.database.sync_engines:
             event.listen(engine, "before_cursor_execute", keep)
         for round_ in range(2):  # new viewers, then known ones
-            outcomes = await store.intake([
-                _item(f"hi {round_}", f"m{round_}-{i}", user=f"v{i}", context=wanted)
-                for i in range(3)])
+            asked = [_item(f"hi {round_}", f"m{round_}-{i}", user=f"v{i}") for i in range(3)]
+            for item in asked:
+                await store.look_ahead(item, wanted)
+            outcomes = await store.intake(asked)
             await store.intake_final(
                 [_item("spam", f"d{round_}-{i}", user=f"v{i}", status="dropped",
                        reason="busy") for i in range(4)]

@@ -145,7 +145,7 @@ class Database:
     @property
     def sync_engines(self) -> list[Engine]:
         """Every engine that talks to the database (for event listeners, such as tests')."""
-        threads = [self._threads.sql_engine] if self._threads is not None else []
+        threads = self._threads.engines if self._threads is not None else []
         return [self.sql_engine.sync_engine, *threads]
 
     @classmethod
@@ -195,6 +195,19 @@ class Database:
         with store_errors():
             async with self._read_engine.begin() as connection:
                 return await connection.run_sync(work)
+
+    async def read_now(self, work: Work[T]) -> T:
+        """``work`` as one read transaction, on the event loop's own thread where that costs
+        no wait: SQLite in WAL mode (its readers never wait for its writer), indexed reads
+        only. Under a busy chat a trip to a store thread and back took 1-2 ms of waiting for
+        the GIL, several times the read itself (docs/PERFORMANCE.md). Where SQLite would wait
+        for a lock, or anything fails, it is read the usual way."""
+        if self._threads is not None:
+            try:
+                return self._threads.read_here(work)
+            except SQLAlchemyError as exc:
+                log.debug("store: read on the event loop failed, reading again: %s", exc)
+        return await self.read_unit(work)
 
     async def write_unit(self, work: Work[T]) -> T:
         """``work`` as one write transaction, committed when it returns.
@@ -255,10 +268,11 @@ class _SqliteThreads:
     """A synchronous engine on the same SQLite file, used from two store threads (a writer
     and a reader at once, as WAL allows). Same pragmas, same ``BEGIN IMMEDIATE`` writes."""
 
-    def __init__(self, sql_engine: Engine) -> None:
+    def __init__(self, sql_engine: Engine, reads_here: Engine) -> None:
         self.sql_engine = sql_engine
         self.writes = sql_engine
         self.reads = sql_engine.execution_options(**{_READ_ONLY: True})
+        self._reads_here = reads_here.execution_options(**{_READ_ONLY: True})
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         # Each store thread keeps its own connections: checking one out of the pool and back
         # for every unit was about a third of the store thread's profile samples.
@@ -275,11 +289,12 @@ class _SqliteThreads:
             return None  # each connection would see its own empty database
         # Every unit ends in COMMIT or ROLLBACK itself: no reset needed when a connection
         # goes back to the pool.
-        sql_engine = create_engine(parsed.set(drivername="sqlite+pysqlite"),
-                                   connect_args={"check_same_thread": False},
-                                   pool_reset_on_return=None)
-        _tune_sqlite(sql_engine, busy_timeout_ms)
-        return cls(sql_engine)
+        engines = [create_engine(parsed.set(drivername="sqlite+pysqlite"),
+                                 connect_args={"check_same_thread": False},
+                                 pool_reset_on_return=None) for _ in range(2)]
+        _tune_sqlite(engines[0], busy_timeout_ms)
+        _tune_sqlite(engines[1], 0)  # reads on the event loop never wait for a lock
+        return cls(*engines)
 
     async def run(self, sql_engine: Engine, work: Work[T]) -> T:
         def unit() -> T:
@@ -301,6 +316,21 @@ class _SqliteThreads:
             await asyncio.wait([future])
             raise
 
+    @property
+    def engines(self) -> list[Engine]:
+        return [self.sql_engine, self._reads_here.engine]
+
+    def read_here(self, work: Work[T]) -> T:
+        """``work`` as a read transaction on the calling thread (see ``Database.read_now``);
+        raises at once where SQLite would wait for a lock."""
+        connection = self._connection(self._reads_here)
+        try:
+            with connection.begin():
+                return work(connection)
+        except Exception as exc:
+            self._forget_if_invalid(connection, exc, self._reads_here)
+            raise
+
     async def run_round(self, works: list[Work[Any]]) -> list[Outcome]:
         """``works`` in one write transaction (see ``WriteRounds``): each one's outcome."""
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._round, works)
@@ -317,7 +347,7 @@ class _SqliteThreads:
                 with connection.begin():
                     return [(True, work(connection)) for work in works]
             except Exception as exc:  # noqa: BLE001 - rolled back; each unit alone says why
-                self._forget_if_invalid(connection, exc)
+                self._forget_if_invalid(connection, exc, self.writes)
                 log.debug("store: a round of %d units failed (%s); each runs alone",
                           len(works), exc)
         return [self._alone(work) for work in works]
@@ -328,13 +358,14 @@ class _SqliteThreads:
             with connection.begin():
                 return True, work(connection)
         except Exception as exc:  # noqa: BLE001 - the outcome carries it to the unit's caller
-            self._forget_if_invalid(connection, exc)
+            self._forget_if_invalid(connection, exc, self.writes)
             return False, exc
 
-    def _forget_if_invalid(self, connection: Connection, exc: Exception) -> None:
+    def _forget_if_invalid(self, connection: Connection, exc: Exception,
+                           sql_engine: Engine) -> None:
         if isinstance(exc, DBAPIError) and (exc.connection_invalidated
                                             or connection.invalidated):
-            self._forget(self.writes, connection)
+            self._forget(sql_engine, connection)
 
     def _connection(self, sql_engine: Engine) -> Connection:
         """This thread's connection for ``sql_engine`` (reads or writes), opened once."""
@@ -362,3 +393,4 @@ class _SqliteThreads:
                     connection.close()
             self._connections.clear()
         self.sql_engine.dispose()
+        self._reads_here.engine.dispose()

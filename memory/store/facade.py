@@ -22,6 +22,7 @@ from memory.store.records import (
     IntakeItem,
     IntakeOutcome,
     Leftover,
+    LookAhead,
     NewMemory,
     ReplyContext,
     StateRule,
@@ -135,6 +136,11 @@ class Store:
         """Record inbound messages (viewers created on first sight) in one transaction;
         a platform message recorded before comes back with ``message_id`` None."""
         return await self.intake_log.record(items)
+
+    async def look_ahead(self, item: IntakeItem, wanted: ContextWanted) -> LookAhead:
+        """While ``item`` is written behind (SQLite): its viewer, whether the platform message
+        is recorded already, and the reply's context."""
+        return await self.intake_log.look_ahead(item, wanted)
 
     async def intake_final(self, items: list[IntakeItem]) -> None:
         """Record messages already final (dropped), in one statement; duplicates skipped."""

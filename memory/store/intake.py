@@ -12,7 +12,6 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Connection, delete, update
-from sqlalchemy.exc import SQLAlchemyError
 
 from memory.errors import StoreError
 from memory.models import Message, User, utcnow
@@ -22,6 +21,7 @@ from memory.store.records import (
     ContextWanted,
     IntakeItem,
     IntakeOutcome,
+    LookAhead,
     ReplyContext,
     StateSnapshot,
 )
@@ -47,7 +47,7 @@ class Intake:
         return await self._db.write_unit(lambda connection: self._record(connection, items))
 
     def _record(self, connection: Connection, items: list[IntakeItem]) -> list[IntakeOutcome]:
-        users, created = self._resolve_users(connection, items)
+        users = self._resolve_users(connection, items)
         self._lock_limited_viewers(connection, items, users)
         outcomes = []
         for item in items:
@@ -60,26 +60,29 @@ class Intake:
                                 if message_id is not None else IntakeOutcome(user_id, None))
                 continue
             message_id = self._insert_message(connection, item, user_id)
-            context = (self._context_for(connection, item, user_id, user_id in created)
-                       if message_id is not None else None)
-            outcomes.append(IntakeOutcome(user_id, message_id, context=context))
+            outcomes.append(IntakeOutcome(user_id, message_id))
         return outcomes
 
-    def _context_for(self, connection: Connection, item: IntakeItem, user_id: int,
-                     new_viewer: bool) -> ReplyContext | None:
-        """The reply's context, if the item asks (SQLite only: a failed read there leaves
-        the transaction usable). A failed read costs the intake nothing: the reply reads
-        its context again on its own."""
-        if item.context is None:
-            return None
-        if new_viewer:  # created in this transaction: nothing to read
-            return ReplyContext(item.persona_id, StateSnapshot(mood=item.context.default_mood),
-                                [])
-        try:
-            return self._read_context(connection, user_id, item.persona_id, item.context)
-        except SQLAlchemyError as exc:
-            log.debug("context not read with the intake (read again for the reply): %s", exc)
-            return None
+    async def look_ahead(self, item: IntakeItem, wanted: ContextWanted) -> LookAhead:
+        """What the store holds for ``item`` while its intake is still being written: its
+        viewer, whether it was recorded before, and the reply's context (read at once, see
+        ``Database.read_now``)."""
+        return await self._db.read_now(
+            lambda connection: self._look_ahead(connection, item, wanted))
+
+    def _look_ahead(self, connection: Connection, item: IntakeItem,
+                    wanted: ContextWanted) -> LookAhead:
+        viewer = connection.execute(sql.KNOWN_IDENTITY, {
+            "platform": item.platform, "platform_user_id": item.platform_user_id}).first()
+        if viewer is None:  # a viewer never seen has no messages and nothing to read
+            return LookAhead(None, False, ReplyContext(
+                item.persona_id, StateSnapshot(mood=wanted.default_mood), []))
+        recorded = item.platform_message_id is not None and connection.execute(
+            sql.INTAKE_KEY, {"platform": item.platform, "channel_id": item.channel_id,
+                             "platform_message_id": item.platform_message_id}
+        ).first() is not None
+        return LookAhead(viewer.user_id, recorded, self._read_context(
+            connection, viewer.user_id, item.persona_id, wanted))
 
     def _limited(self, item: IntakeItem) -> bool:
         return (item.shared_per_minute is not None and item.status == "received"
@@ -102,14 +105,13 @@ class Intake:
             "since": item.created_at - SHARED_LIMIT_WINDOW}).scalar_one()
         return bool(item.shared_per_minute is not None and admitted >= item.shared_per_minute)
 
-    def _resolve_users(self, connection: Connection,
-                       items: list[IntakeItem]) -> tuple[dict[Key, int], set[int]]:
-        """Each item's viewer id (created on first sight), and the ids created here."""
+    def _resolve_users(self, connection: Connection, items: list[IntakeItem]) -> dict[Key, int]:
+        """Each item's viewer id (created on first sight)."""
         names = {(i.platform, i.platform_user_id): i.display_name for i in items}
         found = self._known(connection, list(names))
         missing = [key for key in names if key not in found]
         if not missing:
-            return found, set()
+            return found
         now = utcnow()
         created: list[int] = list(connection.scalars(
             sql.INSERT_USERS, [{"display_name": names[key], "created_at": now}
@@ -124,7 +126,7 @@ class Intake:
             found.update(self._known(connection, lost))
             connection.execute(delete(User).where(User.id.in_(
                 [u for key, u in zip(missing, created, strict=True) if key in lost])))
-        return found, {found[key] for key in missing if key not in lost}
+        return found
 
     @staticmethod
     def _known(connection: Connection, keys: list[Key]) -> dict[Key, int]:
@@ -149,7 +151,7 @@ class Intake:
             await self._db.write_unit(lambda connection: self._record_final(connection, items))
 
     def _record_final(self, connection: Connection, items: list[IntakeItem]) -> None:
-        users, _created = self._resolve_users(connection, items)
+        users = self._resolve_users(connection, items)
         rows = [_values(i, users[(i.platform, i.platform_user_id)]) for i in items]
         connection.execute(sql.intake_final(self._db.dialect), rows)
 

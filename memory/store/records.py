@@ -74,9 +74,6 @@ class IntakeItem:
     # already has this many admitted messages on this platform in the last minute, in any
     # process: the per-viewer limit holds across processes (one viewer on two Discord shards).
     shared_per_minute: int | None = None
-    # Read the reply's context in the same transaction (one trip to the store fewer before
-    # the reply): only where nothing can change it before the reply is made.
-    context: ContextWanted | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +94,17 @@ class ReplyContext:
 
 
 @dataclass(frozen=True, slots=True)
+class LookAhead:
+    """What the store already holds for a message not yet recorded: its viewer's id (None for
+    a viewer never seen), whether the platform message is in the store already (a
+    redelivery, or the intake committed meanwhile), and the reply's context."""
+
+    user_id: int | None
+    recorded: bool
+    context: ReplyContext
+
+
+@dataclass(frozen=True, slots=True)
 class IntakeOutcome:
     """The viewer's user id and the stored message's id; ``message_id`` is None when the
     platform message was already recorded (a redelivery)."""
@@ -104,7 +112,6 @@ class IntakeOutcome:
     user_id: int
     message_id: int | None
     refused: str | None = None  # why the database refused it (recorded dropped): rate_limited
-    context: ReplyContext | None = None  # read with it, when the item asked
 
     @property
     def duplicate(self) -> bool:
