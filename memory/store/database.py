@@ -144,7 +144,8 @@ class Database:
 
     @property
     def sync_engines(self) -> list[Engine]:
-        """Every engine that talks to the database (for event listeners, such as tests')."""
+        """Every engine that talks to the database (for event listeners, such as tests');
+        on SQLite the store threads' writer last."""
         threads = self._threads.engines if self._threads is not None else []
         return [self.sql_engine.sync_engine, *threads]
 
@@ -318,7 +319,7 @@ class _SqliteThreads:
 
     @property
     def engines(self) -> list[Engine]:
-        return [self.sql_engine, self._reads_here.engine]
+        return [self._reads_here.engine, self.sql_engine]  # the writes' last
 
     def read_here(self, work: Work[T]) -> T:
         """``work`` as a read transaction on the calling thread (see ``Database.read_now``);
