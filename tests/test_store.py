@@ -303,7 +303,7 @@ async def test_the_wal_is_checkpointed_off_the_writers_path(tmp_path: Path) -> N
     """No writer pays for a checkpoint (SQLite's autocheckpoint is off); the store's own
     thread copies the WAL into the database file within about a second, so it stays small."""
 
-    from memory.store.database import CHECKPOINT_EVERY_S
+    from memory.store.checkpoint import CHECKPOINT_EVERY_S
 
     path = tmp_path / "wal.db"
     store = await Store.open(f"sqlite+aiosqlite:///{path}")

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,12 +29,12 @@ from sqlalchemy.ext.asyncio import (
 from memory.errors import IntegrityViolation, StoreError
 from memory.migrate import upgrade_to_head
 from memory.models import User
+from memory.store.checkpoint import Checkpointer
 from memory.store.write_rounds import Outcome, WriteRounds
 from memory.urls import mask_url
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 WAL_SIZE_LIMIT = 8 * 1024 * 1024
-CHECKPOINT_EVERY_S = 1.0
 _READ_ONLY = "vtuber_read_only"
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def check_sqlite_file(path: Path) -> None:
         raise StoreError(f"store: directory {parent} is not writable")
 
 
-def _tune_sqlite(sql_engine: Engine, busy_timeout_ms: int) -> None:
+def _tune_sqlite(sql_engine: Engine, busy_timeout_ms: int, transactions: bool = True) -> None:
     @event.listens_for(sql_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let us issue BEGIN ourselves (the driver's implicit BEGIN is DEFERRED).
@@ -103,6 +102,9 @@ def _tune_sqlite(sql_engine: Engine, busy_timeout_ms: int) -> None:
         ):
             cursor.execute(pragma)
         cursor.close()
+
+    if not transactions:  # each statement reads a snapshot of its own
+        return
 
     @event.listens_for(sql_engine, "begin")
     def _on_begin(connection: Any) -> None:
@@ -198,11 +200,11 @@ class Database:
                 return await connection.run_sync(work)
 
     async def read_now(self, work: Work[T]) -> T:
-        """``work`` as one read transaction, on the event loop's own thread where that costs
-        no wait: SQLite in WAL mode (its readers never wait for its writer), indexed reads
-        only. Under a busy chat a trip to a store thread and back took 1-2 ms of waiting for
-        the GIL, several times the read itself (docs/PERFORMANCE.md). Where SQLite would wait
-        for a lock, or anything fails, it is read the usual way."""
+        """``work``'s reads (indexed ones only), on SQLite on the event loop's own thread, each
+        statement a snapshot of its own: in WAL mode a reader never waits for the writer, and
+        a trip to a store thread and back cost 1-2 ms of GIL waits under a busy chat
+        (docs/PERFORMANCE.md). Where SQLite would wait for a lock, or anything fails: a read
+        unit."""
         if self._threads is not None:
             try:
                 return self._threads.read_here(work)
@@ -231,38 +233,6 @@ class Database:
         if self._threads is not None:
             self._threads.close()
         await self.sql_engine.dispose()
-
-
-class Checkpointer:
-    """Every ``every_s``, a passive checkpoint from a thread of its own: the WAL stays small
-    (a nearly full disk recovers once space returns), and no writer waits for it. A passive
-    checkpoint never blocks readers or writers; a failed one (a full disk) is retried on the
-    next tick."""
-
-    def __init__(self, path: str, every_s: float = CHECKPOINT_EVERY_S) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(path, every_s),
-                                        name="store-checkpoint", daemon=True)
-        self._thread.start()
-
-    def _run(self, path: str, every_s: float) -> None:
-        try:
-            connection = sqlite3.connect(path)
-        except sqlite3.Error as exc:
-            log.warning("store: no WAL checkpoints (%s); the WAL may grow", exc)
-            return
-        try:
-            while not self._stop.wait(every_s):
-                try:
-                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-                except sqlite3.Error as exc:
-                    log.debug("store: WAL checkpoint failed, retrying: %s", exc)
-        finally:
-            connection.close()
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 class _SqliteThreads:
@@ -294,7 +264,9 @@ class _SqliteThreads:
                                  connect_args={"check_same_thread": False},
                                  pool_reset_on_return=None) for _ in range(2)]
         _tune_sqlite(engines[0], busy_timeout_ms)
-        _tune_sqlite(engines[1], 0)  # reads on the event loop never wait for a lock
+        # Reads on the event loop never wait for a lock, nor BEGIN and COMMIT (each trip into
+        # SQLite may hand the GIL to a store thread and wait to get it back).
+        _tune_sqlite(engines[1], 0, transactions=False)
         return cls(*engines)
 
     async def run(self, sql_engine: Engine, work: Work[T]) -> T:
@@ -318,12 +290,12 @@ class _SqliteThreads:
             raise
 
     @property
-    def engines(self) -> list[Engine]:
-        return [self._reads_here.engine, self.sql_engine]  # the writes' last
+    def engines(self) -> list[Engine]:  # the writer's last
+        return [self._reads_here.engine, self.sql_engine]
 
     def read_here(self, work: Work[T]) -> T:
-        """``work`` as a read transaction on the calling thread (see ``Database.read_now``);
-        raises at once where SQLite would wait for a lock."""
+        """``work``'s reads on the calling thread (see ``Database.read_now``), each statement
+        a snapshot of its own; raises at once where SQLite would wait for a lock."""
         connection = self._connection(self._reads_here)
         try:
             with connection.begin():
