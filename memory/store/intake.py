@@ -72,16 +72,14 @@ class Intake:
 
     def _look_ahead(self, connection: Connection, item: IntakeItem,
                     wanted: ContextWanted) -> LookAhead:
-        viewer = connection.execute(sql.KNOWN_IDENTITY, {
-            "platform": item.platform, "platform_user_id": item.platform_user_id}).first()
+        viewer = connection.execute(sql.VIEWER_AND_KEY, {
+            "platform": item.platform, "platform_user_id": item.platform_user_id,
+            "channel_id": item.channel_id,
+            "platform_message_id": item.platform_message_id}).first()
         if viewer is None:  # a viewer never seen has no messages and nothing to read
             return LookAhead(None, False, ReplyContext(
                 item.persona_id, StateSnapshot(mood=wanted.default_mood), []))
-        recorded = item.platform_message_id is not None and connection.execute(
-            sql.INTAKE_KEY, {"platform": item.platform, "channel_id": item.channel_id,
-                             "platform_message_id": item.platform_message_id}
-        ).first() is not None
-        return LookAhead(viewer.user_id, recorded, self._read_context(
+        return LookAhead(viewer.user_id, bool(viewer.recorded), self._read_context(
             connection, viewer.user_id, item.persona_id, wanted))
 
     def _limited(self, item: IntakeItem) -> bool:

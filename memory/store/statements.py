@@ -92,13 +92,18 @@ KNOWN_IDENTITY = (select(identities.c.platform, identities.c.platform_user_id,
                          identities.c.user_id)
                   .where(identities.c.platform == bindparam("platform"),
                          identities.c.platform_user_id == bindparam("platform_user_id")))
-# Parameters: platform, channel_id, platform_message_id. Whether a platform message was
-# recorded before (the intake's unique key; its partial index's condition spelled out).
-INTAKE_KEY = (select(messages.c.id)
-              .where(messages.c.platform == bindparam("platform"),
-                     messages.c.channel_id == bindparam("channel_id"),
-                     messages.c.platform_message_id == bindparam("platform_message_id"),
-                     text(INTAKE_WHERE)))
+# Parameters: platform, platform_user_id, channel_id, platform_message_id. A viewer's id and
+# whether the platform message was recorded before (the intake's unique key, its partial
+# index's condition spelled out), in one statement.
+VIEWER_AND_KEY = select(
+    identities.c.user_id,
+    select(messages.c.id).where(
+        messages.c.platform == bindparam("platform"),
+        messages.c.channel_id == bindparam("channel_id"),
+        messages.c.platform_message_id == bindparam("platform_message_id"),
+        text(INTAKE_WHERE)).exists().label("recorded"),
+).where(identities.c.platform == bindparam("platform"),
+        identities.c.platform_user_id == bindparam("platform_user_id"))
 INSERT_USERS = users.insert().returning(users.c.id, sort_by_parameter_order=True)
 
 
