@@ -118,7 +118,7 @@ class Recording:
         committed is spooled with that final state, to be written once the store is back."""
         try:
             message_id = await exchange.recorded()
-        except StoreError:
+        except Exception:  # noqa: BLE001 - never committed (the writer logged a bug's cause)
             if exchange.behind is not None:
                 self.spool.add_intake(dataclasses.replace(exchange.behind.item,
                                                           status=status, reason=reason))

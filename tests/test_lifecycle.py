@@ -223,6 +223,34 @@ async def test_the_reply_records_its_platform_message_id(runtime: Runtime) -> No
     assert stored is not None and stored.platform_message_id == "out-1"
 
 
+async def test_on_sqlite_the_reply_goes_out_before_its_intake_commits(
+        runtime: Runtime) -> None:
+    """SQLite writes a message's intake behind its reply: the reply is sent while the
+    intake is still held, and the exchange is recorded once it commits."""
+    if not runtime.store.groups_writes:
+        pytest.skip("PostgreSQL records the intake first (several processes share it)")
+    writer = runtime.service._recording._writer
+    record, held = writer._record, asyncio.Event()
+
+    async def held_back(items: list[IntakeItem]) -> Any:
+        await held.wait()
+        return await record(items)
+
+    writer._record = held_back
+    sink = FlakySink()
+    handled = asyncio.create_task(runtime.service.handle(event(sink)))
+    for _ in range(200):
+        if sink.sent:
+            break
+        await asyncio.sleep(0.005)
+    assert sink.sent == [REPLY] and not handled.done()  # recording waits for the commit
+    held.set()
+    reply = await handled
+    assert reply.status == "answered" and reply.message_id is not None
+    [row] = await user_rows(runtime)
+    assert row.status == "answered"
+
+
 async def test_a_redelivered_message_is_answered_once(runtime: Runtime, db_url: str,
                                                       tmp_path: Path) -> None:
     sink = FlakySink()

@@ -369,6 +369,29 @@ async def test_look_ahead_reads_what_a_reply_needs_before_its_intake_commits(
         first.user_id, "pell", "calm", 10)
 
 
+async def test_look_ahead_reads_on_a_store_thread_where_sqlite_would_wait(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event loop's reads never wait for SQLite's lock: where one would, the same read
+    is made on a store thread."""
+    from sqlalchemy.exc import OperationalError
+
+    from memory.store import ContextWanted
+
+    store = await Store.open(f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}")
+    try:
+        (first,) = await store.intake([_item("hi", "m1")])
+        threads = store.database._threads
+
+        def locked(*_args: Any) -> Any:
+            raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+        monkeypatch.setattr(threads, "read_here", locked)
+        ahead = await store.look_ahead(_item("again", "m1"), ContextWanted("calm", 10))
+        assert (ahead.user_id, ahead.recorded) == (first.user_id, True)
+    finally:
+        await store.close()
+
+
 async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: Path) -> None:
     """Every statement of a message's life on SQLite (what is read ahead of the intake, the
     intake of new and known viewers on two platforms, refusals in bulk, the reply's context,
