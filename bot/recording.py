@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 
 
 class Recording:
+    """The service's side of the store: intake writers, final states, the spool, health."""
+
     def __init__(self, config: AppConfig, store: Store, context: ContextBuilder,
                  persona_id: Callable[[], str], role: str | None) -> None:
         self._config = config

@@ -151,13 +151,14 @@ class ConversationService:
                 exchange: Exchange | Reply = Exchange(event, *recorded, admitted_at,
                                                       self._recording.key(event))
             else:
-                exchange = await self._recording.take(event, text, admitted_at,
-                                                      behind=behind)
+                try:
+                    exchange = await self._recording.take(event, text, admitted_at,
+                                                          behind=behind)
+                except StoreError:  # not recorded (spooled): the fallback, no lifecycle
+                    return Reply(await self._fallback(event, None), "failed", reason="store")
             if isinstance(exchange, Reply):
                 return exchange
             return await self._lifecycle(exchange, ticket, text, attempt)
-        except StoreError:  # not recorded (spooled): the fallback, no lifecycle
-            return Reply(await self._fallback(event, None), "failed", reason="store")
         finally:
             attempt.stay.leave()
             self._pending -= 1
@@ -312,4 +313,3 @@ class ConversationService:
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         return self._admission.latency_percentiles()
-

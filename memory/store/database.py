@@ -236,14 +236,15 @@ class Database:
 
 
 class _SqliteThreads:
-    """A synchronous engine on the same SQLite file, used from two store threads (a writer
-    and a reader at once, as WAL allows). Same pragmas, same ``BEGIN IMMEDIATE`` writes."""
+    """Synchronous engines on the same SQLite file: one used from two store threads (a writer
+    and a reader at once, as WAL allows; same pragmas, same ``BEGIN IMMEDIATE`` writes), one
+    for the event loop's own reads (``read_here``)."""
 
     def __init__(self, sql_engine: Engine, reads_here: Engine) -> None:
         self.sql_engine = sql_engine
         self.writes = sql_engine
         self.reads = sql_engine.execution_options(**{_READ_ONLY: True})
-        self._reads_here = reads_here.execution_options(**{_READ_ONLY: True})
+        self._reads_here = reads_here
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         # Each store thread keeps its own connections: checking one out of the pool and back
         # for every unit was about a third of the store thread's profile samples.
@@ -291,7 +292,7 @@ class _SqliteThreads:
 
     @property
     def engines(self) -> list[Engine]:  # the writer's last
-        return [self._reads_here.engine, self.sql_engine]
+        return [self._reads_here, self.sql_engine]
 
     def read_here(self, work: Work[T]) -> T:
         """``work``'s reads on the calling thread (see ``Database.read_now``), each statement
@@ -366,4 +367,4 @@ class _SqliteThreads:
                     connection.close()
             self._connections.clear()
         self.sql_engine.dispose()
-        self._reads_here.engine.dispose()
+        self._reads_here.dispose()
