@@ -26,10 +26,12 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 run: $(VENV)/.stamp-run
 	@$(VENV)/bin/vtuber-bot chat $(ARGS)
 
-test: $(VENV)/.stamp-dev $(VLLM_VENV)/.stamp
+# The two venvs install side by side (both wait mostly on downloads); each prints its own lines.
+test:
+	@$(MAKE) --no-print-directory -j2 $(VENV)/.stamp-dev $(VLLM_VENV)/.stamp
 	@$(PY) -m ruff check --quiet .
 	@$(PY) -m mypy
-	VTUBER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest $(ARGS)
+	VTUBER_VLLM_PYTHON=$(VLLM_PY) $(PY) -m pytest --durations=15 $(ARGS)
 
 lint: $(VENV)/.stamp-dev
 	$(PY) -m ruff check .

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests import network_guard, openai_servers, secret_guard
+from tests.cli_logging import root_logging_restored
 from tests.pg_server import PostgresServer, running_server
 
 network_guard.install()
@@ -31,6 +32,14 @@ def no_secret_in_logs() -> Iterator[None]:
     new = secret_guard.leaks[seen:]
     if new:
         pytest.fail("secret leaked:\n" + "\n".join(sorted(set(new))), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def root_logging_kept() -> Iterator[None]:
+    """A test that runs ``bot.cli.main`` in-process configures the root logger with a handler
+    on the test's captured stream; left there, every later record is a "Logging error"."""
+    with root_logging_restored():
+        yield
 
 
 @pytest.fixture(scope="session")

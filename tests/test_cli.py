@@ -23,6 +23,7 @@ import pytest
 from memory.store import Store
 from tests import secret_guard
 from tests.cli_logging import root_logging_restored
+from tests.read_only import run_read_only
 
 SCRIPTED = """
 models:
@@ -261,20 +262,12 @@ def test_locked_database_is_one_line_and_nonzero(tmp_path: Path) -> None:
 
 
 def test_read_only_database_is_one_line_and_untouched(tmp_path: Path) -> None:
-    """A read-only file system (even root cannot write there): bind-mounted read-only in a
-    private mount namespace."""
-    unshare = shutil.which("unshare")
-    if unshare is None or subprocess.run([unshare, "-m", "true"], capture_output=True,
-                                         check=False).returncode != 0:
-        pytest.skip("needs unshare -m (mount namespaces) to make a read-only file system")
+    """A read-only file system (even root cannot write there)."""
     data = tmp_path / "ro"
     assert vtuber("--data-dir", str(data), "migrate").returncode == 0
     before = (data / "vtuber.db").read_bytes()
-    script = (f"mount --bind {data} {data} && mount -o remount,bind,ro {data} && "
-              f"{sys.executable} -m bot --data-dir {data} stats --platform console "
-              "--user viewer")
-    result = subprocess.run([unshare, "-m", "sh", "-c", script], capture_output=True,
-                            text=True, timeout=120, check=False)
+    result = run_read_only(data, [sys.executable, "-m", "bot", "--data-dir", str(data),
+                                  "stats", "--platform", "console", "--user", "viewer"])
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "read-only" in errors[0], result.stderr

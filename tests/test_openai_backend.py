@@ -48,10 +48,11 @@ def settings_for(base_url: str, **openai: Any) -> OpenAIBackendConfig:
     return EngineConfig.from_mapping(config).llm.openai
 
 
-def request(max_tokens: int = 8) -> GenerationRequest:
+def request(max_tokens: int = 8, min_tokens: int = 0) -> GenerationRequest:
     return GenerationRequest((ChatMessage("system", "You are Pell."),
                               ChatMessage("user", "hello")),
-                             SamplingParams(max_new_tokens=max_tokens, temperature=0.0))
+                             SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens,
+                                            temperature=0.0))
 
 
 async def test_streams_chunks_with_usage_and_finish_reason(server: str) -> None:
@@ -206,7 +207,9 @@ async def test_streams_from_real_vllm(vllm_server: str) -> None:
     backend = OpenAIBackend(settings_for(vllm_server))
     await backend.start()
     try:
-        chunks = [chunk async for chunk in backend.generate(request(16))]
+        # min_tokens (a vLLM extension the backend sends) holds the end of turn back, so the
+        # reply ends on the length limit whatever the model would say.
+        chunks = [chunk async for chunk in backend.generate(request(16, min_tokens=16))]
     finally:
         await backend.close()
     assert len(chunks) > 1 and "".join(chunks).strip()

@@ -1,9 +1,14 @@
 """Scale-out end to end (issue "Scale-out", acceptance 1): three `vtuber-bot run` processes on
-one PostgreSQL and one vLLM server — Discord shards 0 and 1 in one process each, Twitch in a
-third — with the real discord.py and twitchio clients against fakes that speak their
-protocols (the fake gateway routes each guild's events to its shard's connection). A busy
+one PostgreSQL and one OpenAI-compatible server — Discord shards 0 and 1 in one process each,
+Twitch in a third — with the real discord.py and twitchio clients against fakes that speak
+their protocols (the fake gateway routes each guild's events to its shard's connection). A busy
 chat across both platforms: every message answered exactly once, none lost, each viewer's
-order kept."""
+order kept.
+
+The model server is a fake that answers at once (tests/fake_openai.py): what is under test is
+the processes sharing one database, and a CPU vLLM answering 200 messages took longer than any
+fixed deadline on a busy 2-core machine. The openai backend meets real vLLM in
+test_openai_backend.py. Every window the fleet relies on is set in its config below."""
 
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ pytest.importorskip("twitchio")
 
 from memory.store import Store
 from tests.fake_discord import BOT_USER, FakeDiscord, channel_of, shard_of
+from tests.fake_openai import FakeOpenAI
 from tests.fake_twitch import CHANNEL_LOGIN, FakeTwitch
 from tests.test_twitch import ENV as TWITCH_ENV
 
@@ -34,6 +40,8 @@ MESSAGES = 200
 GUILDS = (str(2 << 22), str(3 << 22))
 DISCORD_VIEWERS = 12  # per guild
 TWITCH_VIEWERS = 12
+# A restarted shard answers its own leftovers however long the test took to restart it.
+LEFTOVERS_WITHIN_S = 3600
 
 
 @dataclass(frozen=True)
@@ -48,19 +56,19 @@ VIEWERS = ([Viewer("discord", f"41{g}{n:02d}", guild)
            + [Viewer("twitch", f"52{n:02d}") for n in range(TWITCH_VIEWERS)])
 
 
-def _config(tmp_path: Path, pg_url: str, vllm_url: str) -> Path:
+def _config(tmp_path: Path, pg_url: str, openai_url: str) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"""
 models:
   llm:
     backend: openai
-    openai: {{base_url: "{vllm_url}", model: smollm2, timeout_s: 120}}
+    openai: {{base_url: "{openai_url}", timeout_s: 120}}
   embedding: {{enabled: false}}
 store: {{url: "{pg_url}", rag_enabled: false}}
 vtuber:
   response: {{max_tokens: 8}}
 limits: {{user_messages_per_minute: 1000, max_pending: 1000, stream_edit_interval_s: 0,
-          reply_timeout_s: 120}}
+          reply_timeout_s: 120, answer_leftovers_within_s: {LEFTOVERS_WITHIN_S}}}
 adapters:
   console: {{enabled: false}}
   discord: {{enabled: true}}
@@ -134,6 +142,17 @@ async def fakes() -> AsyncIterator[tuple[FakeDiscord, FakeTwitch]]:
         await twitch.stop()
 
 
+@pytest.fixture
+async def model_server() -> AsyncIterator[FakeOpenAI]:
+    server = FakeOpenAI()
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.release()
+        await server.stop()
+
+
 async def _wait(check: Callable[[], Any], within_s: float, what: str) -> None:
     deadline = time.monotonic() + within_s
     while not await check():
@@ -141,8 +160,16 @@ async def _wait(check: Callable[[], Any], within_s: float, what: str) -> None:
         await asyncio.sleep(0.5)
 
 
+def _text(index: int) -> str:
+    return f"第 {index} 個問題"
+
+
+def _speaker(viewers: list[Viewer], index: int) -> Viewer:
+    return viewers[(index * 7) % len(viewers)]
+
+
 async def _say(discord: FakeDiscord, twitch: FakeTwitch, viewer: Viewer, index: int) -> None:
-    text = f"第 {index} 個問題"
+    text = _text(index)
     if viewer.platform == "twitch":
         await twitch.notify("channel.chat.message", twitch.chat_event(
             f"佩兒 {text}", user_id=viewer.platform_user_id, login=f"v{viewer.platform_user_id}"))
@@ -157,18 +184,19 @@ async def _say(discord: FakeDiscord, twitch: FakeTwitch, viewer: Viewer, index: 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_two_discord_shards_and_twitch_answer_every_message_once_in_order(
-        db_url: str, vllm_server: str, fakes: tuple[FakeDiscord, FakeTwitch],
+        db_url: str, model_server: FakeOpenAI, fakes: tuple[FakeDiscord, FakeTwitch],
         tmp_path: Path) -> None:
     if not db_url.startswith("postgresql"):
         pytest.skip("several processes need PostgreSQL")
     discord, twitch = fakes
-    fleet = Fleet(_config(tmp_path, db_url, vllm_server), tmp_path, discord, twitch)
+    fleet = Fleet(_config(tmp_path, db_url, model_server.base_url), tmp_path, discord, twitch)
     try:
         await _start_all(fleet, discord)
         sent = await _chat(discord, twitch, VIEWERS, MESSAGES)
-        rows = await _all_final(db_url, MESSAGES)
+        await _wait_final(db_url, MESSAGES)
     finally:
-        codes = await fleet.stop()
+        codes = await fleet.stop()  # drained: a reply sent twice has been sent by now
+    rows = await _rows(db_url)
     assert codes == {"shard0": 0, "shard1": 0, "twitch": 0}, {
         name: fleet.log(name)[-2000:] for name in codes}
     _each_answered_once_in_order(rows, sent)
@@ -183,7 +211,7 @@ async def test_two_discord_shards_and_twitch_answer_every_message_once_in_order(
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_restart(
-        db_url: str, vllm_server: str, fakes: tuple[FakeDiscord, FakeTwitch],
+        db_url: str, model_server: FakeOpenAI, fakes: tuple[FakeDiscord, FakeTwitch],
         tmp_path: Path) -> None:
     """Acceptance 4 with the platforms: shard 1's process is SIGKILLed with its messages
     still unanswered; shard 0 and Twitch keep answering; shard 1 restarted answers its own
@@ -191,20 +219,26 @@ async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_rest
     if not db_url.startswith("postgresql"):
         pytest.skip("several processes need PostgreSQL")
     discord, twitch = fakes
-    fleet = Fleet(_config(tmp_path, db_url, vllm_server), tmp_path, discord, twitch)
+    fleet = Fleet(_config(tmp_path, db_url, model_server.base_url), tmp_path, discord, twitch)
     survivors = [v for v in VIEWERS if v.guild != GUILDS[1]]
+    # The model is still working on shard 1's questions when its process is killed.
+    held = [_text(i) for i in range(40) if _speaker(VIEWERS, i).guild == GUILDS[1]]
+    model_server.hold(lambda body: any(
+        text in body["messages"][-1]["content"] for text in held))
     try:
         await _start_all(fleet, discord)
         sent = await _chat(discord, twitch, VIEWERS, 40)
-        await asyncio.sleep(1)  # every message taken in (recorded) by its process
+        await _wait_stored(db_url, 40)  # every message taken in (recorded) by its process
         await fleet.kill("shard1")
+        model_server.release()
         sent += await _chat(discord, twitch, survivors, 40, first=40)
         await _all_final_for(db_url, survivors, sum(v in survivors for v in sent))
         await fleet.start("shard1", "--adapters", "discord", "--shard-ids", "1",
                           "--shard-count", "2")
-        rows = await _all_final(db_url, len(sent))
+        await _wait_final(db_url, len(sent))
     finally:
         await fleet.stop()
+    rows = await _rows(db_url)
     assert "to be answered now" in fleet.log("shard1")  # it found its own leftovers
     _each_answered_once_in_order(rows, sent)
     for guild in GUILDS:  # a reply posted just before the kill may be posted again
@@ -230,22 +264,37 @@ async def _chat(discord: FakeDiscord, twitch: FakeTwitch, viewers: list[Viewer],
     """``count`` messages at ~40 msg/s, each viewer writing again and again."""
     sent = []
     for index in range(first, first + count):
-        viewer = viewers[(index * 7) % len(viewers)]
+        viewer = _speaker(viewers, index)
         await _say(discord, twitch, viewer, index)
         sent.append(viewer)
         await asyncio.sleep(0.025)
     return sent
 
 
-async def _all_final(db_url: str, count: int) -> dict[tuple[str, str], Any]:
-    """Wait until ``count`` user messages are final; then every viewer's rows."""
+async def _wait_final(db_url: str, count: int) -> None:
+    """Until ``count`` user messages are final."""
+    await _wait_count(db_url, count, final=True)
+
+
+async def _wait_stored(db_url: str, count: int) -> None:
+    """Until ``count`` user messages are stored, final or not."""
+    await _wait_count(db_url, count, final=False)
+
+
+async def _wait_count(db_url: str, count: int, *, final: bool) -> None:
     store = await Store.open(db_url, auto_migrate=False)
     try:
-        async def all_final() -> bool:
-            return await _user_messages_final(store) == count
+        async def reached() -> bool:
+            return await _user_messages(store, final=final) == count
 
-        await _wait(all_final, 240, "not every message ended final")
-        await asyncio.sleep(1)  # a reply sent twice would show up by now
+        await _wait(reached, 240, f"not {count} messages {'final' if final else 'stored'}")
+    finally:
+        await store.close()
+
+
+async def _rows(db_url: str) -> dict[tuple[str, str], Any]:
+    store = await Store.open(db_url, auto_migrate=False)
+    try:
         return await _rows_by_viewer(store)
     finally:
         await store.close()
@@ -275,15 +324,16 @@ def _each_answered_once_in_order(rows: dict[tuple[str, str], Any], sent: list[Vi
         assert answered == [q.id for q in questions], key  # and in the viewer's order
 
 
-async def _user_messages_final(store: Store) -> int:
+async def _user_messages(store: Store, *, final: bool) -> int:
     from sqlalchemy import func, select
 
     from memory.models import Message
 
+    query = select(func.count()).select_from(Message).where(Message.role == "user")
+    if final:
+        query = query.where(Message.status != "received")
     async with store.database.read() as session:
-        return int(await session.scalar(
-            select(func.count()).select_from(Message)
-            .where(Message.role == "user", Message.status != "received")) or 0)
+        return int(await session.scalar(query) or 0)
 
 
 async def _rows_by_viewer(store: Store, viewers: list[Viewer] = VIEWERS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import stat
+import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 from memory import migrate
 from memory.errors import SchemaTooNewError, StoreError
 from memory.store import IntakeItem, StateChange, StateSnapshot, Store
+from tests.read_only import run_read_only
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -132,14 +134,21 @@ async def test_not_a_sqlite_file_is_left_untouched(tmp_path: Path) -> None:
     assert path.read_text(encoding="utf-8") == "my precious notes"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores file permissions")
 async def test_read_only_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "ro.db"
+    folder = tmp_path / "ro"
+    path = folder / "ro.db"
     store = await Store.open(f"sqlite+aiosqlite:///{path}")
     await store.close()
-    path.chmod(stat.S_IRUSR)
-    with pytest.raises(StoreError, match="read-only"):
-        await Store.open(f"sqlite+aiosqlite:///{path}")
+    if os.geteuid() != 0:
+        path.chmod(stat.S_IRUSR)
+        with pytest.raises(StoreError, match="read-only"):
+            await Store.open(f"sqlite+aiosqlite:///{path}")
+        return
+    opener = ("import asyncio, sys\nfrom memory.store import Store\n"
+              "asyncio.run(Store.open(sys.argv[1]))")
+    result = await asyncio.to_thread(run_read_only, folder, [
+        sys.executable, "-c", opener, f"sqlite+aiosqlite:///{path}"])
+    assert "StoreError" in result.stderr and "is read-only" in result.stderr, result.stderr
 
 
 async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: Path) -> None:
