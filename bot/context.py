@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from bot.history_window import HistoryWindows
 from bot.state_rules import to_persona_state
 from engine.client import EngineClient, PromptInputs
 from engine.types import GenerationRequest
@@ -35,7 +36,7 @@ class ContextBuilder:
         self._store = store
         self._retriever = retriever
         self._history_messages = history_messages
-        self._budget = history_token_budget
+        self._windows = HistoryWindows(history_token_budget, engine.count_tokens)
         self._remember_min_chars = remember_min_chars
 
     def wanted(self) -> ContextWanted:
@@ -54,7 +55,7 @@ class ContextBuilder:
         else:
             state, history = await self._store.reply_context(
                 user_id, persona.id, persona.moods.baseline, self._history_messages)
-        history = self.within_budget(history)
+        history = self._windows.window(user_id, history)
         retrieved = await self._retrieve(text, user_id)
         knowledge = "\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona")
         request = self._engine.build_request(PromptInputs(
@@ -65,21 +66,6 @@ class ContextBuilder:
             user_notes=[c.text for c in retrieved if c.scope == "user"],
         ))
         return PreparedPrompt(request, history, retrieved, state)
-
-    def within_budget(self, history: list[HistoryMessage]) -> list[HistoryMessage]:
-        """Keep the newest messages whose tokens fit the budget, starting on a user turn."""
-        kept: list[HistoryMessage] = []
-        used = 0
-        for item in reversed(history):
-            cost = self._engine.count_tokens(item.content)
-            if used + cost > self._budget:
-                break
-            kept.append(item)
-            used += cost
-        kept.reverse()
-        while kept and kept[0].role != "user":
-            kept.pop(0)
-        return kept
 
     async def _retrieve(self, text: str, user_id: int | None) -> list[RetrievedChunk]:
         if self._retriever is None:

@@ -300,6 +300,13 @@ class ConversationService:
                 await asyncio.wait(late, timeout=5)
         await self.flush(spool_timeout_s=5)
 
+    async def settle(self) -> None:
+        """Wait until every message taken so far has ended (its reply sent and recorded,
+        or its final state written)."""
+        while tasks := [t for t in self._in_flight if t is not asyncio.current_task()]:
+            await asyncio.wait(tasks)
+        await self.flush()
+
     async def flush(self, spool_timeout_s: float = 0) -> None:
         """Wait until every message taken so far is recorded (drops are written behind);
         with ``spool_timeout_s``, also try that long to write what a store outage spooled."""

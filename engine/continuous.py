@@ -33,8 +33,9 @@ from engine.batch_rows import LaunchedStep, Row
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
-from engine.packed_prefill import PackedKV, pack, split
+from engine.packed_prefill import KV, PackedKV, cache_of, pack, split
 from engine.prefill_graphs import PrefillGraphs
+from engine.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
 from engine.sampling import pick_tokens, seen_in_prompts
 from engine.types import SamplingParams
 
@@ -94,6 +95,9 @@ class ContinuousBatch:
         self._prefix: _Prefix | None = None
         self._slot_hint = max(1, slots)
         self.prefix_hits = 0
+        # Returning viewers' prompt starts (``engine/prefix_cache.py``); None: not kept.
+        self.prefix_cache: PrefixCache | None = None
+        self.last_cached: list[int] = []  # per request of the last join: tokens not prefilled
         self.rows: list[Row] = []
         self._cache: SlotCache | None = None
         self._graphs: DecodeGraphs | None = None  # static shapes: fixed slots, maybe captured
@@ -173,17 +177,6 @@ class ContinuousBatch:
         prefix = self._prefix
         return common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
 
-    def _prefix_cache(self, covered: int) -> DynamicCache:
-        """A one-row cache holding the prefix's first ``covered`` tokens (a packed prefill
-        shares them between its prompts)."""
-        cache = DynamicCache()
-        if self._prefix is None or covered == 0:
-            return cache
-        for layer, (keys, values) in enumerate(_kv(self._prefix.cache)):
-            # ``update`` concatenates into new tensors: the prefix itself is never written.
-            cache.update(keys[:, :, :covered], values[:, :, :covered], layer)
-        return cache
-
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
              eos_ids: frozenset[int], params: SamplingParams | None = None) -> int:
         """Prefill one request (past the shared prefix), add its row, return its first
@@ -195,47 +188,93 @@ class ContinuousBatch:
     def join_many(self, joining: list[Joining]) -> list[int]:
         """Prefill several requests together, add their rows, return each one's first
         token. A prefill is mostly fixed cost (kernel launches) or, for a burst, GEMMs over
-        the prompts' own tokens, so requests that arrived during a step join together."""
+        the prompts' own tokens, so requests that arrived during a step join together; one
+        whose start is kept in ``prefix_cache`` (a returning viewer) is prefilled past it, on
+        its own. ``last_cached``: how many prompt tokens of each came from a cache."""
+        reused = [self._reusable(j.prompt_ids) for j in joining]
+        order = ([i for i, r in enumerate(reused) if r is None]
+                 + [i for i, r in enumerate(reused) if r is not None])
+        ordered, starts = [joining[i] for i in order], [reused[i] for i in order]
+        logits, packs = self._prefill_all(ordered, starts)
         device = self.model.device
-        covered = min(self._covered(j.prompt_ids) for j in joining)
-        rests = [j.prompt_ids[covered:] for j in joining]
-        self.prefix_hits += len(rests) if covered else 0
-        if self._prefill is not None and self._prefill.fits(
-                len(rests), covered, max(len(rest) for rest in rests)):
-            logits, packed = self._prefill.run(rests, covered)
-            prefilled = [packed]
-        else:
-            logits, prefilled = self._prefill_eager(rests, covered)
         generators = [torch.Generator().manual_seed(j.params.seed)
                       if j.params is not None and j.params.seed is not None else None
-                      for j in joining]
-        seen = seen_in_prompts([j.prompt_ids for j in joining], logits.shape[-1], device)
-        first_tokens = pick_tokens(logits, [j.params for j in joining], seen,
-                                   [0] * len(joining), sorted(joining[0].eos_ids), generators)
+                      for j in ordered]
+        seen = seen_in_prompts([j.prompt_ids for j in ordered], logits.shape[-1], device)
+        first_tokens = pick_tokens(logits, [j.params for j in ordered], seen,
+                                   [0] * len(ordered), sorted(ordered[0].eos_ids), generators)
         seen.scatter_(1, first_tokens[:, None], True)
         firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
         # Everything that can run out of memory happens before the batch changes.
-        slots = self._room_for(prefilled[0].layers, max(len(j.prompt_ids) for j in joining),
-                               len(joining),
-                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
-        for packed in prefilled:
+        slots = self._room_for(packs[0][0].layers, max(len(j.prompt_ids) for j in ordered),
+                               len(ordered),
+                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in ordered))
+        for packed, covered in packs:
             slots.append_packed(packed, covered)
-        for index, j in enumerate(joining):
+        for index, j in enumerate(ordered):
             self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
                                  j.params, generators[index]))
         self._cache = slots
-        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
+        self._add_rows(torch.tensor([len(j.prompt_ids) for j in ordered], device=device),
                        first_tokens[:, None], seen)
-        return [int(first) for first in firsts]
+        if self.prefix_cache is not None:  # for each viewer's next message
+            self.prefix_cache.keep_packs([j.prompt_ids for j in ordered], packs)
+        result, cached = [0] * len(joining), [0] * len(joining)
+        prefilled = [covered for packed, covered in packs for _ in packed.lengths]
+        for position, index in enumerate(order):
+            result[index], cached[index] = int(firsts[position]), prefilled[position]
+        self.last_cached = cached
+        return result
 
-    def _prefill_eager(self, rests: list[list[int]], covered: int
+    def _reusable(self, prompt_ids: list[int]) -> tuple[Entry, int] | None:
+        """A kept prompt start this prompt shares beyond the persona prefix, if any (a
+        block more at least: a viewer's own history, not just a turn's opening tokens)."""
+        if self.prefix_cache is None:
+            return None
+        entry, tokens = self.prefix_cache.longest(prompt_ids)
+        if entry is None or tokens < self._covered(prompt_ids) + BLOCK:
+            return None
+        return entry, tokens
+
+    def _prefill_all(self, joining: list[Joining], reused: list[tuple[Entry, int] | None]
+                     ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
+        """Logits of each prompt's last token, in order, and the packs' KV with the prefix
+        tokens each starts with: those with no kept start together past the persona prefix,
+        then each returning viewer's past their own kept start."""
+        logits: list[torch.Tensor] = []
+        packs: list[tuple[PackedKV, int]] = []
+        shared = [j for j, r in zip(joining, reused, strict=True) if r is None]
+        if shared:
+            covered = min(self._covered(j.prompt_ids) for j in shared)
+            rests = [j.prompt_ids[covered:] for j in shared]
+            self.prefix_hits += len(rests) if covered else 0
+            if self._prefill is not None and self._prefill.fits(
+                    len(rests), covered, max(len(rest) for rest in rests)):
+                group_logits, packed = self._prefill.run(rests, covered)
+                prefilled = [packed]
+            else:
+                group_logits, prefilled = self._prefill_eager(rests, covered,
+                                                              self._prefix_kv())
+            logits.append(group_logits)
+            packs += [(packed, covered) for packed in prefilled]
+        for j, r in zip(joining, reused, strict=True):
+            if r is not None:
+                assert self.prefix_cache is not None
+                entry, tokens = r
+                own_logits, own = self._prefill_eager([j.prompt_ids[tokens:]], tokens,
+                                                      self.prefix_cache.use(entry, tokens))
+                logits.append(own_logits)
+                packs.append((own[0], tokens))
+        return torch.cat(logits), packs
+
+    def _prefill_eager(self, rests: list[list[int]], covered: int, prefix: KV | None
                        ) -> tuple[torch.Tensor, list[PackedKV]]:
-        """Prefill ``rests`` (each prompt past ``covered`` prefix tokens), packed a few
-        thousand tokens to a forward (``engine/packed_prefill.py``): each one's last logits
-        [rows, vocab] and the packs' KV."""
+        """Prefill ``rests`` (each prompt past the ``covered`` tokens of ``prefix``), packed
+        a few thousand tokens to a forward (``engine/packed_prefill.py``): each one's last
+        logits [rows, vocab] and the packs' KV."""
         logits, prefilled = [], []
         for group in split(rests):
-            cache = self._prefix_cache(covered)
+            cache = cache_of(prefix, covered)
             packed = pack(group, covered, self.model.device)
             keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
             out = self.model(input_ids=packed.ids, position_ids=packed.positions,
@@ -244,6 +283,9 @@ class ContinuousBatch:
             logits.append(out.logits[0] if keep else out.logits[0, packed.ends])
             prefilled.append(PackedKV(_kv(cache), [len(rest) for rest in group]))
         return torch.cat(logits), prefilled
+
+    def _prefix_kv(self) -> KV | None:
+        return _kv(self._prefix.cache) if self._prefix is not None else None
 
     def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
                   seen: torch.Tensor) -> None:
@@ -342,16 +384,6 @@ class ContinuousBatch:
 
     def finished(self) -> list[Row]:
         return [row for row in self.rows if row.finished]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share."""
-    count = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        count += 1
-    return count
 
 
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from engine.sampling import on_device
 
@@ -94,3 +95,15 @@ def placement(lengths: list[int], covered: int, first_row: int, end: int,
 def _repeat(values: torch.Tensor, times: torch.Tensor, total: int) -> torch.Tensor:
     """``values[i]`` ``times[i]`` times; ``total`` given, so the host needs no count back."""
     return torch.repeat_interleave(values, times, output_size=total)
+
+
+def cache_of(prefix: KV | None, covered: int) -> DynamicCache:
+    """A one-row cache holding ``prefix``'s first ``covered`` tokens (a packed prefill
+    shares them between its prompts)."""
+    cache = DynamicCache()
+    if prefix is None or covered == 0:
+        return cache
+    for layer, (keys, values) in enumerate(prefix):
+        # ``update`` concatenates into new tensors: the prefix itself is never written.
+        cache.update(keys[:, :, :covered], values[:, :, :covered], layer)
+    return cache

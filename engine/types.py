@@ -46,5 +46,27 @@ class GenerationRequest:
     language: str = "zh"
     request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
 
-    def as_dicts(self) -> list[dict[str, Any]]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def as_dicts(self, fold_system: bool = False) -> list[dict[str, Any]]:
+        """The messages as chat-template dicts; ``fold_system``: every later system turn
+        joined to the first, for templates that accept a system turn only at the start."""
+        messages = folded_system(self.messages) if fold_system else self.messages
+        return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def folded_system(messages: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
+    """``messages`` with the content of every system turn after the first appended to the
+    first (which must be a system turn for anything to fold)."""
+    late = [m.content for m in messages[1:] if m.role == "system"]
+    if not late or not messages or messages[0].role != "system":
+        return messages
+    first = ChatMessage("system", "\n\n".join([messages[0].content, *late]))
+    return (first, *(m for m in messages[1:] if m.role != "system"))
+
+
+@dataclass(frozen=True, slots=True)
+class PromptUsage:
+    """A request's prompt as the engine saw it: its tokens, and how many of them came from
+    a prefix cache instead of being prefilled."""
+
+    prompt_tokens: int
+    cached_tokens: int = 0

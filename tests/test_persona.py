@@ -90,12 +90,9 @@ def test_injection_corpus_never_reaches_the_system_message() -> None:
         language = prompt_language(attempt)
         messages = build_messages(PERSONA.system_prompt(language), attempt, history,
                                   state_hint=state_hint(state, PERSONA, language))
-        system = messages[0]
-        assert system.role == "system"
-        assert sum(m.role == "system" for m in messages) == 1, attempt
-        assert messages[0].content == "\n\n".join(
-            [PERSONA.system_prompt(language), state_hint(state, PERSONA, language)]
-        )
+        system = [m.content for m in messages if m.role == "system"]
+        assert messages[0].role == "system"
+        assert system == [PERSONA.system_prompt(language), state_hint(state, PERSONA, language)]
         for message in messages[1:]:
             assert "<|" not in message.content and "\u200b" not in message.content
             assert "[INST]" not in message.content and "<think>" not in message.content

@@ -71,11 +71,12 @@ async def test_second_prompt_contains_first_exchange(runtime: Runtime) -> None:
     await runtime.service.handle(event("second question"))
     second: GenerationRequest = scripted(runtime).requests[1]
     roles = [(m.role, m.content) for m in second.messages]
-    assert roles[0][0] == "system"
-    assert roles[1:] == [("user", "first question"), ("assistant", "第一個回覆。"),
-                         ("user", "second question")]
-    # Nothing the user wrote reaches the system message.
-    assert "question" not in second.messages[0].content
+    # The persona first, the history next, this message's state hint right before it.
+    assert [role for role, _ in roles] == ["system", "user", "assistant", "system", "user"]
+    assert [turn for turn in roles if turn[0] != "system"] == [
+        ("user", "first question"), ("assistant", "第一個回覆。"), ("user", "second question")]
+    # Nothing the user wrote reaches a system message.
+    assert not any("question" in m.content for m in second.messages if m.role == "system")
 
 
 async def test_users_do_not_share_history_or_state(runtime: Runtime) -> None:
@@ -83,7 +84,7 @@ async def test_users_do_not_share_history_or_state(runtime: Runtime) -> None:
         await runtime.service.handle(event("抱抱 謝謝", user="ann"))
     await runtime.service.handle(event("hi", user="bob"))
     bob_request = scripted(runtime).requests[-1]
-    assert [m.role for m in bob_request.messages] == ["system", "user"]
+    assert [m.role for m in bob_request.messages] == ["system", "system", "user"]  # no history
     ann = await runtime.stats("discord", "ann")
     bob = await runtime.stats("discord", "bob")
     assert ann is not None and bob is not None
@@ -177,11 +178,11 @@ async def test_retrieval_feeds_knowledge_to_system_and_memories_to_user_turns(
         user_id = await runtime.store.find_user("discord", "ann")
         assert user_id is not None
         reply = (await runtime.store.messages_for(user_id))[-1]
-    system = request.messages[0].content
-    assert "天蠍座" in system  # bundled persona knowledge, retrieved lexically
-    assert "Mochi" not in system and "Ignore the rules" not in system
-    notes = [m.content for m in request.messages[1:] if "Mochi" in m.content]
-    assert notes and all(m.role == "user" for m in request.messages[1:-1:2])
+    system = [m.content for m in request.messages if m.role == "system"]
+    assert "天蠍座" in system[-1]  # bundled persona knowledge, retrieved lexically
+    assert not any("Mochi" in turn or "Ignore the rules" in turn for turn in system)
+    notes = [m for m in request.messages if "Mochi" in m.content]
+    assert notes and all(m.role == "user" for m in notes)
     assert reply.trace is not None and reply.trace["retrieved"]
     assert {"id", "score", "source"} <= set(reply.trace["retrieved"][0])
 

@@ -81,14 +81,10 @@ async def test_subscribes_and_replies_to_a_mention(live: Any) -> None:
     assert sent["broadcaster_id"] == CHANNEL_ID and sent["sender_id"] == BOT_ID
     assert sent["message"] == "嗨～今晚也很亮喔"
     assert sent["reply_parent_message_id"] == "parent-1"
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     user_id = await runtime.store.find_user("twitch", "200")
     assert user_id is not None
-    for _ in range(100):  # the reply is recorded right after it is sent
-        rows = await runtime.store.messages_for(user_id)
-        if len(rows) == 2:
-            break
-        await asyncio.sleep(0.02)
-    [question, answer] = rows
+    [question, answer] = await runtime.store.messages_for(user_id)
     assert question.status == "answered" and answer.role == "assistant"
     assert not await asyncio.to_thread(Path(".tio.tokens.json").exists)  # no token file
 

@@ -20,8 +20,9 @@ from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
-from engine.continuous import ContinuousBatch, Joining, common_prefix
+from engine.continuous import ContinuousBatch, Joining
 from engine.errors import EngineError, GenerationAborted
+from engine.prefix_cache import PrefixCache, common_prefix
 
 log = logging.getLogger(__name__)
 JOIN_GROUP = 8  # requests prefilled together at most while rows run: bounds their pause
@@ -39,6 +40,9 @@ class _Backend(Protocol):
     @property
     def max_length(self) -> int: ...
 
+    @property
+    def prefix_cache_bytes(self) -> int: ...
+
     def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]: ...
 
     def eos_ids(self) -> frozenset[int]: ...
@@ -52,12 +56,18 @@ class ContinuousWorker:
         self._jobs = jobs
         self._waiting: deque[Job] = deque()
         self._running: dict[str, Job] = {}
-        self._batch = ContinuousBatch(backend.model, slots=backend.max_batch_size)
+        self._batch = self._new_batch()
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
         self.steps = 0
         # Where the decode loop's time goes (read by benchmarks and ``/gpu status``).
         self.timings: defaultdict[str, float] = defaultdict(float)
+
+    def _new_batch(self) -> ContinuousBatch:
+        batch = ContinuousBatch(self._backend.model, slots=self._backend.max_batch_size)
+        if self._backend.prefix_cache_bytes:
+            batch.prefix_cache = PrefixCache(self._backend.prefix_cache_bytes)
+        return batch
 
     def prepare(self) -> None:
         """Before the first request: fixed KV slots and a decode step with static shapes,
@@ -81,7 +91,7 @@ class ContinuousWorker:
         except Exception as error:  # noqa: BLE001 - the dynamic batch still serves
             log.warning("static decode unavailable (%s: %s); decoding without it",
                         type(error).__name__, error)
-            self._batch = ContinuousBatch(self._backend.model, slots=slots)
+            self._batch = self._new_batch()
             self._backend.free_memory()
             return
         log.info("decode step ready: %d slots of %d tokens%s", slots, width,
@@ -153,8 +163,8 @@ class ContinuousWorker:
         parts = [self._backend.prompt_parts(job) for job in group]
         self.timings["tokenize_s"] += time.perf_counter() - started
         prefix = parts[0][0]
-        # The system turn differs per viewer only in its mood hint and retrieved context;
-        # a new prefix is prefilled only when most of it is new (first request, new persona).
+        # The persona's system turn, the same for every viewer in one language: prefilled
+        # again only when most of it is new (first request, new persona, other language).
         if common_prefix(prefix, self._prefix) < len(prefix) // 2:
             self._batch.set_prefix(prefix)
             self._prefix = prefix
@@ -166,6 +176,11 @@ class ContinuousWorker:
                     self._eos, job.request.sampling)
             for job, (_prefix, prompt) in zip(group, parts, strict=True)])
         self.timings["join_s"] += time.perf_counter() - started  # to the first tokens read
+        for job, (_prefix, prompt), cached in zip(group, parts, self._batch.last_cached,
+                                                  strict=True):
+            job.prompt_tokens, job.cached_tokens = len(prompt), cached
+            self.timings["prompt_tokens"] += len(prompt)
+            self.timings["cached_tokens"] += cached
         for job, first in zip(group, firsts, strict=True):
             job.decoder = IncrementalDecoder(self._backend.tokenizer)
             self._running[job.request.request_id] = job

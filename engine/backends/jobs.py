@@ -28,6 +28,8 @@ class Job:
     abort: threading.Event
     decoder: IncrementalDecoder | None = None
     generated: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt's, not prefilled: a kept prefix's
     done: bool = False
     ended: bool = False
 

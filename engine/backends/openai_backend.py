@@ -23,10 +23,11 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from engine.backends.base import RecentUsage
 from engine.config import OpenAIBackendConfig
 from engine.errors import BackendUnavailableError, EngineError
 from engine.prompt_text import defuse
-from engine.types import GenerationRequest
+from engine.types import GenerationRequest, PromptUsage
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,22 @@ class _Retryable(Exception):
 
 class _ExtrasRefused(Exception):
     """The server rejects the non-standard sampling fields (top_k, repetition_penalty)."""
+
+
+class _LateSystemRefused(Exception):
+    """The server's chat template takes a system turn only at the start."""
+
+
+# What a template's refusal of a later system turn says (Gemma, Mistral, Llama 2 and kin).
+_LATE_SYSTEM_REFUSAL = re.compile(r"system|alternate|role", re.I)
+
+
+def _prompt_usage(usage: dict[str, Any]) -> PromptUsage:
+    """The server's count of prompt tokens, and of those its prefix cache held (vLLM says so
+    in ``prompt_tokens_details`` when started with ``--enable-prompt-tokens-details``)."""
+    details = usage.get("prompt_tokens_details") or {}
+    return PromptUsage(int(usage.get("prompt_tokens") or 0),
+                       int(details.get("cached_tokens") or 0))
 
 
 def retry_after_s(headers: httpx2.Headers) -> float | None:
@@ -75,10 +92,12 @@ class OpenAIBackend:
         self._timeout = config.timeout_s
         self._max_retries = config.max_retries
         self._extra_sampling = config.extra_sampling
+        self._fold_system = False  # set once the server refused a later system turn
         self._http_client = http_client
         self._client: AsyncOpenAI | None = None
         self._in_flight: dict[str, asyncio.Task[Any] | None] = {}
         self.last_usage: dict[str, Any] | None = None
+        self._usage = RecentUsage()
         self.last_finish_reason: str | None = None
 
     async def start(self) -> None:
@@ -131,6 +150,11 @@ class OpenAIBackend:
                     log.info("%s refuses top_k/repetition_penalty/min_tokens; sending only "
                              "standard OpenAI sampling fields from now on", self._base_url)
                     self._extra_sampling = False
+                except _LateSystemRefused:
+                    log.info("%s takes a system turn only at the start; the state hint and "
+                             "context join the persona's from now on (no prefix reuse for "
+                             "returning viewers)", self._base_url)
+                    self._fold_system = True
                 except _Retryable as exc:
                     await self._before_retry(exc, attempt, yielded)
                     attempt += 1
@@ -156,7 +180,8 @@ class OpenAIBackend:
                 model=self._model,
                 messages=cast("list[ChatCompletionMessageParam]", [
                     {**message, "content": defuse(message["content"])}
-                    for message in request.as_dicts()]),  # no viewer-made turns
+                    for message in request.as_dicts(fold_system=self._fold_system)]),
+                # (defused: no viewer-made turns)
                 stream=True, stream_options={"include_usage": True},
                 max_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
                 top_p=sampling.top_p, seed=sampling.seed,
@@ -165,6 +190,7 @@ class OpenAIBackend:
             async for chunk in stream:
                 if chunk.usage is not None:
                     self.last_usage = chunk.usage.model_dump()
+                    self._usage.record(request.request_id, _prompt_usage(self.last_usage))
                 for choice in chunk.choices[:1]:
                     if choice.finish_reason:
                         self.last_finish_reason = finished = choice.finish_reason
@@ -173,11 +199,12 @@ class OpenAIBackend:
             if not finished:  # a cut connection must not pass for a complete reply
                 raise _Retryable("the stream ended before the reply finished")
         except openai.APIStatusError as exc:
-            raise self._status_error(exc) from None
+            raise self._status_error(exc, request) from None
         except (openai.APIConnectionError, httpx2.TransportError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from None
 
-    def _status_error(self, exc: openai.APIStatusError) -> Exception:
+    def _status_error(self, exc: openai.APIStatusError,
+                      request: GenerationRequest) -> Exception:
         status = exc.status_code
         if status in _RETRY_STATUS:
             wait = retry_after_s(exc.response.headers)
@@ -187,6 +214,10 @@ class OpenAIBackend:
         if (self._extra_sampling and status in (400, 422)
                 and any(field in detail for field in _EXTRA_FIELDS)):
             return _ExtrasRefused(detail)
+        if (not self._fold_system and status in (400, 422)
+                and _LATE_SYSTEM_REFUSAL.search(detail)
+                and any(m.role == "system" for m in request.messages[1:])):
+            return _LateSystemRefused(detail)
         return EngineError(f"{self._base_url} refused the request: HTTP {status}: {detail}")
 
     async def abort(self, request_id: str) -> None:
@@ -201,6 +232,9 @@ class OpenAIBackend:
     def info(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self._model, "base_url": self._base_url,
                 "load": {"mode": "remote"}}
+
+    def prompt_usage(self, request_id: str) -> PromptUsage | None:
+        return self._usage.pop(request_id)
 
     def count_tokens(self, text: str) -> int:
         """An estimate (no tokenizer here): a CJK character ≈ 1 token, else ≈ 4 characters."""

@@ -4,10 +4,11 @@ Every viewer's prompt starts with a ~1,200-token persona system turn, and the de
 needs its ids on their own (the shared prefix) as well as the whole prompt's: that was two
 tokenizations of it per request, ~1 ms of the loop's time each (a burst of 32 paused the
 batch ~35 ms more). Now the template is rendered whole, the system turn is tokenized when it
-changes (for every request where the mood hint differs per viewer; once where it does not),
-and only the text past it is tokenized with it, where that gives exactly the ids of
-tokenizing everything: the cut falls before a special token (BPE never merges across one),
-checked once per tokenizer against the full tokenization.
+changes (once per persona and language: what differs per viewer comes after it, see
+``build_messages``), and only the text past it is tokenized with it, where that gives exactly
+the ids of tokenizing everything: the cut falls before a special token (BPE never merges
+across one), checked once per tokenizer against the full tokenization. A template that takes
+no system turn after the first gets the later ones folded into it.
 
 Text inside a message never becomes one of the tokenizer's special tokens
 (``engine/prompt_text.py``).
@@ -39,6 +40,7 @@ class ChatPrompts:
         self._specials = tuple(tokenizer.get_added_vocab())
         self._cut_checked: bool | None = None  # the cut gives the full tokenization's ids
         self._special_text = _special_pattern(tokenizer)
+        self._fold_system = not _accepts_late_system(tokenizer)
 
     def ids(self, request: GenerationRequest) -> list[int]:
         """Chat template within the budget. The system prompt (the persona and its rules) is
@@ -75,10 +77,11 @@ class ChatPrompts:
         """The request's messages with every special token's text defused
         (``engine/prompt_text.py``)."""
         pattern = self._special_text
+        messages = request.as_dicts(fold_system=self._fold_system)
         if pattern is None:
-            return request.as_dicts()
+            return messages
         return [{**message, "content": defuse(message["content"], pattern)}
-                for message in request.as_dicts()]
+                for message in messages]
 
     def _render(self, messages: list[dict[str, Any]]) -> list[int]:
         text: str = self._tokenizer.apply_chat_template(
@@ -117,6 +120,19 @@ class ChatPrompts:
             text.startswith(rendered) and text[len(rendered):].startswith(self._specials)
             and ids + self._encode(text[len(rendered):]) == self._encode(text))
         return self._cut_checked
+
+
+def _accepts_late_system(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system turn after the first (ChatML, Qwen,
+    Llama 3 do; Gemma's and Mistral's raise), keeping its text."""
+    probe = [{"role": "system", "content": "a"}, {"role": "user", "content": "b"},
+             {"role": "system", "content": "c-late"}, {"role": "user", "content": "d"}]
+    try:
+        text = tokenizer.apply_chat_template(probe, add_generation_prompt=True,
+                                             enable_thinking=False, tokenize=False)
+    except Exception:  # noqa: BLE001 - jinja's TemplateError, or whatever the template raises
+        return False
+    return isinstance(text, str) and "c-late" in text
 
 
 def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:

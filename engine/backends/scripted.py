@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.types import GenerationRequest
+from engine.types import GenerationRequest, PromptUsage
 
 
 class ScriptedBackend:
@@ -49,6 +49,9 @@ class ScriptedBackend:
 
     def count_tokens(self, text: str) -> int:
         return max(1, len(text) // 3) if text else 0
+
+    def prompt_usage(self, request_id: str) -> PromptUsage | None:
+        return None
 
     async def close(self) -> None:
         return None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.backends.base import RecentUsage
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import END, STOP_WORKER, Failure, Job, is_oom
@@ -29,7 +30,7 @@ from engine.errors import BackendUnavailableError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_fit import estimate_model_bytes, fit_to_model
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
-from engine.types import GenerationRequest, SamplingParams
+from engine.types import GenerationRequest, PromptUsage, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class TransformersBackend:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._aborts: dict[str, threading.Event] = {}
+        self._usage = RecentUsage()
         self.max_batch_size = config.max_batch_size
         self.model: Any = None
         self.tokenizer: Any = None
@@ -93,6 +95,10 @@ class TransformersBackend:
     @property
     def max_length(self) -> int:
         return self._config.max_length
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return int(self._config.prefix_cache_gb * 2**30)
 
     @property
     def placement(self) -> Placement | None:
@@ -146,7 +152,8 @@ class TransformersBackend:
         def emit(item: Any) -> None:
             loop.call_soon_threadsafe(chunks.put_nowait, item)
 
-        self._jobs.put(Job(request, emit, abort))
+        job = Job(request, emit, abort)
+        self._jobs.put(job)
         try:
             while True:
                 item = await chunks.get()
@@ -158,6 +165,12 @@ class TransformersBackend:
         finally:
             abort.set()  # consumer gone (done, error or cancelled): stop decoding its row
             self._aborts.pop(request.request_id, None)
+            if job.prompt_tokens:  # set by the decode loop when it joined (read after END)
+                self._usage.record(request.request_id,
+                                   PromptUsage(job.prompt_tokens, job.cached_tokens))
+
+    def prompt_usage(self, request_id: str) -> PromptUsage | None:
+        return self._usage.pop(request_id)
 
     # -- worker thread ----------------------------------------------------------------------
 

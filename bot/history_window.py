@@ -1,0 +1,87 @@
+"""Which of a viewer's recent messages go into their prompt: a window that moves in steps.
+
+An engine with a prefix cache (vLLM's, or the in-process one's) reuses a returning viewer's
+prompt up to the first token that differs from their last one. A window of "the newest
+messages that fit" moves by one exchange with every message, so their prompts differed right
+after the persona and nothing of their history was ever reused. Here the window keeps its
+first message while the viewer talks, growing, and only when it no longer fits (or its first
+message left the messages read) does it move, to the newest half: the prompt's start then
+stays the same for the next several messages.
+
+Invariants: the window is the newest messages of what was read, contiguous, within the token
+budget, starting on a viewer's turn; per viewer one remembered start, for at most
+``max_viewers`` viewers (the least recently seen are forgotten: their next window starts
+afresh, which costs only a cache miss).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Protocol, TypeVar
+
+
+class _Message(Protocol):
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def role(self) -> str: ...
+
+    @property
+    def content(self) -> str: ...
+
+
+M = TypeVar("M", bound=_Message)
+
+
+class HistoryWindows:
+    def __init__(self, token_budget: int, count_tokens: Callable[[str], int],
+                 max_viewers: int = 10_000) -> None:
+        self._budget = token_budget
+        self._count = count_tokens
+        self._max_viewers = max_viewers
+        self._starts: OrderedDict[int, int] = OrderedDict()  # viewer → first message id kept
+
+    def window(self, viewer: int | None, history: Sequence[M]) -> list[M]:
+        """The part of ``history`` (oldest first, as read) this viewer's prompt gets."""
+        start = self._starts.get(viewer) if viewer is not None else None
+        if start is None:  # first seen here: all that fits
+            kept = self._newest(history, self._budget, len(history))
+        elif history and history[0].id <= start and self._fits(
+                kept := [m for m in history if m.id >= start]):
+            pass  # the same start as last time
+        else:  # it no longer fits: move on, to the newest half
+            kept = self._newest(history, self._budget // 2, len(history) // 2)
+        kept = _from_a_user_turn(kept)
+        if kept:
+            self._remember(viewer, kept[0].id)
+        return kept
+
+    def _fits(self, messages: Sequence[M]) -> bool:
+        return sum(self._count(m.content) for m in messages) <= self._budget
+
+    def _newest(self, history: Sequence[M], budget: int, count: int) -> list[M]:
+        kept: list[M] = []
+        used = 0
+        for item in reversed(history):
+            cost = self._count(item.content)
+            if used + cost > budget or len(kept) == count:
+                break
+            kept.append(item)
+            used += cost
+        kept.reverse()
+        return kept
+
+    def _remember(self, viewer: int | None, start: int) -> None:
+        if viewer is None:
+            return
+        self._starts[viewer] = start
+        self._starts.move_to_end(viewer)
+        while len(self._starts) > self._max_viewers:
+            self._starts.popitem(last=False)
+
+
+def _from_a_user_turn(messages: list[M]) -> list[M]:
+    first = next((i for i, m in enumerate(messages) if m.role == "user"), len(messages))
+    return messages[first:]
