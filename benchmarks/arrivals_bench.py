@@ -69,14 +69,15 @@ def _text_of(tokenizer: Any, rng: random.Random, tokens: int) -> str:
     return " ".join(words)
 
 
-def _request(tokenizer: Any, rng: random.Random, index: int, system: str) -> Any:
+def _request(tokenizer: Any, rng: random.Random, index: int, system: str,
+             new_tokens: int = NEW_TOKENS) -> Any:
     from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
     words = _text_of(tokenizer, rng, rng.randint(50, 250))
     # The runtime's default sampling (temperature 0.7, top-p 0.9, top-k 50, penalty 1.1).
     return GenerationRequest(
         (ChatMessage("system", system), ChatMessage("user", f"{words} #{index}")),
-        SamplingParams(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS))
+        SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens))
 
 
 async def _one(backend: Any, request: Any, ttft: list[float], total: list[float]) -> None:
@@ -89,15 +90,16 @@ async def _one(backend: Any, request: Any, ttft: list[float], total: list[float]
 
 
 async def _load(backend: Any, label: str, rate: float, amount: float, cap: float,
-                system: str) -> dict[str, Any]:
-    rng = random.Random(7)
+                system: str, seed: int = 7, new_tokens: int = NEW_TOKENS) -> dict[str, Any]:
+    rng = random.Random(seed)
     ttft: list[float] = []
     total: list[float] = []
     tasks = []
     count = int(amount) if rate <= 0 else int(rate * amount)
     # Made before the clock starts: writing the texts (tokenizing as they grow) is the
     # benchmark's own work, and a burst's requests arrive together.
-    requests = [_request(backend.tokenizer, rng, index, system) for index in range(count)]
+    requests = [_request(backend.tokenizer, rng, index, system, new_tokens)
+                for index in range(count)]
     gaps = [rng.expovariate(rate) if rate > 0 else 0.0 for _ in range(count)]
     started = time.perf_counter()
     for request, gap in zip(requests, gaps, strict=True):
@@ -113,7 +115,7 @@ async def _load(backend: Any, label: str, rate: float, amount: float, cap: float
     wall = time.perf_counter() - started
     return {"load": label, "requests": count, "over_cap": len(late),
             **_stats("ttft", ttft), **_stats("reply", total),
-            "tok_s": round(len(total) * NEW_TOKENS / wall, 1)}
+            "tok_s": round(len(total) * new_tokens / wall, 1)}
 
 
 def _stats(name: str, samples: list[float]) -> dict[str, float]:
