@@ -1,13 +1,14 @@
 """What a viewer meets: the whole runtime against the backend alone, one model, one process.
 
     python -m benchmarks.service_bench [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
-                                       [--viewers 300] [--history 4] [--prefix-cache-gb 4]
+                                       [--viewers 300] [--history 4] [--prefix-cache-gb auto]
 
 The runtime as ``vtuber-bot run`` opens it (``open_runtime``, ``ConversationService.handle``):
 the bundled persona, SQLite in a temporary folder, lexical RAG and long-term memories,
 OpenCC, streaming previews, ``max_batch_size`` 32, 60-token replies (``--new-tokens``), the
-in-process engine with continuous batching. Viewers come back: each first says ``--history`` things (so their
-history and memories are in their prompts), then the loads pick viewers at random from them.
+in-process engine with continuous batching. Viewers come back: each first says ``--history``
+things (so their history and memories are in their prompts), then the loads pick viewers at
+random from them.
 Loads: one viewer at a time, Poisson 4, 12 and 24 msg/s, a burst of 32; then the same loads
 against the backend alone (``arrivals_bench``'s requests: the persona's system turn and
 50-250 tokens of a viewer's own) on the same backend object, for the ratio.
@@ -92,7 +93,7 @@ class LagMeter:
             self._task.cancel()
 
 
-def _config(model_dir: Path, device: str, prefix_cache_gb: float, new_tokens: int) -> Any:
+def _config(model_dir: Path, device: str, prefix_cache_gb: str, new_tokens: int) -> Any:
     return parse_config({
         "models": {"llm": {"model_path": str(model_dir), "device": device,
                            "max_batch_size": 32, "continuous_batching": "on",
@@ -238,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--viewers", type=int, default=None, help="300; --tiny: 8")
     parser.add_argument("--history", type=int, default=None,
                         help="messages each viewer says first: 4; --tiny: 2")
-    parser.add_argument("--prefix-cache-gb", type=float, default=4.0,
-                        help="models.llm.prefix_cache_gb (0: off, the baseline)")
+    parser.add_argument("--prefix-cache-gb", default="auto",
+                        help="models.llm.prefix_cache_gb: auto, GiB, or 0 (off: the baseline)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="reply length, fixed: 60; --tiny: 12")
     parser.add_argument("--cap", type=float, default=60.0,

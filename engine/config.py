@@ -91,8 +91,9 @@ class LLMConfig(Section):
     # families): auto = on a GPU; on = also on the CPU; off = one generate() per micro-batch.
     continuous_batching: Literal["auto", "on", "off"] = "auto"
     # Returning viewers' prompt starts kept between their messages (continuous batching):
-    # their next prompt prefills only what is new. GiB of KV memory; 0 = off.
-    prefix_cache_gb: float = Field(4.0, ge=0, le=1024)
+    # their next prompt prefills only what is new. GiB of KV memory; 0 = off; auto = half
+    # the GPU memory free once the model and its KV slots are in place (1 GiB on the CPU).
+    prefix_cache_gb: float | Literal["auto"] = "auto"
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

@@ -94,8 +94,12 @@ class ContinuousWorker:
             self._batch = self._new_batch()
             self._backend.free_memory()
             return
-        log.info("decode step ready: %d slots of %d tokens%s", slots, width,
-                 ", CUDA graphs" if self._batch.captured else "")
+        if self._batch.prefix_cache is not None:  # sized for what the slots left
+            self._batch.prefix_cache.max_bytes = self._backend.prefix_cache_bytes
+        log.info("decode step ready: %d slots of %d tokens%s; %.1f GiB for returning "
+                 "viewers' prompt starts", slots, width,
+                 ", CUDA graphs" if self._batch.captured else "",
+                 self._batch.prefix_cache.max_bytes / 2**30 if self._batch.prefix_cache else 0)
 
     def run(self) -> None:
         """Until ``STOP_WORKER``: admit, step, retire."""

@@ -98,7 +98,18 @@ class TransformersBackend:
 
     @property
     def prefix_cache_bytes(self) -> int:
-        return int(self._config.prefix_cache_gb * 2**30)
+        """``llm.prefix_cache_gb`` in bytes; auto: half the model's GPU's free memory now
+        (1 GiB on the CPU)."""
+        wanted = self._config.prefix_cache_gb
+        if wanted != "auto":
+            return int(wanted * 2**30)
+        import torch
+
+        device = getattr(self.model, "device", None)
+        if device is None or device.type != "cuda":
+            return 2**30
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free // 2)
 
     @property
     def placement(self) -> Placement | None:
