@@ -261,10 +261,13 @@ class ContinuousBatch:
             if r is not None:
                 assert self.prefix_cache is not None
                 entry, tokens = r
-                own_logits, own = self._prefill_eager([j.prompt_ids[tokens:]], tokens,
-                                                      self.prefix_cache.use(entry, tokens))
+                rest, kept = j.prompt_ids[tokens:], self.prefix_cache.use(entry, tokens)
+                if self._prefill is not None and self._prefill.fits_past(tokens, len(rest)):
+                    own_logits, own = self._prefill.run_past(kept, tokens, rest)
+                else:
+                    own_logits, [own] = self._prefill_eager([rest], tokens, kept)
                 logits.append(own_logits)
-                packs.append((own[0], tokens))
+                packs.append((own, tokens))
         return torch.cat(logits), packs
 
     def _prefill_eager(self, rests: list[list[int]], covered: int, prefix: KV | None

@@ -7,6 +7,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from bot.history_window import HistoryWindows
 from engine.backends.prompts import ChatPrompts
 from engine.persona import PersonaState, load_persona, state_hint
@@ -135,11 +137,14 @@ def _run(batch: object, arrivals: dict[int, list[tuple[str, list[int]]]],
     return tokens, cached
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
-        tiny_model_dir: Path) -> None:
+        tiny_model_dir: Path, static: bool) -> None:
     """The second prompt of each viewer starts with their first (persona, history): that
     part comes from the prefix cache (counted), the reply is still token for token what
-    ``generate()`` gives the whole prompt alone, and the viewers' caches do not mix."""
+    ``generate()`` gives the whole prompt alone, and the viewers' caches do not mix. Static:
+    the fixed slots and static prefill a GPU captures, run eagerly (a returning viewer's start
+    is copied into the prefill's scratch, the persona's put back for the next new viewer)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -151,9 +156,17 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
     persona = list(range(5, 5 + 40))
     ann = persona + list(range(100, 170))  # her history
     bob = persona + list(range(200, 260))
-    batch = ContinuousBatch(model)
+    batch = ContinuousBatch(model, slots=4)
+    if static:
+        batch.make_static(slots=4, width=256)
     batch.set_prefix(persona)
     batch.prefix_cache = PrefixCache(max_bytes=64 * 2**20)
+    past: list[int] = []
+    if static:
+        assert batch._prefill is not None
+        run_past = batch._prefill.run_past
+        batch._prefill.run_past = lambda kv, covered, rest: (  # type: ignore[method-assign]
+            past.append(covered) or run_past(kv, covered, rest))
     ann2, bob2 = [*ann, 7, 8, 9, 10], [*bob, 11, 12]
     first, cached_first = _run(batch, {0: [("ann1", [*ann, 1, 2]), ("bob1", [*bob, 3])]})
     second, cached = _run(batch, {0: [("bob2", bob2)],
@@ -166,6 +179,7 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
     for rid, ids in {"ann2": ann2, "bob2": bob2, "new": [*persona, 4]}.items():
         assert second[rid] == _greedy(model, ids), rid
     assert batch.prefix_cache.hits == 2
+    assert len(past) == (2 if static else 0)  # the static prefill took both
 
 
 def test_the_prefix_cache_keeps_to_its_budget() -> None:
