@@ -9,8 +9,8 @@ OpenCC, streaming previews, ``max_batch_size`` 32, 60-token replies (``--new-tok
 in-process engine with continuous batching. Viewers come back: each first says ``--history``
 things (so their history and memories are in their prompts), then the loads pick viewers at
 random from them.
-Loads: one viewer at a time, Poisson 4, 12 and 24 msg/s, a burst of 32; then the same loads
-against the backend alone (``arrivals_bench``'s requests: the persona's system turn and
+Loads: one viewer at a time, Poisson 4, 12 and 24 msg/s, a burst of 32; each followed by the
+same load against the backend alone (``arrivals_bench``'s requests: the persona's system turn and
 50-250 tokens of a viewer's own) on the same backend object, for the ratio.
 
 Printed per load and side: offered, answered, dropped by reason, offered → reply sent
@@ -198,12 +198,11 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         backend = runtime.engine.backend
         print(f"warming {args.viewers} viewers with {args.history} messages each", flush=True)
         await _warm_viewers(runtime, args.viewers, args.history)
+        system = runtime.engine.persona.system_prompt("zh")
         for number, (label, rate, amount) in enumerate(loads, start=1):
             rows.append(await _measured(backend, _service_load(
                 runtime, label, rate, amount, args.cap, args.viewers, number * 100_000)))
             print(rows[-1], flush=True)  # as it comes: a run cut short keeps what it had
-        system = runtime.engine.persona.system_prompt("zh")
-        for number, (label, rate, amount) in enumerate(loads, start=1):
             # Prompts of their own in each load: none starts with an earlier one.
             row = await _measured(backend, _load(backend, label, rate, amount, args.cap,
                                                  system, seed=number, new_tokens=args.new_tokens))
