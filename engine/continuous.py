@@ -1,8 +1,8 @@
 """Continuous batching over a transformers causal LM: rows join and leave between decode steps.
 
-A request is prefilled (past the shared persona prefix, whose KV is computed once), together
-with the others that arrived during the same step (packed into one sequence,
-``engine/packed_prefill.py``); its KV then goes into a slot of the
+A request is prefilled (``engine/prefill.py``: past the shared persona prefix, whose KV is
+computed once, or past a returning viewer's kept start; together with the others that arrived
+during the same step, or in chunks between steps); its KV then goes into a slot of the
 batch's preallocated cache (``engine/kv_slots.py``), right-aligned with the other rows, and
 every decode step feeds each row its last token at its own position. A finished or cancelled
 row frees its slot at once. With ``make_static`` the slots are fixed and the decode step has
@@ -23,7 +23,6 @@ from __future__ import annotations
 import inspect
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,11 +32,14 @@ from engine.batch_rows import LaunchedStep, Row
 from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
 from engine.kv_slots import SlotCache
-from engine.packed_prefill import KV, PackedKV, cache_of, pack, split
+from engine.packed_prefill import PackedKV
+from engine.prefill import Chunked, Joining, Prefiller, kv_of
 from engine.prefill_graphs import PrefillGraphs
-from engine.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
+from engine.prefix_cache import PrefixCache
 from engine.sampling import pick_tokens, seen_in_prompts
 from engine.types import SamplingParams
+
+__all__ = ["Chunked", "ContinuousBatch", "Joining", "supports"]
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -52,23 +54,6 @@ def _cache_keyword(model: Any) -> str:
     """transformers renamed ``past_key_values`` to ``cache`` (5.2x); take what it has."""
     parameters = inspect.signature(model.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
-
-
-@dataclass(frozen=True)
-class Joining:
-    """A request about to join the batch."""
-
-    request_id: str
-    prompt_ids: list[int]
-    max_new_tokens: int
-    eos_ids: frozenset[int]
-    params: SamplingParams | None = None
-
-
-@dataclass
-class _Prefix:
-    ids: list[int]
-    cache: DynamicCache
 
 
 class ContinuousBatch:
@@ -89,19 +74,13 @@ class ContinuousBatch:
         self.model = model
         self._cache_kw = _cache_keyword(model)
         # A prefill needs the logits of its last position only (not prompt x vocabulary).
-        self._last_logits_only: dict[str, int] = (
-            {"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(model.forward).parameters else {})
-        self._prefix: _Prefix | None = None
+        self._last_logits_only = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefiller = Prefiller(model, self._cache_kw, self._last_logits_only)
         self._slot_hint = max(1, slots)
-        self.prefix_hits = 0
-        # Returning viewers' prompt starts (``engine/prefix_cache.py``); None: not kept.
-        self.prefix_cache: PrefixCache | None = None
         self.last_cached: list[int] = []  # per request of the last join: tokens not prefilled
         self.rows: list[Row] = []
         self._cache: SlotCache | None = None
         self._graphs: DecodeGraphs | None = None  # static shapes: fixed slots, maybe captured
-        self._prefill: PrefillGraphs | None = None  # static prefill of joins (up to 4 rows)
         self._positions: torch.Tensor | None = None  # [rows]: each row's next position
         self._last: torch.Tensor | None = None  # [rows, 1]: each row's last token
         self._seen: torch.Tensor | None = None  # [rows, vocab]: ids in prompt or output
@@ -115,6 +94,23 @@ class ContinuousBatch:
     def columns(self) -> int:
         """KV columns the next decode step attends over (the longest row, plus padding)."""
         return self._cache.length if self._cache is not None else 0
+
+    @property
+    def prefix_cache(self) -> PrefixCache | None:
+        return self.prefiller.prefix_cache
+
+    @prefix_cache.setter
+    def prefix_cache(self, cache: PrefixCache | None) -> None:
+        self.prefiller.prefix_cache = cache
+
+    @property
+    def prefix_hits(self) -> int:
+        return self.prefiller.prefix_hits
+
+    def set_prefix(self, prefix_ids: list[int]) -> None:
+        """Prefill the shared prompt start once; ``[]`` drops it (the persona changed)."""
+        with torch.inference_mode():
+            self.prefiller.set_prefix(prefix_ids)
 
     @property
     def static(self) -> bool:
@@ -134,18 +130,16 @@ class ContinuousBatch:
         probe = DynamicCache()  # one token through the model: each layer's KV shape and device
         self.model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=self.model.device),
                    use_cache=True, **{self._cache_kw: probe})
-        like = _kv(probe)
+        like = kv_of(probe)
         self._cache = SlotCache(like, slots, width)
         self._graphs = DecodeGraphs(self.model, self._cache, self._cache_kw, compile_step)
-        self._prefill = (PrefillGraphs(self.model, like, width, self._cache_kw)
-                         if self._last_logits_only else None)
-        if self._prefill is not None and self._prefix is not None:
-            self._prefill.load_prefix(_kv(self._prefix.cache), len(self._prefix.ids))
+        if self._last_logits_only:
+            self.prefiller.use_graphs(PrefillGraphs(self.model, like, width, self._cache_kw))
         devices = {keys.device for keys, _ in like}
         if progress is not None and len(devices) == 1 and next(iter(devices)).type == "cuda":
             self._graphs.capture(progress)
-            if self._prefill is not None:
-                self._prefill.capture(progress)
+            if self.prefiller.graphs is not None:
+                self.prefiller.graphs.capture(progress)
             self.pipelined = True
 
     def reset(self) -> None:
@@ -157,25 +151,6 @@ class ContinuousBatch:
             self._cache.clear()
         else:
             self._cache = None
-
-    @torch.inference_mode()
-    def set_prefix(self, prefix_ids: list[int]) -> None:
-        """Prefill the shared prompt start once; ``[]`` drops it (the persona changed)."""
-        if not prefix_ids:
-            self._prefix = None
-            return
-        cache = DynamicCache()
-        self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
-                   use_cache=True, **{self._cache_kw: cache})
-        self._prefix = _Prefix(list(prefix_ids), cache)
-        if self._prefill is not None:
-            self._prefill.load_prefix(_kv(cache), len(prefix_ids))
-
-    def _covered(self, prompt_ids: list[int]) -> int:
-        """The tokens this prompt shares with the prefix (the persona's part of a system turn
-        whose mood hint differs per viewer), leaving at least one token to prefill."""
-        prefix = self._prefix
-        return common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
 
     def join(self, request_id: str, prompt_ids: list[int], max_new_tokens: int,
              eos_ids: frozenset[int], params: SamplingParams | None = None) -> int:
@@ -191,104 +166,56 @@ class ContinuousBatch:
         the prompts' own tokens, so requests that arrived during a step join together; one
         whose start is kept in ``prefix_cache`` (a returning viewer) is prefilled past it, on
         its own. ``last_cached``: how many prompt tokens of each came from a cache."""
-        reused = [self._reusable(j.prompt_ids) for j in joining]
-        order = ([i for i, r in enumerate(reused) if r is None]
-                 + [i for i, r in enumerate(reused) if r is not None])
-        ordered, starts = [joining[i] for i in order], [reused[i] for i in order]
-        logits, packs = self._prefill_all(ordered, starts)
-        device = self.model.device
-        generators = [torch.Generator().manual_seed(j.params.seed)
-                      if j.params is not None and j.params.seed is not None else None
-                      for j in ordered]
-        seen = seen_in_prompts([j.prompt_ids for j in ordered], logits.shape[-1], device)
-        first_tokens = pick_tokens(logits, [j.params for j in ordered], seen,
-                                   [0] * len(ordered), sorted(ordered[0].eos_ids), generators)
-        seen.scatter_(1, first_tokens[:, None], True)
-        firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
-        # Everything that can run out of memory happens before the batch changes.
-        slots = self._room_for(packs[0][0].layers, max(len(j.prompt_ids) for j in ordered),
-                               len(ordered),
-                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in ordered))
-        for packed, covered in packs:
-            slots.append_packed(packed, covered)
-        for index, j in enumerate(ordered):
-            self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
-                                 j.params, generators[index]))
-        self._cache = slots
-        self._add_rows(torch.tensor([len(j.prompt_ids) for j in ordered], device=device),
-                       first_tokens[:, None], seen)
-        if self.prefix_cache is not None:  # for each viewer's next message
-            self.prefix_cache.keep_packs([j.prompt_ids for j in ordered], packs)
+        starts = [self.prefiller.reusable(j.prompt_ids) for j in joining]
+        order = ([i for i, s in enumerate(starts) if s is None]
+                 + [i for i, s in enumerate(starts) if s is not None])
+        ordered = [joining[i] for i in order]
+        logits, packs = self.prefiller.prefill(ordered, [starts[i] for i in order])
+        firsts = self._add_joined(ordered, logits, packs)
         result, cached = [0] * len(joining), [0] * len(joining)
         prefilled = [covered for packed, covered in packs for _ in packed.lengths]
         for position, index in enumerate(order):
-            result[index], cached[index] = int(firsts[position]), prefilled[position]
+            result[index], cached[index] = firsts[position], prefilled[position]
         self.last_cached = cached
         return result
 
-    def _reusable(self, prompt_ids: list[int]) -> tuple[Entry, int] | None:
-        """A kept prompt start this prompt shares beyond the persona prefix, if any (a
-        block more at least: a viewer's own history, not just a turn's opening tokens)."""
-        if self.prefix_cache is None:
-            return None
-        entry, tokens = self.prefix_cache.longest(prompt_ids)
-        if entry is None or tokens < self._covered(prompt_ids) + BLOCK:
-            return None
-        return entry, tokens
+    @torch.inference_mode()
+    def join_chunked(self, chunked: Chunked) -> int:
+        """Add the row of a prompt prefilled in chunks (``Prefiller.advance`` until done);
+        return its first token."""
+        assert chunked.left == 0 and chunked.logits is not None
+        [first] = self._add_joined([chunked.joining], chunked.logits, [chunked.pack()])
+        self.last_cached = [chunked.start]
+        return first
 
-    def _prefill_all(self, joining: list[Joining], reused: list[tuple[Entry, int] | None]
-                     ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
-        """Logits of each prompt's last token, in order, and the packs' KV with the prefix
-        tokens each starts with: those with no kept start together past the persona prefix,
-        then each returning viewer's past their own kept start."""
-        logits: list[torch.Tensor] = []
-        packs: list[tuple[PackedKV, int]] = []
-        shared = [j for j, r in zip(joining, reused, strict=True) if r is None]
-        if shared:
-            covered = min(self._covered(j.prompt_ids) for j in shared)
-            rests = [j.prompt_ids[covered:] for j in shared]
-            self.prefix_hits += len(rests) if covered else 0
-            if self._prefill is not None and self._prefill.fits(
-                    len(rests), covered, max(len(rest) for rest in rests)):
-                group_logits, packed = self._prefill.run(rests, covered)
-                prefilled = [packed]
-            else:
-                group_logits, prefilled = self._prefill_eager(rests, covered,
-                                                              self._prefix_kv())
-            logits.append(group_logits)
-            packs += [(packed, covered) for packed in prefilled]
-        for j, r in zip(joining, reused, strict=True):
-            if r is not None:
-                assert self.prefix_cache is not None
-                entry, tokens = r
-                rest, kept = j.prompt_ids[tokens:], self.prefix_cache.use(entry, tokens)
-                if self._prefill is not None and self._prefill.fits_past(tokens, len(rest)):
-                    own_logits, own = self._prefill.run_past(kept, tokens, rest)
-                else:
-                    own_logits, [own] = self._prefill_eager([rest], tokens, kept)
-                logits.append(own_logits)
-                packs.append((own, tokens))
-        return torch.cat(logits), packs
-
-    def _prefill_eager(self, rests: list[list[int]], covered: int, prefix: KV | None
-                       ) -> tuple[torch.Tensor, list[PackedKV]]:
-        """Prefill ``rests`` (each prompt past the ``covered`` tokens of ``prefix``), packed
-        a few thousand tokens to a forward (``engine/packed_prefill.py``): each one's last
-        logits [rows, vocab] and the packs' KV."""
-        logits, prefilled = [], []
-        for group in split(rests):
-            cache = cache_of(prefix, covered)
-            packed = pack(group, covered, self.model.device)
-            keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
-            out = self.model(input_ids=packed.ids, position_ids=packed.positions,
-                             attention_mask=packed.mask, use_cache=True,
-                             **{self._cache_kw: cache}, **keep)
-            logits.append(out.logits[0] if keep else out.logits[0, packed.ends])
-            prefilled.append(PackedKV(_kv(cache), [len(rest) for rest in group]))
-        return torch.cat(logits), prefilled
-
-    def _prefix_kv(self) -> KV | None:
-        return _kv(self._prefix.cache) if self._prefix is not None else None
+    def _add_joined(self, joining: list[Joining], logits: torch.Tensor,
+                    packs: list[tuple[PackedKV, int]]) -> list[int]:
+        """Pick each prefilled prompt's first token, add their rows (in order), keep their
+        prompts for their viewers' next messages; return the first tokens."""
+        device = self.model.device
+        generators = [torch.Generator().manual_seed(j.params.seed)
+                      if j.params is not None and j.params.seed is not None else None
+                      for j in joining]
+        seen = seen_in_prompts([j.prompt_ids for j in joining], logits.shape[-1], device)
+        first_tokens = pick_tokens(logits, [j.params for j in joining], seen,
+                                   [0] * len(joining), sorted(joining[0].eos_ids), generators)
+        seen.scatter_(1, first_tokens[:, None], True)
+        firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
+        # Everything that can run out of memory happens before the batch changes.
+        slots = self._room_for(packs[0][0].layers, max(len(j.prompt_ids) for j in joining),
+                               len(joining),
+                               max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
+        for packed, covered in packs:
+            slots.append_packed(packed, covered)
+        for index, j in enumerate(joining):
+            self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
+                                 j.params, generators[index]))
+        self._cache = slots
+        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
+                       first_tokens[:, None], seen)
+        if self.prefix_cache is not None:
+            self.prefix_cache.keep_packs([j.prompt_ids for j in joining], packs)
+        return [int(first) for first in firsts]
 
     def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
                   seen: torch.Tensor) -> None:
@@ -387,13 +314,6 @@ class ContinuousBatch:
 
     def finished(self) -> list[Row]:
         return [row for row in self.rows if row.finished]
-
-
-def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The cache's keys and values per layer (plain layers only: ``supports`` rules out the
-    others)."""
-    layers: list[Any] = list(cache.layers)
-    return [(layer.keys, layer.values) for layer in layers]
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -402,7 +402,7 @@ def test_a_static_single_join_past_a_partly_shared_prefix_matches_generate(
     batch = ContinuousBatch(model, slots=4)
     batch.make_static(slots=4, width=128)
     batch.set_prefix(ids[1])  # one viewer's whole system turn: the others share less of it
-    prefill = batch._prefill
+    prefill = batch.prefiller.graphs
     assert prefill is not None
     shared: list[int] = []
     static_run = prefill.run

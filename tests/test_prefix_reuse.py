@@ -163,9 +163,9 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
     batch.prefix_cache = PrefixCache(max_bytes=64 * 2**20)
     past: list[int] = []
     if static:
-        assert batch._prefill is not None
-        run_past = batch._prefill.run_past
-        batch._prefill.run_past = lambda kv, covered, rest: (  # type: ignore[method-assign]
+        assert batch.prefiller.graphs is not None
+        run_past = batch.prefiller.graphs.run_past
+        batch.prefiller.graphs.run_past = lambda kv, covered, rest: (  # type: ignore[method-assign]
             past.append(covered) or run_past(kv, covered, rest))
     ann2, bob2 = [*ann, 7, 8, 9, 10], [*bob, 11, 12]
     first, cached_first = _run(batch, {0: [("ann1", [*ann, 1, 2]), ("bob1", [*bob, 3])]})

@@ -1,0 +1,203 @@
+"""Joining prompts' KV and last logits, for the continuous batch (``engine/continuous.py``).
+
+A prompt is prefilled past what is already computed: the shared persona prefix (prefilled
+once, ``set_prefix``) or, for a returning viewer, the longest start it shares with a prompt
+kept in ``prefix_cache`` (``engine/prefix_cache.py``). Prompts with no kept start prefill
+together, packed; each returning viewer's past its own start. Where a prefill fits a static
+bucket it replays a captured graph (``engine/prefill_graphs.py``); else it runs eagerly.
+
+A long prompt joining while rows run is prefilled in chunks (``Chunked``), one chunk between
+two decode steps, each chunk past the KV of the ones before: the running rows pause for a
+chunk's prefill at a time, not the whole prompt's (as vLLM and SGLang schedule prefill within
+a token budget per step). KV at a position depends only on the tokens up to it, so a prompt
+prefilled in chunks has the KV and the last logits it has prefilled whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from engine.packed_prefill import KV, PackedKV, cache_of, pack, split
+from engine.prefill_graphs import PrefillGraphs
+from engine.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
+from engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class Joining:
+    """A request about to join the batch."""
+
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    eos_ids: frozenset[int]
+    params: SamplingParams | None = None
+
+
+@dataclass
+class Chunked:
+    """A prompt being prefilled a chunk at a time: the KV of its first ``done`` tokens (of
+    which ``start`` came from a prefix, not prefilled), and the last chunk's logits."""
+
+    joining: Joining
+    start: int
+    done: int
+    kv: KV | None
+    logits: torch.Tensor | None = None
+
+    @property
+    def left(self) -> int:
+        return len(self.joining.prompt_ids) - self.done
+
+    def pack(self) -> tuple[PackedKV, int]:
+        """Its whole prompt's KV as a pack past its ``start`` prefix tokens."""
+        assert self.kv is not None
+        return PackedKV(self.kv, [len(self.joining.prompt_ids) - self.start]), self.start
+
+
+@dataclass
+class _Prefix:
+    ids: list[int]
+    cache: DynamicCache
+
+
+Start = tuple[Entry, int] | None  # a kept start and how many of its tokens, or the persona's
+
+
+class Prefiller:
+    def __init__(self, model: Any, cache_keyword: str, last_logits_only: bool) -> None:
+        self.model = model
+        self._cache_kw = cache_keyword
+        self._last_logits_only = last_logits_only
+        self._prefix: _Prefix | None = None
+        self.graphs: PrefillGraphs | None = None  # static prefill (up to 4 rows)
+        # Returning viewers' prompt starts; None: not kept.
+        self.prefix_cache: PrefixCache | None = None
+        self.prefix_hits = 0
+
+    def set_prefix(self, prefix_ids: list[int]) -> None:
+        """Prefill the shared prompt start once; ``[]`` drops it (the persona changed)."""
+        if not prefix_ids:
+            self._prefix = None
+            return
+        cache = DynamicCache()
+        self.model(input_ids=torch.tensor([prefix_ids], device=self.model.device),
+                   use_cache=True, **{self._cache_kw: cache})
+        self._prefix = _Prefix(list(prefix_ids), cache)
+        if self.graphs is not None:
+            self.graphs.load_prefix(kv_of(cache), len(prefix_ids))
+
+    def use_graphs(self, graphs: PrefillGraphs) -> None:
+        self.graphs = graphs
+        if self._prefix is not None:
+            graphs.load_prefix(kv_of(self._prefix.cache), len(self._prefix.ids))
+
+    def covered(self, prompt_ids: list[int]) -> int:
+        """The tokens this prompt shares with the shared prefix, leaving at least one to
+        prefill."""
+        prefix = self._prefix
+        return common_prefix(prompt_ids[:-1], prefix.ids) if prefix is not None else 0
+
+    def reusable(self, prompt_ids: list[int]) -> Start:
+        """A kept prompt start this prompt shares beyond the shared prefix, if any (a block
+        more at least: a viewer's own history, not just a turn's opening tokens)."""
+        if self.prefix_cache is None:
+            return None
+        entry, tokens = self.prefix_cache.longest(prompt_ids)
+        if entry is None or tokens < self.covered(prompt_ids) + BLOCK:
+            return None
+        return entry, tokens
+
+    def start_of(self, prompt_ids: list[int]) -> int:
+        """How many of this prompt's tokens need no prefill."""
+        reused = self.reusable(prompt_ids)
+        return reused[1] if reused is not None else self.covered(prompt_ids)
+
+    def prefill(self, joining: list[Joining], starts: list[Start]
+                ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
+        """Logits of each prompt's last token, in order, and the packs' KV with the prefix
+        tokens each starts with: those with no kept start together past the shared prefix,
+        then each returning viewer's past their own kept start."""
+        logits: list[torch.Tensor] = []
+        packs: list[tuple[PackedKV, int]] = []
+        shared = [j for j, s in zip(joining, starts, strict=True) if s is None]
+        if shared:
+            covered = min(self.covered(j.prompt_ids) for j in shared)
+            rests = [j.prompt_ids[covered:] for j in shared]
+            self.prefix_hits += len(rests) if covered else 0
+            if self.graphs is not None and self.graphs.fits(
+                    len(rests), covered, max(len(rest) for rest in rests)):
+                group_logits, packed = self.graphs.run(rests, covered)
+                prefilled = [packed]
+            else:
+                group_logits, prefilled = self._eager(rests, covered, self._prefix_kv())
+            logits.append(group_logits)
+            packs += [(packed, covered) for packed in prefilled]
+        for j, start in zip(joining, starts, strict=True):
+            if start is not None:
+                assert self.prefix_cache is not None
+                entry, tokens = start
+                own_logits, own = self._past(self.prefix_cache.use(entry, tokens), tokens,
+                                             j.prompt_ids[tokens:])
+                logits.append(own_logits)
+                packs.append((own, tokens))
+        return torch.cat(logits), packs
+
+    def begin(self, joining: Joining) -> Chunked:
+        """A prompt to prefill in chunks (``advance``), from its best start."""
+        reused = self.reusable(joining.prompt_ids)
+        if reused is not None:
+            assert self.prefix_cache is not None
+            entry, tokens = reused
+            return Chunked(joining, tokens, tokens, self.prefix_cache.use(entry, tokens))
+        covered = self.covered(joining.prompt_ids)
+        self.prefix_hits += 1 if covered else 0
+        return Chunked(joining, covered, covered, self._prefix_kv())
+
+    def advance(self, chunked: Chunked, tokens: int) -> bool:
+        """Prefill the next ``tokens`` of ``chunked``'s prompt; True once it is all done."""
+        chunk = chunked.joining.prompt_ids[chunked.done:chunked.done + max(1, tokens)]
+        chunked.logits, packed = self._past(chunked.kv, chunked.done, chunk)
+        chunked.kv, chunked.done = packed.layers, chunked.done + len(chunk)
+        return chunked.left == 0
+
+    def _past(self, prefix: KV | None, covered: int, rest: list[int]
+              ) -> tuple[torch.Tensor, PackedKV]:
+        """One prompt past the first ``covered`` tokens of ``prefix``: its last logits and
+        its whole KV (``covered`` + ``rest``), through a static bucket where one fits."""
+        if prefix is not None and self.graphs is not None and self.graphs.fits_past(
+                covered, len(rest)):
+            return self.graphs.run_past(prefix, covered, rest)
+        logits, [packed] = self._eager([rest], covered, prefix)
+        return logits, packed
+
+    def _eager(self, rests: list[list[int]], covered: int, prefix: KV | None
+               ) -> tuple[torch.Tensor, list[PackedKV]]:
+        """Prefill ``rests`` (each prompt past the ``covered`` tokens of ``prefix``), packed
+        a few thousand tokens to a forward (``engine/packed_prefill.py``): each one's last
+        logits [rows, vocab] and the packs' KV."""
+        logits, prefilled = [], []
+        for group in split(rests):
+            cache = cache_of(prefix, covered)
+            packed = pack(group, covered, self.model.device)
+            keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
+            out = self.model(input_ids=packed.ids, position_ids=packed.positions,
+                             attention_mask=packed.mask, use_cache=True,
+                             **{self._cache_kw: cache}, **keep)
+            logits.append(out.logits[0] if keep else out.logits[0, packed.ends])
+            prefilled.append(PackedKV(kv_of(cache), [len(rest) for rest in group]))
+        return torch.cat(logits), prefilled
+
+    def _prefix_kv(self) -> KV | None:
+        return kv_of(self._prefix.cache) if self._prefix is not None else None
+
+
+def kv_of(cache: DynamicCache) -> KV:
+    """The cache's keys and values per layer (plain layers only: ``supports`` rules out the
+    others)."""
+    layers: list[Any] = list(cache.layers)
+    return [(layer.keys, layer.values) for layer in layers]
