@@ -94,6 +94,10 @@ class LLMConfig(Section):
     # their next prompt prefills only what is new. GiB of KV memory; 0 = off; auto = half
     # the GPU memory free once the model and its KV slots are in place (1 GiB on the CPU).
     prefix_cache_gb: float | Literal["auto"] = "auto"
+    # A prompt joining while replies are being decoded is prefilled this many tokens at a
+    # time, one chunk between two decode steps (less the running rows): the replies pause
+    # for a chunk, not a whole prompt. 0 = whole prompts.
+    prefill_chunk_tokens: int = Field(512, ge=0, le=8192)
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

@@ -109,8 +109,7 @@ class ContinuousBatch:
 
     def set_prefix(self, prefix_ids: list[int]) -> None:
         """Prefill the shared prompt start once; ``[]`` drops it (the persona changed)."""
-        with torch.inference_mode():
-            self.prefiller.set_prefix(prefix_ids)
+        self.prefiller.set_prefix(prefix_ids)
 
     @property
     def static(self) -> bool:

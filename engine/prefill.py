@@ -79,6 +79,7 @@ class Prefiller:
         self.prefix_cache: PrefixCache | None = None
         self.prefix_hits = 0
 
+    @torch.inference_mode()
     def set_prefix(self, prefix_ids: list[int]) -> None:
         """Prefill the shared prompt start once; ``[]`` drops it (the persona changed)."""
         if not prefix_ids:
@@ -117,6 +118,7 @@ class Prefiller:
         reused = self.reusable(prompt_ids)
         return reused[1] if reused is not None else self.covered(prompt_ids)
 
+    @torch.inference_mode()
     def prefill(self, joining: list[Joining], starts: list[Start]
                 ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
         """Logits of each prompt's last token, in order, and the packs' KV with the prefix
@@ -158,6 +160,7 @@ class Prefiller:
         self.prefix_hits += 1 if covered else 0
         return Chunked(joining, covered, covered, self._prefix_kv())
 
+    @torch.inference_mode()
     def advance(self, chunked: Chunked, tokens: int) -> bool:
         """Prefill the next ``tokens`` of ``chunked``'s prompt; True once it is all done."""
         chunk = chunked.joining.prompt_ids[chunked.done:chunked.done + max(1, tokens)]

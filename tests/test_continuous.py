@@ -532,7 +532,7 @@ def test_a_burst_joins_in_one_prefill_when_nothing_runs() -> None:
         def forward(self, input_ids: Any, logits_to_keep: int = 0) -> None: ...
 
     backend = SimpleNamespace(model=Model(), max_batch_size=32, eos_ids=frozenset,
-                              prefix_cache_bytes=0)
+                              prefix_cache_bytes=0, prefill_chunk_tokens=0)
     worker = ContinuousWorker(backend, queue.Queue())  # type: ignore[arg-type]
     joined: list[int] = []
 

@@ -42,6 +42,7 @@ EVERY_SETTING: dict[str, Any] = {
     "models.llm.compile_decode": "off",
     "models.llm.continuous_batching": "off",
     "models.llm.prefix_cache_gb": 2.5,
+    "models.llm.prefill_chunk_tokens": 256,
     "models.llm.openai.base_url": "http://127.0.0.1:9999/v1",
     "models.llm.openai.model": "qwen3-8b",
     "models.llm.openai.api_key_env": "MY_VLLM_KEY",

@@ -1,8 +1,11 @@
 """The in-process backend's decode loop with continuous batching (``llm.continuous_batching``).
 
 Between two decode steps, waiting requests join (those that arrived together prefilled in one
-pass, past the shared persona prefix when their prompts start with it) and finished or
-cancelled ones leave, so a viewer who arrives mid-batch waits one step, not a whole batch.
+pass, past the shared persona prefix or a returning viewer's kept start) and finished or
+cancelled ones leave, so a viewer who arrives mid-batch waits one step, not a whole batch. A
+prompt with more than ``llm.prefill_chunk_tokens`` to prefill while rows run joins a chunk
+at a time, one chunk between two steps, so the running replies never pause for a whole
+prompt.
 Each request keeps its own sampling parameters. With ``llm.static_cache`` the slots are fixed
 and the decode step is captured as CUDA graphs before the first request. Out of memory while
 requests join: they wait in the queue and the batch limit halves (or, with nothing running,
@@ -20,7 +23,7 @@ from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
-from engine.continuous import ContinuousBatch, Joining
+from engine.continuous import Chunked, ContinuousBatch, Joining
 from engine.errors import EngineError, GenerationAborted
 from engine.prefix_cache import PrefixCache, common_prefix
 
@@ -43,6 +46,9 @@ class _Backend(Protocol):
     @property
     def prefix_cache_bytes(self) -> int: ...
 
+    @property
+    def prefill_chunk_tokens(self) -> int: ...
+
     def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]: ...
 
     def eos_ids(self) -> frozenset[int]: ...
@@ -56,6 +62,7 @@ class ContinuousWorker:
         self._jobs = jobs
         self._waiting: deque[Job] = deque()
         self._running: dict[str, Job] = {}
+        self._chunked: deque[tuple[Job, Chunked]] = deque()  # prefilling, a chunk a step
         self._batch = self._new_batch()
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
@@ -103,7 +110,7 @@ class ContinuousWorker:
 
     def run(self) -> None:
         """Until ``STOP_WORKER``: admit, step, retire."""
-        while self._fetch(block=not self._running and not self._waiting):
+        while self._fetch(block=not (self._running or self._waiting or self._chunked)):
             started = time.perf_counter()
             self._admit()
             self.timings["admit_s"] += time.perf_counter() - started
@@ -126,10 +133,12 @@ class ContinuousWorker:
             return True
 
     def _admit(self) -> None:
-        """Let waiting requests join, those that arrived together in one prefill."""
-        while self._waiting and len(self._running) < self._backend.max_batch_size:
+        """Let waiting requests join, those that arrived together in one prefill; a long
+        prompt's next chunk first."""
+        self._advance_chunked()
+        while self._waiting and self._rows() < self._backend.max_batch_size:
             group_limit = JOIN_GROUP if self._running else IDLE_JOIN_GROUP
-            room = min(group_limit, self._backend.max_batch_size - len(self._running))
+            room = min(group_limit, self._backend.max_batch_size - self._rows())
             group: list[Job] = []
             while self._waiting and len(group) < room:
                 job = self._waiting.popleft()
@@ -162,6 +171,9 @@ class ContinuousWorker:
             return self._join_group(group[:half]) and self._join_group(group[half:])
         return True
 
+    def _rows(self) -> int:
+        return len(self._running) + len(self._chunked)
+
     def _join(self, group: list[Job]) -> None:
         started = time.perf_counter()
         parts = [self._backend.prompt_parts(job) for job in group]
@@ -172,6 +184,9 @@ class ContinuousWorker:
         if common_prefix(prefix, self._prefix) < len(prefix) // 2:
             self._batch.set_prefix(prefix)
             self._prefix = prefix
+        group, parts = self._chunk_long(group, parts)
+        if not group:
+            return
         self.timings["prefills"] += 1
         self.timings["joined"] += len(group)
         started = time.perf_counter()
@@ -180,15 +195,65 @@ class ContinuousWorker:
                     self._eos, job.request.sampling)
             for job, (_prefix, prompt) in zip(group, parts, strict=True)])
         self.timings["join_s"] += time.perf_counter() - started  # to the first tokens read
-        for job, (_prefix, prompt), cached in zip(group, parts, self._batch.last_cached,
-                                                  strict=True):
-            job.prompt_tokens, job.cached_tokens = len(prompt), cached
-            self.timings["prompt_tokens"] += len(prompt)
-            self.timings["cached_tokens"] += cached
-        for job, first in zip(group, firsts, strict=True):
-            job.decoder = IncrementalDecoder(self._backend.tokenizer)
-            self._running[job.request.request_id] = job
-            self._deliver(job, first)
+        for job, (_prefix, prompt), cached, first in zip(
+                group, parts, self._batch.last_cached, firsts, strict=True):
+            self._started(job, len(prompt), cached, first)
+
+    def _started(self, job: Job, prompt_tokens: int, cached: int, first: int) -> None:
+        """``job``'s row joined the batch with ``first`` as its first token."""
+        job.prompt_tokens, job.cached_tokens = prompt_tokens, cached
+        self.timings["prompt_tokens"] += prompt_tokens
+        self.timings["cached_tokens"] += cached
+        job.decoder = IncrementalDecoder(self._backend.tokenizer)
+        self._running[job.request.request_id] = job
+        self._deliver(job, first)
+
+    def _chunk_long(self, group: list[Job], parts: list[tuple[list[int], list[int]]]
+                    ) -> tuple[list[Job], list[tuple[list[int], list[int]]]]:
+        """While rows run, a prompt with more to prefill than a chunk goes to ``_chunked``
+        (a chunk between two steps); the rest of ``group`` joins at once."""
+        chunk, prefiller = self._backend.prefill_chunk_tokens, self._batch.prefiller
+        if not chunk or not self._running:
+            return group, parts
+        short: list[int] = []
+        for index, (job, (_prefix, prompt)) in enumerate(zip(group, parts, strict=True)):
+            if len(prompt) - prefiller.start_of(prompt) <= chunk:
+                short.append(index)
+                continue
+            sampling = job.request.sampling
+            self._chunked.append((job, prefiller.begin(Joining(
+                job.request.request_id, prompt, sampling.max_new_tokens, self._eos,
+                sampling))))
+        return [group[i] for i in short], [parts[i] for i in short]
+
+    def _advance_chunked(self) -> None:
+        """Prefill the next chunk of the first prompt being chunked (all of it if no row
+        runs: nobody waits); a finished one joins the batch."""
+        while self._chunked:
+            job, chunked = self._chunked[0]
+            if job.abort.is_set():
+                self._chunked.popleft()
+                job.ended = True
+                job.emit(Failure(GenerationAborted(job.request.request_id)))
+                continue
+            budget = max(64, self._backend.prefill_chunk_tokens - len(self._running))
+            started = time.perf_counter()
+            try:
+                done = self._batch.prefiller.advance(chunked, budget)
+                if done:
+                    self._chunked.popleft()
+                    first = self._batch.join_chunked(chunked)
+            except Exception as error:  # noqa: BLE001 - it reaches its requester
+                self._chunked.popleft()
+                self._fail(job, error)
+                continue
+            finally:
+                self.timings["chunks"] += 1
+                self.timings["chunk_s"] += time.perf_counter() - started
+            if done:
+                self._started(job, len(chunked.joining.prompt_ids), chunked.start, first)
+            if self._running:
+                return
 
     def _step(self) -> None:
         try:
@@ -229,8 +294,10 @@ class ContinuousWorker:
         job.fail(error)
 
     def _fail_all(self, error: EngineError) -> None:
-        for job in [*self._running.values(), *self._waiting]:
+        for job in [*self._running.values(), *(job for job, _ in self._chunked),
+                    *self._waiting]:
             if not job.ended:
                 self._fail(job, error)
         self._running.clear()
+        self._chunked.clear()
         self._waiting.clear()

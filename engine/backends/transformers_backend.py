@@ -97,6 +97,10 @@ class TransformersBackend:
         return self._config.max_length
 
     @property
+    def prefill_chunk_tokens(self) -> int:
+        return self._config.prefill_chunk_tokens
+
+    @property
     def prefix_cache_bytes(self) -> int:
         """``llm.prefix_cache_gb`` in bytes; auto: half the model's GPU's free memory now
         (1 GiB on the CPU)."""
