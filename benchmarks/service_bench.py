@@ -165,7 +165,7 @@ def _engine_split(spent: Counter[str]) -> dict[str, Any]:
     """The decode loop in a load's window: time decoding and prefilling, prompt tokens."""
     computed = spent["prompt_tokens"] - spent["cached_tokens"]
     return {"decode_s": round(spent["step_s"], 1), "prefill_s": round(spent["admit_s"], 1),
-            "prefills": int(spent["prefills"]),
+            "prefills": int(spent["prefills"]), "chunks": int(spent["chunks"]),
             "prompt_tok_computed": int(computed), "prompt_tok_cached": int(spent["cached_tokens"])}
 
 
@@ -218,7 +218,8 @@ def _backend_row(row: dict[str, Any]) -> dict[str, Any]:
             "dropped": f"over cap {row['over_cap']}" if row["over_cap"] else "0",
             "p50_s": row["reply_p50"], "p95_s": row["reply_p95"], "max_s": row["reply_max"],
             "preview_p50_s": row["ttft_p50"],
-            **{k: row[k] for k in ("decode_s", "prefill_s", "prefills", "prompt_tok_computed",
+            **{k: row[k] for k in ("decode_s", "prefill_s", "prefills", "chunks",
+                                   "prompt_tok_computed",
                                    "prompt_tok_cached", "loop_lag_p99_ms")}}
 
 
