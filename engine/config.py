@@ -97,7 +97,7 @@ class LLMConfig(Section):
     # A prompt joining while replies are being decoded is prefilled this many tokens at a
     # time, one chunk between two decode steps (less the running rows): the replies pause
     # for a chunk, not a whole prompt. 0 = whole prompts.
-    prefill_chunk_tokens: int = Field(512, ge=0, le=8192)
+    prefill_chunk_tokens: int = Field(1024, ge=0, le=8192)
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

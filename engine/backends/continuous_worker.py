@@ -155,6 +155,10 @@ class ContinuousWorker:
         try:
             self._join(group)
         except Exception as error:  # noqa: BLE001 - every failure reaches its requester
+            chunking = {id(job) for job, _ in self._chunked}  # taken already: not again
+            group = [job for job in group if id(job) not in chunking]
+            if not group:
+                return True
             oom = is_oom(error)
             if oom:
                 self._backend.free_memory()
