@@ -75,6 +75,7 @@ async def test_mention_is_answered_and_both_messages_persisted(env: Any) -> None
     me = adapter.client.user
     await _say(f"<@{me.id}> 你好")
     assert dpytest.verify().message().content("你好呀～")
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
     assert user_id is not None
@@ -135,6 +136,7 @@ def test_split_message_prefers_sentence_ends() -> None:
 async def test_deleted_message_is_purged(env: Any) -> None:
     adapter, runtime, _sends = env
     await _say(f"<@{adapter.client.user.id}> secret thing")
+    await runtime.service.settle()
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
     rows = await runtime.store.messages_for(user_id)
@@ -172,6 +174,7 @@ async def test_direct_message_is_answered(env: Any) -> None:
         if not dpytest.sent_queue.empty():
             break
     assert dpytest.verify().message().content("你好呀～")
+    await runtime.service.settle()
     assert await runtime.store.find_user("discord", str(member.id)) is not None
 
 
@@ -294,6 +297,7 @@ async def test_rejected_token_is_one_clear_error(env: Any, monkeypatch: pytest.M
 async def test_trace_for_admins(env: Any, responses: list[dict]) -> None:
     adapter, runtime, _sends = env
     await _say(f"<@{adapter.client.user.id}> 你好")
+    await runtime.service.settle()
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
     question = (await runtime.store.messages_for(user_id))[0]

@@ -62,6 +62,7 @@ async def test_connects_answers_a_mention_and_a_slash_command(live: Any) -> None
     [sent] = server.posts_to(f"/channels/{CHANNEL_ID}/messages")
     assert sent["content"] == "你好呀～"
     assert sent["allowed_mentions"] == {"parse": [], "replied_user": False}
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     assert await runtime.store.find_user("discord", VIEWER["id"]) is not None
 
     await server.dispatch("INTERACTION_CREATE", {

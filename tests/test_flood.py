@@ -160,14 +160,27 @@ async def test_beyond_capacity_new_messages_are_refused_busy_so_waits_stay_bound
     assert (stored.status, stored.status_reason) == ("dropped", "busy")
 
 
+class _SentAll(RecordingSink):
+    """Sets ``all_sent`` once ``wanted`` replies went out."""
+
+    def __init__(self, wanted: int) -> None:
+        super().__init__()
+        self.all_sent = asyncio.Event()
+        self._wanted = wanted
+
+    async def send(self, text: str) -> str:
+        sent = await super().send(text)
+        if len(self.sent) >= self._wanted:
+            self.all_sent.set()
+        return sent
+
+
 @pytest.mark.parametrize("flood_runtime", [{"max_overhead_ms": 1}], indirect=True)
 async def test_while_the_bot_itself_stalls_new_messages_are_refused_busy_at_once(
         flood_runtime: Runtime) -> None:
     """The bot's own overload (``limits.max_overhead_ms``): messages stuck in the store
     stall the pipeline, and new ones are refused at once instead of queueing behind them;
     once they move, they are answered and the refused one is on record."""
-    import time
-
     from bot.flow import STALL_QUEUE
 
     runtime = flood_runtime
@@ -179,15 +192,20 @@ async def test_while_the_bot_itself_stalls_new_messages_are_refused_busy_at_once
         return await record(items)
 
     runtime.store.intake_log.record = stalled  # type: ignore[method-assign]
-    stuck = [asyncio.create_task(runtime.service.handle(event("one", user=f"stuck{i}")))
+    sink = _SentAll(STALL_QUEUE)
+    stuck = [asyncio.create_task(runtime.service.handle(event("one", user=f"stuck{i}",
+                                                              sink=sink)))
              for i in range(STALL_QUEUE)]
     try:
-        await asyncio.sleep(0.05)
-        started = time.monotonic()
-        refused = await asyncio.wait_for(
-            runtime.service.handle(event("two", user="next")), 1)
+        await sink.all_sent.wait()  # each reply is out, its recording held by the store
+        await asyncio.sleep(0.05)  # 25 x the 2 ms that make a queue of them a stall
+        second = asyncio.create_task(runtime.service.handle(event("two", user="next")))
+        # Refused while the store still holds the others: it did not queue behind them (a
+        # message admitted here would wait for the release below, and this for it).
+        await asyncio.wait({second}, timeout=30)
+        assert second.done() and not release.is_set()
+        refused = second.result()
         assert (refused.status, refused.reason) == ("dropped", "busy")
-        assert time.monotonic() - started < 0.1
     finally:
         release.set()
     assert [r.status for r in await asyncio.gather(*stuck)] == ["answered"] * STALL_QUEUE

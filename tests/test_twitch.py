@@ -140,6 +140,7 @@ async def test_forget_asks_for_confirmation_first(live: Any) -> None:
     server, _adapter, runtime = live
     await server.notify("channel.chat.message", server.chat_event("佩兒 你好"))
     await server.wait_until(lambda: len(server.sent_messages()) == 1)
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     assert await runtime.store.find_user("twitch", "200") is not None
     await server.notify("channel.chat.message", server.chat_event("!forget"))
     await server.wait_until(lambda: len(server.sent_messages()) == 2)
@@ -156,6 +157,7 @@ async def test_deleted_message_is_purged(live: Any) -> None:
     await server.notify("channel.chat.message",
                         server.chat_event("佩兒 我的秘密", message_id="secret-1"))
     await server.wait_until(lambda: server.sent_messages())
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     await server.notify("channel.chat.message_delete", {
         "broadcaster_user_id": CHANNEL_ID, "broadcaster_user_login": CHANNEL_LOGIN,
         "broadcaster_user_name": "Lighthouse", "target_user_id": "200",
@@ -277,6 +279,7 @@ async def test_ban_or_timeout_purges_that_viewers_messages(live: Any) -> None:
     server, _adapter, runtime = live
     await server.notify("channel.chat.message", server.chat_event("佩兒 spam spam"))
     await server.wait_until(lambda: server.sent_messages())
+    await runtime.service.settle()  # on SQLite the intake is written behind the reply
     await server.notify("channel.chat.clear_user_messages", {
         "broadcaster_user_id": CHANNEL_ID, "broadcaster_user_login": CHANNEL_LOGIN,
         "broadcaster_user_name": "Lighthouse", "target_user_id": "200",
