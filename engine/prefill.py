@@ -122,8 +122,9 @@ class Prefiller:
     def prefill(self, joining: list[Joining], starts: list[Start]
                 ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
         """Logits of each prompt's last token, in order, and the packs' KV with the prefix
-        tokens each starts with: those with no kept start together past the shared prefix,
-        then each returning viewer's past their own kept start."""
+        tokens each starts with: those with no kept start (``starts`` None: they come first
+        in ``joining``) together past the shared prefix, then each returning viewer's past
+        their own kept start."""
         logits: list[torch.Tensor] = []
         packs: list[tuple[PackedKV, int]] = []
         shared = [j for j, s in zip(joining, starts, strict=True) if s is None]
