@@ -322,3 +322,40 @@ def test_an_unreachable_server_at_start_is_one_line_exit_69(
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         line for line in err.splitlines() if "cannot reach" in line]
     assert "Traceback" not in err
+
+
+async def test_a_server_that_takes_no_later_system_turn_gets_it_folded() -> None:
+    """Gemma's and Mistral's templates refuse a system turn after the first: the request is
+    sent again with the state hint joined to the persona's turn, and so are the next ones."""
+    import json
+
+    sent: list[list[dict[str, str]]] = []
+
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        if http_request.url.path.endswith("/models"):
+            return httpx2.Response(200, json={"data": [{"id": "m"}]})
+        messages = json.loads(http_request.content)["messages"]
+        sent.append(messages)
+        if [m["role"] for m in messages].count("system") > 1:
+            return httpx2.Response(400, json={"error": {
+                "message": "System role not supported"}})
+        body = ('data: {"choices":[{"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+                "data: [DONE]\n\n")
+        return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    backend = OpenAIBackend(settings_for("http://test/v1"),
+                            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    request_with_hint = GenerationRequest(
+        (ChatMessage("system", "You are Pell."), ChatMessage("user", "hi"),
+         ChatMessage("system", "Mood: happy."), ChatMessage("user", "again")),
+        SamplingParams(max_new_tokens=8))
+    await backend.start()
+    try:
+        for _ in range(2):
+            assert [c async for c in backend.generate(request_with_hint)] == ["Hi"]
+    finally:
+        await backend.close()
+    assert [[m["role"] for m in messages] for messages in sent] == [
+        ["system", "user", "system", "user"], ["system", "user", "user"],
+        ["system", "user", "user"]]
+    assert sent[-1][0]["content"] == "You are Pell.\n\nMood: happy."
