@@ -42,9 +42,6 @@ class FakeOpenAI(LocalServer):
     def base_url(self) -> str:
         return f"{self.base}/v1"
 
-    def completions(self) -> int:
-        return sum(path == "/v1/chat/completions" for _, path, _ in self.calls)
-
     async def _models(self, request: web.Request) -> web.Response:
         self.record(request.method, request.path, None)
         return json_response({"object": "list", "data": [
