@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             # The store thread and the decode loop each wait for the GIL every time they
             # want it back, up to the switch interval (5 ms by default) while the event loop
             # runs: at 1 ms the decode loop's time-to-first-token p95 at 4 msg/s was 0.33 s
-            # instead of 1.5 s in one pair of runs (docs/PERFORMANCE.md).
+            # instead of 1.5 s in one pair of runs (docs/performance-history.md).
             sys.setswitchinterval(RUNTIME_SWITCH_INTERVAL_S)
         with (_runtime_locks(config, paths) if args.command in ("chat", "run")
               else contextlib.nullcontext()):

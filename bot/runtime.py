@@ -361,7 +361,7 @@ async def open_runtime(
 def _freeze_heap() -> None:
     """Libraries, the model and the persona live as long as the process: frozen, a full
     collection no longer walks them. Walking them paused the event loop 40-65 ms every
-    few tens of seconds under a busy chat (docs/PERFORMANCE.md)."""
+    few tens of seconds under a busy chat (docs/performance-history.md)."""
     gc.collect()
     gc.freeze()
 

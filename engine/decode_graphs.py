@@ -11,7 +11,8 @@ With ``compile_step`` the model is compiled before each bucket is captured: the 
 replays inductor's fused kernels instead of ~30 small ones per layer (norms, rotary, SiLU,
 residuals), 9.8 -> 6.8 ms for one row on an H200. Attention is left out of the compiled code
 for buckets above ``FULLY_COMPILED_ROWS``, where cuDNN's kernel was the faster one
-(docs/PERFORMANCE.md); a graph break per layer costs nothing once the step is one CUDA graph.
+(docs/performance-history.md); a graph break per layer costs nothing once the step is one
+CUDA graph.
 Where attention is compiled along, SDPA is ``grouped_decode_attention`` (no repeated KV heads:
 6.46 -> 5.67 ms for one row on an H200; above one row cuDNN on packed queries stays faster).
 """

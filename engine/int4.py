@@ -26,7 +26,7 @@ SKIPPED_LAYERS = ("lm_head",)  # the output head decides every token: kept in fu
 # tinygemm is made for a few rows; above this many, the weight is dequantized for cuBLAS.
 # An 8B model on an H200: a prefill of 1,024 tokens 483 ms through tinygemm, 71 ms dequantized
 # (benchmarks/int4_bench.py); with 8 rather than 32 here, a burst of 32 replies took 1.84
-# instead of 2.31 s (benchmarks/arrivals_bench.py, docs/PERFORMANCE.md).
+# instead of 2.31 s (benchmarks/arrivals_bench.py, docs/performance-history.md).
 TINYGEMM_MAX_ROWS = 8
 
 

@@ -1,4 +1,5 @@
-"""DESIGN.md's import arrows: adapters → bot → engine/memory, and nothing runs at import."""
+"""The import arrows of docs/ARCHITECTURE.md: adapters → bot → engine/memory, and nothing
+runs at import."""
 
 from __future__ import annotations
 

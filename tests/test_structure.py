@@ -12,7 +12,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("adapters", "bot", "engine", "memory", "migrations")
-# Which of our packages each package may import (DESIGN: adapters → bot → engine / memory).
+# Which of our packages each package may import (docs/ARCHITECTURE.md: adapters → bot →
+# engine / memory).
 ALLOWED = {
     "adapters": {"adapters", "bot"},
     "bot": {"bot", "engine", "memory"},
