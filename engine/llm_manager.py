@@ -178,8 +178,9 @@ class LLMManager:
         )
 
     def build_request(self, inputs: PromptInputs) -> GenerationRequest:
-        """The one place prompts are assembled: persona system prompt in the viewer's
-        language, mood/intimacy hint, trusted context, the viewer's notes, history, message."""
+        """The one place prompts are assembled (``build_messages``: laid out for prefix
+        reuse): the persona's system prompt in the viewer's language, the history, then the
+        mood/intimacy hint and trusted context, the viewer's notes, the message."""
         persona = self.persona
         limit = self.config.response.max_input_chars
         text = inputs.text if len(inputs.text) <= limit else inputs.text[:limit - 1] + "…"
