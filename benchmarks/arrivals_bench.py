@@ -1,10 +1,11 @@
 """Engine under live-chat arrivals: the micro-batcher against continuous batching, one run.
 
-    python -m benchmarks.arrivals_bench [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+    python -m benchmarks.arrivals_bench [--model-dir .bench/qwen3-8b-realvocab] [--tiny]
     python -m benchmarks.engine_bench --phase arrivals [the same options]
 
-Random Qwen3-8B-shaped weights (bf16; the vocabulary is the small test tokenizer's, so every
-generated id streams as text and time to first token is measured from the stream), a shared
+Random Qwen3-8B-shaped weights (bf16) with Qwen3-8B's 151,936-id vocabulary
+(``bench_tokenizer``: every id decodes to text, so time to first token is measured from the
+stream; ``--tiny``: the test tokenizer), a shared
 ~1,200-token persona system prompt, 50-250 unique tokens per viewer, 60-token replies
 (the runtime's default sampling, fixed length), through ``TransformersBackend`` exactly as
 the runtime drives it.
@@ -25,6 +26,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from benchmarks.bench_tokenizer import build_bench_tokenizer
 from benchmarks.engine_bench import QWEN3_8B, log
 
 # (label, rate, amount): Poisson arrivals at ``rate`` msg/s for ``amount`` seconds; rate 0:
@@ -43,9 +45,11 @@ def prepare(model_dir: Path, tiny: bool) -> None:
 
     if (model_dir / "config.json").exists():
         return
-    build_tiny_qwen3(model_dir)
     if tiny:
+        build_tiny_qwen3(model_dir)
         return
+    if not (model_dir / "tokenizer.json").exists():  # it may be built elsewhere and carried
+        build_bench_tokenizer(model_dir)
     vocab = len(AutoTokenizer.from_pretrained(model_dir))
     config = Qwen3Config(**{**QWEN3_8B, "vocab_size": vocab}, eos_token_id=2, pad_token_id=0,
                          bos_token_id=None)
@@ -197,7 +201,7 @@ def _recompiles() -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-realvocab"))
     parser.add_argument("--cap", type=float, default=40.0)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test, tiny model")
     parser.add_argument("--switch-interval-ms", type=float, default=None,

@@ -1,7 +1,7 @@
 """Where a continuous-batching decode step spends its time: join (prefill) and step costs at
 a few batch sizes, then torch profiler tables of one batch's steps and of one join.
 
-    python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+    python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-realvocab] [--tiny]
                                         [--burst | --breakdown [--compile] | --join-only]
 
 Same model and prompt shape as ``arrivals_bench`` (run that once first to prepare the model):
@@ -252,7 +252,7 @@ def main() -> None:
     from benchmarks.arrivals_bench import _text_of, prepare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-realvocab"))
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--sizes", default="1,8,32")
     parser.add_argument("--join-only", action="store_true",

@@ -117,7 +117,7 @@ def main() -> None:
     from benchmarks.arrivals_bench import _text_of, prepare
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-realvocab"))
     parser.add_argument("--sizes", default="1,32")
     parser.add_argument("--variants", default="cudnn,efficient,math,compile,compile-fused",
                         help="cudnn, efficient, math: the SDPA kernel; compile: the model "

@@ -1,6 +1,6 @@
 """Weight-only int4 (engine.int4) against bf16 on one GPU: kernels, prefill, memory.
 
-    python -m benchmarks.int4_bench [--model-dir .bench/qwen3-8b-chatvocab]
+    python -m benchmarks.int4_bench [--model-dir .bench/qwen3-8b-realvocab]
 
 1. The CUDA kernel computes with the dequantized weight (max error printed).
 2. The linear layers of one Qwen3-8B decoder step, all 36 layers, at 1 to 1,024 rows: ms
@@ -163,7 +163,7 @@ def _table(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-realvocab"))
     args = parser.parse_args()
     import torch
 

@@ -1,6 +1,6 @@
 """What a viewer meets: the whole runtime against the backend alone, one model, one process.
 
-    python -m benchmarks.service_bench [--model-dir .bench/qwen3-8b-chatvocab] [--tiny]
+    python -m benchmarks.service_bench [--model-dir .bench/qwen3-8b-realvocab] [--tiny]
                                        [--viewers 300] [--history 4] [--prefix-cache-gb auto]
 
 The runtime as ``vtuber-bot run`` opens it (``open_runtime``, ``ConversationService.handle``):
@@ -232,7 +232,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-chatvocab"))
+    parser.add_argument("--model-dir", type=Path, default=Path(".bench/qwen3-8b-realvocab"))
     parser.add_argument("--tiny", action="store_true",
                         help="the tiny test model on the CPU, a few viewers, short loads")
     parser.add_argument("--device", default="auto")
