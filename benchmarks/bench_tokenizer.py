@@ -19,6 +19,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ def _han_pairs(texts: Iterable[str]) -> list[str]:
     (its common words; every pair would make the persona unrealistically short)."""
     seen: Counter[str] = Counter()
     for text in texts:
-        for first, second in zip(text, text[1:], strict=False):
+        for first, second in pairwise(text):
             if _HAN.match(first) and _HAN.match(second):
                 seen[first + second] += 1
     return [pair for pair, count in seen.items() if count > 1]
