@@ -55,7 +55,10 @@ class Spool:
     async def _retry(self) -> None:
         while len(self):
             await asyncio.sleep(self._retry_s)
-            await self.write()
+            try:
+                await self.write()
+            except Exception:  # a bug must not end the retries: the spool would never drain
+                log.exception("writing the store spool failed unexpectedly; retrying")
 
     async def write(self) -> bool:
         """Try once to write everything spooled; True when the spool is empty."""

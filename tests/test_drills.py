@@ -247,3 +247,54 @@ async def test_full_disk_fails_cleanly_and_recovers(small_disk: Path,
     assert integrity == "ok"
     assert len(rows) == 41 and "received" not in {r.status for r in rows}
     assert len(sink.sent) == 41  # the reply or one fallback each
+
+
+async def test_a_database_locked_by_another_process_ends_every_message_final(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process holds SQLite's write lock longer than ``busy_timeout_ms``: each message
+    ends final (answered, or the store fallback), nothing is logged as a traceback, and what
+    was spooled is written once the lock goes."""
+    import sqlite3
+
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "store": {"remember_messages_min_chars": 0, "busy_timeout_ms": 50},
+        "limits": {"user_messages_per_minute": 100_000},
+    }, env={})
+    sink = RecordingSink()
+
+    def said(index: int) -> ChatEvent:
+        return ChatEvent(platform="twitch", channel_id="c", platform_user_id=f"v{index % 3}",
+                         display_name="v", text=f"hello {index}", sink=sink,
+                         message_id=f"m{index}")
+
+    paths = DataPaths.resolve(tmp_path)
+    async with open_runtime(config, paths) as runtime:
+        before = [await runtime.service.handle(said(i)) for i in range(3)]
+        other = sqlite3.connect(paths.sqlite_file, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # the other process's write lock, held
+        try:
+            during = [await runtime.service.handle(said(i)) for i in range(3, 12)]
+            assert not runtime.service.store_health.ok
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        after = await runtime.service.handle(said(12))
+        await runtime.service.flush(spool_timeout_s=10)
+        assert runtime.service.spooled == 0
+        statuses = []
+        for viewer in range(3):
+            user_id = await runtime.store.find_user("twitch", f"v{viewer}")
+            assert user_id is not None
+            statuses += [m.status for m in await runtime.store.messages_for(user_id)
+                         if m.role == "user"]
+    assert {r.status for r in before} == {"answered"} and after.status == "answered"
+    assert all(r.status in ("answered", "failed") for r in during)
+    assert any(r.status == "failed" and r.reason == "store" for r in during)
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
+    assert len(statuses) == 13 and "received" not in statuses
+    assert len(sink.sent) == 13  # the reply or one fallback each

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -56,9 +57,10 @@ def store_errors() -> Iterator[None]:
     leaves as a one-line ``StoreError``."""
     try:
         yield
-    except IntegrityError as exc:
+    except (IntegrityError, sqlite3.IntegrityError) as exc:
         raise IntegrityViolation(f"store: {first_line(exc)}") from exc
-    except (SQLAlchemyError, OSError) as exc:
+    # sqlite3's own errors come from statements sent to the driver directly (``_on_begin``).
+    except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
         raise StoreError(f"store: {first_line(exc)}") from exc
 
 
