@@ -462,3 +462,28 @@ async def test_a_messages_statements_search_indexes_and_scan_no_table(tmp_path: 
     explained.close()
     assert len(executed) > 8  # the hot path ran
     assert scans == {}
+
+
+async def test_locking_a_viewer_never_waits_on_rows_that_point_at_it(store: Store) -> None:
+    """PostgreSQL: intake locks viewers (in id order) while other batches insert messages
+    whose foreign keys lock the same viewers (in batch order). Were the two locks in conflict,
+    the orders would invert and deadlock; the viewer lock leaves key-share locks alone."""
+    from sqlalchemy import text
+
+    from memory.store import statements as sql
+    from memory.store.intake import _values
+
+    if store.database.dialect != "postgresql":
+        pytest.skip("row locks are PostgreSQL's")
+    [ann, bob] = await store.intake([_item("hi", "m1"), _item("yo", "m2", user="bob")])
+    engine = store.database.sql_engine
+    async with engine.connect() as locker, engine.connect() as inserter:
+        await locker.execute(sql.LOCK_USER, {"user_id": ann.user_id})
+        await inserter.execute(text("SET lock_timeout = '10s'"))  # only bounds a failure
+        for user_id in (bob.user_id, ann.user_id):
+            await inserter.execute(sql.intake_message("postgresql", False),
+                                   _values(_item("later", None), user_id))
+        await inserter.commit()
+        await locker.execute(sql.LOCK_USER, {"user_id": bob.user_id})
+        await locker.commit()
+    assert [r.content for r in await store.messages_for(ann.user_id)].count("later") == 1

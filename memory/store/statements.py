@@ -70,7 +70,10 @@ EARLIER_PENDING = (select(messages.c.id)
                    .limit(1))
 
 # Parameters: user_id. Serialises one viewer's intake across processes (PostgreSQL).
-LOCK_USER = select(users.c.id).where(users.c.id == bindparam("user_id")).with_for_update()
+# FOR NO KEY UPDATE: it serialises intakes but leaves alone the key-share locks that inserting
+# rows pointing at the viewer takes (FOR UPDATE would wait on them, and they on it: deadlocks).
+LOCK_USER = (select(users.c.id).where(users.c.id == bindparam("user_id"))
+             .with_for_update(key_share=True))
 # Parameters: user_id, platform, since. The viewer's admitted messages on a platform lately.
 RECENT_ADMITTED = (select(func.count()).select_from(messages)
                    .where(messages.c.user_id == bindparam("user_id"),
