@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -32,6 +34,7 @@ from typing import Any
 
 from benchmarks.arrivals_bench import _load, _worker_timings, prepare
 from benchmarks.pipeline_bench import _pct
+from bot.cli import RUNTIME_SWITCH_INTERVAL_S
 from bot.config import parse_config
 from bot.events import ChatEvent
 from bot.paths import DataPaths
@@ -50,7 +53,10 @@ LINES = ("佩兒今天的星星好亮喔，你在燈塔上看得到嗎？", "我
 
 
 class TimingSink:
-    """Records when the first preview and the last text (the reply) went out."""
+    """Records when the first preview and the last text (the reply) went out. It edits, as
+    Discord does, so replies stream as previews."""
+
+    supports_edits = True
 
     def __init__(self) -> None:
         self.first: float | None = None
@@ -164,7 +170,11 @@ def _round(value: float) -> float:
 def _engine_split(spent: Counter[str]) -> dict[str, Any]:
     """The decode loop in a load's window: time decoding and prefilling, prompt tokens."""
     computed = spent["prompt_tokens"] - spent["cached_tokens"]
-    return {"decode_s": round(spent["step_s"], 1), "prefill_s": round(spent["admit_s"], 1),
+    steps = spent["steps"]
+    return {"decode_s": round(spent["step_s"], 1), "steps": int(steps),
+            "step_ms": round(spent["step_s"] / steps * 1000, 1) if steps else 0.0,
+            "rows_per_step": round(spent["rows_stepped"] / steps, 1) if steps else 0.0,
+            "prefill_s": round(spent["admit_s"], 1),
             "prefills": int(spent["prefills"]), "chunks": int(spent["chunks"]),
             "prompt_tok_computed": int(computed), "prompt_tok_cached": int(spent["cached_tokens"])}
 
@@ -218,7 +228,8 @@ def _backend_row(row: dict[str, Any]) -> dict[str, Any]:
             "dropped": f"over cap {row['over_cap']}" if row["over_cap"] else "0",
             "p50_s": row["reply_p50"], "p95_s": row["reply_p95"], "max_s": row["reply_max"],
             "preview_p50_s": row["ttft_p50"],
-            **{k: row[k] for k in ("decode_s", "prefill_s", "prefills", "chunks",
+            **{k: row[k] for k in ("decode_s", "steps", "step_ms", "rows_per_step",
+                                   "prefill_s", "prefills", "chunks",
                                    "prompt_tok_computed",
                                    "prompt_tok_cached", "loop_lag_p99_ms")}}
 
@@ -252,6 +263,11 @@ def main(argv: list[str] | None = None) -> None:
     args.history = args.history if args.history is not None else (2 if args.tiny else 4)
     args.new_tokens = args.new_tokens or (12 if args.tiny else 60)
     prepare(args.model_dir, tiny=args.tiny)
+    # Warnings, and the engine's start-up lines (graphs captured, prefix cache size).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("engine.backends").setLevel(logging.INFO)
+    # As `vtuber-bot run` sets it: the decode loop's thread gets the GIL back sooner.
+    sys.setswitchinterval(RUNTIME_SWITCH_INTERVAL_S)
     print(table(asyncio.run(run(args))))
 
 

@@ -22,7 +22,7 @@ from collections import defaultdict, deque
 from typing import Any, Protocol
 
 from engine.backends.detokenize import IncrementalDecoder
-from engine.backends.jobs import STOP_WORKER, Failure, Job, is_oom
+from engine.backends.jobs import STOP_WORKER, Failure, Job, Outbox, is_oom
 from engine.continuous import Chunked, ContinuousBatch, Joining
 from engine.errors import EngineError, GenerationAborted
 from engine.prefix_cache import PrefixCache, common_prefix
@@ -39,6 +39,7 @@ class _Backend(Protocol):
     oom_retries: int
     static_cache: bool
     compile_decode: bool
+    outbox: Outbox
 
     @property
     def max_length(self) -> int: ...
@@ -109,15 +110,20 @@ class ContinuousWorker:
                  self._batch.prefix_cache.max_bytes / 2**30 if self._batch.prefix_cache else 0)
 
     def run(self) -> None:
-        """Until ``STOP_WORKER``: admit, step, retire."""
-        while self._fetch(block=not (self._running or self._waiting or self._chunked)):
-            started = time.perf_counter()
-            self._admit()
-            self.timings["admit_s"] += time.perf_counter() - started
-            if self._running:
+        """Until ``STOP_WORKER``: admit, step, retire; then what the pass produced goes to
+        the requests' consumers in one hand-over."""
+        try:
+            while self._fetch(block=not (self._running or self._waiting or self._chunked)):
                 started = time.perf_counter()
-                self._step()
-                self.timings["step_s"] += time.perf_counter() - started
+                self._admit()
+                self.timings["admit_s"] += time.perf_counter() - started
+                if self._running:
+                    started = time.perf_counter()
+                    self._step()
+                    self.timings["step_s"] += time.perf_counter() - started
+                self._backend.outbox.send()
+        finally:
+            self._backend.outbox.send()  # the failures of a stopping worker
 
     def _fetch(self, block: bool) -> bool:
         """Move queued jobs to the waiting line; False once the worker must stop."""

@@ -22,7 +22,7 @@ from typing import Any
 from engine.backends.base import RecentUsage
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
-from engine.backends.jobs import END, STOP_WORKER, Failure, Job, is_oom
+from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox, is_oom
 from engine.backends.prompts import ChatPrompts
 from engine.config import LLMConfig
 from engine.continuous import supports
@@ -40,6 +40,7 @@ class _BatchStreamer:
 
     jobs: list[Job]
     eos_ids: set[int]
+    outbox: Outbox
     prompt_seen: bool = field(default=False)
 
     def put(self, value: Any) -> None:
@@ -55,6 +56,7 @@ class _BatchStreamer:
             job.push(token)
             if job.generated >= job.request.sampling.max_new_tokens:
                 job.done = True
+        self.outbox.send()  # this step's text, all rows at once
 
     def end(self) -> None:
         for job in self.jobs:
@@ -78,6 +80,7 @@ class TransformersBackend:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._worker: threading.Thread | None = None
         self._aborts: dict[str, threading.Event] = {}
+        self.outbox = Outbox()  # what the worker streams back, sent once per pass or step
         self._usage = RecentUsage()
         self.max_batch_size = config.max_batch_size
         self.model: Any = None
@@ -164,10 +167,7 @@ class TransformersBackend:
         abort = threading.Event()
         self._aborts[request.request_id] = abort
 
-        def emit(item: Any) -> None:
-            loop.call_soon_threadsafe(chunks.put_nowait, item)
-
-        job = Job(request, emit, abort)
+        job = Job(request, self.outbox.sender(loop, chunks.put_nowait), abort)
         self._jobs.put(job)
         try:
             while True:
@@ -199,7 +199,10 @@ class TransformersBackend:
             for job in batch:
                 groups.setdefault(_sampling_key(job.request.sampling), []).append(job)
             for jobs in groups.values():
-                self._run_with_oom_retry(jobs)
+                try:
+                    self._run_with_oom_retry(jobs)
+                finally:
+                    self.outbox.send()
 
     def _collect(self, first: Job) -> list[Any]:
         """The first job plus whatever arrives within the batching window."""
@@ -273,7 +276,7 @@ class TransformersBackend:
             "repetition_penalty": sampling.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([_RowsDone()]),
-            "streamer": _BatchStreamer(jobs, eos_ids),
+            "streamer": _BatchStreamer(jobs, eos_ids, self.outbox),
         }
         if self.static_cache:
             kwargs["cache_implementation"] = "static"
