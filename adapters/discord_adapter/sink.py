@@ -10,6 +10,7 @@ from typing import Any
 
 import discord
 
+from adapters.common.pieces import PiecesSent
 from adapters.common.text_split import split_message
 from bot.events import DeliveryError
 
@@ -39,23 +40,22 @@ class DiscordSink:
         # A streamed reply over 2,000 characters: the messages holding its overflow, so each
         # edit updates them in place instead of posting the overflow again.
         self._overflow: dict[str, list[discord.Message]] = {}
+        self._pieces = PiecesSent(DISCORD_LIMIT)
 
     async def send(self, text: str) -> str | None:
         async with delivery_errors():
             return await self._send(text)
 
     async def _send(self, text: str) -> str | None:
-        first_id: str | None = None
-        for index, piece in enumerate(split_message(text, DISCORD_LIMIT)):
-            reference = self._reply_to if index == 0 and self._reply_to is not None else None
+        for piece in self._pieces.still_to_send(text):
             kwargs: dict[str, Any] = {"allowed_mentions": NO_PINGS}
-            if reference is not None:
-                kwargs["reference"] = reference
+            if not self._pieces.ids and self._reply_to is not None:  # the first piece
+                kwargs["reference"] = self._reply_to
                 kwargs["mention_author"] = False
             message = await self._channel.send(piece, **kwargs)
             self._sent[str(message.id)] = message
-            first_id = first_id or str(message.id)
-        return first_id
+            self._pieces.sent(str(message.id))
+        return self._pieces.first()
 
     async def edit(self, message_id: str, text: str) -> None:
         """Replace a streamed message; text past 2,000 characters goes out as new messages."""

@@ -12,8 +12,8 @@ import aiohttp
 import twitchio
 from twitchio import eventsub
 
+from adapters.common.pieces import PiecesSent
 from adapters.common.send_limiter import SendLimiter
-from adapters.common.text_split import split_message
 from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
@@ -55,10 +55,10 @@ class TwitchSink:
         self._bot_id = bot_id
         self._limiter = limiter
         self._reply_to = reply_to
+        self._pieces = PiecesSent(TWITCH_LIMIT)
 
     async def send(self, text: str) -> str | None:
-        first: str | None = None
-        for piece in split_message(text, TWITCH_LIMIT):
+        for piece in self._pieces.still_to_send(text):
             await self._limiter.acquire()
             try:
                 sent = await self._broadcaster.send_message(
@@ -67,8 +67,8 @@ class TwitchSink:
             except twitchio.HTTPException as exc:
                 raise DeliveryError(f"Twitch answered {exc.status}: {exc}",
                                     retryable=exc.status == 429 or exc.status >= 500) from exc
-            first = first or sent.id
-        return first
+            self._pieces.sent(sent.id)
+        return self._pieces.first()
 
     async def edit(self, message_id: str, text: str) -> None:
         await self.send(text)
