@@ -128,19 +128,24 @@ class Answerer:
         message waited before a generation slot was free."""
         event = exchange.event
         attempt.stage = "backend"
-        await cosmetic(event.sink.typing(), "typing")
-        async with self._generation_slots:
-            queue_wait = time.monotonic() - exchange.received_at
-            streaming = self._streaming_preview(event, prompt)
-            reply = await self._engine.generate(
-                prompt.request, conversion_mode=self.conversion_mode(event),
-                on_chunk=self._on_chunk(exchange, prompt, streaming),
-            )
-        attempt.stage, attempt.text = "send", reply.text
-        if streaming is not None:
-            sent_id = await streaming.finish(reply.text)
-        else:
-            sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
+        # Beside the reply, never before it: a platform that stalls the indicator must not
+        # hold the reply (or time it out into a fallback).
+        typing = asyncio.create_task(cosmetic(event.sink.typing(), "typing"))
+        try:
+            async with self._generation_slots:
+                queue_wait = time.monotonic() - exchange.received_at
+                streaming = self._streaming_preview(event, prompt)
+                reply = await self._engine.generate(
+                    prompt.request, conversion_mode=self.conversion_mode(event),
+                    on_chunk=self._on_chunk(exchange, prompt, streaming),
+                )
+            attempt.stage, attempt.text = "send", reply.text
+            if streaming is not None:
+                sent_id = await streaming.finish(reply.text)
+            else:
+                sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
+        finally:
+            typing.cancel()  # the reply is out (or failed): the indicator is moot
         attempt.delivered = True
         return reply, sent_id, queue_wait
 

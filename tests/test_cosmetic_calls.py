@@ -1,0 +1,50 @@
+"""Cosmetic platform calls (the typing indicator, preview edits) never sit on a reply's path:
+a platform that stalls them still gets the reply as soon as it is generated."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from bot.config import parse_config
+from bot.events import ChatEvent
+from bot.paths import DataPaths
+from bot.runtime import open_runtime
+from tests.sinks import RecordingSink
+
+REPLY = "第一句話。第二句話。第三句話。"
+
+
+class StallingSink(RecordingSink):
+    """Typing and edits hang until released (a platform endpoint that stopped answering)."""
+
+    supports_edits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def typing(self) -> None:
+        await self.release.wait()
+
+    async def edit(self, message_id: str, text: str) -> None:
+        await self.release.wait()
+        await super().edit(message_id, text)
+
+
+async def test_a_stalled_typing_indicator_does_not_hold_the_reply(tmp_path: Path) -> None:
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        # A window the stall would run into if the reply waited for it; the test never
+        # waits that long when it passes.
+        "limits": {"reply_timeout_s": 60, "stream_edit_interval_s": 0},
+    }, env={})
+    sink = StallingSink()
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        reply = await asyncio.wait_for(runtime.service.handle(ChatEvent(
+            platform="discord", channel_id="c", platform_user_id="ann", display_name="Ann",
+            text="hello", sink=sink, message_id="m1")), timeout=30)
+        sink.release.set()
+    assert reply.status == "answered"
+    assert sink.sent == [REPLY]
