@@ -30,7 +30,12 @@ class SlidingWindowLimiter:
         return len(self._events)
 
     def allow(self, key: str, now: float) -> bool:
+        """Invariant: a key's times are in order and none is later than the latest ``now``
+        seen for it, so a clock stepped back, or an event stamped ahead, counts as now: it
+        costs at most one window, not the size of the jump."""
         events = self._events.pop(key, None) or deque()
+        if events and events[-1] > now:
+            events = deque(min(moment, now) for moment in events)
         self._events[key] = events  # most recently seen last
         while events and now - events[0] >= self._window:
             events.popleft()
