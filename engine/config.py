@@ -36,9 +36,10 @@ EMBEDDED_MAX_TOKENS = 60
 
 
 class Section(BaseModel):
-    """A config section: unknown keys are errors (a typo must not fall back to a default)."""
+    """A config section: unknown keys are errors (a typo must not fall back to a default), and
+    so are ``inf`` and ``nan`` (``reply_timeout_s: inf`` would mean no timeout at all)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class OpenAIBackendConfig(Section):

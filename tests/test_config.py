@@ -170,3 +170,11 @@ def test_the_session_secret_guard_sees_a_leak() -> None:
     caught = secret_guard.leaks[before:]
     del secret_guard.leaks[before:]
     assert len(caught) == 2 and all("bot.probe" in line for line in caught)
+
+
+@pytest.mark.parametrize("value", ["inf", "nan", float("inf")])
+def test_an_infinite_or_undefined_number_is_refused(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"limits": {"reply_timeout_s": value}}, env={})
+    assert len(info.value.problems) == 1
+    assert info.value.problems[0].startswith("limits.reply_timeout_s:")
