@@ -8,8 +8,16 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from bot.events import ChatEvent
 
+import logging
 import re
 
+log = logging.getLogger(__name__)
+
+# Longer than any platform sends (Discord 4,000 with Nitro, Twitch 500); a longer message is
+# cut here, before anything reads it (a 10 MB one held the event loop for seconds), and the
+# stored text ends with TRUNCATED so the cut is visible.
+MAX_MESSAGE_CHARS = 8000
+TRUNCATED = " […]"
 # NUL (PostgreSQL refuses it in text) and lone UTF-16 surrogates (not encodable as UTF-8);
 # in a Python str every surrogate code point is a lone one.
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
@@ -20,7 +28,12 @@ def storable(text: str) -> str:
 
 
 def sanitized(event: ChatEvent) -> ChatEvent:
-    """No NUL and no lone surrogates in anything that reaches the store."""
+    """At most ``MAX_MESSAGE_CHARS`` of text; no NUL and no lone surrogates in anything that
+    reaches the store."""
+    if len(event.text) > MAX_MESSAGE_CHARS:
+        log.warning("message %s from %s:%s cut from %d to %d characters", event.message_id,
+                    event.platform, event.platform_user_id, len(event.text), MAX_MESSAGE_CHARS)
+        event = dataclasses.replace(event, text=event.text[:MAX_MESSAGE_CHARS] + TRUNCATED)
     fields = (event.text, event.display_name, event.platform_user_id, event.channel_id,
               event.message_id or "")
     if not any(_UNSTORABLE.search(value) for value in fields):

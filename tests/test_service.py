@@ -243,3 +243,15 @@ async def test_a_viewers_context_is_read_ahead_unless_an_earlier_message_runs(
     last: GenerationRequest = scripted(runtime).requests[-1]
     asked = [m.content for m in last.messages if m.role == "user"]
     assert asked == ["first question", "later 0", "later 1", "later 2"]
+
+
+async def test_a_huge_message_is_cut_before_anything_reads_it(runtime: Runtime) -> None:
+    from bot.text import MAX_MESSAGE_CHARS, TRUNCATED
+
+    reply = await runtime.service.handle(event("星" * 10_000_000, message_id="huge"))
+    await runtime.service.settle()
+    assert reply.status == "answered"
+    user_id = await runtime.store.find_user("discord", "ann")
+    assert user_id is not None
+    [stored] = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    assert stored.content == "星" * MAX_MESSAGE_CHARS + TRUNCATED
