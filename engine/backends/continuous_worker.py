@@ -30,12 +30,15 @@ from engine.prefix_cache import PrefixCache, common_prefix
 log = logging.getLogger(__name__)
 JOIN_GROUP = 8  # requests prefilled together at most while rows run: bounds their pause
 IDLE_JOIN_GROUP = 32  # with no row running, no one waits on the prefill: a burst joins at once
+# Decode steps without running out of memory before a lowered batch limit doubles back
+# (~10 s of decoding on a GPU).
+GROW_AFTER_STEPS = 1000
 
 
 class _Backend(Protocol):
     model: Any
     tokenizer: Any
-    max_batch_size: int
+    max_batch_size: int  # lowered after running out of memory, never above batch_limit
     oom_retries: int
     static_cache: bool
     compile_decode: bool
@@ -43,6 +46,9 @@ class _Backend(Protocol):
 
     @property
     def max_length(self) -> int: ...
+
+    @property
+    def batch_limit(self) -> int: ...
 
     @property
     def prefix_cache_bytes(self) -> int: ...
@@ -68,6 +74,7 @@ class ContinuousWorker:
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
         self.steps = 0
+        self._calm_steps = 0  # decode steps since memory last ran out
         # Where the decode loop's time goes (read by benchmarks and ``/gpu status``).
         self.timings: defaultdict[str, float] = defaultdict(float)
 
@@ -280,6 +287,7 @@ class ContinuousWorker:
             self._backend.free_memory()
             return
         self.steps += 1
+        self._grow_back()
         self.timings["rows_stepped"] += len(produced)
         for request_id, token in produced:
             self._deliver(self._running[request_id], token)
@@ -296,8 +304,20 @@ class ContinuousWorker:
     def _shrink(self, when: str) -> None:
         self._backend.oom_retries += 1
         self._backend.max_batch_size = max(1, len(self._running) // 2)
+        self._calm_steps = 0
         log.warning("out of memory while %s; batch limit now %d", when,
                     self._backend.max_batch_size)
+
+    def _grow_back(self) -> None:
+        """After ``GROW_AFTER_STEPS`` steps without running out of memory, a lowered batch
+        limit doubles, up to the configured one: one bad moment must not halve it for good."""
+        self._calm_steps += 1
+        backend = self._backend
+        if self._calm_steps < GROW_AFTER_STEPS or backend.max_batch_size >= backend.batch_limit:
+            return
+        self._calm_steps = 0
+        backend.max_batch_size = min(backend.batch_limit, 2 * backend.max_batch_size)
+        log.info("no memory trouble lately; batch limit back to %d", backend.max_batch_size)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         log.error("generation failed for %s: %s", job.request.request_id, error)

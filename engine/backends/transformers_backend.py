@@ -100,6 +100,11 @@ class TransformersBackend:
         return self._config.max_length
 
     @property
+    def batch_limit(self) -> int:
+        """The configured batch size: ``max_batch_size`` returns to it after an OOM."""
+        return self._config.max_batch_size
+
+    @property
     def prefill_chunk_tokens(self) -> int:
         return self._config.prefill_chunk_tokens
 

@@ -1,11 +1,14 @@
-"""The decode loop hands its output to the event loop once per pass, not once per token: each
-hand-over wakes the loop and then makes the worker thread wait for the GIL."""
+"""The continuous decode loop's own duties: it hands its output to the event loop once per
+pass, not once per token (each hand-over wakes the loop and then makes the worker thread wait
+for the GIL), and a batch limit lowered by running out of memory comes back."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from engine.backends.transformers_backend import TransformersBackend
 from engine.config import LLMConfig
@@ -43,3 +46,24 @@ async def test_a_batch_of_rows_wakes_the_event_loop_once_a_step(tiny_model_dir: 
 
 async def _text(backend: TransformersBackend, request: GenerationRequest) -> str:
     return "".join([chunk async for chunk in backend.generate(request)])
+
+
+async def test_a_batch_limit_lowered_by_an_oom_doubles_back_while_memory_holds(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.backends import continuous_worker
+
+    monkeypatch.setattr(continuous_worker, "GROW_AFTER_STEPS", 4)
+    backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
+                                            continuous_batching="on", max_batch_size=4))
+    await backend.start()
+    try:
+        worker = backend.continuous
+        assert worker is not None
+        worker._shrink("a test")  # nothing runs: the limit drops to 1
+        assert backend.max_batch_size == 1
+        request = GenerationRequest((ChatMessage("user", "hello"),), SamplingParams(
+            max_new_tokens=12, min_new_tokens=12, temperature=0.0))
+        assert await _text(backend, request)  # 12 steps: 1 -> 2 -> 4, and no further
+    finally:
+        await backend.close()
+    assert backend.max_batch_size == 4 and backend.batch_limit == 4
