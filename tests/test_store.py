@@ -487,3 +487,32 @@ async def test_locking_a_viewer_never_waits_on_rows_that_point_at_it(store: Stor
         await locker.execute(sql.LOCK_USER, {"user_id": bob.user_id})
         await locker.commit()
     assert [r.content for r in await store.messages_for(ann.user_id)].count("later") == 1
+
+
+async def test_linking_keeps_a_message_committed_while_the_link_runs(store: Store) -> None:
+    """PostgreSQL: a message for the identity's old user, written by a transaction that commits
+    while the link runs, moves with the rest; it is never deleted with the old user."""
+    from sqlalchemy import text
+
+    from memory.store import statements as sql
+    from memory.store.intake import _values
+
+    if store.database.dialect != "postgresql":
+        pytest.skip("SQLite runs one writer at a time")
+    [ann] = await store.intake([_item("hi", "m1")])
+    [tv] = await store.intake([_item("yo", "m2", user="ann_tv")])
+    engine = store.database.sql_engine
+    async with engine.connect() as writer:
+        await writer.execute(sql.intake_message("postgresql", False),
+                             _values(_item("mid-link", None, user="ann_tv"), tv.user_id))
+        link = asyncio.create_task(store.link_identity(ann.user_id, "twitch", "ann_tv", "tv"))
+        async with engine.connect() as watcher:  # until the link waits on our row lock
+            # The server's state, not ours: nothing to await but its view.
+            while not link.done() and not (await watcher.execute(text(  # noqa: ASYNC110
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"))).scalar():
+                await asyncio.sleep(0.01)
+        await writer.commit()
+    await link
+    contents = sorted(m.content for m in await store.messages_for(ann.user_id))
+    assert contents == ["hi", "mid-link", "yo"]

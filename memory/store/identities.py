@@ -62,6 +62,11 @@ class Identities:
             old = identity.user_id
             if old == user_id:
                 return user_id
+            # PostgreSQL: wait for transactions still adding rows for ``old`` (their foreign
+            # keys hold key-share locks on it) and keep new ones out until this commits. The
+            # moves below would miss rows committed after they started, and the delete at
+            # the end would take those rows with it.
+            await session.execute(select(User.id).where(User.id == old).with_for_update())
             for model in (Message, Memory, StateEvent):
                 await session.execute(update(model).where(model.user_id == old)
                                       .values(user_id=user_id))
