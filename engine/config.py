@@ -50,6 +50,9 @@ class OpenAIBackendConfig(Section):
     api_key_env: str = "OPENAI_API_KEY"
     timeout_s: float = Field(60.0, gt=0)
     max_retries: int = Field(3, ge=0, le=10)
+    # Requests sent at once at most; fewer while the server answers 429/503 (over capacity),
+    # the others waiting their turn here.
+    max_in_flight: int = Field(32, ge=1)
     # Send top_k / repetition_penalty too (vLLM, llama.cpp accept them; strict servers do not,
     # and the backend then retries once without them and remembers).
     extra_sampling: bool = True

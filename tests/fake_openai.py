@@ -22,10 +22,17 @@ WORDS = ("好呀", "，", "我", "在", "這裡", "～")
 
 class FakeOpenAI(LocalServer):
     """``hold(predicate)``: requests whose body matches wait, unanswered, until ``release()``
-    (a model still working on them when their process is killed)."""
+    (a model still working on them when their process is killed). ``capacity``: requests
+    beyond this many at once are refused with 429, as vLLM behind a gateway or a hosted API
+    does; ``word_delay_s`` makes each reply take a while (so requests overlap)."""
 
     _holding: Callable[[dict[str, Any]], bool] | None = None
     _released: asyncio.Event | None = None
+    capacity: int | None = None
+    word_delay_s: float = 0.0
+    busy: int = 0
+    refused: int = 0
+    answered: int = 0
 
     def hold(self, predicate: Callable[[dict[str, Any]], bool]) -> None:
         self._holding, self._released = predicate, asyncio.Event()
@@ -52,16 +59,25 @@ class FakeOpenAI(LocalServer):
         self.record(request.method, request.path, body)
         if self._holding is not None and self._released is not None and self._holding(body):
             await self._released.wait()
+        if self.capacity is not None and self.busy >= self.capacity:
+            self.refused += 1
+            return json_response({"error": {"message": "over capacity"}}, status=429)
+        self.busy += 1
         try:
-            return await self._stream(request, body)
+            response = await self._stream(request, body)
+            self.answered += 1
+            return response
         except ConnectionResetError:  # its client is gone (a killed process)
             return web.Response(status=499)
+        finally:
+            self.busy -= 1
 
     async def _stream(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         words = WORDS[:max(1, min(len(WORDS), int(body.get("max_tokens") or len(WORDS))))]
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         for word in words:
+            await asyncio.sleep(self.word_delay_s)
             await response.write(_event(_chunk({"content": word}, None)))
         final = _chunk({}, "stop")
         final["usage"] = {"prompt_tokens": 1, "completion_tokens": len(words),

@@ -6,6 +6,9 @@ typed chunks, usage per request; servers' extra fields such as ``reasoning_conte
 Retries are ours, not the SDK's: a live reply may be retried only before its first token (a
 retry after that would repeat text to the viewer), and a server's ``Retry-After`` is honoured
 only up to ``MAX_RETRY_AFTER_S``; beyond it the viewer is better served by the fallback now.
+A server over capacity (429, 503) lowers how many requests are sent at once and the refused
+one waits its turn again, within ``timeout_s``; a server that cannot be reached opens a
+circuit breaker, and replies fail at once until it answers again (``server_pace``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -24,6 +28,7 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from engine.backends.base import RecentUsage
+from engine.backends.server_pace import CircuitBreaker, ConcurrencyLimit, jittered
 from engine.config import OpenAIBackendConfig
 from engine.errors import BackendUnavailableError, EngineError
 from engine.prompt_text import defuse
@@ -33,6 +38,7 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_AFTER_S = 30.0
 _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+_OVERLOADED = {429, 503}  # over capacity: fewer at once, not fewer tries
 # Fields beyond the OpenAI API that vLLM and llama.cpp understand; a server that refuses them
 # (400/422 naming one) gets requests without them from then on.
 _EXTRA_FIELDS = ("top_k", "repetition_penalty", "min_tokens", "chat_template_kwargs")
@@ -40,9 +46,12 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 
 
 class _Retryable(Exception):
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, retry_after_s: float | None = None, *,
+                 overloaded: bool = False, unreachable: bool = False) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.overloaded = overloaded  # over capacity: wait a turn, not an attempt
+        self.unreachable = unreachable  # no connection: counts toward the breaker
 
 
 class _ExtrasRefused(Exception):
@@ -96,6 +105,8 @@ class OpenAIBackend:
         self._http_client = http_client
         self._client: AsyncOpenAI | None = None
         self._in_flight: dict[str, asyncio.Task[Any] | None] = {}
+        self._limit = ConcurrencyLimit(config.max_in_flight)
+        self._breaker = CircuitBreaker()
         self.last_usage: dict[str, Any] | None = None
         self._usage = RecentUsage()
         self.last_finish_reason: str | None = None
@@ -137,14 +148,18 @@ class OpenAIBackend:
         if self._client is None:
             raise BackendUnavailableError("openai backend is not started")
         self._in_flight[request.request_id] = asyncio.current_task()
+        deadline = time.monotonic() + self._timeout
         try:
             attempt = 0
             while True:
-                yielded = False
+                self._refuse_while_down()
+                await self._limit.acquire()
+                yielded, failure = False, None
                 try:
                     async for chunk in self._stream_once(request):
                         yielded = True
                         yield chunk
+                    self._reached()
                     return
                 except _ExtrasRefused:
                     log.info("%s refuses top_k/repetition_penalty/min_tokens; sending only "
@@ -156,20 +171,43 @@ class OpenAIBackend:
                              "returning viewers)", self._base_url)
                     self._fold_system = True
                 except _Retryable as exc:
-                    await self._before_retry(exc, attempt, yielded)
-                    attempt += 1
+                    failure = exc
+                finally:
+                    await self._limit.release(refused=bool(failure and failure.overloaded))
+                if failure is not None:
+                    await self._before_retry(failure, attempt, yielded, deadline)
+                    attempt += 0 if failure.overloaded else 1
         finally:
             self._in_flight.pop(request.request_id, None)
 
-    async def _before_retry(self, exc: _Retryable, attempt: int, yielded: bool) -> None:
+    def _refuse_while_down(self) -> None:
+        wait = self._breaker.retry_in_s()
+        if wait is not None:
+            raise BackendUnavailableError(
+                f"{self._base_url} is unreachable; next try in {wait:.0f} s")
+
+    def _reached(self) -> None:
+        if self._breaker.succeeded():
+            log.warning("%s answers again", self._base_url)
+
+    async def _before_retry(self, exc: _Retryable, attempt: int, yielded: bool,
+                            deadline: float) -> None:
         """Wait before the next attempt, or give up with ``BackendUnavailableError``."""
+        if exc.unreachable and self._breaker.failed():
+            log.error("%s is unreachable (%s); replies fail at once until it answers",
+                      self._base_url, exc)
         wait = exc.retry_after_s
-        if (yielded or attempt == self._max_retries
-                or (wait is not None and wait > MAX_RETRY_AFTER_S)):
+        delay = wait if wait is not None else jittered(0.5 * 2**min(attempt, 4))
+        if (yielded or attempt == self._max_retries or self._breaker.is_open
+                or (wait is not None and wait > MAX_RETRY_AFTER_S)
+                or time.monotonic() + delay > deadline):
             raise BackendUnavailableError(
                 f"{self._base_url}: {exc} (after {attempt + 1} attempt(s))") from None
-        delay = wait if wait is not None else 0.5 * 2**attempt
-        log.warning("openai backend: %s; retrying in %.1f s", exc, delay)
+        if exc.overloaded:
+            log.debug("%s over capacity (%s); at most %d requests at once, retrying in "
+                      "%.1f s", self._base_url, exc, int(self._limit.limit), delay)
+        else:
+            log.info("openai backend: %s; retrying in %.1f s", exc, delay)
         await asyncio.sleep(delay)
 
     async def _stream_once(self, request: GenerationRequest) -> AsyncIterator[str]:
@@ -201,7 +239,7 @@ class OpenAIBackend:
         except openai.APIStatusError as exc:
             raise self._status_error(exc, request) from None
         except (openai.APIConnectionError, httpx2.TransportError) as exc:
-            raise _Retryable(f"{type(exc).__name__}: {exc}") from None
+            raise _Retryable(f"{type(exc).__name__}: {exc}", unreachable=True) from None
 
     def _status_error(self, exc: openai.APIStatusError,
                       request: GenerationRequest) -> Exception:
@@ -209,7 +247,8 @@ class OpenAIBackend:
         if status in _RETRY_STATUS:
             wait = retry_after_s(exc.response.headers)
             return _Retryable(f"HTTP {status}" + (
-                f", Retry-After {wait:.0f} s" if wait is not None else ""), wait)
+                f", Retry-After {wait:.0f} s" if wait is not None else ""), wait,
+                overloaded=status in _OVERLOADED)
         detail = str(exc.body or exc.message)[:300]
         if (self._extra_sampling and status in (400, 422)
                 and any(field in detail for field in _EXTRA_FIELDS)):
