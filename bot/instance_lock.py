@@ -9,6 +9,7 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TextIO
 
 from bot.errors import BotError
 
@@ -22,6 +23,10 @@ EXIT_TEMPFAIL = 75  # BSD EX_TEMPFAIL: try again once the other process has stop
 
 class AlreadyRunningError(BotError):
     exit_code = EXIT_TEMPFAIL
+
+
+class LockFileError(BotError):
+    """The lock file cannot be opened (a missing or read-only directory)."""
 
 
 @contextlib.contextmanager
@@ -50,17 +55,32 @@ def _exclusive(path: Path, conflict: Callable[[str], str]) -> Iterator[None]:
     if fcntl is None:
         yield
         return
-    handle = path.open("a+", encoding="utf-8")
+    try:
+        handle = path.open("a+", encoding="utf-8")
+    except OSError as exc:
+        raise LockFileError(f"cannot open the lock file {path}: {exc.strerror or exc}; "
+                            "check that the directory exists and is writable") from None
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             raise AlreadyRunningError(conflict(handle.read().strip() or "unknown")) from None
+        _note_holder(handle)
+        yield
+    finally:
+        with contextlib.suppress(OSError):  # a full disk may refuse the pid's last flush
+            handle.close()  # closing the file releases the lock
+
+
+def _note_holder(handle: TextIO) -> None:
+    """Our pid in the lock file, for the message a second process shows. Only a hint: on a
+    full disk it is left out and the lock (held by the OS) still holds."""
+    try:
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
         handle.flush()
-        yield
-    finally:
-        handle.close()  # closing the file releases the lock
+    except OSError:
+        with contextlib.suppress(OSError):
+            handle.truncate(0)

@@ -298,3 +298,16 @@ async def test_a_database_locked_by_another_process_ends_every_message_final(
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []  # no traceback
     assert len(statuses) == 13 and "received" not in statuses
     assert len(sink.sent) == 13  # the reply or one fallback each
+
+
+def test_the_instance_lock_holds_on_a_full_disk(small_disk: Path) -> None:
+    """The pid in the lock file is only a hint: a full disk must not turn `chat --once` into
+    a traceback before the store can say what is wrong."""
+    from bot.instance_lock import AlreadyRunningError, instance_lock
+
+    data_dir = small_disk / "data"
+    data_dir.mkdir()
+    _fill(small_disk, leave_bytes=0)
+    held = instance_lock(data_dir)
+    with held, pytest.raises(AlreadyRunningError), instance_lock(data_dir):
+        pass
