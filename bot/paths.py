@@ -28,6 +28,11 @@ class DataPaths:
     def sqlite_file(self) -> Path:
         return self.data_dir / "vtuber.db"
 
+    @property
+    def spool_file(self) -> Path:
+        """What the store could not take during an outage (``bot.spool_file``)."""
+        return self.data_dir / "spool.jsonl"
+
     @classmethod
     def resolve(cls, data_dir: str | Path | None) -> DataPaths:
         chosen = data_dir or os.environ.get("VTUBER_DATA_DIR") or user_data_dir("vtuber-bot")

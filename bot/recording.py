@@ -16,6 +16,7 @@ from bot.config import AppConfig
 from bot.context import ContextBuilder
 from bot.events import ChatEvent, Reply
 from bot.spool import Spool
+from bot.spool_file import SpoolFile
 from bot.store_health import StoreHealth
 from memory.errors import StoreError
 from memory.store import IntakeItem, IntakeOutcome, IntakeWriter, Store
@@ -27,14 +28,15 @@ class Recording:
     """The service's side of the store: intake writers, final states, the spool, health."""
 
     def __init__(self, config: AppConfig, store: Store, context: ContextBuilder,
-                 persona_id: Callable[[], str], role: str | None) -> None:
+                 persona_id: Callable[[], str], role: str | None,
+                 spool_file: SpoolFile | None = None) -> None:
         self._config = config
         self._store = store
         self._context = context
         self._persona_id = persona_id
         self._role = role  # this process's runtime role (memory.store.roles), if it holds one
         self.health = StoreHealth()
-        self.spool = Spool(store)
+        self.spool = Spool(store, file=spool_file)
         self._writer = IntakeWriter(store.intake, pipelined=store.groups_writes)
         # Drops go in batches of up to 64, one batch per 30 ms unless more wait: a flood's
         # bookkeeping costs a few short transactions a second, out of the answers' way.

@@ -27,6 +27,7 @@ from bot.reports import (
     ViewerStats,
 )
 from bot.service import Clock, ConversationService, utcnow
+from bot.spool_file import SpoolFile
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
@@ -342,7 +343,8 @@ async def open_runtime(
             await engine.start()
             retriever = await _open_retriever(config, engine, store)
             service = ConversationService(config, engine, store, clock=clock,
-                                          retriever=retriever, role=role)
+                                          retriever=retriever, role=role,
+                                          spool_file=SpoolFile(paths.spool_file))
             await service.recover()
             if freeze_heap:
                 _freeze_heap()

@@ -28,6 +28,7 @@ from bot.recording import Recording
 from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
 from bot.signals import FinalState, Signals
+from bot.spool_file import SpoolFile
 from bot.text import sanitized
 from engine.client import EngineClient
 from engine.errors import EngineError
@@ -50,7 +51,7 @@ def utcnow() -> datetime:
 class ConversationService:
     def __init__(self, config: AppConfig, engine: EngineClient, store: Store, *,
                  clock: Clock = utcnow, retriever: MemoryRetriever | None = None,
-                 role: str | None = None) -> None:
+                 role: str | None = None, spool_file: SpoolFile | None = None) -> None:
         self._config = config
         self._role = role  # this process's runtime role (memory.store.roles), if it holds one
         self._engine = engine
@@ -68,7 +69,8 @@ class ConversationService:
         self._context = context
         self._admission = Admission(config)
         self._lanes = Lanes()
-        self._recording = Recording(config, store, context, lambda: self.persona.id, role)
+        self._recording = Recording(config, store, context, lambda: self.persona.id, role,
+                                    spool_file)
         self.store_health = self._recording.health
         self._pending = 0
         self._closing = False
@@ -235,8 +237,12 @@ class ConversationService:
 
     async def recover(self) -> int:
         """Start-up: messages an earlier run left ``received`` (it crashed or was killed).
-        Those this process may answer wait in ``leftovers`` for their platform
-        (``answer_leftovers``); older ones end ``expired(crash)`` (see ``bot.recovery``)."""
+        First what it spooled on disk is written (the final states it could not record:
+        those messages were answered, or got a fallback, and are not answered again). Those
+        still ``received`` that this process may answer wait in ``leftovers`` for their
+        platform (``answer_leftovers``); older ones end ``expired(crash)``
+        (see ``bot.recovery``)."""
+        await self._recording.spool.restore()
         expired, self.leftovers = await sort_out_leftovers(
             self._store, self._config.limits, self._clock(), self._role)
         if expired or self.leftovers:

@@ -311,3 +311,50 @@ def test_the_instance_lock_holds_on_a_full_disk(small_disk: Path) -> None:
     held = instance_lock(data_dir)
     with held, pytest.raises(AlreadyRunningError), instance_lock(data_dir):
         pass
+
+
+async def test_a_run_that_dies_during_an_outage_never_answers_those_messages_again(
+        own_postgres: Any, tmp_path: Path) -> None:
+    """PostgreSQL goes away while replies are being generated: they go out, their final
+    states cannot be written and are spooled, and the run ends before the store is back (the
+    spool on disk is all that remains). The next run writes them first, so none of those
+    messages is a leftover to answer again."""
+    from bot.config import parse_config
+    from bot.events import ChatEvent
+    from tests.fake_openai import FakeOpenAI
+
+    server = FakeOpenAI()
+    await server.start()
+    url = own_postgres.create_database("crash_mid_outage")
+    config = parse_config({
+        "models": {"llm": {"backend": "openai", "openai": {"base_url": server.base_url}},
+                   "embedding": {"enabled": False}},
+        "store": {"url": url, "remember_messages_min_chars": 0},
+        "limits": {"user_messages_per_minute": 100_000, "answer_leftovers_within_s": 3600},
+    }, env={})
+    sink = RecordingSink()
+    paths = DataPaths.resolve(tmp_path)
+    try:
+        async with open_runtime(config, paths, role="console") as runtime:
+            server.hold(lambda _body: True)
+            asked = [asyncio.create_task(runtime.service.handle(ChatEvent(
+                platform="console", channel_id="c", platform_user_id=f"v{i}",
+                display_name="v", text=f"hello {i}", sink=sink, message_id=f"m{i}")))
+                for i in range(5)]
+            await server.wait_until(lambda: sum(m == "POST" for m, _p, _b in server.calls) == 5)
+            await asyncio.to_thread(own_postgres.stop)  # recorded `received`, then gone
+            server.release()
+            await asyncio.gather(*asked)
+        assert len(sink.sent) == 5 and paths.spool_file.exists()
+        await asyncio.to_thread(own_postgres.resume)
+        async with open_runtime(config, paths, role="console") as runtime:
+            leftovers = list(runtime.service.leftovers)
+            statuses = [m.status for i in range(5)
+                        for m in await runtime.store.messages_for(
+                            await runtime.store.find_user("console", f"v{i}") or 0)
+                        if m.role == "user"]
+    finally:
+        await server.stop()
+    assert leftovers == []  # nobody is spoken to twice about the same message
+    assert len(statuses) == 5 and "received" not in statuses
+    assert not paths.spool_file.exists()

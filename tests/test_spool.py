@@ -33,3 +33,24 @@ async def test_an_unexpected_error_does_not_end_the_retries() -> None:
     spool.add_intake("item")  # type: ignore[arg-type]
     await asyncio.wait_for(store.drained.wait(), timeout=30)
     assert store.written == ["item"] and len(spool) == 0
+
+
+def test_the_spool_file_reads_back_what_was_appended_and_skips_a_torn_line(
+        tmp_path: Any) -> None:
+    from datetime import UTC, datetime
+
+    from bot.spool_file import SpoolFile
+    from memory.store import IntakeItem
+
+    item = IntakeItem(platform="twitch", platform_user_id="ann", display_name="安",
+                      persona_id="pell", channel_id="c", platform_message_id="m1",
+                      text="你好", created_at=datetime(2026, 12, 7, tzinfo=UTC),
+                      status="failed", reason="store")
+    file = SpoolFile(tmp_path / "spool.jsonl")
+    file.append_intake(item)
+    file.append_status((7, "answered", None))
+    with file.path.open("a", encoding="utf-8") as handle:
+        handle.write('{"status": [8, "fail')  # the run died while writing this one
+    assert file.read() == ([item], [(7, "answered", None)])
+    file.rewrite([], [])
+    assert not file.path.exists() and file.read() == ([], [])
