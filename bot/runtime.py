@@ -34,6 +34,7 @@ from engine.llm_manager import LLMManager
 from engine.persona import PersonaError, knowledge_folder, load_persona
 from engine.reports import OptimizeReport
 from engine.system_info import diagnose_system
+from memory.errors import StoreError
 from memory.rag import MemoryRetriever
 from memory.store import ExportedUserData, Store, sqlite_url
 
@@ -201,6 +202,18 @@ class Runtime:
         await asyncio.gather(*(_answer_platform_leftovers(self.service, p, by_platform.get(p))
                                for p in platforms))
 
+    async def _sweep_abandoned(self) -> None:
+        """PostgreSQL: another process may die and never restart; its messages must not stay
+        ``received``. Every reply timeout, what is older than two ends expired."""
+        if self.store.dialect != "postgresql":
+            return  # one process per SQLite file: start-up recovers everything
+        while True:
+            await asyncio.sleep(self.config.limits.reply_timeout_s)
+            try:
+                await self.service.expire_abandoned()
+            except StoreError as exc:
+                log.debug("sweeping abandoned messages failed: %s", exc)
+
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""
         loop = asyncio.get_running_loop()
@@ -208,6 +221,7 @@ class Runtime:
             asyncio.create_task(a.run(self.service.handle), name=f"adapter-{a.name}")
             for a in adapters}
         leftovers = asyncio.create_task(self._answer_leftovers(adapters), name="leftovers")
+        sweeper = asyncio.create_task(self._sweep_abandoned(), name="sweep-abandoned")
         stop = asyncio.Event()
         reloads: set[asyncio.Task[Any]] = set()
 
@@ -233,6 +247,7 @@ class Runtime:
         finally:
             waiter.cancel()
             leftovers.cancel()
+            sweeper.cancel()
             for task in tasks:
                 task.cancel()
             for adapter in adapters:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.admission import Admission
@@ -249,6 +249,17 @@ class ConversationService:
             log.warning("start-up: an earlier run left %d message(s) unanswered: %d to be "
                         "answered now, %d ended expired (crash)",
                         expired + len(self.leftovers), len(self.leftovers), expired)
+        return expired
+
+    async def expire_abandoned(self) -> int:
+        """Messages still ``received`` long after any reply could have finished (twice the
+        reply timeout): their process died while others run on the shared database, and
+        nobody would recover them before someone restarts. They end ``expired(crash)``."""
+        before = self._clock() - timedelta(seconds=2 * self._config.limits.reply_timeout_s)
+        expired = await self._store.expire_received("crash", before=before)
+        if expired:
+            log.warning("%d message(s) a stopped process left unanswered ended expired "
+                        "(crash)", expired)
         return expired
 
     async def answer_leftovers(self, platform: str,

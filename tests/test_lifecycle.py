@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -479,3 +480,24 @@ async def test_a_leftover_its_adapter_cannot_rebuild_expires_and_the_rest_are_an
     assert rows["a channel the platform no longer knows"] == ("expired", "crash")
     assert rows["asked just before the crash"] == ("answered", None)
     assert sink.sent == [REPLY]
+
+
+async def test_a_message_abandoned_by_a_process_that_never_returns_ends_expired(
+        db_url: str, tmp_path: Path) -> None:
+    """Another process took it and died; nothing restarts that one. Whoever runs expires it
+    once no reply could still be under way (twice the reply timeout)."""
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted"}, "embedding": {"enabled": False}},
+        "store": {"url": db_url},
+        "limits": {"reply_timeout_s": 30},
+    }, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        now = datetime.now(UTC)
+        [old, recent] = await runtime.store.intake([IntakeItem(
+            platform="twitch", platform_user_id="ann", display_name="Ann", persona_id="pell",
+            channel_id="c", platform_message_id=f"m{age}", text="hi",
+            created_at=now - timedelta(seconds=age), owner="discord[0/2]")
+            for age in (61, 5)])
+        assert await runtime.service.expire_abandoned() == 1
+        rows = {m.id: m.status for m in await runtime.store.messages_for(old.user_id)}
+    assert rows == {old.message_id: "expired", recent.message_id: "received"}
