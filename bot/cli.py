@@ -34,7 +34,7 @@ from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, BotError, ConfigError
 from bot.instance_lock import EXIT_TEMPFAIL, instance_lock, sqlite_store_lock
-from bot.logging_setup import configure_logging
+from bot.logging_setup import SecretMask, configure_logging
 from bot.paths import DataPaths
 from bot.recovery import runtime_role
 from bot.registry import load_adapter_class
@@ -301,6 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                       config.logging.format)
     paths = DataPaths.resolve(args.data_dir)
     log.info("data dir: %s", paths.data_dir)
+    mask = SecretMask(config.secrets.values())
+
+    def complain(line: str) -> None:  # not through logging: masked here (a 401 quotes keys)
+        print(mask(line), file=sys.stderr)
+
     try:
         if args.command == "persona":
             return cmd_persona(args)
@@ -317,27 +322,27 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(COMMANDS[args.command](args, config, paths))
     except ConfigError as exc:
         for line in exc.problems:
-            print(f"config error: {line}", file=sys.stderr)
+            complain(f"config error: {line}")
         return exc.exit_code
     except BotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        complain(f"error: {exc}")
         return exc.exit_code
     except EngineConfigError as exc:
         for line in exc.problems:
-            print(f"config error: {line}", file=sys.stderr)
+            complain(f"config error: {line}")
         return EXIT_CONFIG
     except PersonaError as exc:
         for line in str(exc).splitlines():
-            print(f"persona error: {line}", file=sys.stderr)
+            complain(f"persona error: {line}")
         return EXIT_CONFIG
     except RoleTakenError as exc:  # another process does this one's work: like a lock
-        print(f"error: {exc}", file=sys.stderr)
+        complain(f"error: {exc}")
         return EXIT_TEMPFAIL
     except BackendUnavailableError as exc:  # the LLM server: like a platform, retry later
-        print(f"error: {exc}", file=sys.stderr)
+        complain(f"error: {exc}")
         return EXIT_UNAVAILABLE
     except (StoreError, EngineError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        complain(f"error: {exc}")
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -14,20 +14,36 @@ MASK = "***"
 MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
 
 
+class SecretMask:
+    """Removes every configured secret from a text (longest first, so a secret containing
+    another is masked whole)."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH},
+                               key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        return text
+
+    def escaped(self, text: str) -> str:
+        """The same, for secrets as JSON spells them inside a string."""
+        for secret in self._secrets:
+            text = text.replace(json.dumps(secret)[1:-1], MASK)
+        return text
+
+
 class MaskingFormatter(logging.Formatter):
     """Formats a record, then removes every secret from the whole text (traceback included:
     a library's exception may quote a token or a URL with a password)."""
 
     def __init__(self, secrets: Iterable[str], fmt: str, datefmt: str) -> None:
         super().__init__(fmt, datefmt)
-        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH},
-                               key=len, reverse=True)
+        self._mask = SecretMask(secrets)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
+        return self._mask(super().format(record))
 
 
 class JsonFormatter(MaskingFormatter):
@@ -43,10 +59,8 @@ class JsonFormatter(MaskingFormatter):
                  "message": record.getMessage()}
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        text = json.dumps(entry, ensure_ascii=False)
-        for secret in self._secrets:
-            text = text.replace(json.dumps(secret)[1:-1], MASK).replace(secret, MASK)
-        return text
+        # A secret with characters JSON escapes appears escaped: mask that spelling too.
+        return self._mask(self._mask.escaped(json.dumps(entry, ensure_ascii=False)))
 
 
 # Libraries whose INFO output is noise for an operator.

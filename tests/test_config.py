@@ -178,3 +178,31 @@ def test_an_infinite_or_undefined_number_is_refused(value: object) -> None:
         parse_config({"limits": {"reply_timeout_s": value}}, env={})
     assert len(info.value.problems) == 1
     assert info.value.problems[0].startswith("limits.reply_timeout_s:")
+
+
+def test_an_error_that_quotes_the_api_key_is_printed_masked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The CLI prints its errors itself, not through logging: masked there too (a server's
+    401 may quote the key it was given)."""
+    from bot import cli
+    from engine.backends.openai_backend import OpenAIBackend
+    from engine.errors import BackendUnavailableError
+    from tests.cli_logging import root_logging_restored
+
+    key = "sk-test-0123456789abcdef"
+
+    async def refused(_backend: OpenAIBackend) -> None:
+        raise BackendUnavailableError(f"HTTP 401: Incorrect API key provided: {key}")
+
+    monkeypatch.setattr(OpenAIBackend, "start", refused)
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    config = tmp_path / "openai.yaml"
+    config.write_text("models:\n  llm:\n    backend: openai\n  embedding:\n    enabled: false\n",
+                      encoding="utf-8")
+    with root_logging_restored():
+        code = cli.main(["--config", str(config), "--data-dir", str(tmp_path / "d"),
+                         "chat", "--once", "hi"])
+    err = capsys.readouterr().err
+    assert code != 0 and "Incorrect API key provided: ***" in err
+    assert key not in err
