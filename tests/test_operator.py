@@ -8,6 +8,7 @@ import asyncio
 import itertools
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,14 @@ async def _serve(config: AppConfig, tmp_path: Path) -> AsyncIterator[Served]:
             operator_server(config, RuntimeView(runtime, [adapter])) as url:
         assert url is not None
         async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+            # Control actions carry the CSRF token the dashboard page holds, as its own
+            # buttons do.
+            token = config.secrets.web_token
+            auth = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+            page = (await client.get("/dashboard", headers=auth)).text
+            found = re.search(r'"X-CSRF-Token": "([^"]+)"', page)
+            assert found is not None
+            client.headers["X-CSRF-Token"] = found.group(1)
             yield Served(runtime, adapter, url, client)
 
 
@@ -256,6 +265,21 @@ async def test_controls_from_another_site_are_refused(served: Served) -> None:
     own = {"Origin": served.url}
     assert (await served.client.post("/api/control/pause/discord", headers=own)).status_code == 200
     assert (await served.client.get("/api/status", headers=foreign)).status_code == 200
+
+
+async def test_a_rebound_host_name_and_a_control_without_the_csrf_token_are_refused(
+        served: Served) -> None:
+    """DNS rebinding: a page of the attacker's site, its name now resolving to 127.0.0.1,
+    reaches this server under that name; it is refused. A control action without the token
+    the dashboard page holds is refused too."""
+    rebound = {"Host": "attacker.example:8080"}
+    for path in ("/api/status", "/dashboard", "/api/viewer/discord/ann"):
+        assert (await served.client.get(path, headers=rebound)).status_code == 421, path
+    forged = await served.client.post("/api/control/pause/discord",
+                                      headers={"X-CSRF-Token": "guessed"})
+    assert forged.status_code == 403 and served.runtime.service.paused == set()
+    assert (await served.client.get("/api/status", headers={"Host": "localhost"})
+            ).status_code == 200
 
 
 async def test_forget_from_the_dashboard_removes_the_viewer(served: Served) -> None:

@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class Dashboard:
-    def __init__(self, view: RuntimeView, recent: int) -> None:
+    def __init__(self, view: RuntimeView, recent: int, csrf_token: str) -> None:
         self._view = view
+        self._csrf_token = csrf_token  # in the page: its control actions send it back
         self._recent: deque[FinalState] = deque(maxlen=recent)
         self._generating: dict[str, ReplyProgress] = {}
 
@@ -43,7 +44,7 @@ class Dashboard:
 
     async def page(self, _request: web.Request) -> web.Response:
         html = resources.files("bot.operator").joinpath("static/dashboard.html").read_text(
-            encoding="utf-8")
+            encoding="utf-8").replace("__CSRF_TOKEN__", self._csrf_token)
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
     async def status(self, _request: web.Request) -> web.Response:

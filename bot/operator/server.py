@@ -4,6 +4,12 @@ Bound to 127.0.0.1 by default. Anywhere else it needs a token (``VTUBER_WEB_TOKE
 as ``Authorization: Bearer <token>`` or ``?token=`` (an OBS browser source can only do the
 latter) and compared in constant time. Pages and reads are GETs; control actions are POSTs
 under ``/api/control/``.
+
+Without a token the loopback address is the only protection, and a web page the operator
+opens can reach it: directly (cross-site requests) or under its own name (DNS rebinding, a
+hostname of the attacker's that resolves to 127.0.0.1). So a request must name this server
+in ``Host`` (a loopback name, or the bound address), and every control action carries the
+per-process CSRF token the dashboard page is served with, which other sites cannot read.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import logging
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -68,6 +75,39 @@ def token_middleware(token: str | None) -> Any:
     return check
 
 
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+CSRF_HEADER = "X-CSRF-Token"
+
+
+def host_allow_list(allowed: frozenset[str] | None) -> Any:
+    """Refuse a request whose ``Host`` names another server (None: any name, a token
+    protects the server)."""
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = urlsplit(f"//{request.host}").hostname or ""
+        if allowed is not None and name not in allowed:
+            return web.json_response({"error": "unknown Host"}, status=421)
+        return await handler(request)
+
+    return check
+
+
+def csrf_check(csrf_token: str) -> Any:
+    """Every request that changes something carries the token the dashboard was served
+    with (``X-CSRF-Token``)."""
+    expected = csrf_token.encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD", "OPTIONS") and not hmac.compare_digest(
+                request.headers.get(CSRF_HEADER, "").encode(), expected):
+            return web.json_response({"error": "control actions come from the dashboard "
+                                               "(missing or wrong CSRF token)"}, status=403)
+        return await handler(request)
+
+    return check
+
+
 @web.middleware
 async def same_origin_controls(request: web.Request, handler: Handler) -> web.StreamResponse:
     """A control action from a page of another site (a browser sends its Origin) is refused:
@@ -93,9 +133,12 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
 
 def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
               metrics: Metrics, overlay: OverlayHub) -> web.Application:
-    app = web.Application(middlewares=[same_origin_controls, token_middleware(token),
+    csrf_token = secrets.token_urlsafe(24)
+    names = None if token else LOOPBACK_NAMES | {web_config.host}
+    app = web.Application(middlewares=[host_allow_list(names), same_origin_controls,
+                                       token_middleware(token), csrf_check(csrf_token),
                                        store_unavailable])
-    dashboard = Dashboard(view, web_config.recent_messages)
+    dashboard = Dashboard(view, web_config.recent_messages, csrf_token)
     view.signals.connect(dashboard)
     viewers = ViewerPages(view.runtime)
 
