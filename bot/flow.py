@@ -46,6 +46,10 @@ class SlidingWindowLimiter:
         events.append(now)
         return True
 
+    def used(self, key: str, now: float) -> int:
+        """How many events ``key`` has in the window ending at ``now`` (nothing recorded)."""
+        return sum(1 for moment in self._events.get(key, ()) if now - moment < self._window)
+
     def _forget(self, now: float) -> None:
         for key in [k for k, e in self._events.items() if not e or now - e[-1] >= self._window]:
             del self._events[key]

@@ -4,10 +4,12 @@
 A code is 8 symbols of a 32-letter alphabet (40 bits), single-use, valid for 10 minutes, kept
 in the database as a hash: it survives a restart and works in whichever process the viewer's
 ``!link`` reaches. Guessing is bounded twice (per process): each viewer gets
-``PER_VIEWER_ATTEMPTS`` tries and everyone together ``GLOBAL_ATTEMPTS`` per
-``ATTEMPT_WINDOW_S``. With at most ``MAX_OPEN_CODES`` codes open, one window of guessing
-succeeds with probability at most
-GLOBAL_ATTEMPTS x MAX_OPEN_CODES / 2**40 = 200 x 1000 / 1.1e12 ≈ 1.8e-7.
+``PER_VIEWER_ATTEMPTS`` tries per ``ATTEMPT_WINDOW_S``, and once everyone together has
+guessed wrong ``GLOBAL_ATTEMPTS`` times in a window, only a viewer's first try of the window
+goes through: a flood of wrong guesses from many accounts cannot lock out a viewer typing
+their own code. With at most ``MAX_OPEN_CODES`` codes open, one window of guessing from A
+accounts succeeds with probability at most
+(GLOBAL_ATTEMPTS + A) x MAX_OPEN_CODES / 2**40: 1.8e-7 with a few accounts, 9e-5 with 100,000.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class LinkCodes:
         self._store = store
         self._clock = clock
         self._per_viewer = SlidingWindowLimiter(PER_VIEWER_ATTEMPTS, ATTEMPT_WINDOW_S)
-        self._everyone = SlidingWindowLimiter(GLOBAL_ATTEMPTS, ATTEMPT_WINDOW_S)
+        self._wrong = SlidingWindowLimiter(GLOBAL_ATTEMPTS, ATTEMPT_WINDOW_S)  # everyone's
 
     def _moment(self, offset_s: float = 0.0) -> datetime:
         return datetime.fromtimestamp(self._clock() + offset_s, UTC)
@@ -66,9 +68,15 @@ class LinkCodes:
         """Who opened ``code`` (which is used up), or None: unknown, expired, opened on this
         same platform, or the caller is out of attempts."""
         now = self._clock()
-        if not (self._per_viewer.allow(f"{platform}:{platform_user_id}", now)
-                and self._everyone.allow("all", now)):
+        viewer = f"{platform}:{platform_user_id}"
+        first_try = self._per_viewer.used(viewer, now) == 0
+        if not self._per_viewer.allow(viewer, now):
+            return None
+        if self._wrong.used("all", now) >= GLOBAL_ATTEMPTS and not first_try:
             return None
         taken = await self._store.take_link_code(_hash(code), now=self._moment(),
                                                  redeeming_platform=platform)
-        return LinkRequest(*taken) if taken is not None else None
+        if taken is None:
+            self._wrong.allow("all", now)  # counts the wrong guess
+            return None
+        return LinkRequest(*taken)
