@@ -302,54 +302,53 @@ def main(argv: list[str] | None = None) -> int:
     paths = DataPaths.resolve(args.data_dir)
     log.info("data dir: %s", paths.data_dir)
     mask = SecretMask(config.secrets.values())
-
-    def complain(line: str) -> None:  # not through logging: masked here (a 401 quotes keys)
-        print(mask(line), file=sys.stderr)
-
     try:
-        if args.command == "persona":
-            return cmd_persona(args)
-        if args.command not in ("diagnose", "gpu-status"):
-            paths.ensure()
-        if args.command in ("chat", "run"):
-            # The store thread and the decode loop each wait for the GIL every time they
-            # want it back, up to the switch interval (5 ms by default) while the event loop
-            # runs: at 1 ms the decode loop's time-to-first-token p95 at 4 msg/s was 0.33 s
-            # instead of 1.5 s in one pair of runs (docs/performance-history.md).
-            sys.setswitchinterval(RUNTIME_SWITCH_INTERVAL_S)
-        with (_runtime_locks(config, paths) if args.command in ("chat", "run")
-              else contextlib.nullcontext()):
-            return asyncio.run(COMMANDS[args.command](args, config, paths))
-    except ConfigError as exc:
-        for line in exc.problems:
-            complain(f"config error: {line}")
-        return exc.exit_code
-    except BotError as exc:
-        complain(f"error: {exc}")
-        return exc.exit_code
-    except EngineConfigError as exc:
-        for line in exc.problems:
-            complain(f"config error: {line}")
-        return EXIT_CONFIG
-    except PersonaError as exc:
-        for line in str(exc).splitlines():
-            complain(f"persona error: {line}")
-        return EXIT_CONFIG
-    except RoleTakenError as exc:  # another process does this one's work: like a lock
-        complain(f"error: {exc}")
-        return EXIT_TEMPFAIL
-    except BackendUnavailableError as exc:  # the LLM server: like a platform, retry later
-        complain(f"error: {exc}")
-        return EXIT_UNAVAILABLE
-    except (StoreError, EngineError) as exc:
-        complain(f"error: {exc}")
-        return 1
+        return _run_command(args, config, paths)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `vtuber-bot trace 2 | head`: the reader left early
         sys.stderr.close()
         return 0
-    except Exception:  # a bug: its traceback goes through the masking log formatter
-        log.exception("unexpected error (a bug: please report it with this traceback)")
-        return EXIT_SOFTWARE
+    except Exception as exc:  # noqa: BLE001 - each kind gets its line and exit code below
+        lines, code = _failure(exc)
+        for line in lines:  # not through logging: masked here (a 401 may quote a key)
+            print(mask(line), file=sys.stderr)
+        return code
+
+
+def _run_command(args: argparse.Namespace, config: AppConfig, paths: DataPaths) -> int:
+    if args.command == "persona":
+        return cmd_persona(args)
+    if args.command not in ("diagnose", "gpu-status"):
+        paths.ensure()
+    if args.command in ("chat", "run"):
+        # The store thread and the decode loop each wait for the GIL every time they
+        # want it back, up to the switch interval (5 ms by default) while the event loop
+        # runs: at 1 ms the decode loop's time-to-first-token p95 at 4 msg/s was 0.33 s
+        # instead of 1.5 s in one pair of runs (docs/performance-history.md).
+        sys.setswitchinterval(RUNTIME_SWITCH_INTERVAL_S)
+    with (_runtime_locks(config, paths) if args.command in ("chat", "run")
+          else contextlib.nullcontext()):
+        return asyncio.run(COMMANDS[args.command](args, config, paths))
+
+
+def _failure(exc: Exception) -> tuple[list[str], int]:
+    """What to print for a command that failed, and its exit code."""
+    if isinstance(exc, ConfigError):
+        return [f"config error: {line}" for line in exc.problems], exc.exit_code
+    if isinstance(exc, BotError):
+        return [f"error: {exc}"], exc.exit_code
+    if isinstance(exc, EngineConfigError):
+        return [f"config error: {line}" for line in exc.problems], EXIT_CONFIG
+    if isinstance(exc, PersonaError):
+        return [f"persona error: {line}" for line in str(exc).splitlines()], EXIT_CONFIG
+    if isinstance(exc, RoleTakenError):  # another process does this one's work: like a lock
+        return [f"error: {exc}"], EXIT_TEMPFAIL
+    if isinstance(exc, BackendUnavailableError):  # the LLM server: retry later
+        return [f"error: {exc}"], EXIT_UNAVAILABLE
+    if isinstance(exc, StoreError | EngineError):
+        return [f"error: {exc}"], 1
+    # A bug: its traceback goes through the masking log formatter.
+    log.error("unexpected error (a bug: please report it with this traceback)", exc_info=exc)
+    return [], EXIT_SOFTWARE

@@ -48,6 +48,7 @@ EVERY_SETTING: dict[str, Any] = {
     "models.llm.openai.api_key_env": "MY_VLLM_KEY",
     "models.llm.openai.timeout_s": 12.5,
     "models.llm.openai.max_retries": 5,
+    "models.llm.openai.max_in_flight": 4,
     "models.llm.openai.extra_sampling": False,
     "models.llm.scripted.replies": ["one {user_text}", "two"],
     "models.llm.scripted.chunk_delay_s": 0.25,
@@ -123,6 +124,7 @@ def test_settings_reach_the_backends_and_sampling(tmp_path: Path) -> None:
     assert backend.info()["base_url"] == "http://127.0.0.1:9999/v1"
     assert backend.info()["model"] == "qwen3-8b"
     assert (backend._timeout, backend._max_retries, backend._extra_sampling) == (12.5, 5, False)
+    assert backend._limit.ceiling == 4
     assert backend._api_key == "sk-test"
     scripted = create_backend(engine.llm.model_copy(update={"backend": "scripted"}))
     assert isinstance(scripted, ScriptedBackend) and scripted._replies == ["one {user_text}",
