@@ -73,6 +73,14 @@ def test_the_unit_restarts_on_what_a_restart_can_fix() -> None:
     assert _unit()["Install"]["WantedBy"] == "multi-user.target"
 
 
+def test_the_unit_never_gives_up_restarting() -> None:
+    """A start limit (10 in 600 s at one restart per 15 s) stopped the bot for good after
+    about five minutes of a database or network outage."""
+    unit = _unit()
+    assert unit["Unit"].get("StartLimitIntervalSec") == "0"
+    assert "StartLimitBurst" not in unit["Unit"] and "StartLimitBurst" not in unit["Service"]
+
+
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None,
                     reason="systemd-analyze is not installed")
 def test_systemd_accepts_the_unit() -> None:  # pragma: no cover - needs systemd
@@ -93,3 +101,10 @@ def test_the_image_installs_what_make_run_installs() -> None:
     for folder in ("bot", "engine", "memory", "adapters", "migrations"):
         assert f"COPY {folder} {folder}" in dockerfile
     assert 'ENTRYPOINT ["vtuber-bot"' in dockerfile and "USER vtuber" in dockerfile
+
+
+def test_a_build_sends_no_virtual_environment_or_data() -> None:
+    ignored = (DEPLOY.parent / ".dockerignore").read_text(encoding="utf-8").split()
+    assert {".venv", ".venv-vllm", ".git", ".bench", "data", "config.yaml"} <= set(ignored)
+    for copied in ("bot", "engine", "memory", "adapters", "migrations", "pyproject.toml"):
+        assert copied not in ignored
