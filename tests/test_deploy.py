@@ -8,6 +8,7 @@ import configparser
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -108,3 +109,25 @@ def test_a_build_sends_no_virtual_environment_or_data() -> None:
     assert {".venv", ".venv-vllm", ".git", ".bench", "data", "config.yaml"} <= set(ignored)
     for copied in ("bot", "engine", "memory", "adapters", "migrations", "pyproject.toml"):
         assert copied not in ignored
+
+
+def test_every_secret_the_config_reads_reaches_the_bot_containers() -> None:
+    """The Twitch bot cannot start without its user tokens: compose passes each variable
+    ``Secrets.from_env`` reads."""
+    from bot.config import Secrets
+
+    class Asked(dict[str, str]):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: set[str] = set()
+
+        def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+            self.names.add(name)
+            return default
+
+    asked = Asked()
+    Secrets.from_env(asked)
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))
+    passed = set(compose["x-bot"]["environment"])
+    assert "TWITCH_REFRESH_TOKEN" in asked.names and asked.names <= passed, (
+        asked.names - passed)
