@@ -166,13 +166,16 @@ def finish_text(raw: str, post: PostProcessing,
 
 
 class Blocklist:
-    """Case-insensitive patterns; ``__call__`` names the first that matches."""
+    """Case-insensitive patterns; ``__call__`` names the first that matches by its place in
+    ``vtuber.moderation.blocklist`` (1 = the first), never by the pattern itself: the verdict
+    lands in the reply's trace, which the viewer's data export holds."""
 
     def __init__(self, patterns: list[str]) -> None:
-        self._patterns = [(p, re.compile(p, re.I)) for p in patterns]
+        self._patterns = [re.compile(p, re.I) for p in patterns]
 
     def __call__(self, text: str) -> str | None:
-        return next((f"blocklist {p!r}" for p, rx in self._patterns if rx.search(text)), None)
+        return next((f"blocklist #{place}" for place, rx in enumerate(self._patterns, 1)
+                     if rx.search(text)), None)
 
 
 class ResponseGenerator:

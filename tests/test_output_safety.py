@@ -167,7 +167,9 @@ async def test_the_blocklist_replaces_a_reply_with_the_fallback() -> None:
         request = manager.build_request(PromptInputs("hi"))
         reply = await manager.generate(request)
         assert reply.text in PERSONA.fallback_lines
-        assert "moderation: blocklist 'stupid'" in reply.filter_edits
+        # Which pattern, by its place in the list: a viewer's export must not teach the list.
+        assert "moderation: blocklist #1" in reply.filter_edits
+        assert not any("stupid" in edit for edit in reply.filter_edits)
         assert manager.preview("You are so STUPID. Bye.", request) == ""
     finally:
         await manager.aclose()
