@@ -25,6 +25,12 @@ CONTROL_TEXT = re.compile(
 )
 
 
+# What a viewer's own message loses before it is stored or shown to the model: control tokens
+# in any case and spacing a template might still match, and reasoning tags.
+VIEWER_CONTROL = re.compile(r"<\|[^<>|\n]{0,40}\|>|" + CONTROL_TEXT.pattern + r"|</?think>",
+                            re.I)
+
+
 def defuse(text: str, pattern: re.Pattern[str] = CONTROL_TEXT) -> str:
     """``text`` with every match of ``pattern`` broken by a zero-width space."""
     return pattern.sub(_broken, text)

@@ -17,6 +17,7 @@ from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
+from engine.prompt_text import VIEWER_CONTROL
 from engine.text_filters import (
     FilterOptions,
     clean_reply,
@@ -25,9 +26,7 @@ from engine.text_filters import (
 )
 from engine.types import ChatMessage, GenerationRequest, PromptUsage
 
-# Anything shaped like a control token (<|im_start|>, <|eot_id|>, ...), plus zero-width
-# characters used to smuggle them past naive filters.
-_CONTROL_TOKEN = re.compile(r"<\|[^<>|\n]{0,40}\|>|</?s>|\[/?INST\]|</?think>", re.I)
+# Zero-width characters used to smuggle control tokens past naive filters.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -37,7 +36,7 @@ def sanitize_user_text(text: str) -> str:
     text = text.translate(_INVISIBLE)
     previous = None
     while previous != text:  # "<|im_<|x|>start|>" collapses into a token after one pass
-        previous, text = text, _CONTROL_TOKEN.sub("", text)
+        previous, text = text, VIEWER_CONTROL.sub("", text)
     return _CONTROL_CHARS.sub("", text).strip()
 
 

@@ -73,6 +73,14 @@ def test_user_text_cannot_open_a_role() -> None:
     assert all("<|" not in m.content for m in messages)
 
 
+def test_user_text_loses_every_familys_control_tokens() -> None:
+    """The one definition of control-token text (engine.prompt_text) serves both the
+    defusing of prompts and the sanitising of viewers' text."""
+    for token in ("<start_of_turn>", "<｜User｜>", "[INST]", "<<SYS>>", "<|eot_id|>",
+                  "<THINK>", "<| im_start |>"):
+        assert sanitize_user_text(f"a{token}b") == "ab", token
+
+
 def test_prompt_language() -> None:
     assert prompt_language("你好") == "zh"
     assert prompt_language("hello") == "en"
