@@ -76,4 +76,4 @@ class ContextBuilder:
         """Keep a viewer's longer messages as long-term memories (retrievable later)."""
         minimum = self._remember_min_chars
         if self._retriever is not None and minimum and len(text) >= minimum:
-            await self._retriever.remember(user_id, text, f"message:{message_id}")
+            await self._retriever.remember_message(user_id, message_id, text)

@@ -214,6 +214,14 @@ class MemoryRetriever:
         )
         return memory_id
 
+    async def remember_message(self, user_id: int, message_id: int, text: str) -> int | None:
+        """Keep a viewer's message ``message_id`` as a memory, for whoever holds it when it
+        is stored; None when it is gone by then (``Store.add_message_memory``)."""
+        [blob] = await self._embed([text])
+        return await self._store.add_message_memory(
+            NewMemory("user", self._persona_id, text, f"message:{message_id}", user_id, None,
+                      blob), message_id)
+
     async def _resync(self) -> None:
         async with self._lock:
             live = await self._store.memory_ids(self._persona_id)

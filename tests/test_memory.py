@@ -278,3 +278,45 @@ async def test_linked_then_unlinked_viewer_keeps_memories_apart(store: Store,
     retriever.invalidate()
     assert "sea glass" not in _texts(await retriever.search("what do I collect",
                                                             user_id=separate))
+
+
+async def test_a_memory_of_a_forgotten_message_never_reaches_the_next_viewer(
+        store: Store) -> None:
+    """/forget while the reply was generating: the memory written after it is dropped, even
+    where SQLite hands the forgotten viewer's id to the next new viewer."""
+    from datetime import UTC, datetime
+
+    from memory.store import IntakeItem
+
+    def said(user: str, text: str, message_id: str) -> IntakeItem:
+        return IntakeItem(platform="twitch", platform_user_id=user, display_name=user,
+                          persona_id="pell", channel_id="c", platform_message_id=message_id,
+                          text=text, created_at=datetime.now(UTC))
+
+    [ann] = await store.intake([said("ann", "我家的貓叫麻糬", "m1")])
+    await store.delete_user_data(ann.user_id)  # /forget, the reply still generating
+    [bob] = await store.intake([said("bob", "hi", "m2")])
+    retriever = MemoryRetriever(store, "pell", None)
+    assert ann.message_id is not None
+    assert await retriever.remember_message(ann.user_id, ann.message_id,
+                                            "我家的貓叫麻糬") is None
+    export = await store.export_user_data(bob.user_id)
+    assert "麻糬" not in str(export)
+
+
+async def test_a_memory_of_a_message_moved_by_a_link_follows_it(store: Store) -> None:
+    from datetime import UTC, datetime
+
+    from memory.store import IntakeItem
+
+    [tv] = await store.intake([IntakeItem(
+        platform="twitch", platform_user_id="ann_tv", display_name="ann", persona_id="pell",
+        channel_id="c", platform_message_id="m1", text="我明天要考試",
+        created_at=datetime.now(UTC))])
+    main = await store.resolve_user("discord", "ann", "Ann")
+    await store.link_identity(main, "twitch", "ann_tv", "ann")  # while the reply generated
+    assert tv.message_id is not None
+    memory_id = await MemoryRetriever(store, "pell", None).remember_message(
+        tv.user_id, tv.message_id, "我明天要考試")
+    assert memory_id is not None
+    assert (await store.get_memories([memory_id]))[memory_id].user_id == main

@@ -258,6 +258,9 @@ class Store:
     async def add_memories(self, items: list[NewMemory]) -> list[int]:
         return await self.memories.add_memories(items)
 
+    async def add_message_memory(self, item: NewMemory, message_id: int) -> int | None:
+        return await self.memories.add_message_memory(item, message_id)
+
     async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
         return await self.memories.source_hashes(persona_id, scope)
 

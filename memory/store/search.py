@@ -9,7 +9,7 @@ import operator
 from sqlalchemy import ColumnElement, case, column, delete, func, or_, select, table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memory.models import Memory
+from memory.models import Memory, Message
 from memory.store.database import Database
 from memory.store.records import NewMemory, StoredMemory
 
@@ -32,6 +32,26 @@ class Memories:
             session.add_all(rows)
             await session.flush()
             return [row.id for row in rows]
+
+    async def add_message_memory(self, item: NewMemory, message_id: int) -> int | None:
+        """A viewer's memory of their message ``message_id`` (whose text is ``item.text``),
+        for whoever holds that message now, looked up in the same transaction: after a
+        ``/forget`` or a moderator's delete while its reply was generating it is not stored
+        (None), so it never lands under a viewer id SQLite has since given to someone else;
+        after a link it follows the message to the linked viewer."""
+        async with self._db.write() as session:
+            # SQLite may have given a deleted message's id to a new one: only the message
+            # with the memory's very text counts.
+            owner = await session.scalar(select(Message.user_id).where(
+                Message.id == message_id, Message.content == item.text))
+            if owner is None:
+                return None
+            row = Memory(scope="user", persona_id=item.persona_id, user_id=owner,
+                         text=item.text, source=f"message:{message_id}",
+                         embedding=item.embedding)
+            session.add(row)
+            await session.flush()
+            return row.id
 
     async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
         async with self._db.read() as session:
