@@ -166,9 +166,11 @@ async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataP
     report = {**diagnosis, "config": config.masked_dump(), "data_dir": str(paths.data_dir),
               # What the engine is given (secrets are never dumped).
               "engine_config": config.engine_config().model_dump(mode="json")}
+    # Issues exit 1, so a script or a deploy check can stop on them; recommendations do not.
+    found = EXIT_DIAGNOSED_ISSUES if diagnosis["issues"] else 0
     if args.json:
         print_json(report)
-        return 0
+        return found
     print(f"data dir: {paths.data_dir}")
     print("issues:" if diagnosis["issues"] else "issues: none")
     for issue in diagnosis["issues"]:
@@ -176,7 +178,7 @@ async def cmd_diagnose(args: argparse.Namespace, config: AppConfig, paths: DataP
     print("recommendations:" if diagnosis["recommendations"] else "recommendations: none")
     for item in diagnosis["recommendations"]:
         print(f"  - {item}")
-    return 0
+    return found
 
 
 def _config_file_problems(config: AppConfig) -> list[str]:
@@ -276,6 +278,7 @@ COMMANDS: dict[str, Command] = {
 
 
 RUNTIME_SWITCH_INTERVAL_S = 0.001
+EXIT_DIAGNOSED_ISSUES = 1
 
 
 @contextlib.contextmanager

@@ -398,6 +398,7 @@ def test_wrong_model_paths_are_reported_together_before_any_model_loads(
     assert "models.embedding.model_path" in problems[1] and "no-embedder" in problems[1]
     diagnosis = vtuber("--config", str(config), "--data-dir", str(tmp_path / "d"),
                        "diagnose", "--json")
+    assert diagnosis.returncode == 1  # issues: a deploy script can stop on them
     issues = json.loads(diagnosis.stdout)["issues"]
     assert any("no-llm" in issue for issue in issues)
     assert any("no-embedder" in issue for issue in issues)
