@@ -118,6 +118,14 @@ class TwitchAdapterConfig(Section):
         default_factory=lambda: ["nightbot", "streamelements", "moobot", "fossabot", "wizebot"]
     )
 
+    @model_validator(mode="after")
+    def _has_channels(self) -> TwitchAdapterConfig:
+        if self.enabled and not self.channels:
+            raise ValueError("channels is empty: list the channel logins the bot joins "
+                             "(an enabled Twitch bot with none reports ready and answers "
+                             "nothing)")
+        return self
+
 
 class AdaptersConfig(Section):
     console: ConsoleAdapterConfig = Field(default_factory=ConsoleAdapterConfig)

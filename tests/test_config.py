@@ -107,7 +107,7 @@ def test_min_tokens_above_max_tokens_is_refused() -> None:
 
 
 def test_twitch_needs_its_five_secrets() -> None:
-    config = parse_config({"adapters": {"twitch": {"enabled": True}}},
+    config = parse_config({"adapters": {"twitch": {"enabled": True, "channels": ["pell"]}}},
                           env={"TWITCH_CLIENT_ID": "x"})
     with pytest.raises(MissingSecretError) as info:
         check_secrets(config, ["twitch"])
@@ -206,3 +206,10 @@ def test_an_error_that_quotes_the_api_key_is_printed_masked(
     err = capsys.readouterr().err
     assert code != 0 and "Incorrect API key provided: ***" in err
     assert key not in err
+
+
+def test_an_enabled_twitch_bot_without_channels_is_one_config_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"adapters": {"twitch": {"enabled": True}}}, env={})
+    [problem] = info.value.problems
+    assert problem.startswith("adapters.twitch") and "channels" in problem
