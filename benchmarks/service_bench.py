@@ -15,8 +15,9 @@ same load against the backend alone (``arrivals_bench``'s requests: the persona'
 
 Printed per load and side: offered, answered, dropped by reason, offered → reply sent
 p50/p95/max, offered → first preview p50, prompt tokens computed and from the prefix cache,
-the decode loop's time decoding and prefilling, event-loop lag p99. ``--tiny``: the tiny test
-model on the CPU, a few viewers, short loads (a test runs it).
+the decode loop's time decoding and prefilling (steps, ms a step, rows a step), event-loop
+lag p99, and the GPU allocator's retries (a pause each: memory ran short). ``--tiny``: the
+tiny test model on the CPU, a few viewers, short loads (a test runs it).
 """
 
 from __future__ import annotations
@@ -180,11 +181,22 @@ def _engine_split(spent: Counter[str]) -> dict[str, Any]:
 
 
 async def _measured(backend: Any, run: Any) -> dict[str, Any]:
-    before = _worker_timings(backend)
+    before, retries = _worker_timings(backend), _alloc_retries()
     with LagMeter() as lag:
         row = await run
     return {**row, **_engine_split(_worker_timings(backend) - before),
-            "loop_lag_p99_ms": round(_pct(lag.samples, 0.99) * 1000, 1)}
+            "loop_lag_p99_ms": round(_pct(lag.samples, 0.99) * 1000, 1),
+            "alloc_retries": _alloc_retries() - retries}
+
+
+def _alloc_retries() -> int:
+    """How often the GPU's caching allocator had to free its cache and retry (each time a
+    synchronising pause): a sign that memory, the prefix cache's share say, ran short."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
 
 
 async def _warm_viewers(runtime: Any, viewers: int, history: int) -> None:
@@ -231,7 +243,7 @@ def _backend_row(row: dict[str, Any]) -> dict[str, Any]:
             **{k: row[k] for k in ("decode_s", "steps", "step_ms", "rows_per_step",
                                    "prefill_s", "prefills", "chunks",
                                    "prompt_tok_computed",
-                                   "prompt_tok_cached", "loop_lag_p99_ms")}}
+                                   "prompt_tok_cached", "loop_lag_p99_ms", "alloc_retries")}}
 
 
 def table(rows: list[dict[str, Any]]) -> str:
