@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bot.errors import BotError
+from bot.paths import EXIT_CANTCREAT
 
 try:
     import fcntl
@@ -27,6 +28,8 @@ class AlreadyRunningError(BotError):
 
 class LockFileError(BotError):
     """The lock file cannot be opened (a missing or read-only directory)."""
+
+    exit_code = EXIT_CANTCREAT
 
 
 @contextlib.contextmanager
