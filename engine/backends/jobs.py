@@ -67,9 +67,8 @@ class Outbox:
     worker's loop rather than once per item.
 
     Each hand-over (``call_soon_threadsafe``) wakes the loop with a system call, and after it
-    the worker thread waits for the GIL while the loop runs Python: up to the switch interval
-    each time. Per item, that was every row's every token (32 a step in a full batch), and the
-    decode step waited on the event loop instead of the GPU."""
+    the worker thread may wait for the GIL while the loop runs Python. Per item, that was
+    every row's every token: 32 wake-ups a step in a full batch where one does."""
 
     def __init__(self) -> None:
         self._items: list[tuple[asyncio.AbstractEventLoop, Callable[[Any], None], Any]] = []
