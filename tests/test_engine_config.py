@@ -148,8 +148,9 @@ def test_diagnose_shows_every_setting_and_no_secret(tmp_path: Path,
     code = main(["--config", str(path), "--data-dir", str(tmp_path / "data"),
                  "diagnose", "--json"])
     out = capsys.readouterr().out
-    assert code == 0
-    shown = json.loads(out)["engine_config"]
+    report = json.loads(out)
+    assert code == 1 and report["issues"]  # its model paths do not exist here
+    shown = report["engine_config"]
     for key, value in EVERY_SETTING.items():
         assert lookup(shown, key) == value, key
     assert "sk-very-secret" not in out
