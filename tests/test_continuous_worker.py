@@ -67,3 +67,22 @@ async def test_a_batch_limit_lowered_by_an_oom_doubles_back_while_memory_holds(
     finally:
         await backend.close()
     assert backend.max_batch_size == 4 and backend.batch_limit == 4
+
+
+async def test_the_micro_batchers_lowered_limit_doubles_back_too(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.backends import transformers_backend
+
+    monkeypatch.setattr(transformers_backend, "GROW_AFTER_BATCHES", 1)
+    backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
+                                            continuous_batching="off", max_batch_size=4))
+    await backend.start()
+    try:
+        backend.max_batch_size = 1  # as an out-of-memory retry leaves it
+        for index in range(2):
+            request = GenerationRequest((ChatMessage("user", f"hello {index}"),),
+                                        SamplingParams(max_new_tokens=4, temperature=0.0))
+            assert await _text(backend, request) is not None
+    finally:
+        await backend.close()
+    assert backend.max_batch_size == 4
