@@ -54,6 +54,8 @@ async def test_twenty_viewers_on_a_server_that_takes_two_are_all_answered(
 async def test_an_unreachable_server_is_tried_a_few_times_not_once_per_message(
         small_server: FakeOpenAI, caplog: pytest.LogCaptureFixture) -> None:
     backend = OpenAIBackend(OpenAIBackendConfig(base_url=small_server.base_url))
+    # A cooldown longer than the test, so a loaded machine cannot make it try again mid-way.
+    backend._breaker = CircuitBreaker(cooldown_s=600)
     await backend.start()
     await small_server.stop()  # the model server goes away
     with socket.socket() as probe:  # nothing listens there now
