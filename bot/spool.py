@@ -102,6 +102,8 @@ class Spool:
             if await self.write():
                 break
             await asyncio.sleep(min(self._retry_s, 0.5))
+        if self._file is not None:
+            await self._file.settled()
         if len(self):
             kept = f"; kept in {self._file.path} for the next run" if self._file else ""
             log.error("shutting down with %d write(s) the store never took%s", len(self), kept)

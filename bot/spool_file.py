@@ -4,13 +4,13 @@ viewers (their final states), and never answers the same message again."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 from memory.store import IntakeItem
 
@@ -20,34 +20,68 @@ StatusChange = tuple[int, str, str | None]
 
 
 class SpoolFile:
-    """Appends each spooled write (flushed and synced: it is written only while the store is
-    away, when it is the one record), rewrites the file once the store took them, and reads
-    it back at start-up. A file that cannot be written (a full disk) leaves the spool in
-    memory only, said once in the log."""
+    """Appends each spooled write (synced: it is written only while the store is away, when
+    it is the one record), rewrites the file once the store took them, and reads it back at
+    start-up. Within an event loop the writing happens on a worker thread, in order, what
+    queued meanwhile in one go: a flood during an outage must not wait on the disk. A file
+    that cannot be written (a full disk) leaves the spool in memory only, said once in the
+    log."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._failing = False
+        self._queued: list[tuple[bool, list[str]]] = []  # (replace the file first?, lines)
+        self._writer: asyncio.Task[None] | None = None
 
     def append_intake(self, item: IntakeItem) -> None:
-        entry = dataclasses.asdict(item)
-        entry["created_at"] = item.created_at.isoformat()
-        self._append({"intake": entry})
+        self._queue(False, [_intake_line(item)])
 
     def append_status(self, change: StatusChange) -> None:
-        self._append({"status": list(change)})
+        self._queue(False, [_status_line(change)])
 
     def rewrite(self, intake: list[IntakeItem], statuses: list[StatusChange]) -> None:
         """What is still spooled, and nothing else (no file when nothing is)."""
+        self._queue(True, [*map(_intake_line, intake), *map(_status_line, statuses)])
+
+    async def settled(self) -> None:
+        """Until everything queued is on disk (shutdown)."""
+        while self._writer is not None and not self._writer.done():
+            await self._writer
+
+    def _queue(self, replace: bool, lines: list[str]) -> None:
+        self._queued.append((replace, lines))
         try:
-            self.path.unlink(missing_ok=True)
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (tools, tests): at once
+            self._write(self._take())
+            return
+        if self._writer is None or self._writer.done():
+            self._writer = loop.create_task(self._drain(), name="spool-file")
+
+    def _take(self) -> list[tuple[bool, list[str]]]:
+        queued, self._queued = self._queued, []
+        return queued
+
+    async def _drain(self) -> None:
+        while self._queued:
+            await asyncio.to_thread(self._write, self._take())
+
+    def _write(self, queued: list[tuple[bool, list[str]]]) -> None:
+        """Apply ``queued`` in order: from the last rewrite on, nothing before it counts."""
+        last = max((i for i, (replace, _) in enumerate(queued) if replace), default=None)
+        lines = [line for _, batch in queued[last or 0:] for line in batch]
+        try:
+            if last is not None:
+                self.path.unlink(missing_ok=True)
+            if lines:
+                with self.path.open("a", encoding="utf-8") as handle:
+                    handle.writelines(lines)
+                    handle.flush()
+                    os.fsync(handle.fileno())
         except OSError as exc:
             self._failed(exc)
             return
-        for item in intake:
-            self.append_intake(item)
-        for change in statuses:
-            self.append_status(change)
+        self._failing = False
 
     def read(self) -> tuple[list[IntakeItem], list[StatusChange]]:
         """What an earlier run spooled and never wrote; a damaged line (the run died while
@@ -72,19 +106,18 @@ class SpoolFile:
                 log.warning("spool file %s: skipping a damaged line (%s)", self.path, exc)
         return intake, statuses
 
-    def _append(self, entry: dict[str, Any]) -> None:
-        try:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                handle.flush()
-                os.fsync(handle.fileno())
-        except OSError as exc:
-            self._failed(exc)
-            return
-        self._failing = False
-
     def _failed(self, exc: OSError) -> None:
         if not self._failing:
             self._failing = True
             log.error("spool file %s cannot be written (%s): a crash before the store is back "
                       "would lose what is spooled", self.path, exc.strerror or exc)
+
+
+def _intake_line(item: IntakeItem) -> str:
+    entry = dataclasses.asdict(item)
+    entry["created_at"] = item.created_at.isoformat()
+    return json.dumps({"intake": entry}, ensure_ascii=False) + "\n"
+
+
+def _status_line(change: StatusChange) -> str:
+    return json.dumps({"status": list(change)}) + "\n"
