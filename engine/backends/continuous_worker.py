@@ -21,6 +21,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any, Protocol
 
+from engine.backends.batch_limit import LimitRecovery
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, Outbox, is_oom
 from engine.continuous import Chunked, ContinuousBatch, Joining
@@ -74,7 +75,7 @@ class ContinuousWorker:
         self._prefix: list[int] = []
         self._eos = backend.eos_ids()
         self.steps = 0
-        self._calm_steps = 0  # decode steps since memory last ran out
+        self._recovery = LimitRecovery(GROW_AFTER_STEPS)  # of a limit lowered by an OOM
         # Where the decode loop's time goes (read by benchmarks and ``/gpu status``).
         self.timings: defaultdict[str, float] = defaultdict(float)
 
@@ -304,20 +305,14 @@ class ContinuousWorker:
     def _shrink(self, when: str) -> None:
         self._backend.oom_retries += 1
         self._backend.max_batch_size = max(1, len(self._running) // 2)
-        self._calm_steps = 0
+        self._recovery.ran_out()
         log.warning("out of memory while %s; batch limit now %d", when,
                     self._backend.max_batch_size)
 
     def _grow_back(self) -> None:
-        """After ``GROW_AFTER_STEPS`` steps without running out of memory, a lowered batch
-        limit doubles, up to the configured one: one bad moment must not halve it for good."""
-        self._calm_steps += 1
         backend = self._backend
-        if self._calm_steps < GROW_AFTER_STEPS or backend.max_batch_size >= backend.batch_limit:
-            return
-        self._calm_steps = 0
-        backend.max_batch_size = min(backend.batch_limit, 2 * backend.max_batch_size)
-        log.info("no memory trouble lately; batch limit back to %d", backend.max_batch_size)
+        backend.max_batch_size = self._recovery.next_limit(backend.max_batch_size,
+                                                           backend.batch_limit)
 
     def _fail(self, job: Job, error: BaseException) -> None:
         log.error("generation failed for %s: %s", job.request.request_id, error)

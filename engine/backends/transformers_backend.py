@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.backends.base import RecentUsage
+from engine.backends.batch_limit import LimitRecovery
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox, is_oom
@@ -93,7 +94,7 @@ class TransformersBackend:
         self.compile_decode = False
         self.batches_run = 0
         self.oom_retries = 0
-        self._calm_batches = 0  # batches since memory last ran out
+        self._recovery = LimitRecovery(GROW_AFTER_BATCHES)  # of a limit lowered by an OOM
         self.continuous: ContinuousWorker | None = None
         self.prompts: ChatPrompts | None = None  # once the tokenizer is loaded
         self._closed = False
@@ -240,12 +241,13 @@ class TransformersBackend:
             return
         try:
             self._generate_batch(live)
-            self._grow_back()
+            self.max_batch_size = self._recovery.next_limit(self.max_batch_size,
+                                                            self.batch_limit)
         except Exception as error:  # noqa: BLE001 - every failure must reach its requester
             if is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
                 self.free_memory()
                 self.oom_retries += 1
-                self._calm_batches = 0
+                self._recovery.ran_out()
                 self.max_batch_size = max(1, len(live) // 2)
                 log.warning("out of memory with a batch of %d; retrying as %d", len(live),
                             self.max_batch_size)
@@ -263,16 +265,6 @@ class TransformersBackend:
             return
         for job in live:
             job.finish()
-
-    def _grow_back(self) -> None:
-        """After ``GROW_AFTER_BATCHES`` batches without running out of memory, a lowered
-        batch limit doubles, up to the configured one."""
-        self._calm_batches += 1
-        if (self._calm_batches >= GROW_AFTER_BATCHES
-                and self.max_batch_size < self.batch_limit):
-            self._calm_batches = 0
-            self.max_batch_size = min(self.batch_limit, 2 * self.max_batch_size)
-            log.info("no memory trouble lately; batch limit back to %d", self.max_batch_size)
 
     def _generate_batch(self, jobs: list[Job]) -> None:
         import torch
