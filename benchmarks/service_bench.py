@@ -174,8 +174,11 @@ def _engine_split(spent: Counter[str]) -> dict[str, Any]:
     steps = spent["steps"]
     return {"decode_s": round(spent["step_s"], 1), "steps": int(steps),
             "step_ms": round(spent["step_s"] / steps * 1000, 1) if steps else 0.0,
+            "forward_ms": round(spent["forward_s"] / steps * 1000, 1) if steps else 0.0,
+            "graph_steps": int(spent["graph_steps"]),
             "rows_per_step": round(spent["rows_stepped"] / steps, 1) if steps else 0.0,
             "prefill_s": round(spent["admit_s"], 1),
+            "chunk_s": round(spent["chunk_s"], 1),
             "prefills": int(spent["prefills"]), "chunks": int(spent["chunks"]),
             "prompt_tok_computed": int(computed), "prompt_tok_cached": int(spent["cached_tokens"])}
 
@@ -240,8 +243,9 @@ def _backend_row(row: dict[str, Any]) -> dict[str, Any]:
             "dropped": f"over cap {row['over_cap']}" if row["over_cap"] else "0",
             "p50_s": row["reply_p50"], "p95_s": row["reply_p95"], "max_s": row["reply_max"],
             "preview_p50_s": row["ttft_p50"],
-            **{k: row[k] for k in ("decode_s", "steps", "step_ms", "rows_per_step",
-                                   "prefill_s", "prefills", "chunks",
+            **{k: row[k] for k in ("decode_s", "steps", "step_ms", "forward_ms",
+                                   "graph_steps", "rows_per_step",
+                                   "prefill_s", "chunk_s", "prefills", "chunks",
                                    "prompt_tok_computed",
                                    "prompt_tok_cached", "loop_lag_p99_ms", "alloc_retries")}}
 

@@ -119,6 +119,11 @@ class ContinuousBatch:
     def captured(self) -> bool:
         return self._graphs is not None and self._graphs.captured
 
+    @property
+    def graph_replays(self) -> int:
+        """Decode steps so far that replayed a captured graph."""
+        return self._graphs.replays if self._graphs is not None else 0
+
     @torch.inference_mode()
     def make_static(self, slots: int, width: int,
                     progress: Callable[[int, int], None] | None = None,

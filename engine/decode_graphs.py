@@ -56,6 +56,7 @@ class DecodeGraphs:
         self._ids = torch.zeros((cache.slots, 1), dtype=torch.long, device=device)
         self._positions = torch.zeros((cache.slots, 1), dtype=torch.long, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.replays = 0  # steps that ran a captured graph (the rest ran the model eagerly)
 
     @property
     def captured(self) -> bool:
@@ -149,6 +150,7 @@ class DecodeGraphs:
         self._positions[:rows, 0].copy_(positions)
         self._cache.step_mask(bucket)
         captured = self._graphs.get(bucket)
+        self.replays += captured is not None
         if captured is None:
             self._cache.use_full_width(bucket)
             logits = self._forward(bucket)

@@ -274,6 +274,7 @@ class ContinuousWorker:
                 return
 
     def _step(self) -> None:
+        replays, started = self._batch.graph_replays, time.perf_counter()
         try:
             produced = self._batch.step()
         except Exception as error:  # noqa: BLE001 - every failure reaches its requester
@@ -287,6 +288,10 @@ class ContinuousWorker:
             self._batch.reset()
             self._backend.free_memory()
             return
+        # The batch's own share of the step (the rest hands tokens out), and whether it ran
+        # a captured graph: a step of the size that was not captured runs eagerly.
+        self.timings["forward_s"] += time.perf_counter() - started
+        self.timings["graph_steps"] += self._batch.graph_replays - replays
         self.steps += 1
         self._grow_back()
         self.timings["rows_stepped"] += len(produced)
