@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.arrivals_bench import _load, _worker_timings, prepare
+from benchmarks.loop_stalls import LoopStalls
 from benchmarks.pipeline_bench import _pct
 from bot.cli import RUNTIME_SWITCH_INTERVAL_S
 from bot.config import parse_config
@@ -79,23 +80,28 @@ class TimingSink:
 
 
 class LagMeter:
-    """Event-loop lag: how late a 10 ms sleep wakes up, sampled while a load runs."""
+    """Event-loop lag: how late a 10 ms sleep wakes up, sampled while a load runs; and where
+    the loop was while it was late (``LoopStalls``)."""
 
     def __init__(self) -> None:
         self.samples: list[float] = []
+        self.stalls = LoopStalls()
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self) -> None:
         while True:
             started = time.perf_counter()
             await asyncio.sleep(0.01)
+            self.stalls.beat()
             self.samples.append(time.perf_counter() - started - 0.01)
 
     def __enter__(self) -> LagMeter:
         self._task = asyncio.get_running_loop().create_task(self._run())
+        self.stalls.start()
         return self
 
     def __exit__(self, *_: object) -> None:
+        self.stalls.stop()
         if self._task is not None:
             self._task.cancel()
 
@@ -187,6 +193,8 @@ async def _measured(backend: Any, run: Any) -> dict[str, Any]:
     before, retries = _worker_timings(backend), _alloc_retries()
     with LagMeter() as lag:
         row = await run
+    if lag.stalls.samples:
+        print(lag.stalls.table(), flush=True)
     return {**row, **_engine_split(_worker_timings(backend) - before),
             "loop_lag_p99_ms": round(_pct(lag.samples, 0.99) * 1000, 1),
             "alloc_retries": _alloc_retries() - retries}

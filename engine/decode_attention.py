@@ -9,6 +9,11 @@ row's mask broadcast over them. Same arithmetic, no copies. It is written out (t
 products and a softmax) rather than handed to SDPA: for one row, cuDNN's kernel spreads a
 packed query over 8 thread blocks and took 47 us a layer on an H200, against ~12 us for the
 repeated heads it replaces (docs/performance-history.md).
+
+Above one row SDPA on the packed queries is the faster (``packed_decode_attention``): the same
+packing handed to ``scaled_dot_product_attention``. transformers does this itself from 5.24
+on, but only there; with an older one every bucket above one row repeated the KV heads, ~3x
+the step time at 26 rows on an H100 (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
@@ -16,6 +21,39 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+
+
+def _groups(module: torch.nn.Module, query: torch.Tensor, kwargs: dict[str, Any]) -> int:
+    """Query heads per KV head when this is a decode step the packing computes; else 0."""
+    groups = int(getattr(module, "num_key_value_groups", 1))
+    other_terms = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+    return 0 if query.shape[2] != 1 or groups == 1 or other_terms else groups
+
+
+def _transformers_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                       value: torch.Tensor, attention_mask: torch.Tensor | None,
+                       scaling: float | None, dropout: float,
+                       kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask,  # type: ignore[no-any-return]
+                                  scaling=scaling, dropout=dropout, **kwargs)
+
+
+def packed_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                            value: torch.Tensor, attention_mask: torch.Tensor | None,
+                            scaling: float | None = None, dropout: float = 0.0,
+                            **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """As ``grouped_decode_attention``, through SDPA's kernels (the faster above one row)."""
+    groups = _groups(module, query, kwargs)
+    if not groups:
+        return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout,
+                                  kwargs)
+    rows, heads, _, dim = query.shape
+    packed = query.reshape(rows, heads // groups, groups, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(rows, 1, heads, dim), None
 
 
 def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
@@ -26,13 +64,10 @@ def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: 
     ``key``/``value`` [rows, kv_heads, columns, dim], a boolean ``attention_mask``
     [rows, 1, 1, columns]; returns [rows, 1, heads, dim]. Anything else (a prefill, no
     grouping, a position bias or soft cap) goes to transformers' own SDPA function."""
-    groups = int(getattr(module, "num_key_value_groups", 1))
-    other_terms = kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-    if query.shape[2] != 1 or groups == 1 or other_terms:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask,
-                                      scaling=scaling, dropout=dropout, **kwargs)
+    groups = _groups(module, query, kwargs)
+    if not groups:
+        return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout,
+                                  kwargs)
     rows, heads, _, dim = query.shape
     packed = query.reshape(rows, heads // groups, groups, dim)
     scores = torch.matmul(packed, key.transpose(-1, -2)).float() * (scaling or dim ** -0.5)

@@ -14,7 +14,9 @@ for buckets above ``FULLY_COMPILED_ROWS``, where cuDNN's kernel was the faster o
 (docs/performance-history.md); a graph break per layer costs nothing once the step is one
 CUDA graph.
 Where attention is compiled along, SDPA is ``grouped_decode_attention`` (no repeated KV heads:
-6.46 -> 5.67 ms for one row on an H200; above one row cuDNN on packed queries stays faster).
+6.46 -> 5.67 ms for one row on an H200); above one row, compiled or not, it is
+``packed_decode_attention`` (SDPA's kernels on the same packed heads), whatever the installed
+transformers would otherwise do.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 
 import torch
 
-from engine.decode_attention import grouped_decode_attention
+from engine.decode_attention import grouped_decode_attention, packed_decode_attention
 from engine.kv_slots import SlotCache
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,20 @@ def buckets_for(slots: int) -> list[int]:
         sizes.add(size)
         size *= 2
     return sorted(sizes)
+
+
+def _step_attention(name: str, attention: Any, rows: int, compiled: bool) -> Any:
+    """What a bucket of ``rows`` runs as attention: for SDPA the packed-heads kinds (written
+    out where compiled along, SDPA's kernels above that); anything else as it is, kept out of
+    the compiled code above ``FULLY_COMPILED_ROWS``. None: leave the registry alone."""
+    disable: Any = torch.compiler.disable
+    if name == "sdpa":
+        if compiled and rows <= FULLY_COMPILED_ROWS:
+            return grouped_decode_attention
+        return disable(packed_decode_attention) if compiled else packed_decode_attention
+    if attention is None or not compiled:
+        return None
+    return attention if rows <= FULLY_COMPILED_ROWS else disable(attention)
 
 
 class DecodeGraphs:
@@ -92,7 +108,8 @@ class DecodeGraphs:
                 log.warning("decode step: compiling failed (%s: %s); capturing it uncompiled",
                             type(error).__name__, str(error).splitlines()[0][:200])
                 compiled = None
-                self._warm_up(rows, side)
+                with self._compiled(compiled, rows):
+                    self._warm_up(rows, side)
             graph = torch.cuda.CUDAGraph()
             with self._compiled(compiled, rows), torch.cuda.graph(graph, pool=pool):
                 logits = self._forward(rows)
@@ -110,21 +127,18 @@ class DecodeGraphs:
 
     @contextlib.contextmanager
     def _compiled(self, compiled: Any, rows: int) -> Iterator[None]:
-        """The model's forward compiled for this bucket (attention too, for the smallest)."""
-        if compiled is None:
-            yield
-            return
+        """The model's forward compiled for this bucket (attention too, for the smallest), and
+        the decode attention that bucket captures."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
         name = self._model.config._attn_implementation
         attention = ALL_ATTENTION_FUNCTIONS.get(name)
-        if attention is not None:  # restored below
-            disable: Any = torch.compiler.disable
-            compiled_along = grouped_decode_attention if name == "sdpa" else attention
-            ALL_ATTENTION_FUNCTIONS[name] = (compiled_along if rows <= FULLY_COMPILED_ROWS
-                                             else disable(attention))
+        step_attention = _step_attention(name, attention, rows, compiled is not None)
+        if step_attention is not None:  # restored below
+            ALL_ATTENTION_FUNCTIONS[name] = step_attention
         own_forward = self._model.__dict__.get("forward")  # accelerate's hook, say
-        self._model.forward = compiled
+        if compiled is not None:
+            self._model.forward = compiled
         # Between the graph breaks each layer's attention code is compiled for its own layer
         # index (it picks the layer's cache by it): room for all of them, or past the default
         # limit of 8 the later layers would run uncompiled.
@@ -134,11 +148,12 @@ class DecodeGraphs:
             with room:
                 yield
         finally:
-            if own_forward is None:
-                del self._model.forward  # the class's own again
-            else:
-                self._model.forward = own_forward
-            if attention is not None:
+            if compiled is not None:
+                if own_forward is None:
+                    del self._model.forward  # the class's own again
+                else:
+                    self._model.forward = own_forward
+            if step_attention is not None:
                 ALL_ATTENTION_FUNCTIONS[name] = attention
 
     def run(self, last: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

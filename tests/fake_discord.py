@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from tests.local_server import LocalServer, json_response
+from tests.rate_limits import DiscordBuckets
 
 BOT_ID = "1000"
 DISCORD_EPOCH_MS = 1_420_070_400_000
@@ -30,6 +31,11 @@ BOT_USER = {"id": BOT_ID, "username": "pell", "discriminator": "0", "global_name
 
 
 _json = json_response
+
+
+def _with(headers: dict[str, str], response: web.Response) -> web.Response:
+    response.headers.update(headers)
+    return response
 
 
 def shard_of(guild_id: str, shard_count: int) -> int:
@@ -58,6 +64,8 @@ class FakeDiscord(LocalServer):
     # Cleared: IDENTIFY gets no READY until it is set (a gateway that is slow to accept us).
     ready_allowed: asyncio.Event = field(default_factory=asyncio.Event)
     _pending_ready: asyncio.Task[None] | None = None
+    # Per-route rate limits with Discord's headers and 429s; None: unlimited.
+    buckets: DiscordBuckets | None = None
 
     def __post_init__(self) -> None:
         self.ready_allowed.set()
@@ -110,21 +118,46 @@ class FakeDiscord(LocalServer):
                 "member": {"roles": [], "joined_at": "2026-01-01T00:00:00+00:00",
                            "deaf": False, "mute": False, "flags": 0}}
 
+    def _limited(self, route: str, request: web.Request) -> tuple[web.Response | None,
+                                                                   dict[str, str]]:
+        """The 429 for a request over its bucket (None: allowed), and the headers."""
+        if self.buckets is None:
+            return None, {}
+        allowed, headers, retry_after = self.buckets.take(
+            f"{route}:{request.match_info.get('channel')}")
+        if allowed:
+            return None, headers
+        self._changed.set()
+        body = {"message": "You are being rate limited.", "retry_after": retry_after,
+                "global": False}
+        return web.Response(body=json.dumps(body).encode(), status=429,
+                            headers={"Content-Type": "application/json", **headers}), headers
+
     async def _post_message(self, request: web.Request) -> web.Response:
+        refused, headers = self._limited("messages", request)
+        if refused is not None:
+            return refused
         body = await request.json()
         self.record("POST", request.path, body)
-        return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
-                                          mentions=[]))
+        return _with(headers, _json(self.message_payload(body.get("content") or "",
+                                                         author=BOT_USER, mentions=[])))
 
     async def _edit(self, request: web.Request) -> web.Response:
+        refused, headers = self._limited("edit", request)
+        if refused is not None:
+            return refused
         body = await request.json()
         self.record("PATCH", request.path, body)
-        return _json(self.message_payload(body.get("content") or "", author=BOT_USER,
-                                          mentions=[], message_id=request.match_info["message"]))
+        return _with(headers, _json(self.message_payload(
+            body.get("content") or "", author=BOT_USER, mentions=[],
+            message_id=request.match_info["message"])))
 
     async def _typing(self, request: web.Request) -> web.Response:
+        refused, headers = self._limited("typing", request)
+        if refused is not None:
+            return refused
         self.record("POST", request.path, None)
-        return web.Response(status=204)
+        return web.Response(status=204, headers=headers)
 
     async def _callback(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -13,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from tests.local_server import LocalServer, json_response
+from tests.rate_limits import SlidingWindow
 
 BOT_ID = "900"
 BOT_LOGIN = "pellbot"
@@ -39,6 +40,9 @@ class FakeTwitch(LocalServer):
     send_keepalives: bool = True
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
     welcomed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Twitch's chat limit per channel; a message over it is dropped (a violation).
+    chat_limit: SlidingWindow | None = None
+    dropped: list[dict[str, Any]] = field(default_factory=list)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth2/token", self._token)
@@ -93,6 +97,14 @@ class FakeTwitch(LocalServer):
 
     async def _chat(self, request: web.Request) -> web.Response:
         body = await request.json()
+        if self.chat_limit is not None and not self.chat_limit.admit(
+                str(body.get("broadcaster_id"))):
+            self.dropped.append(body)
+            self._changed.set()
+            return _json({"data": [{"message_id": "", "is_sent": False, "drop_reason": {
+                "code": "msg_ratelimit",
+                "message": "Your message was not sent because you are sending messages too "
+                           "quickly."}}]})
         self.sent_at.append(asyncio.get_running_loop().time())
         self.record("POST", request.path, body)
         return _json({"data": [{"message_id": f"sent-{next(self._ids)}", "is_sent": True,

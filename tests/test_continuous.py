@@ -469,6 +469,31 @@ def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, A
 
 
 @pytest.mark.parametrize("rows", [1, 3])
+def test_an_uncompiled_bucket_captures_packed_head_attention(tiny: tuple[Any, Any],
+                                                             rows: int) -> None:
+    """Without compiling, a bucket still attends with the KV heads as stored (whatever the
+    installed transformers does for a decode step), and decodes like ``generate()``; the
+    registry is transformers' own again afterwards."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from engine.decode_attention import packed_decode_attention
+
+    model, tokenizer = tiny
+    attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    ids = [tokenizer.encode(p, add_special_tokens=False) for p in PROMPTS[:rows]]
+    batch = ContinuousBatch(model, slots=4)
+    batch.make_static(slots=4, width=128)
+    graphs = batch._graphs
+    assert graphs is not None
+    with graphs._compiled(None, rows):
+        assert ALL_ATTENTION_FUNCTIONS["sdpa"] is packed_decode_attention
+        assert "forward" not in model.__dict__
+        results = _drive(batch, {0: [(f"r{i}", prompt) for i, prompt in enumerate(ids)]})
+    assert ALL_ATTENTION_FUNCTIONS["sdpa"] is attention
+    assert results == {f"r{i}": _alone(model, prompt) for i, prompt in enumerate(ids)}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
 def test_the_step_attention_of_a_compiled_bucket_gives_the_tokens_of_generate(
         tiny: tuple[Any, Any], rows: int) -> None:
     """What a compiled bucket captures (grouped-head attention; here run eagerly) decodes

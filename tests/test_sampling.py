@@ -69,13 +69,15 @@ def _attention_inputs(rows: int, columns: int) -> tuple[Any, ...]:
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_grouped_decode_attention_equals_transformers_sdpa(rows: int) -> None:
+@pytest.mark.parametrize("kind", ["grouped", "packed"])
+def test_decode_attention_equals_transformers_sdpa(rows: int, kind: str) -> None:
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    from engine.decode_attention import grouped_decode_attention
+    from engine.decode_attention import grouped_decode_attention, packed_decode_attention
 
+    attention = grouped_decode_attention if kind == "grouped" else packed_decode_attention
     module, query, key, value, mask = _attention_inputs(rows, 40)
-    ours, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.25)
+    ours, _ = attention(module, query, key, value, mask, scaling=0.25)
     # The reference with every KV head repeated, as transformers does when compiled.
     groups = module.num_key_value_groups
     expected, _ = sdpa_attention_forward(torch.nn.Module(), query, repeat_kv(key, groups),
@@ -84,11 +86,13 @@ def test_grouped_decode_attention_equals_transformers_sdpa(rows: int) -> None:
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-def test_grouped_decode_attention_leaves_what_it_does_not_compute_to_transformers() -> None:
-    """A soft cap is not in the written-out attention: it goes to transformers' SDPA, which
+@pytest.mark.parametrize("kind", ["grouped", "packed"])
+def test_decode_attention_leaves_what_it_does_not_compute_to_transformers(kind: str) -> None:
+    """A soft cap is not in the packed attention: it goes to transformers' SDPA, which
     refuses it loudly rather than the step computing something else."""
-    from engine.decode_attention import grouped_decode_attention
+    from engine.decode_attention import grouped_decode_attention, packed_decode_attention
 
+    attention = grouped_decode_attention if kind == "grouped" else packed_decode_attention
     module, query, key, value, mask = _attention_inputs(1, 8)
     with pytest.raises(ValueError, match="softcap"):
-        grouped_decode_attention(module, query, key, value, mask, scaling=0.25, softcap=30.0)
+        attention(module, query, key, value, mask, scaling=0.25, softcap=30.0)
