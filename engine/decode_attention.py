@@ -36,7 +36,7 @@ def _transformers_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.
                        kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, attention_mask,  # type: ignore[no-any-return]
+    return sdpa_attention_forward(module, query, key, value, attention_mask,
                                   scaling=scaling, dropout=dropout, **kwargs)
 
 
