@@ -23,6 +23,7 @@ from tests.fake_twitch import (  # noqa: E402
     CHANNEL_LOGIN,
     FakeTwitch,
 )
+from tests.rate_limits import SlidingWindow  # noqa: E402
 from tests.sinks import settled  # noqa: E402
 
 ENV = {"TWITCH_CLIENT_ID": "tw-client-id-5127", "TWITCH_CLIENT_SECRET": "tw-client-secret-5127",
@@ -124,6 +125,27 @@ async def test_redelivered_chat_messages_are_answered_once(live: Any) -> None:
     user_id = await runtime.store.find_user("twitch", "200")
     rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
     assert len(rows) == 1
+
+
+@pytest.mark.parametrize("live", [{"twitch": {"send_limit": 5, "send_window_s": 1.0}}],
+                         indirect=True)
+async def test_a_reply_twitch_dropped_for_sending_too_fast_goes_out_after_the_window(
+        live: Any) -> None:
+    """Twitch's own count is stricter than the bot's (another client on the account, say):
+    the message it drops (``is_sent: false``, ``msg_ratelimit``) is sent again once the
+    bot's window has passed, never hammered; the viewer gets their reply."""
+    server, _adapter, runtime = live
+    server.chat_limit = SlidingWindow(1, 1.0)
+    for viewer in ("v1", "v2"):
+        await server.notify("channel.chat.message", server.chat_event(
+            f"佩兒 你好 {viewer}", user_id=viewer, login=viewer))
+    await server.wait_until(lambda: len(server.sent_messages()) >= 2, 15)
+    assert len(server.dropped) == 1
+    await runtime.service.flush()
+    for viewer in ("v1", "v2"):
+        user_id = await runtime.store.find_user("twitch", viewer)
+        [row] = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        assert row.status == "answered"
 
 
 @pytest.mark.parametrize("live", [{"limits": {"user_messages_per_minute": 3}}],

@@ -34,3 +34,9 @@ class SendLimiter:
                     self._sent.append(now)
                     return
                 await self._sleep(self.window - (now - self._sent[0]))
+
+    def fill(self) -> None:
+        """The platform said we sent too fast (its count is ahead of ours: another client on
+        the account, clocks apart): the window counts as full from now."""
+        now = self._clock()
+        self._sent.extend([now] * max(0, self.limit - len(self._sent)))

@@ -35,6 +35,7 @@ TWITCH_LIMIT = 500
 # the bot is a moderator or the broadcaster.
 TWITCH_USER_LIMIT = (20, 30.0)
 TWITCH_MODERATOR_LIMIT = (100, 30.0)
+TWITCH_TOO_FAST = "msg_ratelimit"  # the drop reason (IRC's NOTICE id) for a send over the limit
 COMMANDS = frozenset({"gpu", "diagnose", "stats", "forget", "link"})
 
 
@@ -67,8 +68,20 @@ class TwitchSink:
             except twitchio.HTTPException as exc:
                 raise DeliveryError(f"Twitch answered {exc.status}: {exc}",
                                     retryable=exc.status == 429 or exc.status >= 500) from exc
+            except twitchio.MessageRejectedError as exc:
+                raise self._dropped(exc) from exc
             self._pieces.sent(sent.id)
         return self._pieces.first()
+
+    def _dropped(self, exc: twitchio.MessageRejectedError) -> DeliveryError:
+        """Twitch took the message and did not post it (``is_sent: false``). Sent too fast:
+        again once our window has passed; anything else (followers-only, a timeout, AutoMod)
+        a retry would not change."""
+        too_fast = exc.code == TWITCH_TOO_FAST
+        if too_fast:
+            self._limiter.fill()
+        return DeliveryError(f"Twitch dropped the message ({exc.code}): {exc.message}",
+                             retryable=too_fast)
 
     async def edit(self, message_id: str, text: str) -> None:
         await self.send(text)
