@@ -223,6 +223,9 @@ async def _warm_viewers(runtime: Any, viewers: int, history: int) -> None:
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     loads = TINY_LOADS if args.tiny else LOADS
+    if args.loads:
+        loads = tuple(sorted((load for load in loads if _short(load[0]) in args.loads),
+                             key=lambda load: args.loads.index(_short(load[0]))))
     folder = Path(tempfile.mkdtemp(prefix="vtuber-service-bench-"))
     config = _config(args.model_dir, "cpu" if args.tiny else args.device, args.prefix_cache_gb,
                      args.new_tokens)
@@ -242,6 +245,13 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             rows.append(_backend_row(row))
             print(rows[-1], flush=True)
     return rows
+
+
+def _short(label: str) -> str:
+    """A load's name on the command line: one, p4, p12, p24, burst."""
+    if label.startswith("poisson"):
+        return "p" + label.split()[1]
+    return label.split()[0]
 
 
 def _backend_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -278,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="models.llm.prefix_cache_gb: auto, GiB, or 0 (off: the baseline)")
     parser.add_argument("--new-tokens", type=int, default=None,
                         help="reply length, fixed: 60; --tiny: 12")
+    parser.add_argument("--loads", type=lambda text: text.split(","), default=None,
+                        help="which loads, in this order: one,p4,p12,p24,burst (default all)")
     parser.add_argument("--cap", type=float, default=60.0,
                         help="seconds after a load's last arrival before the rest is cut")
     args = parser.parse_args(argv)
