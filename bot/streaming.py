@@ -1,10 +1,13 @@
 """Streaming previews: a reply shown while it is generated, on platforms that can edit.
 
 Previews are cosmetic: a failed preview send or edit stops the previews (logged at debug) and
-never fails the reply; the final text then goes out as a normal, retried send."""
+never fails the reply; the final text then goes out as a normal, retried send. A preview runs
+beside the chunks, one at a time: a platform that holds an edit for its rate limit gets the
+next preview only once that one is through, never a queue of them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -27,17 +30,22 @@ class StreamingPreview:
         self._last = 0.0
         self._shown = ""
         self._broken = False
+        self._showing: asyncio.Task[None] | None = None
         self.message_id: str | None = None
 
     async def on_chunk(self, chunk: str) -> None:
         self._raw.append(chunk)
         now = time.monotonic()
-        if self._broken or now - self._last < self._interval:
+        busy = self._showing is not None and not self._showing.done()
+        if self._broken or busy or now - self._last < self._interval:
             return
         text = self._preview("".join(self._raw))
         if not text or text == self._shown:
             return
         self._last = now
+        self._showing = asyncio.create_task(self._show_cosmetic(text))
+
+    async def _show_cosmetic(self, text: str) -> None:
         self._broken = not await cosmetic(self._show(text), "preview")
         if not self._broken:
             self._shown = text
@@ -49,7 +57,11 @@ class StreamingPreview:
             await self._sink.edit(self.message_id, text)
 
     async def finish(self, final: str) -> str | None:
-        """Deliver the final text (retried); return the platform id of the message."""
+        """Deliver the final text (retried); return the platform id of the message. A preview
+        still going is let through first: the final text must be the last edit, and a first
+        send in flight holds the id of the message to edit."""
+        if self._showing is not None:
+            await self._showing
         shown_id = self.message_id
         if shown_id is not None and not self._broken:
             if final == self._shown:

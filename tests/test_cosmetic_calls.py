@@ -48,3 +48,50 @@ async def test_a_stalled_typing_indicator_does_not_hold_the_reply(tmp_path: Path
         sink.release.set()
     assert reply.status == "answered"
     assert sink.sent == [REPLY]
+
+
+class SlowEditSink(RecordingSink):
+    """Edits wait for ``release`` (a platform holding them for its rate limit)."""
+
+    supports_edits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.edits_started = 0
+        self.edits: list[str] = []
+
+    async def edit(self, message_id: str, text: str) -> None:
+        self.edits_started += 1
+        await self.release.wait()
+        self.edits.append(text)
+
+
+async def test_previews_wait_for_the_platform_one_at_a_time_and_never_hold_generation(
+        tmp_path: Path) -> None:
+    """A platform that holds an edit (its rate limit): the reply keeps being generated, no
+    further previews queue up behind the held one, and once it is through the final text
+    goes out as the one edit after it."""
+    words = " ".join(f"第{index}句。" for index in range(30))
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted",
+                           "scripted": {"replies": [words], "chunk_delay_s": 0.002}},
+                   "embedding": {"enabled": False}},
+        "limits": {"reply_timeout_s": 60, "stream_edit_interval_s": 0.0001},
+    }, env={})
+    sink = SlowEditSink()
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        task = asyncio.create_task(runtime.service.handle(ChatEvent(
+            platform="discord", channel_id="c", platform_user_id="ann", display_name="Ann",
+            text="hello", sink=sink, message_id="m1")))
+        backend = runtime.engine.backend
+        for _ in range(3000):  # until the whole reply was generated (or the test times out)
+            if backend.finished >= 1:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.edits_started == 1, (sink.sent, backend.finished)
+        sink.release.set()
+        reply = await asyncio.wait_for(task, timeout=30)
+    assert reply.status == "answered"
+    assert sink.edits[-1] == words
+    assert sink.edits_started == 2  # the held preview, then the final text

@@ -21,6 +21,7 @@ class ScriptedBackend:
         self._chunk_delay_s = chunk_delay_s
         self._next = 0
         self.requests: list[GenerationRequest] = []
+        self.finished = 0  # replies generated to their end
 
     async def start(self) -> None:
         return None
@@ -37,6 +38,7 @@ class ScriptedBackend:
         for index, piece in enumerate(text.split(" ")):
             await asyncio.sleep(self._chunk_delay_s)
             yield piece if index == 0 else " " + piece
+        self.finished += 1
 
     async def abort(self, request_id: str) -> None:
         return None
