@@ -37,13 +37,18 @@ class StreamingPreview:
         self._raw.append(chunk)
         now = time.monotonic()
         busy = self._showing is not None and not self._showing.done()
-        if self._broken or busy or now - self._last < self._interval:
+        if self._broken or busy or now - self._last < self._interval or self._paused():
             return
         text = self._preview("".join(self._raw))
         if not text or text == self._shown:
             return
         self._last = now
         self._showing = asyncio.create_task(self._show_cosmetic(text))
+
+    def _paused(self) -> bool:
+        """The platform asks for no preview now (its edit budget is in use elsewhere)."""
+        paused = getattr(self._sink, "previews_paused", None)
+        return bool(paused()) if paused is not None else False
 
     async def _show_cosmetic(self, text: str) -> None:
         self._broken = not await cosmetic(self._show(text), "preview")

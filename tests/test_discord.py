@@ -371,33 +371,39 @@ async def test_link_code_links_a_twitch_identity(env: Any, responses: list[dict]
     assert stats is not None and stats["conversation_count"] == 1
 
 
+class FakeMessage:
+    def __init__(self, channel: Any, content: str) -> None:
+        self.id, self.content, self.channel = next(channel.ids), content, channel
+
+    async def edit(self, *, content: str, **_: Any) -> FakeMessage:
+        await self.channel.edit_gate.wait()
+        self.content = content
+        self.channel.edits += 1
+        return self
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        import itertools
+
+        self.id = 3000
+        self.ids = itertools.count(1)
+        self.messages: list[FakeMessage] = []
+        self.edits = 0
+        self.edit_gate = asyncio.Event()  # edits wait on it (a held rate-limit bucket)
+        self.edit_gate.set()
+
+    async def send(self, content: str, **_: Any) -> FakeMessage:
+        message = FakeMessage(self, content)
+        self.messages.append(message)
+        return message
+
+    async def typing(self) -> None:
+        return None
+
+
 async def test_a_long_streamed_reply_posts_its_overflow_once() -> None:
     from adapters.discord_adapter.sink import DiscordSink
-
-    class FakeMessage:
-        def __init__(self, channel: Any, content: str) -> None:
-            self.id, self.content, self.channel = next(channel.ids), content, channel
-
-        async def edit(self, *, content: str, **_: Any) -> FakeMessage:
-            self.content = content
-            self.channel.edits += 1
-            return self
-
-    class FakeChannel:
-        def __init__(self) -> None:
-            import itertools
-
-            self.ids = itertools.count(1)
-            self.messages: list[FakeMessage] = []
-            self.edits = 0
-
-        async def send(self, content: str, **_: Any) -> FakeMessage:
-            message = FakeMessage(self, content)
-            self.messages.append(message)
-            return message
-
-        async def typing(self) -> None:
-            return None
 
     channel = FakeChannel()
     sink = DiscordSink(channel)
@@ -407,6 +413,29 @@ async def test_a_long_streamed_reply_posts_its_overflow_once() -> None:
         await sink.edit(head, "字" * length)
     assert len(channel.messages) == 2  # the head and one overflow message, never re-posted
     assert "".join(m.content for m in channel.messages) == "字" * 3000
+
+
+async def test_previews_pause_in_a_channel_while_an_edit_there_waits() -> None:
+    """Replies in one channel share Discord's edit bucket: while an edit of one reply waits
+    (a preview or a final text), the others' previews pause, so the finals are not queued
+    behind a preview per reply per second. Other channels are not affected."""
+    from adapters.discord_adapter.sink import ChannelEdits, DiscordSink
+
+    edits = ChannelEdits()
+    busy_channel, other_channel = FakeChannel(), FakeChannel()
+    other_channel.id = 3001
+    first, second = DiscordSink(busy_channel, edits=edits), DiscordSink(busy_channel, edits=edits)
+    elsewhere = DiscordSink(other_channel, edits=edits)
+    head = await first.send("第一句。")
+    assert head is not None
+    assert not second.previews_paused()
+    busy_channel.edit_gate.clear()
+    held = asyncio.create_task(first.edit(head, "第一句。第二句。"))
+    await asyncio.sleep(0)
+    assert second.previews_paused() and not elsewhere.previews_paused()
+    busy_channel.edit_gate.set()
+    await held
+    assert not second.previews_paused()
 
 
 async def test_a_guild_admin_reaches_only_that_guilds_data(env: Any,

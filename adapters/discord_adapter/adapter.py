@@ -13,7 +13,7 @@ from discord import app_commands
 
 from adapters.discord_adapter.commands import register_commands
 from adapters.discord_adapter.roles import member_roles
-from adapters.discord_adapter.sink import DiscordSink
+from adapters.discord_adapter.sink import ChannelEdits, DiscordSink
 from bot.config import AppConfig
 from bot.errors import BotError, PlatformUnreachableError
 from bot.events import ChatEvent, EventHandler, Leftover, ReplySink, RuntimeServices
@@ -80,6 +80,7 @@ class DiscordAdapter:
         self.services = services
         secret = config.secrets.discord_token
         self._token = token or (secret.get_secret_value() if secret else "")
+        self._edits = ChannelEdits()  # shared by the replies in each channel
         rules = config.adapters.discord
         options = dict(client_options or {})
         if rules.shard_ids is not None:  # this process runs some of several processes' shards
@@ -120,7 +121,7 @@ class DiscordAdapter:
             platform_user_id=str(author.id),
             display_name=author.display_name,
             text=self._clean_text(message),
-            sink=DiscordSink(message.channel, reply_to=message),
+            sink=DiscordSink(message.channel, reply_to=message, edits=self._edits),
             message_id=str(message.id),
             timestamp=message.created_at,
             addressed=self._addressed(message),
@@ -188,7 +189,7 @@ class DiscordAdapter:
         reference = (channel.get_partial_message(int(leftover.platform_message_id))
                      .to_reference(fail_if_not_exists=False)
                      if leftover.platform_message_id else None)
-        return DiscordSink(channel, reply_to=reference)
+        return DiscordSink(channel, reply_to=reference, edits=self._edits)
 
     # -- lifecycle ----------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ Discord's HTTP errors leave as ``DeliveryError`` (429 and 5xx retryable)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,12 +30,33 @@ DISCORD_LIMIT = 2000
 NO_PINGS = discord.AllowedMentions.none()
 
 
+class ChannelEdits:
+    """Edits under way per channel, across the replies there (one per adapter): Discord
+    limits edits per channel, and discord.py holds an edit while its bucket is empty."""
+
+    def __init__(self) -> None:
+        self._under_way: Counter[int] = Counter()
+
+    @asynccontextmanager
+    async def editing(self, channel_id: int) -> AsyncIterator[None]:
+        self._under_way[channel_id] += 1
+        try:
+            yield
+        finally:
+            self._under_way[channel_id] -= 1
+
+    def any(self, channel_id: int) -> bool:
+        return self._under_way[channel_id] > 0
+
+
 class DiscordSink:
     supports_edits = True
 
     def __init__(self, channel: Any,
-                 reply_to: discord.Message | discord.MessageReference | None = None) -> None:
+                 reply_to: discord.Message | discord.MessageReference | None = None,
+                 edits: ChannelEdits | None = None) -> None:
         self._channel = channel
+        self._edits = edits or ChannelEdits()
         self._reply_to = reply_to
         self._sent: dict[str, discord.Message] = {}
         # A streamed reply over 2,000 characters: the messages holding its overflow, so each
@@ -64,7 +86,7 @@ class DiscordSink:
             return
         first, *rest = split_message(text, DISCORD_LIMIT) or [""]
         overflow = self._overflow.setdefault(message_id, [])
-        async with delivery_errors():
+        async with delivery_errors(), self._edits.editing(self._channel.id):
             if message.content != first:
                 edited = await message.edit(content=first, allowed_mentions=NO_PINGS)
                 self._sent[message_id] = edited or message
@@ -77,6 +99,11 @@ class DiscordSink:
                 else:
                     overflow.append(await self._channel.send(piece,
                                                              allowed_mentions=NO_PINGS))
+
+    def previews_paused(self) -> bool:
+        """While an edit in this channel waits, a preview would only queue behind it (and the
+        final texts behind the previews): previews pause; final texts never do."""
+        return self._edits.any(self._channel.id)
 
     async def typing(self) -> None:
         # One typing notice (lasts ~10 s); the reply itself ends it.
