@@ -51,7 +51,7 @@ TWITCH_ENV = {"TWITCH_CLIENT_ID": "soak-client", "TWITCH_CLIENT_SECRET": "soak-s
 def _config(speed: float) -> Any:
     return parse_config({
         "models": {"llm": {"backend": "scripted",
-                           "scripted": {"replies": REPLIES, "chunk_delay_s": 0.3 / speed}},
+                           "scripted": {"replies": REPLIES, "chunk_delay_s": 0.05 / speed}},
                    "embedding": {"enabled": False}},
         "adapters": {"twitch": {"enabled": True, "channels": [CHANNEL_LOGIN],
                                 "send_limit": 20, "send_window_s": 30 / speed},
@@ -59,7 +59,7 @@ def _config(speed: float) -> Any:
         "store": {"remember_messages_min_chars": 0},
         "limits": {"user_messages_per_minute": 1000, "max_pending": 1000,
                    "stream_edit_interval_s": 1 / speed, "stale_after_s": 60 / speed,
-                   "reply_timeout_s": 120 / speed},
+                   "reply_timeout_s": 120 / speed, "max_concurrent_generations": 32},
     }, env=TWITCH_ENV)
 
 
@@ -91,16 +91,17 @@ class Show:
         await self.discord.dispatch("MESSAGE_CREATE", self.discord.message_payload(
             f"<@{BOT_USER['id']}> 你好 #{self._index}", author=author, mentions=[BOT_USER]))
 
-    async def arrivals(self, seconds: float, rate: float, raid_every_s: float) -> None:
-        """Poisson arrivals on both platforms, a raid now and then (show seconds)."""
+    async def arrivals(self, seconds: float, rate: float, raid_every_s: float,
+                       platforms: list[str]) -> None:
+        """Poisson arrivals on each platform, a raid on Twitch now and then (show seconds)."""
         clock, next_raid = 0.0, raid_every_s
         while clock < seconds:
-            gap = self.rng.expovariate(2 * rate)
+            gap = self.rng.expovariate(len(platforms) * rate)
             await asyncio.sleep(gap / self.speed)
             clock += gap
-            await (self.twitch_message() if self.rng.random() < 0.5
-                   else self.discord_message())
-            if raid_every_s and clock >= next_raid:
+            platform = self.rng.choice(platforms)
+            await (self.twitch_message() if platform == "twitch" else self.discord_message())
+            if raid_every_s and "twitch" in platforms and clock >= next_raid:
                 next_raid += raid_every_s
                 for _ in range(30):  # 30 messages in 10 s
                     await self.twitch_message()
@@ -165,7 +166,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 await show.twitch.wait_until(lambda: len(show.twitch.subscriptions) >= 4, 30)
                 await _ready(adapters[1], tasks[1])
-                await show.arrivals(args.hours * 3600, args.rate, args.raid_every_min * 60)
+                await show.arrivals(args.hours * 3600, args.rate, args.raid_every_min * 60,
+                                   args.platforms)
                 await runtime.service.settle()
             finally:
                 for adapter in adapters:
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rate", type=float, default=0.5,
                         help="messages a second addressing the persona, on each platform")
     parser.add_argument("--raid-every-min", type=float, default=30.0)
+    parser.add_argument("--platforms", type=lambda text: text.split(","),
+                        default=["twitch", "discord"], help="where viewers talk")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")

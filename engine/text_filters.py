@@ -172,24 +172,41 @@ ECHO_NGRAM = 12  # consecutive characters shared with the prompt that make an ec
 _PLACEHOLDER = 0xE000  # private-use characters stand for the persona's own phrases
 
 
-def _mask(text: str, allowed: tuple[str, ...]) -> tuple[str, list[tuple[int, int]]]:
+def _mask(text: str, allowed: tuple[str, ...]) -> tuple[str, list[tuple[int, int]] | None]:
     """``text`` with each allowed phrase as one placeholder character, and for every character
-    of the result the span of ``text`` it stands for."""
+    of the result the span of ``text`` it stands for (None: no phrase occurs, each character
+    stands for itself). At each position the first phrase of ``allowed`` that starts there
+    wins (longest first, as callers order them)."""
+    pattern, number = _phrase_pattern(allowed)
+    if pattern is None or pattern.search(text) is None:
+        return text, None
     masked: list[str] = []
     spans: list[tuple[int, int]] = []
     index = 0
-    while index < len(text):
-        phrase = next(((k, p) for k, p in enumerate(allowed) if text.startswith(p, index)),
-                      None)
-        if phrase is None:
-            masked.append(text[index])
-            spans.append((index, index + 1))
-            index += 1
-        else:
-            masked.append(chr(_PLACEHOLDER + phrase[0]))
-            spans.append((index, index + len(phrase[1])))
-            index += len(phrase[1])
+    for found in pattern.finditer(text):
+        masked.extend(text[index:found.start()])
+        spans.extend((i, i + 1) for i in range(index, found.start()))
+        masked.append(chr(_PLACEHOLDER + number[found.group()]))
+        spans.append(found.span())
+        index = found.end()
+    masked.extend(text[index:])
+    spans.extend((i, i + 1) for i in range(index, len(text)))
     return "".join(masked), spans
+
+
+@functools.lru_cache(maxsize=8)
+def _phrase_pattern(allowed: tuple[str, ...]) -> tuple[re.Pattern[str] | None, dict[str, int]]:
+    """One alternation of the phrases, in their order (so at a position the same phrase wins
+    as trying them one by one), and each phrase's placeholder number. The scan runs in the
+    regex engine: phrase by phrase in Python it took ~5 ms for a 300-character reply against
+    256 phrases, on the event loop, for every preview."""
+    number: dict[str, int] = {}
+    for k, phrase in enumerate(allowed):
+        if phrase:
+            number.setdefault(phrase, k)
+    if not number:
+        return None, number
+    return re.compile("|".join(re.escape(phrase) for phrase in number)), number
 
 
 def _echo_weight(run: str) -> int:
@@ -215,21 +232,20 @@ def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
     if not prompt or len(text) < ECHO_WORDS:
         return text
     masked, spans = _mask(text, phrases)
-    echo = [False] * len(text)
-
-    def mark(first: int, last: int) -> None:  # masked positions first..last, inclusive
-        begin, end = spans[first][0], spans[last][1]
-        echo[begin:end] = [True] * (end - begin)
-
-    for start in range(len(masked) - n + 1):
-        if masked[start:start + n] in grams:
-            mark(start, start + n - 1)
+    runs = [(start, start + n - 1) for start in range(len(masked) - n + 1)
+            if masked[start:start + n] in grams]
     words = [(m.group().casefold(), m.start(), m.end() - 1) for m in _WORD.finditer(masked)]
     shingles = _prompt_shingles(prompt, phrases)
-    for index in range(len(words) - ECHO_WORDS + 1):
-        window = words[index:index + ECHO_WORDS]
-        if tuple(word for word, _, _ in window) in shingles:
-            mark(window[0][1], window[-1][2])
+    keys = [word for word, _, _ in words]
+    runs += [(words[i][1], words[i + ECHO_WORDS - 1][2])
+             for i in range(len(words) - ECHO_WORDS + 1)
+             if tuple(keys[i:i + ECHO_WORDS]) in shingles]
+    if not runs:  # the common case, on the event loop for every preview: nothing to cut
+        return text
+    echo = [False] * len(text)
+    for first, last in runs:  # masked positions first..last, inclusive
+        begin, end = (spans[first][0], spans[last][1]) if spans else (first, last + 1)
+        echo[begin:end] = [True] * (end - begin)
     return "".join(char for char, echoed in zip(text, echo, strict=True) if not echoed)
 
 
