@@ -200,3 +200,24 @@ def test_the_prefix_cache_keeps_to_its_budget() -> None:
     assert entry is not None and tokens == 64
     cache.keep([9] * 1000, kv(1000))  # larger than the whole budget: not kept
     assert len(cache) == 2
+
+
+def test_the_automatic_prefix_cache_counts_memory_the_allocator_keeps_as_free(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """After graph capture PyTorch's allocator keeps most of what the warm-ups used, which
+    the driver reports as taken: ``auto`` is half of what is free to the process, not half of
+    what the driver sees (which left the cache at 0.0 GiB on an H100)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.backends.transformers_backend import TransformersBackend
+    from engine.config import LLMConfig
+
+    gib = 2**30
+    backend = TransformersBackend(LLMConfig(prefix_cache_gb="auto"), tmp_path)
+    backend.model = SimpleNamespace(device=torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 41 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 21 * gib)
+    assert backend.prefix_cache_bytes == (1 + 20) * gib // 2

@@ -115,7 +115,8 @@ class TransformersBackend:
     @property
     def prefix_cache_bytes(self) -> int:
         """``llm.prefix_cache_gb`` in bytes; auto: half the model's GPU's free memory now
-        (1 GiB on the CPU)."""
+        (1 GiB on the CPU). Free includes what PyTorch's allocator holds unused: after graph
+        capture it keeps most of the warm-ups' memory, which the driver counts as taken."""
         wanted = self._config.prefix_cache_gb
         if wanted != "auto":
             return int(wanted * 2**30)
@@ -125,7 +126,8 @@ class TransformersBackend:
         if device is None or device.type != "cuda":
             return 2**30
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free // 2)
+        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + max(0, held)) // 2)
 
     @property
     def placement(self) -> Placement | None:
