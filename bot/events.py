@@ -94,7 +94,8 @@ class Reply:
     status: str  # answered | dropped | failed | expired
     message_id: int | None = None
     # Why it ended so: rate_limited, channel_cooldown, queue_full, duplicate, empty,
-    # bot_author, stale, superseded, paused, shutdown, store, backend, send, timeout.
+    # bot_author, stale, send_backlog, superseded, paused, shutdown, store, backend, send,
+    # timeout.
     reason: str | None = None
 
 

@@ -223,6 +223,8 @@ class ConversationService:
         reason = None
         if limits.stale_after_s and age > limits.stale_after_s:
             reason = "stale"
+        elif _send_backlog(exchange.event) > _backlog_limit(limits):
+            reason = "send_backlog"
         elif ((limits.per_user_queue_of_one or limits.coalesce_bursts)
               and ticket.lane.newer_waiting(ticket.place)):
             reason = "superseded"
@@ -337,3 +339,18 @@ class ConversationService:
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         return self._admission.latency_percentiles()
+
+
+def _send_backlog(event: ChatEvent) -> float:
+    """Seconds the platform's send limit has spoken for in this channel (Twitch's 20 in
+    30 s), from sinks that know; 0 otherwise."""
+    backlog = getattr(event.sink, "send_backlog_s", None)
+    return float(backlog()) if backlog is not None else 0.0
+
+
+def _backlog_limit(limits: LimitsConfig) -> float:
+    """A reply may wait this long for its channel's send limit: half its timeout (the rest
+    is for generating it), and never past the point where it would be stale. Waiting longer
+    would end in a timeout, and its fallback would wait in the same line."""
+    limit = limits.reply_timeout_s / 2
+    return min(limit, limits.stale_after_s) if limits.stale_after_s else limit

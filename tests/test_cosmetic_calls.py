@@ -95,3 +95,39 @@ async def test_previews_wait_for_the_platform_one_at_a_time_and_never_hold_gener
     assert reply.status == "answered"
     assert sink.edits[-1] == words
     assert sink.edits_started == 2  # the held preview, then the final text
+
+
+class BackloggedSink(RecordingSink):
+    """A channel whose platform send limit is spoken for this many seconds ahead."""
+
+    def __init__(self, backlog_s: float) -> None:
+        super().__init__()
+        self.backlog_s = backlog_s
+
+    def send_backlog_s(self) -> float:
+        return self.backlog_s
+
+
+async def test_a_message_whose_reply_could_not_be_sent_in_time_is_dropped_before_generating(
+        tmp_path: Path) -> None:
+    """Twitch lets a bot send 20 messages in 30 s: when the replies already waiting for the
+    channel would hold a new one past its timeout, the new message is dropped at its turn
+    (``send_backlog``), without a generation or a fallback that would wait in the same line;
+    a channel with room is answered as usual."""
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted", "scripted": {"replies": [REPLY]}},
+                   "embedding": {"enabled": False}},
+        "limits": {"reply_timeout_s": 60},
+    }, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        full, free = BackloggedSink(45.0), BackloggedSink(0.0)
+        dropped = await runtime.service.handle(ChatEvent(
+            platform="twitch", channel_id="c", platform_user_id="ann", display_name="Ann",
+            text="hello", sink=full, message_id="m1"))
+        answered = await runtime.service.handle(ChatEvent(
+            platform="twitch", channel_id="d", platform_user_id="bob", display_name="Bob",
+            text="hello", sink=free, message_id="m2"))
+        assert len(runtime.engine.backend.requests) == 1
+    assert (dropped.status, dropped.reason) == ("dropped", "send_backlog")
+    assert full.sent == []
+    assert answered.status == "answered" and free.sent == [REPLY]

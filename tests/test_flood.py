@@ -37,6 +37,30 @@ async def test_send_limiter_never_exceeds_its_window() -> None:
     assert sent_at[-1] == pytest.approx(30.0)  # 10 sends at 3 per 10 s: the last at t=30
 
 
+async def test_send_limiter_says_how_long_a_new_send_would_wait() -> None:
+    """Nothing sent: no wait. A full window: until it frees. Sends already waiting: a whole
+    window more for each ``limit`` of them."""
+    now = [0.0]
+    release = asyncio.Event()
+
+    async def held_sleep(seconds: float) -> None:
+        await release.wait()
+
+    limiter = SendLimiter(2, 30.0, clock=lambda: now[0], sleep=held_sleep)
+    assert limiter.backlog_s() == 0.0
+    await limiter.acquire()
+    assert limiter.backlog_s() == 0.0  # one slot left
+    await limiter.acquire()
+    assert limiter.backlog_s() == pytest.approx(30.0)  # window full
+    waiting = [asyncio.create_task(limiter.acquire()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert limiter.backlog_s() == pytest.approx(60.0)  # two queued: the next window too
+    release.set()
+    now[0] = 31.0
+    await asyncio.gather(*waiting)
+    assert limiter.backlog_s() == pytest.approx(30.0)
+
+
 @pytest.fixture
 async def flood_runtime(tmp_path: Path, request: pytest.FixtureRequest
                         ) -> AsyncIterator[Runtime]:

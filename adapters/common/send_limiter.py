@@ -23,8 +23,23 @@ class SendLimiter:
         self._sleep = sleep
         self._sent: deque[float] = deque()
         self._lock = asyncio.Lock()
+        self._waiting = 0
+
+    def backlog_s(self) -> float:
+        """About how long a send asked for now would wait (whole windows, an upper bound):
+        the sends of the window and those already waiting go first, ``limit`` a window."""
+        now = self._clock()
+        recent = sum(1 for sent in self._sent if now - sent < self.window)
+        return (self._waiting + recent) // self.limit * self.window
 
     async def acquire(self) -> None:
+        self._waiting += 1
+        try:
+            await self._acquire()
+        finally:
+            self._waiting -= 1
+
+    async def _acquire(self) -> None:
         async with self._lock:
             while True:
                 now = self._clock()

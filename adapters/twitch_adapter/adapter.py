@@ -73,6 +73,10 @@ class TwitchSink:
             self._pieces.sent(sent.id)
         return self._pieces.first()
 
+    def send_backlog_s(self) -> float:
+        """How long a reply asked for now would wait for this channel's send limit."""
+        return self._limiter.backlog_s()
+
     def _dropped(self, exc: twitchio.MessageRejectedError) -> DeliveryError:
         """Twitch took the message and did not post it (``is_sent: false``). Sent too fast:
         again once our window has passed; anything else (followers-only, a timeout, AutoMod)
