@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("twitchio")
 pytest.importorskip("discord")
 
-from benchmarks.rate_soak import run  # noqa: E402
+from benchmarks.rate_soak import run
 
 
 async def test_a_show_with_a_raid_never_breaks_a_platform_limit() -> None:
