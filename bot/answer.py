@@ -134,7 +134,7 @@ class Answerer:
         try:
             async with self._generation_slots:
                 queue_wait = time.monotonic() - exchange.received_at
-                streaming = self._streaming_preview(event, prompt)
+                streaming = self._streaming_preview(event)
                 reply = await self._engine.generate(
                     prompt.request, conversion_mode=self.conversion_mode(event),
                     on_chunk=self._on_chunk(exchange, prompt, streaming),
@@ -188,29 +188,34 @@ class Answerer:
 
     def _on_chunk(self, exchange: Exchange, prompt: PreparedPrompt,
                   streaming: StreamingPreview | None) -> Any:
-        """The engine's chunk callback: the platform's streaming preview, and the reply so
-        far for observers (the overlay), after the output-safety stage like every preview."""
-        if not self._signals.active:
-            return streaming.on_chunk if streaming else None
+        """The engine's chunk callback: the reply so far, after the output-safety stage like
+        every text a viewer sees, for the platform's streaming preview and for observers (the
+        overlay). The stage reruns over the whole text, so it runs only when one of them is
+        due (observers every PROGRESS_INTERVAL_S, previews at the platform's pace), once for
+        both, not once per token (the final text goes out when the reply is recorded)."""
+        observed = self._signals.active
+        if streaming is None and not observed:
+            return None
         raw: list[str] = []
         shown, last = [""], [0.0]
         conversion = self.conversion_mode(exchange.event)
 
         async def on_chunk(chunk: str) -> None:
             raw.append(chunk)
-            # The output-safety stage reruns over the whole text: at most every
-            # PROGRESS_INTERVAL_S on the event loop, not once per token (the final text
-            # always goes out when the reply is recorded).
             now = time.monotonic()
-            if now - last[0] >= PROGRESS_INTERVAL_S:
+            progress_due = observed and now - last[0] >= PROGRESS_INTERVAL_S
+            preview_due = streaming is not None and streaming.due(now)
+            if not (progress_due or preview_due):
+                return
+            text = self._engine.preview("".join(raw), prompt.request,
+                                        conversion_mode=conversion)
+            if progress_due:
                 last[0] = now
-                text = self._engine.preview("".join(raw), prompt.request,
-                                            conversion_mode=conversion)
                 if text and text != shown[0]:
                     shown[0] = text
                     self._signals.reply_progress(self._progress(exchange, text))
-            if streaming is not None:
-                await streaming.on_chunk(chunk)
+            if preview_due and streaming is not None:
+                streaming.show(text, now)
 
         return on_chunk
 
@@ -220,16 +225,9 @@ class Answerer:
             event.platform, event.channel_id, event.platform_user_id
         ) or event.conversion_mode
 
-    def _streaming_preview(self, event: ChatEvent,
-                           prompt: PreparedPrompt) -> StreamingPreview | None:
+    def _streaming_preview(self, event: ChatEvent) -> StreamingPreview | None:
         interval = self._config.limits.stream_edit_interval_s
         if not interval or not supports_edits(event.sink):
             return None
-        conversion = self.conversion_mode(event)
-
-        def preview(raw: str) -> str:
-            return self._engine.preview(raw, prompt.request, conversion_mode=conversion)
-
         # A sink may ask for its own pace (a terminal has no rate limit to respect).
-        return StreamingPreview(event.sink, preview,
-                                getattr(event.sink, "edit_interval_s", interval))
+        return StreamingPreview(event.sink, getattr(event.sink, "edit_interval_s", interval))

@@ -9,37 +9,44 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import Callable
 
 from bot.delivery import DeliveryFailed, cosmetic, deliver
 from bot.events import ReplySink
 
 log = logging.getLogger(__name__)
 
+# How often the text is looked at while no preview goes out (no finished sentence yet, or the
+# same text): the output stage reruns over the whole reply, so not once per token.
+LOOK_EVERY_S = 0.1
+
 
 class StreamingPreview:
     """Shows a reply while it is generated: the first text early, then at most one edit per
-    ``interval`` seconds (platform rate limits), then the final text."""
+    ``interval`` seconds (platform rate limits), then the final text. The caller computes
+    the text (the output stage, once for every consumer) when ``due`` says a preview would go
+    out, and hands it to ``show``."""
 
-    def __init__(self, sink: ReplySink, preview: Callable[[str], str], interval: float) -> None:
+    def __init__(self, sink: ReplySink, interval: float) -> None:
         self._sink = sink
-        self._preview = preview
         self._interval = interval
-        self._raw: list[str] = []
         self._last = 0.0
+        self._looked = 0.0
         self._shown = ""
         self._broken = False
         self._showing: asyncio.Task[None] | None = None
         self.message_id: str | None = None
 
-    async def on_chunk(self, chunk: str) -> None:
-        self._raw.append(chunk)
-        now = time.monotonic()
+    def due(self, now: float) -> bool:
+        """Whether a preview would go out now: the interval has passed, the last one is
+        through, and the platform is not asking for a pause."""
         busy = self._showing is not None and not self._showing.done()
-        if self._broken or busy or now - self._last < self._interval or self._paused():
-            return
-        text = self._preview("".join(self._raw))
+        return not (self._broken or busy or now - self._last < self._interval
+                    or now - self._looked < min(LOOK_EVERY_S, self._interval)
+                    or self._paused())
+
+    def show(self, text: str, now: float) -> None:
+        """Start showing ``text`` beside the reply (if it is new)."""
+        self._looked = now
         if not text or text == self._shown:
             return
         self._last = now

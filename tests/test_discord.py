@@ -311,7 +311,8 @@ async def test_trace_for_admins(env: Any, responses: list[dict]) -> None:
 @pytest.mark.parametrize("env", [0.001], indirect=True)
 async def test_reply_streams_by_editing_one_message(env: Any,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    adapter, _runtime, sends = env
+    adapter, runtime, sends = env
+    runtime.engine.backend._chunk_delay_s = 0.01  # a reply that takes a while to generate
     edits: list[dict] = []
     original_edit = discord.Message.edit
 
