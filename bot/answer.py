@@ -23,7 +23,7 @@ from bot.signals import ReplyProgress, Signals
 from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
-from engine.response_generator import GeneratedReply
+from engine.types import GeneratedReply
 from memory.errors import StoreError
 from memory.store import IntakeItem, IntakeOutcome, ReplyContext, StateSnapshot, Store
 

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 from engine.persona import Persona, PersonaState
-from engine.response_generator import GeneratedReply
-from engine.types import GenerationRequest
+from engine.types import GeneratedReply, GenerationRequest
 
 ChunkCallback = Callable[[str], Awaitable[None] | None]
 

@@ -32,7 +32,6 @@ from engine.persona import (
 from engine.reports import AllocationReport, GpuStatus, OptimizeReport
 from engine.response_generator import (
     Blocklist,
-    GeneratedReply,
     PostProcessing,
     ResponseGenerator,
     build_messages,
@@ -40,7 +39,7 @@ from engine.response_generator import (
     seed_history,
 )
 from engine.text_filters import FilterOptions, complete_sentences
-from engine.types import GenerationRequest
+from engine.types import GeneratedReply, GenerationRequest
 
 log = logging.getLogger(__name__)
 

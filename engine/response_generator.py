@@ -24,7 +24,7 @@ from engine.text_filters import (
     remove_partial_echo,
     remove_system_echo,
 )
-from engine.types import ChatMessage, GenerationRequest, PromptUsage
+from engine.types import ChatMessage, GeneratedReply, GenerationRequest, PromptUsage
 
 # Zero-width characters used to smuggle control tokens past naive filters.
 _INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
@@ -91,33 +91,6 @@ def seed_history(pairs: Sequence[tuple[str, str]] | None) -> list[tuple[str, str
     for user_text, bot_text in pairs or ():
         turns.extend((("user", user_text), ("assistant", bot_text)))
     return turns
-
-
-@dataclass(slots=True)
-class GeneratedReply:
-    text: str
-    raw_text: str
-    truncated: bool
-    filter_edits: list[str]
-    conversion_mode: str
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int = 0  # of prompt_tokens: from a prefix cache, not prefilled
-    timings: dict[str, float] = field(default_factory=dict)
-    # Who made it (backend, model, request id, sampling), filled in by the engine facade.
-    context: dict[str, Any] = field(default_factory=dict)
-
-    def trace(self) -> dict[str, Any]:
-        return {
-            **self.context,
-            "prompt_tokens": self.prompt_tokens,
-            "cached_prompt_tokens": self.cached_prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "truncated": self.truncated,
-            "filter_edits": self.filter_edits,
-            "conversion_mode": self.conversion_mode,
-            "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
-        }
 
 
 @dataclass(frozen=True, slots=True)

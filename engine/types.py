@@ -1,4 +1,5 @@
-"""Requests and settings passed between the facade, the response generator and backends."""
+"""Requests, settings and results passed between the runtime, the facade, the response
+generator and backends: data types only (nothing here imports torch or transformers)."""
 
 from __future__ import annotations
 
@@ -70,3 +71,30 @@ class PromptUsage:
 
     prompt_tokens: int
     cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class GeneratedReply:
+    text: str
+    raw_text: str
+    truncated: bool
+    filter_edits: list[str]
+    conversion_mode: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int = 0  # of prompt_tokens: from a prefix cache, not prefilled
+    timings: dict[str, float] = field(default_factory=dict)
+    # Who made it (backend, model, request id, sampling), filled in by the engine facade.
+    context: dict[str, Any] = field(default_factory=dict)
+
+    def trace(self) -> dict[str, Any]:
+        return {
+            **self.context,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "truncated": self.truncated,
+            "filter_edits": self.filter_edits,
+            "conversion_mode": self.conversion_mode,
+            "timings_ms": {k: round(v * 1000, 1) for k, v in self.timings.items()},
+        }

@@ -149,3 +149,16 @@ def test_modules_and_functions_stay_small(package: str) -> None:
                 if length > MAX_FUNCTION_LINES:
                     too_big.append(f"{path.relative_to(ROOT)}:{node.name}: {length} lines")
     assert too_big == []
+
+
+def test_the_engine_interface_imports_nothing_heavy() -> None:
+    """``engine.client`` (what the runtime talks to) and the data types it speaks are the
+    ground floor: importing them loads neither torch nor transformers."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, engine.client, engine.types; "
+             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=True)
+    assert result.stdout.strip() == "[]"
