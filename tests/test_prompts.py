@@ -67,3 +67,21 @@ def test_the_usual_control_tokens_of_every_family_are_defused() -> None:
         assert defuse(text).replace(ZERO_WIDTH_SPACE, "") == text
     for harmless in ["a < b | c > d", "<3", "[insert name]", "<br>", "|>_<|"]:
         assert defuse(harmless) == harmless
+
+
+def test_generation_stops_at_every_special_token_the_template_writes(
+        tiny_model_dir: Path) -> None:
+    """A reply ends at the end of its turn, and also where it would start the next one
+    (``<|im_start|>``): a fabricated viewer turn is never generated, whatever the filters
+    after would have caught."""
+    from transformers import AutoTokenizer
+
+    from engine.backends.prompts import template_stop_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    stops = template_stop_ids(tokenizer, set())
+    for token in ("<|im_start|>", "<|im_end|>"):
+        assert tokenizer.convert_tokens_to_ids(token) in stops
+    assert tokenizer.unk_token_id not in stops
+    ordinary = tokenizer.encode("hello there", add_special_tokens=False)
+    assert not stops & set(ordinary)

@@ -144,3 +144,19 @@ def _special_pattern(tokenizer: Any) -> re.Pattern[str] | None:
     specials |= set(getattr(tokenizer, "all_special_tokens", []))
     tokens = sorted((t for t in specials if len(t) > 1), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, tokens))) if tokens else None
+
+
+def template_stop_ids(tokenizer: Any, eos_ids: set[int]) -> frozenset[int]:
+    """Where generation stops: the end-of-sequence ids, and every special token the chat
+    template writes (start and end of a turn, role headers), so a reply that begins a
+    fabricated next turn is cut by token id before any of it is generated. Tokens the
+    template writes that are not special (Qwen's ``<think>``) are text, not stops."""
+    template = tokenizer.chat_template or ""
+    if not isinstance(template, str):  # several named templates
+        template = "\n".join(str(value) for value in dict(template).values())
+    special = {*tokenizer.all_special_tokens,
+               *(added.content for added in getattr(tokenizer, "added_tokens_decoder", {}).values()
+                 if added.special)}
+    marks = {token for token in special if token and token in template}
+    ids = {tokenizer.convert_tokens_to_ids(token) for token in marks}
+    return frozenset({*eos_ids, *ids, tokenizer.eos_token_id} - {None, tokenizer.unk_token_id})

@@ -24,7 +24,7 @@ from engine.backends.batch_limit import LimitRecovery
 from engine.backends.continuous_worker import ContinuousWorker
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox, is_oom
-from engine.backends.prompts import ChatPrompts
+from engine.backends.prompts import ChatPrompts, template_stop_ids
 from engine.config import LLMConfig
 from engine.continuous import supports
 from engine.errors import BackendUnavailableError, GenerationAborted
@@ -289,6 +289,7 @@ class TransformersBackend:
             "min_new_tokens": sampling.min_new_tokens or None,
             "repetition_penalty": sampling.repetition_penalty,
             "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": sorted(eos_ids),  # so min_new_tokens holds every stop back
             "stopping_criteria": StoppingCriteriaList([_RowsDone()]),
             "streamer": _BatchStreamer(jobs, eos_ids, self.outbox),
         }
@@ -314,9 +315,11 @@ class TransformersBackend:
         return supports(self.model) and (wanted == "on" or (wanted == "auto" and on_gpu))
 
     def eos_ids(self) -> frozenset[int]:
+        """Ids that end a reply: the model's end of sequence and the chat template's own
+        special tokens (``template_stop_ids``)."""
         eos = self.model.generation_config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        return frozenset({*ids, self.tokenizer.eos_token_id} - {None})
+        return template_stop_ids(self.tokenizer, ids)
 
     def prompt_parts(self, job: Job) -> tuple[list[int], list[int]]:
         """(the shared prefix: the system turn alone, if the prompt starts with it; the
