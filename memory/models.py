@@ -40,6 +40,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# SQLite reuses the largest id after a delete unless told not to; a deleted viewer's id must
+# never become a new viewer's (migration 0006).
+MONOTONIC_IDS: dict[str, Any] = {"sqlite_autoincrement": True}
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map: ClassVar[dict[Any, Any]] = {
@@ -52,6 +57,7 @@ class User(Base):
     """A person. Several platform identities may point at one user (linked accounts)."""
 
     __tablename__ = "users"
+    __table_args__ = MONOTONIC_IDS
 
     id: Mapped[int] = mapped_column(primary_key=True)
     display_name: Mapped[str] = mapped_column(String(200))
@@ -60,7 +66,7 @@ class User(Base):
 
 class Identity(Base):
     __tablename__ = "identities"
-    __table_args__ = (UniqueConstraint("platform", "platform_user_id"),)
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"), MONOTONIC_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -74,7 +80,7 @@ class RelationshipState(Base):
     """Mood and intimacy of one persona towards one user. ``version`` counts every change."""
 
     __tablename__ = "relationship_states"
-    __table_args__ = (UniqueConstraint("user_id", "persona_id"),)
+    __table_args__ = (UniqueConstraint("user_id", "persona_id"), MONOTONIC_IDS)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -94,6 +100,7 @@ class StateEvent(Base):
     """Audit trail: every state change with its cause and before/after values."""
 
     __tablename__ = "state_events"
+    __table_args__ = MONOTONIC_IDS
 
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
@@ -118,6 +125,7 @@ class Message(Base):
               unique=True, sqlite_where=text(INTAKE_WHERE), postgresql_where=text(INTAKE_WHERE)),
         Index("ix_messages_received", "id", sqlite_where=text(RECEIVED_WHERE),
               postgresql_where=text(RECEIVED_WHERE)),
+        MONOTONIC_IDS,
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -146,6 +154,7 @@ class Memory(Base):
     """Retrievable text: persona knowledge (``scope`` persona) or a user's long-term memory."""
 
     __tablename__ = "memories"
+    __table_args__ = MONOTONIC_IDS
 
     id: Mapped[int] = mapped_column(primary_key=True)
     scope: Mapped[str] = mapped_column(String(16))

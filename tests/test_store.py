@@ -516,3 +516,51 @@ async def test_linking_keeps_a_message_committed_while_the_link_runs(store: Stor
     await link
     contents = sorted(m.content for m in await store.messages_for(ann.user_id))
     assert contents == ["hi", "mid-link", "yo"]
+
+
+async def test_a_deleted_viewers_ids_are_never_handed_out_again(store: Store) -> None:
+    """The newest viewer forgets themselves: the next new viewer, message and memory get
+    ids of their own, so nothing still addressed to the old ones (a reply being generated,
+    a memory about to be stored) can land with someone else."""
+    from memory.store.records import NewMemory
+
+    ann = await store.resolve_user("console", "ann", "ann")
+    bob = await store.resolve_user("console", "bob", "bob")
+    last_message = await _exchange(store, bob, "我家的貓叫麻糬", "好可愛的名字")
+    [last_memory] = await store.add_memories([NewMemory("user", "pell", "貓叫麻糬", "chat",
+                                                        user_id=bob)])
+    await store.delete_user_data(bob)
+    carl = await store.resolve_user("console", "carl", "carl")
+    assert carl > bob
+    assert await _exchange(store, ann, "晚安", "晚安～") > last_message
+    [memory] = await store.add_memories([NewMemory("user", "pell", "晚安", "chat",
+                                                   user_id=ann)])
+    assert memory > last_memory
+
+
+async def test_upgrading_to_monotonic_ids_keeps_every_row_and_the_lexical_index(
+        tmp_path: Path) -> None:
+    """0006 rebuilds SQLite's tables with AUTOINCREMENT: rows keep their ids, indexes and
+    the memories' full-text triggers come back."""
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    db_url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+    await migrate._run(db_url, "upgrade", "0005")
+    engine = create_async_engine(db_url)
+    async with engine.begin() as conn:
+        for name in ("ann", "bob"):
+            await conn.execute(text("INSERT INTO users (display_name, created_at) "
+                                    "VALUES (:name, CURRENT_TIMESTAMP)"), {"name": name})
+        await conn.execute(text(
+            "INSERT INTO memories (scope, persona_id, user_id, text, source, created_at) "
+            "VALUES ('user', 'pell', 1, '我家的貓叫麻糬', 'chat', CURRENT_TIMESTAMP)"))
+    await engine.dispose()
+    await migrate.upgrade_to_head(db_url)
+    store = await Store.open(db_url)
+    try:
+        assert await store.lexical_search(["麻糬"], "pell", 1, 5) == [1]
+        await store.delete_user_data(2)
+        assert await store.resolve_user("console", "carl", "carl") == 3
+    finally:
+        await store.close()
