@@ -250,6 +250,28 @@ async def test_a_message_purged_while_answered_stays_purged(store: Store) -> Non
     assert question is not None and (question.status, question.content) == ("purged", "")
 
 
+async def test_a_purge_takes_the_replies_that_may_quote_it_along(store: Store) -> None:
+    """A reply to a purged message, stored before the purge or while it was generated,
+    keeps its row but not its words: later prompts and the viewer's export never show it."""
+    user = await store.resolve_user("twitch", "ann", "ann")
+    [before, during] = await store.intake([_item("我的地址是 X", "m-before"),
+                                           _item("我的電話是 Y", "m-during")])
+    assert before.message_id is not None and during.message_id is not None
+    await store.complete_exchange(
+        user_message_id=before.message_id, reply_text="你說你的地址是 X 對吧", trace={},
+        platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
+    await store.purge_platform_message("twitch", "m-before")
+    await store.purge_platform_message("twitch", "m-during")  # while its reply generates
+    await store.complete_exchange(
+        user_message_id=during.message_id, reply_text="電話 Y 我記住了", trace={},
+        platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
+    assert await store.recent_history(user, "pell", limit=10) == []
+    exported = await store.export_user_data(user)
+    words = " ".join(str(row.get("content")) for row in exported["messages"])
+    assert "X" not in words and "Y" not in words
+    assert {row["status"] for row in exported["messages"]} == {"purged"}
+
+
 async def test_upgrading_a_database_with_redelivered_duplicates(db_url: str) -> None:
     """Older versions stored a redelivered platform message twice: 0003 keeps one key."""
     from sqlalchemy import text

@@ -30,11 +30,16 @@ def _row_dict(row: Any) -> dict[str, Any]:
 
 async def _blank_messages(session: AsyncSession, ids: list[int]) -> int:
     """Purge messages: keep the rows (the audit trail of what happened) but not the words,
-    and drop the long-term memories made from them."""
+    and drop the long-term memories made from them. The persona's replies to them go too:
+    a reply may quote what was purged, and must not bring it back in a later prompt or an
+    export."""
     if not ids:
         return 0
     await session.execute(
         update(Message).where(Message.id.in_(ids)).values(content="", status="purged"))
+    await session.execute(
+        update(Message).where(Message.reply_to_id.in_(ids), Message.role == "assistant")
+        .values(content="", status="purged"))
     await session.execute(
         delete(Memory).where(Memory.source.in_([f"message:{i}" for i in ids])))
     return len(ids)

@@ -79,13 +79,16 @@ class States:
 
         def work(connection: Connection) -> tuple[int, StateSnapshot]:
             asked = {"question_id": user_message_id}
-            question = (connection.execute(sql.ANSWER_QUESTION, asked).first()
-                        or connection.execute(sql.QUESTION, asked).first())  # purged meanwhile
+            question = connection.execute(sql.ANSWER_QUESTION, asked).first()
+            purged = question is None  # a moderator deleted it while it was answered
+            question = question or connection.execute(sql.QUESTION, asked).first()
             if question is None:
                 raise StoreError(f"store: message {user_message_id} does not exist")
+            # A reply to a purged message may quote it: kept as a row, not as words.
             reply_id: int = connection.execute(sql.INSERT_MESSAGE, {
                 "user_id": question.user_id, "persona_id": question.persona_id,
-                "role": "assistant", "content": reply_text, "status": "sent",
+                "role": "assistant", "content": "" if purged else reply_text,
+                "status": "purged" if purged else "sent",
                 "status_reason": None, "platform": question.platform,
                 "channel_id": question.channel_id, "platform_message_id": platform_message_id,
                 "reply_to_id": user_message_id, "trace": trace, "created_at": created_at,
