@@ -10,8 +10,7 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-MASK = "***"
-MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words
+from engine.secret_scan import MASK, MIN_SECRET_LENGTH
 
 
 class SecretMask:

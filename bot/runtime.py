@@ -33,6 +33,7 @@ from engine.backends.base import Backend
 from engine.llm_manager import LLMManager
 from engine.persona import PersonaError, knowledge_folder, load_persona
 from engine.reports import OptimizeReport
+from engine.secret_scan import SecretScanner
 from engine.system_info import diagnose_system
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
@@ -353,7 +354,8 @@ async def open_runtime(
     async with open_store(config, paths) as store:
         if role is not None:
             await store.role_lock.take(role)
-        engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend)
+        engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
+                            redact=SecretScanner(config.secrets.values()))
         try:
             await engine.start()
             retriever = await _open_retriever(config, engine, store)

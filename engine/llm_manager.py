@@ -38,6 +38,7 @@ from engine.response_generator import (
     finish_text,
     seed_history,
 )
+from engine.secret_scan import SecretScanner
 from engine.text_filters import FilterOptions, complete_sentences
 from engine.types import GeneratedReply, GenerationRequest
 
@@ -57,6 +58,7 @@ class LLMManager:
         persona: Persona | None = None,
         backend: Backend | None = None,
         moderate: Callable[[str], str | None] | None = None,
+        redact: Callable[[str], str] | None = None,  # masks secrets in every output
     ) -> None:
         self.config = EngineConfig.from_mapping(config)
         self._cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -65,6 +67,7 @@ class LLMManager:
         # An external moderation hook, else the config's blocklist (if any).
         blocklist = self.config.vtuber.moderation.blocklist
         self._moderate = moderate or (Blocklist(blocklist) if blocklist else None)
+        self._redact = redact or SecretScanner()
         self._generator: ResponseGenerator | None = None
         self._embedder: Embedder | None = None
         self._rag: Any = None
@@ -163,7 +166,7 @@ class LLMManager:
         prompts = tuple(dict.fromkeys(persona.system_prompt(lang)
                                       for lang in (language, "zh", "en")))
         return PostProcessing(
-            moderate=self._moderate,
+            moderate=self._moderate, redact=self._redact,
             filter_options=FilterOptions(
                 persona_names=persona.names.all(),
                 filter_repetition=self.config.response.filter_repetition,

@@ -18,6 +18,7 @@ from typing import Any
 from engine import chinese
 from engine.backends.base import Backend
 from engine.prompt_text import VIEWER_CONTROL
+from engine.secret_scan import SecretScanner
 from engine.text_filters import (
     FilterOptions,
     clean_reply,
@@ -103,6 +104,9 @@ class PostProcessing:
     # Says why a finished text must not be shown (None: fine). The hook for a blocklist or an
     # external moderation service.
     moderate: Callable[[str], str | None] | None = None
+    # Masks secrets: credential-shaped strings always, the operator's own where the runtime
+    # hands them in.
+    redact: Callable[[str], str] = field(default_factory=SecretScanner)
 
 
 @functools.lru_cache(maxsize=64)
@@ -127,6 +131,10 @@ def finish_text(raw: str, post: PostProcessing,
             if unechoed != text and "system_echo" not in edits:
                 edits.append("system_echo")
             text = unechoed
+    scanned = post.redact(text)
+    if scanned != text:
+        edits.append("secret")
+        text = scanned
     verdict = post.moderate(text) if post.moderate is not None and text.strip() else None
     if verdict is not None:
         edits.append(f"moderation: {verdict}")
