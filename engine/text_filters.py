@@ -13,8 +13,14 @@ import unicodedata
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-_THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S | re.I)
-_STRAY_THINK = re.compile(r"</?think>", re.I)
+# Reasoning blocks as the families of models write them (Qwen/DeepSeek <think>, others
+# <thinking>/<reasoning>/<thought>/<reflection>, Kimi's ◁think▷), spaces inside a tag allowed.
+_REASONING_NAMES = r"(?:think|thinking|reasoning|thought|reflection)"
+_THINK_OPEN = rf"(?:<\s*{_REASONING_NAMES}\s*>|◁\s*think\s*▷)"
+_THINK_CLOSE = rf"(?:<\s*/\s*{_REASONING_NAMES}\s*>|◁\s*/\s*think\s*▷)"
+_THINK = re.compile(rf"{_THINK_OPEN}.*?(?:{_THINK_CLOSE}|\Z)", re.S | re.I)
+_LAST_CLOSE = re.compile(rf".*{_THINK_CLOSE}", re.S | re.I)
+_STRAY_THINK = re.compile(rf"{_THINK_OPEN}|{_THINK_CLOSE}", re.I)
 # Llama 2's system block, opened and maybe never closed.
 _SYS_BLOCK = re.compile(r"<<SYS>>.*?(?:<</SYS>>|\Z)", re.S | re.I)
 # ChatML / Llama / Mistral control tokens. Anchored on the exact shapes so that ordinary text
@@ -85,9 +91,8 @@ def _role_prefix(persona_names: tuple[str, ...]) -> re.Pattern[str]:
 
 def strip_reasoning(text: str) -> str:
     text = _THINK.sub("", text)
-    close = text.lower().rfind("</think>")
-    if close >= 0:  # the opening tag was lost: everything before the close was thinking
-        text = text[close + len("</think>"):]
+    # The opening tag was lost: everything before the last close was thinking.
+    text = _LAST_CLOSE.sub("", text, count=1)
     return _STRAY_THINK.sub("", text)
 
 

@@ -53,6 +53,13 @@ SHAPES: list[tuple[str, Any, list[str]]] = [
     ("mid-line labels", lambda ok: f"{ok} User: {FABRICATED}", [FABRICATED, "User:"]),
     ("Chinese viewer label", lambda ok: f"{ok}\n觀眾：{FABRICATED}", [FABRICATED, "觀眾："]),
     ("think block", lambda ok: f"<think>{THINKING}</think>{ok}", [THINKING, "think>"]),
+    ("think tag with spaces", lambda ok: f"< think >{THINKING}</ think >{ok}",
+     [THINKING, "think"]),
+    ("thinking block", lambda ok: f"<thinking>{THINKING}</thinking>{ok}",
+     [THINKING, "thinking>"]),
+    ("reasoning block", lambda ok: f"<reasoning>\n{THINKING}\n</reasoning>\n{ok}",
+     [THINKING, "reasoning>"]),
+    ("Kimi think", lambda ok: f"◁think▷{THINKING}◁/think▷{ok}", [THINKING, "think▷"]),
 ]
 LEAKS = [(f"{name} #{index}", make(ok), forbidden)
          for name, make, forbidden in SHAPES for index, ok in enumerate(OK)]
