@@ -48,3 +48,10 @@ def _shield(text: str, protected: tuple[str, ...]) -> tuple[str, list[str]]:
             text = text.replace(term, chr(_PLACEHOLDER_BASE + len(originals)))
             originals.append(term)
     return text, originals
+
+
+@lru_cache(maxsize=256)
+def fold_script(text: str) -> str:
+    """``text`` in Simplified characters: one script to compare texts in, whatever script
+    each was written in (cached: the prompts compared against repeat)."""
+    return str(_converter("t2s").convert(text)) if text else text

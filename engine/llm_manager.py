@@ -1,8 +1,5 @@
-"""``LLMManager``: the seed's facade, same names and return keys, over the new engine.
-
-The runtime (``bot``) uses ``start`` / ``generate`` / ``aclose``; the seed API
-(``initialize``, ``generate_response``, ``cleanup``, ...) is kept for existing code.
-"""
+"""``LLMManager``: the seed's facade over the new engine, same names and return keys. The
+runtime uses ``start``/``generate``/``aclose``; the seed API (``initialize``, ...) stays."""
 
 from __future__ import annotations
 
@@ -159,8 +156,8 @@ class LLMManager:
             raise BackendUnavailableError("LLM manager is not initialised")
         return self._backend
 
-    def post_processing(self, conversion_mode: str | None = None,
-                        language: str = "zh") -> PostProcessing:
+    def post_processing(self, conversion_mode: str | None = None, language: str = "zh",
+                        private: tuple[str, ...] = ()) -> PostProcessing:
         persona = self.persona
         # The viewer's language first; an echo of the other language's prompt is a leak too.
         prompts = tuple(dict.fromkeys(persona.system_prompt(lang)
@@ -176,7 +173,7 @@ class LLMManager:
             ),
             conversion_mode=conversion_mode or self.config.response.conversion_mode,
             protected_terms=tuple(persona.protected_terms),
-            echo_sources=prompts,
+            echo_sources=prompts + private,
         )
 
     def build_request(self, inputs: PromptInputs) -> GenerationRequest:
@@ -191,7 +188,8 @@ class LLMManager:
                 else None)
         messages = build_messages(persona.system_prompt(language), text,
                                   inputs.history, inputs.context, hint, inputs.user_notes)
-        return GenerationRequest(messages, self.config.sampling(), language=language)
+        return GenerationRequest(messages, self.config.sampling(), language=language,
+                                 private=(hint,) if hint else ())
 
     async def generate(
         self,
@@ -202,7 +200,7 @@ class LLMManager:
     ) -> GeneratedReply:
         if self._generator is None:
             raise BackendUnavailableError("LLM manager is not initialised")
-        post = self.post_processing(conversion_mode, request.language)
+        post = self.post_processing(conversion_mode, request.language, request.private)
         reply = await self._generator.generate(request, post, on_chunk)
         reply.context = {"backend": self.config.llm.backend, "model": self.model_name,
                          "request_id": request.request_id,
@@ -213,7 +211,7 @@ class LLMManager:
                 conversion_mode: str | None = None) -> str:
         """A partial reply as it may be shown while streaming: filtered and converted like the
         final one, but never the fallback line ("" while nothing is showable yet)."""
-        post = self.post_processing(conversion_mode, request.language)
+        post = self.post_processing(conversion_mode, request.language, request.private)
         text, edits = finish_text(raw, post)
         if "fallback" in edits:
             return ""

@@ -124,13 +124,15 @@ def finish_text(raw: str, post: PostProcessing,
     text = chinese.convert(cleaned.text, post.conversion_mode, post.protected_terms)
     edits = list(cleaned.edits)
     for source in post.echo_sources:
-        # The prompt in the viewer's script first: that is the script the reply is in now.
+        # Whole lines in the viewer's script and as written; runs in either script.
+        unechoed = text
         for prompt in dict.fromkeys((_in_script(source, post.conversion_mode), source)):
-            unechoed = remove_partial_echo(remove_system_echo(text, prompt), prompt,
-                                           options.echo_allowed)
-            if unechoed != text and "system_echo" not in edits:
-                edits.append("system_echo")
-            text = unechoed
+            unechoed = remove_system_echo(unechoed, prompt)
+        unechoed = remove_partial_echo(unechoed, source, options.echo_allowed,
+                                       fold=chinese.fold_script)
+        if unechoed != text and "system_echo" not in edits:
+            edits.append("system_echo")
+        text = unechoed
     scanned = post.redact(text)
     if scanned != text:
         edits.append("secret")

@@ -228,14 +228,30 @@ def _prompt_ngrams(prompt: str, allowed: tuple[str, ...], n: int) -> frozenset[s
 
 
 def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
-                        n: int = ECHO_NGRAM) -> str:
+                        n: int = ECHO_NGRAM,
+                        fold: Callable[[str], str] | None = None) -> str:
     """Remove every run of ``n``+ characters the reply shares with the prompt. The persona's
     own phrases (``allowed``: names, catchphrases, example answers) are not an echo by
-    themselves, but are removed with the run around them when that run is one."""
-    phrases = tuple(sorted({a for a in allowed if a.strip()}, key=len, reverse=True))[:256]
-    grams = _prompt_ngrams(prompt, phrases, n)
+    themselves, but are removed with the run around them when that run is one. ``fold``
+    (one Chinese script for both, say) maps reply and prompt before they are compared, where
+    it keeps the reply's length (so what matched maps back character for character)."""
     if not prompt or len(text) < ECHO_WORDS:
         return text
+    phrases = tuple(sorted({a for a in allowed if a.strip()}, key=len, reverse=True))[:256]
+    probe = fold(text) if fold is not None else text
+    if fold is not None and len(probe) == len(text):
+        prompt, phrases = fold(prompt), tuple(fold(p) for p in phrases)
+    else:
+        probe = text
+    echo = _echo_mask(probe, prompt, phrases, n)
+    if echo is None:  # the common case, on the event loop for every preview: nothing to cut
+        return text
+    return "".join(char for char, echoed in zip(text, echo, strict=True) if not echoed)
+
+
+def _echo_mask(text: str, prompt: str, phrases: tuple[str, ...], n: int) -> list[bool] | None:
+    """Which characters of ``text`` belong to a run shared with ``prompt`` (None: none)."""
+    grams = _prompt_ngrams(prompt, phrases, n)
     masked, spans = _mask(text, phrases)
     runs = [(start, start + n - 1) for start in range(len(masked) - n + 1)
             if masked[start:start + n] in grams]
@@ -245,13 +261,13 @@ def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
     runs += [(words[i][1], words[i + ECHO_WORDS - 1][2])
              for i in range(len(words) - ECHO_WORDS + 1)
              if tuple(keys[i:i + ECHO_WORDS]) in shingles]
-    if not runs:  # the common case, on the event loop for every preview: nothing to cut
-        return text
+    if not runs:
+        return None
     echo = [False] * len(text)
     for first, last in runs:  # masked positions first..last, inclusive
         begin, end = (spans[first][0], spans[last][1]) if spans else (first, last + 1)
         echo[begin:end] = [True] * (end - begin)
-    return "".join(char for char, echoed in zip(text, echo, strict=True) if not echoed)
+    return echo
 
 
 _WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?|[\ue000-\ue0ff]")

@@ -46,6 +46,8 @@ class GenerationRequest:
     # The viewer's language ("zh" or "en"): picks the persona wording the filters compare with.
     language: str = "zh"
     request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
+    # Text of the prompt the viewer did not write and must never see echoed (the state hint).
+    private: tuple[str, ...] = ()
 
     def as_dicts(self, fold_system: bool = False) -> list[dict[str, Any]]:
         """The messages as chat-template dicts; ``fold_system``: every later system turn

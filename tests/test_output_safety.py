@@ -149,6 +149,26 @@ async def test_no_leak_in_the_final_text(manager: LLMManager, name: str, raw: st
     assert _forbidden_in(await _final(manager, raw), forbidden) == []
 
 
+@pytest.mark.parametrize("conversion", ["off", "s2twp", "s2t"])
+async def test_the_viewers_state_hint_is_never_echoed(manager: LLMManager,
+                                                      conversion: str) -> None:
+    """The mood and relationship hint is prompt text the viewer did not write: a reply that
+    recites it (in either script) is cut there, in previews and in the final text."""
+    from engine.persona import PersonaState
+
+    request = manager.build_request(PromptInputs("你好", state=PersonaState(mood="calm")))
+    [hint] = request.private
+    line = hint.splitlines()[-1]  # "和這位觀眾的關係：..."
+    raw = f"你好呀～{TO_SIMPLIFIED.convert(line)}"
+    preview = manager.preview(raw, request, conversion_mode=conversion)
+    backend = manager.backend
+    assert isinstance(backend, ScriptedBackend)
+    backend._replies = [raw]
+    final = (await manager.generate(request, conversion_mode=conversion)).text
+    for shown in (preview, final):
+        assert "觀眾的關係" not in shown and "观众的关系" not in shown, shown
+
+
 @pytest.mark.parametrize("text", BENIGN)
 async def test_benign_replies_are_untouched(manager: LLMManager, text: str) -> None:
     assert await _final(manager, text, conversion="off") == text
