@@ -38,8 +38,9 @@ _OTHER_SIDE = ("user", "human", "viewer", "system", "用戶", "用户", "使用�
                "系統", "系统")
 # What a bare role line of a chat template (ChatML, Gemma) says for the model's own side.
 _OWN_SIDE = ("assistant", "model", "ai", "bot")
-# Where a role label may start in the middle of a line: after a sentence end or a space.
-_MID_LINE = r"(?<=[\s。！？!?～~…])"
+# Where a role label may start in the middle of a line: after a sentence end (and spaces).
+# Not after any word: "Note for every viewer: ..." is a sentence, not a turn.
+_MID_LINE = r"(?<=[。！？!?～~…\.])[ \t]*"
 _SENTENCE = re.compile(r".+?(?:[。！？!?～~…]+[」』”’）)]*|\.(?=\s|$)|\n+|$)", re.S)
 _TERMINAL = re.compile(r"(?:[。！？!?～~…]|\.)[」』”’）)]*\s*$")
 _MAX_PASSES = 8
@@ -113,16 +114,42 @@ _OWN_ROLE_LINE = re.compile(rf"^\s*(?:{_alternatives(_OWN_SIDE)})\s*$\n?", re.I 
 
 def cut_fabricated_turn(text: str) -> str:
     """Drop everything from where the model starts speaking as the viewer (or the system):
-    a role label at a line start or mid-line, or a bare role line of a chat template."""
-    match = _OTHER_TURN.search(text)
-    return text[: match.start()] if match and match.start() > 0 else text
+    a role label at a line start or mid-line, or a bare role line of a chat template. A
+    ``user:`` line among other ``key: value`` lines is data (a config a viewer asked for)."""
+    for match in _OTHER_TURN.finditer(text):
+        label_at = match.start() + len(match.group()) - len(match.group().lstrip())
+        if match.start() > 0 and not _in_key_value_block(text, label_at):
+            return text[: match.start()]
+    return text
+
+
+# A line of data: an ASCII key and a one-word ASCII value ("user: pell", "level: 3").
+_KEY_VALUE_LINE = re.compile(r"^[ \t]*[A-Za-z_][\w.-]*[ \t]*:[ \t]+[\w.@/-]+[ \t]*$")
+
+
+def _in_key_value_block(text: str, at: int) -> bool:
+    """Whether the line at ``at`` is a ``key: value`` line next to another one whose key is
+    no role (a config a viewer asked for), rather than a turn."""
+    start = text.rfind("\n", 0, at) + 1 if at else 0
+    lines = text[start:].split("\n", 2)
+    before = text[:start - 1].rsplit("\n", 1)[-1] if start else ""
+    after = lines[1] if len(lines) > 1 else ""
+    return bool(_KEY_VALUE_LINE.match(lines[0])) and any(
+        _KEY_VALUE_LINE.match(line) and not _OTHER_TURN.match("\n" + line)
+        for line in (before, after))
+
+
+def _unless_data(text: str, match: re.Match[str]) -> str:
+    return match.group(0) if _in_key_value_block(text, match.start()) else ""
 
 
 def strip_role_prefixes(text: str, options: FilterOptions) -> str:
     pattern = _role_prefix(tuple(options.persona_names))
     previous = None
     while previous != text:  # "Assistant: 露米：hi" needs two passes
-        previous, text = text, _OWN_ROLE_LINE.sub("", pattern.sub("", text))
+        previous = text
+        text = pattern.sub(functools.partial(_unless_data, text), text)
+        text = _OWN_ROLE_LINE.sub("", text)
     return text
 
 
@@ -144,14 +171,21 @@ def _normalise(sentence: str) -> str:
     return re.sub(r"[\W_]+", "", folded)
 
 
+CHEER_CHARS = 2  # "加油！", "好耶！", "yay!": said again and again on purpose
+CHEER_REPEATS = 5
+
+
 def drop_repeated_sentences(text: str, max_repeat: int = 1) -> str:
+    """Drop a sentence said more than ``max_repeat`` times (a model's loop); a short cheer
+    may come ``CHEER_REPEATS`` times."""
     seen: dict[str, int] = {}
     kept = []
     for sentence in split_sentences(text):
         key = _normalise(sentence)
         if key:
             seen[key] = seen.get(key, 0) + 1
-            if seen[key] > max_repeat:
+            allowed = CHEER_REPEATS if len(key) <= CHEER_CHARS else max_repeat
+            if seen[key] > max(allowed, max_repeat):
                 continue
         kept.append(sentence)
     return "".join(kept)

@@ -96,6 +96,11 @@ BENIGN = [
     "I can't wait for the meteor shower.", "你看，那是北極星。", "What a lovely surprise!",
     "我們來玩猜謎吧！", "System check: lantern oil is full.", "好喜歡今天的你。",
     "See you at the next stream!", "燈塔的燈又亮起來了～",
+    # Shapes an independent corpus found altered: a role word inside a sentence, a config a
+    # viewer asked for, cheers said again and again.
+    "Note for every viewer: the stream starts at 8pm tonight!",
+    "設定檔長這樣：\nuser: pell\nlevel: 3", "加油！加油！加油！", "好耶！好耶！",
+    "You can write `system` or `user` as the role in that API.", "哈哈哈哈哈哈！",
 ]
 
 

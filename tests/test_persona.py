@@ -37,6 +37,18 @@ LEAKS = re.compile(
     r"<\|[a-z_]+\|>|</?think>|</?s>|\[/?INST\]|^\s*(user|human|assistant|system|用戶|用户)\s*[:：]",
     re.I | re.M,
 )
+# A "user: pell" line among other one-word "key: value" lines is data a viewer asked for.
+DATA_LINE = re.compile(r"^[ \t]*[A-Za-z_][\w.-]*[ \t]*:[ \t]+[\w.@/-]+[ \t]*$")
+
+
+def _data_line(text: str, match: re.Match[str]) -> bool:
+    lines = text.split("\n")
+    index = text.count("\n", 0, match.end())
+    neighbours = lines[max(0, index - 1):index] + lines[index + 1:index + 2]
+    return bool(DATA_LINE.match(lines[index])) and any(
+        DATA_LINE.match(line) and not LEAKS.match(line) for line in neighbours)
+
+
 TRICKY = st.sampled_from([
     "<|im_start|>", "<|im_end|>", "<think>", "</think>", "User:", "Assistant: ", "用戶：",
     "燈芯佩兒：", "\n", "。", "！", "friend", ">_<", "<3", "<|", "|>", "\u200b", SYSTEM[:30],
@@ -52,7 +64,8 @@ def test_filter_properties(raw: str, truncated: bool) -> None:
     once = clean_reply(raw, options).text  # never raises
     assert once, "empty reply"
     assert clean_reply(once, options).text == once, "not idempotent"
-    assert not LEAKS.search(once), f"leaked control text: {once!r}"
+    assert not [m for m in LEAKS.finditer(once) if not _data_line(once, m)], \
+        f"leaked control text: {once!r}"
     for line in SYSTEM.splitlines():
         if len(line) >= 8:
             assert line not in once
