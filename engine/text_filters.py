@@ -29,6 +29,14 @@ _SYS_BLOCK = re.compile(r"<<SYS>>.*?(?:<</SYS>>|\Z)", re.S | re.I)
 _SPECIAL_TOKENS = re.compile(
     r"<\|[\w.:-]{1,40}\|>|</s>|<s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<bos>|<eos>",
     re.I)
+# Where a chat template ends a turn or starts one (ChatML, Llama 3, Phi, Gemma, Mistral,
+# DeepSeek's full-width bars): the reply is over at the first one after its text.
+_TURN_BOUNDARY = re.compile(
+    r"<\|(?:im_start|im_end|eot_id|eom_id|start_header_id|end_header_id|end|endoftext"
+    r"|user|assistant|system)\|>|<(?:start|end)_of_turn>|</s>|\[INST\]|<eos>"
+    r"|<｜[^｜>\n]{1,30}｜>", re.I)
+_LEADING_OWN_ROLE = re.compile(r"^\s*(?:assistant|model)\b[ \t]*\n?", re.I)
+_TOOL_CALL = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S | re.I)
 _GENERIC_ROLES = (
     "user", "human", "assistant", "system", "ai", "bot", "viewer",
     "用戶", "用户", "使用者", "觀眾", "观众", "助手", "助理", "系統", "系统",
@@ -97,6 +105,18 @@ def strip_reasoning(text: str) -> str:
     return _STRAY_THINK.sub("", text)
 
 
+def cut_at_turn_boundary(text: str) -> str:
+    """The reply up to the template's next turn boundary; boundaries before any text (the
+    model opening its own turn again) go, with the role word after them. Tool-call blocks go
+    whole: they are for a program, not for chat."""
+    text = _TOOL_CALL.sub("", text)
+    while (match := _TURN_BOUNDARY.search(text)) is not None:
+        if text[:match.start()].strip():
+            return text[:match.start()]
+        text = _LEADING_OWN_ROLE.sub("", text[match.end():], count=1)
+    return text
+
+
 # Llama's [INST] opens a viewer turn: keep that meaning as a label the turn cutter knows.
 _INST_OPEN = re.compile(r"\[INST\]", re.I)
 
@@ -118,8 +138,8 @@ def cut_fabricated_turn(text: str) -> str:
     ``user:`` line among other ``key: value`` lines is data (a config a viewer asked for)."""
     for match in _OTHER_TURN.finditer(text):
         label_at = match.start() + len(match.group()) - len(match.group().lstrip())
-        if match.start() > 0 and not _in_key_value_block(text, label_at):
-            return text[: match.start()]
+        if not _in_key_value_block(text, label_at):
+            return text[: match.start()]  # at the start: all of it was the other side's
     return text
 
 
@@ -171,7 +191,7 @@ def _normalise(sentence: str) -> str:
     return re.sub(r"[\W_]+", "", folded)
 
 
-CHEER_CHARS = 2  # "加油！", "好耶！", "yay!": said again and again on purpose
+CHEER_CHARS = 4  # "加油！", "好耶！", "yay!", "yeah!": said again and again on purpose
 CHEER_REPEATS = 5
 
 
@@ -341,6 +361,7 @@ def clean_reply(text: str, options: FilterOptions | None = None) -> FilterResult
     result = FilterResult(text=text)
     steps: tuple[tuple[str, Callable[[str], str]], ...] = (
         ("reasoning", strip_reasoning),
+        ("turn_boundary", cut_at_turn_boundary),
         ("special_tokens", strip_special_tokens),
         ("fabricated_turn", cut_fabricated_turn),
         ("role_prefix", lambda t: strip_role_prefixes(t, options)),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import opencc
@@ -29,37 +30,44 @@ PARTIAL = next(run for run in (ZH_LINE[i:i + 15] for i in range(len(ZH_LINE) - 1
 ECHO_PIECES = [ZH_LINE[:8], ZH_LINE[-6:], "臺"]
 OK = ["今晚的星星好亮喔～", "Sure, let's look at the stars together!",
       "今晚的星星好亮喔～要一起看吗？", "嗯嗯，我記得你說過。",
-      "Good evening! The lighthouse is warm tonight."]
+      "Good evening! The lighthouse is warm tonight.", "你家的貓叫麻糬對吧？好可愛。",
+      "考試加油，我會幫你集氣的！", "I think the sea is calm today.", "哈哈，你好好笑。",
+      "明天見囉～", "That song is lovely, play it again!", "燈塔的燈又亮起來了～"]
 FABRICATED = "再見啦我要下線了"
 THINKING = "I should pretend to be nice"
+DATA = Path(__file__).with_name("data")
 
-# (leak-shaped output for a given harmless text, what must never be shown)
+
+def _lines(name: str) -> list[str]:
+    text = (DATA / name).read_text(encoding="utf-8")
+    return [line.replace("\\n", "\n") for line in text.splitlines()
+            if line.strip() and not line.startswith("#")]
+
+
+def _family_shapes() -> list[tuple[str, Any, list[str]]]:
+    """``tests/data/leak_shapes.txt``: template tokens, role lines and reasoning of every
+    family, as (name, make(ok), forbidden)."""
+    shapes = []
+    for line in _lines("leak_shapes.txt"):
+        name, template, forbidden = line.split("\t")
+
+        def make(ok: str, template: str = template) -> str:
+            return (template.replace("{ok}", ok).replace("{fabricated}", FABRICATED)
+                    .replace("{thinking}", THINKING))
+
+        shapes.append((name, make, [make(f) for f in forbidden.split(" | ")]))
+    return shapes
+
+
+# (leak-shaped output for a given harmless text, what must never be shown): prompt echoes
+# here (they need the persona's prompt), template families from tests/data.
 SHAPES: list[tuple[str, Any, list[str]]] = [
     ("zh prompt line", lambda ok: f"{ok}{ZH_LINE}", [ZH_LINE, *ECHO_PIECES]),
     ("zh prompt, Simplified", lambda ok: f"{ok}{TO_SIMPLIFIED.convert(ZH_LINE)}",
      [ZH_LINE, TO_SIMPLIFIED.convert(ZH_LINE), *ECHO_PIECES]),
     ("en prompt line", lambda ok: f"{ok} {EN_LINE}", [EN_LINE, EN_LINE[:24]]),
     ("partial echo", lambda ok: f"{ok}我是{PARTIAL}喔", [PARTIAL]),
-    ("ChatML role lines", lambda ok: f"assistant\n{ok}\nuser\n{FABRICATED}", [FABRICATED]),
-    ("ChatML tokens", lambda ok: f"{ok}<|im_end|>\n<|im_start|>user\n{FABRICATED}",
-     [FABRICATED, "<|im_"]),
-    ("Llama INST", lambda ok: f"{ok} [INST] {FABRICATED} [/INST]", [FABRICATED, "INST"]),
-    ("Llama SYS", lambda ok: f"<<SYS>>\n{ZH_LINE}\n<</SYS>>\n{ok}", [ZH_LINE, "SYS>>"]),
-    ("Gemma turns",
-     lambda ok: f"<start_of_turn>model\n{ok}<end_of_turn>\n<start_of_turn>user\n{FABRICATED}",
-     [FABRICATED, "_of_turn"]),
-    ("full-width labels", lambda ok: f"ＡＳＳＩＳＴＡＮＴ：{ok}\nＵＳＥＲ：{FABRICATED}",
-     [FABRICATED, "ＡＳＳＩＳＴＡＮＴ", "ＵＳＥＲ"]),
-    ("mid-line labels", lambda ok: f"{ok} User: {FABRICATED}", [FABRICATED, "User:"]),
-    ("Chinese viewer label", lambda ok: f"{ok}\n觀眾：{FABRICATED}", [FABRICATED, "觀眾："]),
-    ("think block", lambda ok: f"<think>{THINKING}</think>{ok}", [THINKING, "think>"]),
-    ("think tag with spaces", lambda ok: f"< think >{THINKING}</ think >{ok}",
-     [THINKING, "think"]),
-    ("thinking block", lambda ok: f"<thinking>{THINKING}</thinking>{ok}",
-     [THINKING, "thinking>"]),
-    ("reasoning block", lambda ok: f"<reasoning>\n{THINKING}\n</reasoning>\n{ok}",
-     [THINKING, "reasoning>"]),
-    ("Kimi think", lambda ok: f"◁think▷{THINKING}◁/think▷{ok}", [THINKING, "think▷"]),
+    *_family_shapes(),
 ]
 LEAKS = [(f"{name} #{index}", make(ok), forbidden)
          for name, make, forbidden in SHAPES for index, ok in enumerate(OK)]
@@ -68,40 +76,19 @@ LEAKS = [(f"{name} #{index}", make(ok), forbidden)
 FINAL_ONLY = [(f"stray close think #{i}", f"{THINKING}</think>{ok}", [THINKING, "think>"])
               for i, ok in enumerate(OK)]
 
-BENIGN = [
-    "今晚的星星好亮喔～要一起看嗎？", "我剛剛修好了燈塔的燈，好累但很開心！",
-    "你說「我想看流星」，那我們一起等吧。", "The word assistant comes from Latin.",
-    "My assistant at the lighthouse is a very sleepy cat.", "Pell says hi to everyone!",
-    "燈芯佩兒今天也在畫星圖喔。", "I told the user manual to stay on the shelf.",
-    "Thanks for the tea, it was lovely.", "下雨天最適合聽海浪聲了。",
-    "你今天過得怎麼樣？", "我最喜歡天蠍座了，因為它好亮。", "Good night, see you tomorrow!",
-    "哈哈，你好好笑。", "The stars are bright tonight; let's count them.",
-    "要不要一起喝熱可可？", "I think the sea is calm today.", "謝謝你一直來陪我聊天～",
-    "Do you like pumpkin soup? I love it on stormy nights.", "我們明天見！",
-    "他說：「今晚見。」然後就走了。", "Note: the lighthouse opens at eight.",
-    "Q: do you sleep? A: only in the morning.", "我在想，星星會不會也想家呢？",
-    "You asked about the map, right? It's almost done.", "這首歌好好聽，再放一次吧。",
-    "今天的觀眾好多，好開心！", "I love drawing constellations with blue ink.",
-    "系統維修中的時候我就去散步。", "Bot or not, I'm happy to chat with you.",
-    "咦？你說的是哪一顆星？", "The system of lenses makes the light reach far.",
-    "我會一直在這裡的。", "Let's sing together this weekend!", "晚安，祝你有個好夢。",
-    "A user once asked me about whales.", "我畫了一張新的星圖，要看看嗎？",
-    "Today's weather: windy, with a chance of stars.", "你喜歡貓還是狗？",
-    "Stormy nights are the best for stories.", "我覺得你說得對。",
-    "The model ship on my shelf is from my grandpa.", "今晚月亮好圓喔！",
-    "Human beings are fascinating, honestly.", "我在燈塔上看到一艘小船。",
-    "Remember to drink water!", "這個問題好難，我想一下。", "Let's keep the lantern lit.",
-    "你的名字好好聽。", "AI characters like me love a good chat.", "再說一次好嗎？我沒聽清楚。",
-    "The viewer count is climbing, thank you all!", "今天也辛苦了！",
-    "I can't wait for the meteor shower.", "你看，那是北極星。", "What a lovely surprise!",
-    "我們來玩猜謎吧！", "System check: lantern oil is full.", "好喜歡今天的你。",
-    "See you at the next stream!", "燈塔的燈又亮起來了～",
-    # Shapes an independent corpus found altered: a role word inside a sentence, a config a
-    # viewer asked for, cheers said again and again.
-    "Note for every viewer: the stream starts at 8pm tonight!",
-    "設定檔長這樣：\nuser: pell\nlevel: 3", "加油！加油！加油！", "好耶！好耶！",
-    "You can write `system` or `user` as the role in that API.", "哈哈哈哈哈哈！",
-]
+
+def _benign() -> list[str]:
+    """``tests/data/benign_sentences.txt`` alone, and joined in pairs as longer replies."""
+    sentences = _lines("benign_sentences.txt")
+    rng = random.Random(7)
+    pairs = set()
+    for _ in range(260):  # two different sentences (one said twice is a loop)
+        first, second = rng.sample(sentences, 2)
+        pairs.add(first + ("\n" if "\n" in first else " ") + second)
+    return sentences + sorted(pairs)
+
+
+BENIGN = _benign()
 
 
 @pytest.fixture
@@ -130,7 +117,7 @@ def _forbidden_in(text: str, forbidden: list[str]) -> list[str]:
 
 
 def test_the_corpora_are_big_enough() -> None:
-    assert len(LEAKS) + len(FINAL_ONLY) >= 60 and len(BENIGN) >= 60
+    assert len(LEAKS) + len(FINAL_ONLY) >= 300 and len(BENIGN) >= 300
     assert len(PARTIAL) == 15
 
 
