@@ -37,11 +37,9 @@ class Memories:
         """A viewer's memory of their message ``message_id`` (whose text is ``item.text``),
         for whoever holds that message now, looked up in the same transaction: after a
         ``/forget`` or a moderator's delete while its reply was generating it is not stored
-        (None), so it never lands under a viewer id SQLite has since given to someone else;
-        after a link it follows the message to the linked viewer."""
+        (None); after a link it follows the message to the linked viewer."""
         async with self._db.write() as session:
-            # SQLite may have given a deleted message's id to a new one: only the message
-            # with the memory's very text counts.
+            # A purged message keeps its row but not its text: only the very text counts.
             owner = await session.scalar(select(Message.user_id).where(
                 Message.id == message_id, Message.content == item.text))
             if owner is None:
