@@ -3,7 +3,8 @@
 
 A code is 8 symbols of a 32-letter alphabet (40 bits), single-use, valid for 10 minutes, kept
 in the database as a hash: it survives a restart and works in whichever process the viewer's
-``!link`` reaches. Guessing is bounded twice (per process): each viewer gets
+``!link`` reaches. Guessing is bounded twice, the tries counted in the database so every
+process shares the limits: each viewer gets
 ``PER_VIEWER_ATTEMPTS`` tries per ``ATTEMPT_WINDOW_S``, and once everyone together has
 guessed wrong ``GLOBAL_ATTEMPTS`` times in a window, only a viewer's first try of the window
 goes through: a flood of wrong guesses from many accounts cannot lock out a viewer typing
@@ -21,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from bot.flow import SlidingWindowLimiter
 from memory.store import Store
 
 ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # 32 symbols, no 0/O, 1/I
@@ -49,8 +49,6 @@ class LinkCodes:
     def __init__(self, store: Store, clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self._clock = clock
-        self._per_viewer = SlidingWindowLimiter(PER_VIEWER_ATTEMPTS, ATTEMPT_WINDOW_S)
-        self._wrong = SlidingWindowLimiter(GLOBAL_ATTEMPTS, ATTEMPT_WINDOW_S)  # everyone's
 
     def _moment(self, offset_s: float = 0.0) -> datetime:
         return datetime.fromtimestamp(self._clock() + offset_s, UTC)
@@ -67,16 +65,16 @@ class LinkCodes:
                      platform_user_id: str) -> LinkRequest | None:
         """Who opened ``code`` (which is used up), or None: unknown, expired, opened on this
         same platform, or the caller is out of attempts."""
-        now = self._clock()
         viewer = f"{platform}:{platform_user_id}"
-        first_try = self._per_viewer.used(viewer, now) == 0
-        if not self._per_viewer.allow(viewer, now):
+        now, since = self._moment(), self._moment(-ATTEMPT_WINDOW_S)
+        mine, wrong = await self._store.link_attempts(viewer, since)
+        if mine >= PER_VIEWER_ATTEMPTS:
             return None
-        if self._wrong.used("all", now) >= GLOBAL_ATTEMPTS and not first_try:
-            return None
-        taken = await self._store.take_link_code(_hash(code), now=self._moment(),
-                                                 redeeming_platform=platform)
-        if taken is None:
-            self._wrong.allow("all", now)  # counts the wrong guess
-            return None
-        return LinkRequest(*taken)
+        guessed = wrong < GLOBAL_ATTEMPTS or mine == 0  # past a flood: first tries only
+        taken = None
+        if guessed:
+            taken = await self._store.take_link_code(_hash(code), now=now,
+                                                     redeeming_platform=platform)
+        await self._store.record_link_attempt(viewer, wrong=guessed and taken is None,
+                                              now=now, forget_before=since)
+        return LinkRequest(*taken) if taken is not None else None

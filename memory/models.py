@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -180,6 +181,20 @@ class LinkCode(Base):
     platform_user_id: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class LinkAttempt(Base):
+    """One try at redeeming a link code, for the limits every process shares: per viewer
+    ("platform:id"), and everyone's wrong guesses together."""
+
+    __tablename__ = "link_attempts"
+    __table_args__ = (Index("ix_link_attempts_viewer_at", "viewer", "at"),
+                      Index("ix_link_attempts_at", "at"), MONOTONIC_IDS)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    viewer: Mapped[str] = mapped_column(String(200))
+    wrong: Mapped[bool] = mapped_column(Boolean, default=False)
+    at: Mapped[datetime] = mapped_column()
 
 
 # Tables scanned by delete/export: (table, column that names the user).

@@ -8,6 +8,7 @@ from typing import Any
 
 from bot.linking import (
     ALPHABET,
+    ATTEMPT_WINDOW_S,
     CODE_LENGTH,
     CODE_TTL_S,
     GLOBAL_ATTEMPTS,
@@ -92,3 +93,24 @@ async def test_brute_force_is_refused_after_the_limits(store: Any) -> None:
     assert await codes.redeem(real, "twitch", "honest") is not None
     # The chance one window of guessing hits any open code, from 100,000 accounts.
     assert (GLOBAL_ATTEMPTS + 100_000) * MAX_OPEN_CODES / 2**40 < 1e-4
+
+
+async def test_the_guessing_limits_hold_across_processes(db_url: str) -> None:
+    """Two processes on one database share a viewer's tries: spreading guesses over them
+    buys nothing; a window later the viewer may try again."""
+    clock = Clock()
+    first, second = await Store.open(db_url), await Store.open(db_url)
+    try:
+        here, there = LinkCodes(first, clock), LinkCodes(second, clock)
+        real = await here.create("discord", "victim")
+        for attempt in range(PER_VIEWER_ATTEMPTS):
+            codes = here if attempt % 2 else there
+            assert await codes.redeem("AAAAAAAA", "twitch", "attacker") is None
+        assert await here.redeem(real, "twitch", "attacker") is None
+        assert await there.redeem(real, "twitch", "attacker") is None
+        clock.now += ATTEMPT_WINDOW_S + 1
+        fresh = await here.create("discord", "victim")  # the first one expired meanwhile
+        assert await there.redeem(fresh, "twitch", "attacker") is not None
+    finally:
+        await first.close()
+        await second.close()

@@ -238,6 +238,14 @@ class Store:
         return await self.link_codes.take_code(code_hash, now=now,
                                                redeeming_platform=redeeming_platform)
 
+    async def link_attempts(self, viewer: str, since: datetime) -> tuple[int, int]:
+        return await self.link_codes.attempts(viewer, since)
+
+    async def record_link_attempt(self, viewer: str, *, wrong: bool, now: datetime,
+                                  forget_before: datetime) -> None:
+        await self.link_codes.record_attempt(viewer, wrong=wrong, now=now,
+                                             forget_before=forget_before)
+
     # -- privacy ----------------------------------------------------------------------------
 
     async def delete_user_data(self, user_id: int) -> dict[str, int]:

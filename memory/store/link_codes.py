@@ -7,7 +7,7 @@ from datetime import datetime
 
 from sqlalchemy import delete, func, select
 
-from memory.models import LinkCode
+from memory.models import LinkAttempt, LinkCode
 from memory.store.database import Database
 
 
@@ -44,3 +44,19 @@ class LinkCodeStore:
                        LinkCode.platform != redeeming_platform)
                 .returning(LinkCode.platform, LinkCode.platform_user_id))).first()
         return (row.platform, row.platform_user_id) if row is not None else None
+
+    async def attempts(self, viewer: str, since: datetime) -> tuple[int, int]:
+        """Since ``since``: this viewer's tries, and everyone's wrong guesses."""
+        async with self._db.read() as session:
+            mine = await session.scalar(select(func.count()).select_from(LinkAttempt).where(
+                LinkAttempt.viewer == viewer, LinkAttempt.at > since))
+            wrong = await session.scalar(select(func.count()).select_from(LinkAttempt).where(
+                LinkAttempt.wrong.is_(True), LinkAttempt.at > since))
+        return int(mine or 0), int(wrong or 0)
+
+    async def record_attempt(self, viewer: str, *, wrong: bool, now: datetime,
+                             forget_before: datetime) -> None:
+        """One try; tries older than any window still counted go."""
+        async with self._db.write() as session:
+            await session.execute(delete(LinkAttempt).where(LinkAttempt.at <= forget_before))
+            session.add(LinkAttempt(viewer=viewer, wrong=wrong, at=now))

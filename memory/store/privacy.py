@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from memory.models import USER_DATA_TABLES, Identity, LinkCode, Memory, Message
+from memory.models import USER_DATA_TABLES, Identity, LinkAttempt, LinkCode, Memory, Message
 from memory.store.database import Database
 from memory.store.records import ExportedUserData
 
@@ -56,10 +56,12 @@ class Privacy:
             identities = (await session.execute(
                 select(Identity.platform, Identity.platform_user_id)
                 .where(Identity.user_id == user_id))).all()
-            for platform, platform_user_id in identities:  # their open link codes too
+            for platform, platform_user_id in identities:  # their link codes and tries too
                 await session.execute(delete(LinkCode).where(
                     LinkCode.platform == platform,
                     LinkCode.platform_user_id == platform_user_id))
+                await session.execute(delete(LinkAttempt).where(
+                    LinkAttempt.viewer == f"{platform}:{platform_user_id}"))
             for model, attr in USER_DATA_TABLES:
                 result = await session.execute(
                     delete(model).where(getattr(model, attr) == user_id))
