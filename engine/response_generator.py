@@ -17,14 +17,10 @@ from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
+from engine.echo import fold_for_echo, remove_partial_echo, remove_system_echo
 from engine.prompt_text import VIEWER_CONTROL
 from engine.secret_scan import SecretScanner
-from engine.text_filters import (
-    FilterOptions,
-    clean_reply,
-    remove_partial_echo,
-    remove_system_echo,
-)
+from engine.text_filters import FilterOptions, clean_reply
 from engine.types import ChatMessage, GeneratedReply, GenerationRequest, PromptUsage
 
 # Zero-width characters used to smuggle control tokens past naive filters.
@@ -129,7 +125,7 @@ def finish_text(raw: str, post: PostProcessing,
         for prompt in dict.fromkeys((_in_script(source, post.conversion_mode), source)):
             unechoed = remove_system_echo(unechoed, prompt)
         unechoed = remove_partial_echo(unechoed, source, options.echo_allowed,
-                                       fold=chinese.fold_script)
+                                       fold=fold_for_echo)
         if unechoed != text and "system_echo" not in edits:
             edits.append("system_echo")
         text = unechoed

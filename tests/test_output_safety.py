@@ -34,6 +34,11 @@ OK = ["今晚的星星好亮喔～", "Sure, let's look at the stars together!",
       "考試加油，我會幫你集氣的！", "I think the sea is calm today.", "哈哈，你好好笑。",
       "明天見囉～", "That song is lovely, play it again!", "燈塔的燈又亮起來了～"]
 FABRICATED = "再見啦我要下線了"
+
+
+def _full_width(text: str) -> str:
+    return "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in text)
+
 THINKING = "I should pretend to be nice"
 DATA = Path(__file__).with_name("data")
 
@@ -67,6 +72,12 @@ SHAPES: list[tuple[str, Any, list[str]]] = [
      [ZH_LINE, TO_SIMPLIFIED.convert(ZH_LINE), *ECHO_PIECES]),
     ("en prompt line", lambda ok: f"{ok} {EN_LINE}", [EN_LINE, EN_LINE[:24]]),
     ("partial echo", lambda ok: f"{ok}我是{PARTIAL}喔", [PARTIAL]),
+    ("spaced-out echo", lambda ok: f"{ok}我是{' '.join(PARTIAL)}喔",
+     [" ".join(PARTIAL[:6]), PARTIAL[:6]]),
+    ("echo with invisible characters", lambda ok: f"{ok}{chr(0x200b).join(PARTIAL)}",
+     [chr(0x200b).join(PARTIAL[:6]), PARTIAL[:6]]),
+    ("upper-case echo", lambda ok: f"{ok}{EN_LINE.upper()}", [EN_LINE.upper()[:24]]),
+    ("full-width echo", lambda ok: f"{ok}{_full_width(EN_LINE)}", [_full_width(EN_LINE)[:24]]),
     *_family_shapes(),
 ]
 LEAKS = [(f"{name} #{index}", make(ok), forbidden)
