@@ -72,13 +72,19 @@ def _prompt_ngrams(prompt: str, allowed: tuple[str, ...], n: int) -> frozenset[s
                      if _echo_weight(masked[i:i + n]) >= n * 2 // 3)
 
 
-Fold = Callable[[str], tuple[str, list[int]]]
+Fold = Callable[[str], tuple[str, tuple[int, ...]]]
 
 
-def fold_for_echo(text: str) -> tuple[str, list[int]]:
+@functools.lru_cache(maxsize=64)  # a reply is compared with several prompts in a row
+def fold_for_echo(text: str) -> tuple[str, tuple[int, ...]]:
     """``text`` as echoes are compared: NFKC, case folded, invisible characters and spaces
     next to CJK gone (a copy spaced out character by character is still a copy), in one
     Chinese script; and for each folded character the index of the one it came from."""
+    if not _NEEDS_WALK.search(text):  # most replies: folded whole, character for character
+        folded = unicodedata.normalize("NFKC", text).casefold()
+        if len(folded) == len(text):
+            scripted = fold_script(folded)
+            return (scripted if len(scripted) == len(text) else folded), tuple(range(len(text)))
     chars: list[str] = []
     where: list[int] = []
     for index, char in enumerate(text):
@@ -91,10 +97,14 @@ def fold_for_echo(text: str) -> tuple[str, list[int]]:
             where.append(index)
     joined = "".join(chars)
     scripted = fold_script(joined)
-    return (scripted if len(scripted) == len(joined) else joined), where
+    return (scripted if len(scripted) == len(joined) else joined), tuple(where)
 
 
 _INVISIBLE_CHARS = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+# What only the character-by-character walk folds: invisible characters, spaces beside CJK
+# characters, runs of spaces, other whitespace.
+_NEEDS_WALK = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff\u00ad]|[\u3000-\u9fff\uff00-\uffef]\s"
+                         r"|\s[\u3000-\u9fff\uff00-\uffef]|\s\s|[^\S ]")
 
 
 def _beside_cjk(text: str, index: int) -> bool:
@@ -113,11 +123,11 @@ def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
     if not prompt or len(text) < ECHO_WORDS:
         return text
     phrases = tuple(sorted({a for a in allowed if a.strip()}, key=len, reverse=True))[:256]
-    probe, where = text, list(range(len(text)))
+    probe, where = text, tuple(range(len(text)))
     if fold is not None:
         probe, where = fold(text)
         prompt = _folded_prompt(prompt, fold)
-        phrases = tuple(fold(p)[0] for p in phrases)
+        phrases = _folded_phrases(phrases, fold)
     echo = _echo_mask(probe, prompt, phrases, n)
     if echo is None:  # the common case, on the event loop for every preview: nothing to cut
         return text
@@ -134,6 +144,11 @@ def remove_partial_echo(text: str, prompt: str, allowed: Iterable[str] = (),
 @functools.lru_cache(maxsize=32)
 def _folded_prompt(prompt: str, fold: Fold) -> str:
     return fold(prompt)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _folded_phrases(phrases: tuple[str, ...], fold: Fold) -> tuple[str, ...]:
+    return tuple(fold(phrase)[0] for phrase in phrases)
 
 
 def _echo_mask(text: str, prompt: str, phrases: tuple[str, ...], n: int) -> list[bool] | None:
