@@ -18,6 +18,7 @@ the step time at 26 rows on an H100 (docs/PERFORMANCE.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,39 +41,51 @@ def _transformers_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.
                                   scaling=scaling, dropout=dropout, **kwargs)
 
 
-def packed_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                            value: torch.Tensor, attention_mask: torch.Tensor | None,
-                            scaling: float | None = None, dropout: float = 0.0,
-                            **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """As ``grouped_decode_attention``, through SDPA's kernels (the faster above one row)."""
-    groups = _groups(module, query, kwargs)
-    if not groups:
-        return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout,
-                                  kwargs)
-    rows, heads, _, dim = query.shape
-    packed = query.reshape(rows, heads // groups, groups, dim)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        packed, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(rows, 1, heads, dim), None
+Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                   float | None], torch.Tensor]
 
 
-def grouped_decode_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                             value: torch.Tensor, attention_mask: torch.Tensor | None,
-                             scaling: float | None = None, dropout: float = 0.0,
-                             **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers' attention-function signature: ``query`` [rows, heads, 1, dim],
+def _on_packed_heads(kernel: Kernel) -> Callable[..., tuple[torch.Tensor, None]]:
+    """An attention function with transformers' signature: ``query`` [rows, heads, 1, dim],
     ``key``/``value`` [rows, kv_heads, columns, dim], a boolean ``attention_mask``
-    [rows, 1, 1, columns]; returns [rows, 1, heads, dim]. Anything else (a prefill, no
+    [rows, 1, 1, columns]; returns [rows, 1, heads, dim]. ``kernel`` gets the query heads of
+    each KV head packed as [rows, kv_heads, group, dim]. Anything else (a prefill, no
     grouping, a position bias or soft cap) goes to transformers' own SDPA function."""
-    groups = _groups(module, query, kwargs)
-    if not groups:
-        return _transformers_sdpa(module, query, key, value, attention_mask, scaling, dropout,
-                                  kwargs)
-    rows, heads, _, dim = query.shape
-    packed = query.reshape(rows, heads // groups, groups, dim)
-    scores = torch.matmul(packed, key.transpose(-1, -2)).float() * (scaling or dim ** -0.5)
-    if attention_mask is not None:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
+
+    def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                  value: torch.Tensor, attention_mask: torch.Tensor | None,
+                  scaling: float | None = None, dropout: float = 0.0,
+                  **kwargs: Any) -> tuple[torch.Tensor, None]:
+        groups = _groups(module, query, kwargs)
+        if not groups:
+            return _transformers_sdpa(module, query, key, value, attention_mask, scaling,
+                                      dropout, kwargs)
+        rows, heads, _, dim = query.shape
+        packed = query.reshape(rows, heads // groups, groups, dim)
+        out = kernel(packed, key, value, attention_mask, scaling)
+        return out.reshape(rows, 1, heads, dim), None
+
+    attention.__doc__ = kernel.__doc__
+    return attention
+
+
+def _written_out(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """Two matrix products and a softmax over the KV heads as stored (one row's fastest)."""
+    scores = torch.matmul(packed, key.transpose(-1, -2)).float() * (
+        scaling or packed.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    out = torch.matmul(weights, value)  # [rows, kv_heads, group, dim]
-    return out.reshape(rows, 1, heads, dim), None
+    return torch.matmul(weights, value)  # [rows, kv_heads, group, dim]
+
+
+def _sdpa_kernels(packed: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  mask: torch.Tensor | None, scaling: float | None) -> torch.Tensor:
+    """SDPA's kernels on the packed heads (the faster above one row)."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        packed, key, value, attn_mask=mask, scale=scaling)
+
+
+grouped_decode_attention = _on_packed_heads(_written_out)
+packed_decode_attention = _on_packed_heads(_sdpa_kernels)
