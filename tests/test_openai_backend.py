@@ -156,6 +156,33 @@ async def test_a_viewer_cannot_open_a_turn_on_the_server() -> None:
                for m in messages)
 
 
+async def test_the_server_keeps_turn_boundaries_in_the_text() -> None:
+    """Special tokens come back as text, so a turn boundary the model writes reaches the
+    output stage as itself (and the reply is cut there), not as a role word glued to it."""
+    import json
+
+    sent: list[Any] = []
+
+    def handler(http_request: httpx2.Request) -> httpx2.Response:
+        if http_request.url.path.endswith("/models"):
+            return httpx2.Response(200, json={"data": [{"id": "m"}]})
+        sent.append(json.loads(http_request.content))
+        body = ('data: {"choices":[{"delta":{"content":"Hi"},"finish_reason":"stop"}]}\n\n'
+                "data: [DONE]\n\n")
+        return httpx2.Response(200, text=body, headers={"content-type": "text/event-stream"})
+
+    backend = OpenAIBackend(settings_for("http://test/v1"),
+                            http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)))
+    await backend.start()
+    try:
+        [chunk async for chunk in backend.generate(GenerationRequest(
+            (ChatMessage("user", "hi"),), SamplingParams(max_new_tokens=8)))]
+    finally:
+        await backend.close()
+    [body] = sent
+    assert body["skip_special_tokens"] is False
+
+
 def _busy_then_ok(retry_after: str) -> tuple[httpx2.AsyncClient, list[float]]:
     """A server that answers 429 with ``Retry-After`` once, then the reply; records when
     each chat request came."""

@@ -41,7 +41,8 @@ _RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
 _OVERLOADED = {429, 503}  # over capacity: fewer at once, not fewer tries
 # Fields beyond the OpenAI API that vLLM and llama.cpp understand; a server that refuses them
 # (400/422 naming one) gets requests without them from then on.
-_EXTRA_FIELDS = ("top_k", "repetition_penalty", "min_tokens", "chat_template_kwargs")
+_EXTRA_FIELDS = ("top_k", "repetition_penalty", "min_tokens", "chat_template_kwargs",
+                 "skip_special_tokens")
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 
 
@@ -142,7 +143,11 @@ class OpenAIBackend:
                 "min_tokens": sampling.min_new_tokens,
                 # Qwen3-style templates: a thinking model would spend the whole budget
                 # thinking; live chat wants the answer.
-                "chat_template_kwargs": {"enable_thinking": False}}
+                "chat_template_kwargs": {"enable_thinking": False},
+                # A turn boundary the model writes arrives as its token's text, so the
+                # output stage cuts the reply there; skipped, "<|im_start|>user" would arrive
+                # as "user" glued to the reply. (A stop list cannot say it: servers take 4.)
+                "skip_special_tokens": False}
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         if self._client is None:
