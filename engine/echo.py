@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable, Iterable
 
 from engine.chinese import fold_script
+from engine.prompt_text import INVISIBLE
 
 _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uf900-\ufaff]")
 ECHO_NGRAM = 12  # consecutive characters shared with the prompt that make an echo
@@ -100,10 +101,10 @@ def fold_for_echo(text: str) -> tuple[str, tuple[int, ...]]:
     return (scripted if len(scripted) == len(joined) else joined), tuple(where)
 
 
-_INVISIBLE_CHARS = frozenset("\u200b\u200c\u200d\u2060\ufeff\u00ad")
+_INVISIBLE_CHARS = frozenset(INVISIBLE)
 # What only the character-by-character walk folds: invisible characters, spaces beside CJK
 # characters, runs of spaces, other whitespace.
-_NEEDS_WALK = re.compile(r"[\u200b\u200c\u200d\u2060\ufeff\u00ad]|[\u3000-\u9fff\uff00-\uffef]\s"
+_NEEDS_WALK = re.compile(rf"[{INVISIBLE}]|[\u3000-\u9fff\uff00-\uffef]\s"
                          r"|\s[\u3000-\u9fff\uff00-\uffef]|\s\s|[^\S ]")
 
 

@@ -16,6 +16,10 @@ from __future__ import annotations
 import re
 
 ZERO_WIDTH_SPACE = "\u200b"
+# Characters that show nothing: used to smuggle a control token past a filter, or to hide
+# an echo of the prompt. Removed from viewer text and from replies.
+INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
+DROP_INVISIBLE = dict.fromkeys(map(ord, INVISIBLE), None)  # for str.translate
 CONTROL_TEXT = re.compile(
     r"<\|[^|<>\s]{1,40}\|>"  # ChatML, Qwen, Llama 3, Phi: <|im_start|>, <|eot_id|>
     r"|<｜[^｜<>]{1,40}｜>"  # DeepSeek: <｜User｜>

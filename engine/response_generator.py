@@ -18,19 +18,17 @@ from typing import Any
 from engine import chinese
 from engine.backends.base import Backend
 from engine.echo import fold_for_echo, remove_partial_echo, remove_system_echo
-from engine.prompt_text import VIEWER_CONTROL
+from engine.prompt_text import DROP_INVISIBLE, VIEWER_CONTROL
 from engine.secret_scan import SecretScanner
 from engine.text_filters import FilterOptions, clean_reply
 from engine.types import ChatMessage, GeneratedReply, GenerationRequest, PromptUsage
 
-# Zero-width characters used to smuggle control tokens past naive filters.
-_INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff\u00ad"), None)
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 def sanitize_user_text(text: str) -> str:
     """Make user text inert: no control tokens, no invisible or control characters."""
-    text = text.translate(_INVISIBLE)
+    text = text.translate(DROP_INVISIBLE)
     previous = None
     while previous != text:  # "<|im_<|x|>start|>" collapses into a token after one pass
         previous, text = text, VIEWER_CONTROL.sub("", text)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.echo import remove_partial_echo, remove_system_echo
+from engine.prompt_text import DROP_INVISIBLE
 
 # Reasoning blocks as the families of models write them (Qwen/DeepSeek <think>, others
 # <thinking>/<reasoning>/<thought>/<reflection>, Kimi's ◁think▷), spaces inside a tag allowed.
@@ -54,7 +55,6 @@ _MID_LINE = r"(?<=[。！？!?～~…\.])[ \t]*"
 _SENTENCE = re.compile(r".+?(?:[。！？!?～~…]+[」』”’）)]*|\.(?=\s|$)|\n+|$)", re.S)
 _TERMINAL = re.compile(r"(?:[。！？!?～~…]|\.)[」』”’）)]*\s*$")
 _MAX_PASSES = 8
-_ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"), None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,7 +227,7 @@ def trim_to_last_sentence(text: str) -> str:
 
 
 def _tidy(text: str) -> str:
-    text = text.translate(_ZERO_WIDTH)
+    text = text.translate(DROP_INVISIBLE)
     text = re.sub(r"[ \t]+\n", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text)
     return text.strip()
