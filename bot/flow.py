@@ -293,3 +293,23 @@ class OverheadLimit:
             self.bound, self._calm_since = max(1.0, self.bound * 0.9), now
         else:
             self.bound = min(self._ceiling, self.bound + 1 / self.bound)
+
+
+class Episodes:
+    """Keys that are in some state now (a channel whose send line is full). ``begin`` and
+    ``end`` are True only when a key's state changes, so each episode is told once.
+
+    Invariant: a key is in at most one episode at a time."""
+
+    def __init__(self) -> None:
+        self._on: set[str] = set()
+
+    def begin(self, key: str) -> bool:
+        started = key not in self._on
+        self._on.add(key)
+        return started
+
+    def end(self, key: str) -> bool:
+        ended = key in self._on
+        self._on.discard(key)
+        return ended

@@ -23,7 +23,7 @@ from bot.config import AppConfig, LimitsConfig
 from bot.context import ContextBuilder
 from bot.delivery import DeliveryFailed, deliver
 from bot.events import ChatEvent, Reply, ReplySink
-from bot.flow import Lanes, Ticket
+from bot.flow import Episodes, Lanes, Ticket
 from bot.recording import Recording
 from bot.recovery import sort_out_leftovers
 from bot.reports import LatencySummary
@@ -73,6 +73,7 @@ class ConversationService:
                                     spool_file)
         self.store_health = self._recording.health
         self._pending = 0
+        self._backlogged = Episodes()  # channels whose send line is full
         self._closing = False
         self._in_flight: set[asyncio.Task[Any]] = set()
         self.leftovers: list[Leftover] = []  # see recover()
@@ -223,7 +224,7 @@ class ConversationService:
         reason = None
         if limits.stale_after_s and age > limits.stale_after_s:
             reason = "stale"
-        elif _send_backlog(exchange.event) > _backlog_limit(limits):
+        elif self._send_line_full(exchange.event, limits):
             reason = "send_backlog"
         elif ((limits.per_user_queue_of_one or limits.coalesce_bursts)
               and ticket.lane.newer_waiting(ticket.place)):
@@ -234,6 +235,20 @@ class ConversationService:
             return None
         await self._recording.finish(exchange, "dropped", reason)
         return Reply("", "dropped", reason=reason)
+
+    def _send_line_full(self, event: ChatEvent, limits: LimitsConfig) -> bool:
+        """Whether replies already waiting for this channel's send limit would hold a new one
+        too long; the operator is told once when that starts and once when it clears."""
+        backlog, channel = _send_backlog(event), f"{event.platform}:{event.channel_id}"
+        if backlog > _backlog_limit(limits):
+            if self._backlogged.begin(channel):
+                log.warning("%s: replies wait %.0f s for the platform's send limit; new "
+                            "messages there are dropped (send_backlog) until it clears",
+                            channel, backlog)
+            return True
+        if self._backlogged.end(channel):
+            log.info("%s: the send line has room again", channel)
+        return False
 
     # -- start-up and shutdown ----------------------------------------------------------------
 

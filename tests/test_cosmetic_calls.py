@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
+
 from bot.config import parse_config
 from bot.events import ChatEvent
 from bot.paths import DataPaths
@@ -109,7 +111,7 @@ class BackloggedSink(RecordingSink):
 
 
 async def test_a_message_whose_reply_could_not_be_sent_in_time_is_dropped_before_generating(
-        tmp_path: Path) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Twitch lets a bot send 20 messages in 30 s: when the replies already waiting for the
     channel would hold a new one past its timeout, the new message is dropped at its turn
     (``send_backlog``), without a generation or a fallback that would wait in the same line;
@@ -121,13 +123,16 @@ async def test_a_message_whose_reply_could_not_be_sent_in_time_is_dropped_before
     }, env={})
     async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
         full, free = BackloggedSink(45.0), BackloggedSink(0.0)
-        dropped = await runtime.service.handle(ChatEvent(
-            platform="twitch", channel_id="c", platform_user_id="ann", display_name="Ann",
-            text="hello", sink=full, message_id="m1"))
+        for index in range(3):
+            dropped = await runtime.service.handle(ChatEvent(
+                platform="twitch", channel_id="c", platform_user_id=f"ann{index}",
+                display_name="Ann", text="hello", sink=full, message_id=f"m1-{index}"))
         answered = await runtime.service.handle(ChatEvent(
             platform="twitch", channel_id="d", platform_user_id="bob", display_name="Bob",
             text="hello", sink=free, message_id="m2"))
         assert len(runtime.engine.backend.requests) == 1
     assert (dropped.status, dropped.reason) == ("dropped", "send_backlog")
     assert full.sent == []
+    told = [r for r in caplog.records if "send_backlog" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelname == "WARNING"  # once for the episode
     assert answered.status == "answered" and free.sent == [REPLY]
