@@ -29,6 +29,7 @@ from memory.store import IntakeItem, IntakeOutcome, ReplyContext, StateSnapshot,
 
 log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
+QUESTION_CHARS = 200  # of the viewer's message, shown with the reply on the overlay
 ORDER_WAIT_LIMIT_S = 30.0  # a crashed process's unanswered message holds a viewer no longer
 
 
@@ -181,10 +182,15 @@ class Answerer:
         )
         return reply_id, state.mood
 
-    def _progress(self, exchange: Exchange, text: str, **extra: Any) -> ReplyProgress:
-        event = exchange.event
-        return ReplyProgress(exchange.key, event.platform,
-                             event.platform_user_id, event.display_name, text, **extra)
+    def _progress(self, exchange: Exchange, text: str, *, mood: str | None,
+                  **extra: Any) -> ReplyProgress:
+        event, persona = exchange.event, self._engine.persona
+        moods = persona.moods.states
+        mood_name = (moods[mood].name or mood) if mood in moods else mood
+        return ReplyProgress(exchange.key, event.platform, event.platform_user_id,
+                             event.display_name, text, mood=mood, mood_name=mood_name,
+                             question=event.text[:QUESTION_CHARS], persona=persona.names.zh,
+                             **extra)
 
     def _on_chunk(self, exchange: Exchange, prompt: PreparedPrompt,
                   streaming: StreamingPreview | None) -> Any:
@@ -213,7 +219,8 @@ class Answerer:
                 last[0] = now
                 if text and text != shown[0]:
                     shown[0] = text
-                    self._signals.reply_progress(self._progress(exchange, text))
+                    self._signals.reply_progress(self._progress(
+                        exchange, text, mood=prompt.state.mood))
             if preview_due and streaming is not None:
                 streaming.show(text, now)
 

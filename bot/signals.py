@@ -32,7 +32,8 @@ class FinalState:
 @dataclass(frozen=True, slots=True)
 class ReplyProgress:
     """A reply as the viewer will see it (after the output-safety stage), growing until
-    ``done``; ``mood`` is the persona's mood toward this viewer once the reply is recorded."""
+    ``done``; ``mood`` is the persona's mood toward this viewer: as it stood when the reply
+    began, then as it is once the reply is recorded."""
 
     key: str  # one per message: progress updates of the same reply share it
     platform: str
@@ -42,6 +43,9 @@ class ReplyProgress:
     done: bool = False
     mood: str | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    question: str = ""  # what the viewer said
+    persona: str = ""  # who is speaking: the persona's name
+    mood_name: str | None = None  # the mood as the persona names it for viewers
 
 
 class Observer(Protocol):

@@ -63,6 +63,8 @@ class ExampleDialogue(_Strict):
 
 class MoodDefinition(_Strict):
     hint: str
+    # How the mood is named where viewers see it (the stream overlay); the key otherwise.
+    name: str | None = None
     # Trigger words per language code; any language may be listed.
     triggers: dict[str, list[str]] = Field(default_factory=dict)
 

@@ -450,6 +450,48 @@ async def test_the_overlay_streams_the_reply_and_shows_the_mood(tmp_path: Path) 
 
 
 @browser
+async def test_the_overlay_keeps_a_long_reply_on_screen_under_the_personas_name(
+        tmp_path: Path) -> None:
+    """A ~430-character reply on a 1280x720 canvas: the box stays on screen with its label;
+    the label is the persona's (the viewer is named with their question above it); the mood
+    is the persona's own word for it, shown from the first words on."""
+    long_reply = " ".join(f"第{n}座燈塔的光每十秒轉一圈，照亮海上的船。" for n in range(1, 21))
+    assert len(long_reply) >= 430
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", chunk_delay_s=0.05,
+                         replies=[long_reply])
+    driver = await asyncio.to_thread(_chromium)
+    try:
+        await asyncio.to_thread(driver.set_window_size, 1280, 720)
+        async for served in _serve(config, tmp_path):
+            await asyncio.to_thread(driver.get, served.url + "/overlay")
+            await _until(driver, "return document.getElementById('subtitle') !== null")
+            await asyncio.sleep(0.5)  # the page's event stream is connected
+            answered = asyncio.create_task(served.runtime.service.handle(chat("燈塔在哪裡？")))
+            first_mood = await _until(driver, "return document.getElementById('mood')"
+                                              ".textContent")
+            await _until(driver, "return document.getElementById('subtitle')"
+                                 ".dataset.done === 'true'")
+            await answered
+            await asyncio.sleep(0.7)  # the box's fade-in has finished
+            placed = await asyncio.to_thread(driver.execute_script, """
+                const rect = id => document.getElementById(id).getBoundingClientRect();
+                return {who: rect('who').top, box: rect('subtitle').top,
+                        bottom: rect('subtitle').bottom, height: window.innerHeight,
+                        text: rect('text').height,
+                        label: document.getElementById('who').textContent,
+                        asker: document.getElementById('asker').textContent,
+                        asked: document.getElementById('asked').textContent};""")
+            await _screenshot(driver, "overlay-long.png")
+    finally:
+        await asyncio.to_thread(driver.quit)
+    assert first_mood == "♥ 平靜"
+    assert placed["label"] == "燈芯佩兒"
+    assert placed["asker"].startswith("Ann") and placed["asked"] == "燈塔在哪裡？"
+    assert 0 <= placed["box"] <= placed["who"] and placed["bottom"] <= placed["height"]
+    assert placed["text"] >= 3 * 32  # several lines of it are shown, the newest
+
+
+@browser
 async def test_the_dashboard_follows_the_chat_and_pauses_a_platform(tmp_path: Path) -> None:
     config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
     recent = ("return [...document.querySelectorAll('#recent tr')]"

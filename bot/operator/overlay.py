@@ -1,5 +1,6 @@
-"""``/overlay``: an OBS browser source showing the reply being generated as live subtitles,
-with the viewer's name and the persona's mood toward them.
+"""``/overlay``: an OBS browser source showing the reply being generated as live subtitles:
+who asked what, the persona's words under its own name, its mood toward that viewer (as the
+persona names it), the newest lines when a reply is longer than the box.
 
 The page listens to ``/overlay/events`` (server-sent events). Each event is a reply's text as
 it stands after the output-safety stage (never raw model output), so the stream shows nothing
@@ -64,7 +65,8 @@ class OverlayHub:
     def reply_progress(self, progress: ReplyProgress) -> None:
         payload = json.dumps({
             "key": progress.key, "name": progress.display_name, "text": progress.text,
-            "done": progress.done, "mood": progress.mood,
+            "question": progress.question, "persona": progress.persona,
+            "done": progress.done, "mood": progress.mood, "mood_name": progress.mood_name,
             "colour": mood_colour(progress.mood, self._config.mood_colors)},
             ensure_ascii=False)
         for queue, platform in self._listeners.items():
