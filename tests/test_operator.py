@@ -452,11 +452,11 @@ async def test_the_overlay_streams_the_reply_and_shows_the_mood(tmp_path: Path) 
 @browser
 async def test_the_overlay_keeps_a_long_reply_on_screen_under_the_personas_name(
         tmp_path: Path) -> None:
-    """A ~430-character reply on a 1280x720 canvas: the box stays on screen with its label;
+    """A 600-character reply on a 1280x720 canvas: the box stays on screen with its label;
     the label is the persona's (the viewer is named with their question above it); the mood
     is the persona's own word for it, shown from the first words on."""
-    long_reply = " ".join(f"第{n}座燈塔的光每十秒轉一圈，照亮海上的船。" for n in range(1, 21))
-    assert len(long_reply) >= 430
+    long_reply = " ".join(f"第{n}座燈塔的光每十秒轉一圈，照亮海上的船。" for n in range(1, 28))
+    assert len(long_reply) >= 600
     config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", chunk_delay_s=0.05,
                          replies=[long_reply])
     driver = await asyncio.to_thread(_chromium)
@@ -489,6 +489,25 @@ async def test_the_overlay_keeps_a_long_reply_on_screen_under_the_personas_name(
     assert placed["asker"].startswith("Ann") and placed["asked"] == "燈塔在哪裡？"
     assert 0 <= placed["box"] <= placed["who"] and placed["bottom"] <= placed["height"]
     assert placed["text"] >= 3 * 32  # several lines of it are shown, the newest
+
+
+@browser
+async def test_the_overlay_preview_streams_samples_without_a_chat(tmp_path: Path) -> None:
+    """/overlay/preview: sample replies stream in the same page, to set the source up in OBS
+    before any viewer speaks."""
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    driver = await asyncio.to_thread(_chromium)
+    try:
+        async for served in _serve(config, tmp_path):
+            await asyncio.to_thread(driver.get, served.url + "/overlay/preview")
+            first = await _until(driver, "return document.getElementById('text').textContent")
+            later = await _until(driver, "const t = document.getElementById('text')"
+                                         f".textContent; return t.length > {len(first)} && t")
+            label = await asyncio.to_thread(
+                driver.execute_script, "return document.getElementById('who').textContent")
+    finally:
+        await asyncio.to_thread(driver.quit)
+    assert later.startswith(first) and label
 
 
 @browser

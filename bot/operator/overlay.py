@@ -30,6 +30,17 @@ MOOD_COLOURS = {"happy": "#ffb703", "excited": "#fb8500", "calm": "#8ecae6",
                 "angry": "#e63946", "curious": "#90be6d", "tired": "#9d8189"}
 
 
+PREVIEW_SAMPLES = [
+    {"name": "星空旅人", "question": "今天的星星好亮，燈塔上看得到嗎？", "persona": "燈芯佩兒",
+     "mood": "excited", "mood_name": "興奮", "colour": MOOD_COLOURS["excited"],
+     "text": "看得到喔！今晚的天空好清楚，北極星就在燈塔正上方～要不要一起數星星？"},
+    {"name": "viewer42", "question": "Do you ever get lonely up there?", "persona": "Pell",
+     "mood": "calm", "mood_name": "calm", "colour": MOOD_COLOURS["calm"],
+     "text": "Sometimes, but then you all visit, and the lighthouse feels warm again. "
+             "Thank you for coming tonight!"},
+]
+
+
 def mood_colour(mood: str | None, configured: dict[str, str]) -> str:
     if not mood:
         return MOOD_COLOURS["neutral"]
@@ -102,13 +113,20 @@ class OverlayHub:
         return response
 
     async def page(self, request: web.Request) -> web.Response:
+        return self._html({"fadeAfterMs": int(self._config.fade_after_s * 1000)})
+
+    async def preview(self, request: web.Request) -> web.Response:
+        """The overlay cycling sample replies (no chat needed), for setting it up in OBS."""
+        return self._html({"fadeAfterMs": 2500, "samples": PREVIEW_SAMPLES})
+
+    def _html(self, settings: dict[str, Any]) -> web.Response:
         html = resources.files("bot.operator").joinpath("static/overlay.html").read_text(
             encoding="utf-8")
-        settings = {"fadeAfterMs": int(self._config.fade_after_s * 1000)}
-        html = (html.replace("/*SETTINGS*/{}", json.dumps(settings))
+        html = (html.replace("/*SETTINGS*/{}", json.dumps(settings, ensure_ascii=False))
                 .replace("/*EXTRA_CSS*/", self._config.css.replace("</", "<\\/")))
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
 
 def overlay_routes(hub: OverlayHub) -> list[Any]:
-    return [web.get("/overlay", hub.page), web.get("/overlay/events", hub.events)]
+    return [web.get("/overlay", hub.page), web.get("/overlay/preview", hub.preview),
+            web.get("/overlay/events", hub.events)]
