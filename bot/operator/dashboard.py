@@ -15,6 +15,7 @@ from aiohttp import web
 
 from bot.operator.status import RuntimeView
 from bot.signals import FinalState, ReplyProgress
+from memory.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,16 @@ class Dashboard:
         return web.json_response({
             **self._view.summary(),
             "generating": [asdict(p) for p in self._generating.values()],
-            "recent": [{**asdict(s), "latency_ms": round(s.latency_s * 1000, 1)}
-                       for s in self._recent]})
+            "recent": await self._recent_messages()})
+
+    async def _recent_messages(self) -> list[dict[str, Any]]:
+        """From the store (they survive a restart); while it is down, what this process saw."""
+        try:
+            return [dict(row) for row in await self._view.recent(self._recent.maxlen or 0)]
+        except StoreError as exc:
+            log.debug("dashboard: recent messages from memory (%s)", exc)
+        return [{**asdict(s), "at": None, "latency_ms": round(s.latency_s * 1000, 1)}
+                for s in self._recent]
 
     def _platform(self, request: web.Request) -> str:
         platform = request.match_info["platform"]

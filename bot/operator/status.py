@@ -13,6 +13,7 @@ from bot.events import Adapter
 from bot.runtime import Runtime
 from bot.signals import Signals
 from memory.errors import StoreError
+from memory.store import RecentExchange
 
 log = logging.getLogger(__name__)
 STORE_CHECK_TIMEOUT_S = 2.0
@@ -77,6 +78,9 @@ class RuntimeView:
 
     async def reload(self) -> str | None:
         return await self.runtime.reload()
+
+    async def recent(self, limit: int) -> list[RecentExchange]:
+        return await self.runtime.store.recent_exchanges(limit)
 
     async def forget(self, platform: str, platform_user_id: str) -> dict[str, int]:
         return await self.runtime.forget(platform, platform_user_id)

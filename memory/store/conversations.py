@@ -15,6 +15,7 @@ from memory.store.database import Database
 from memory.store.records import (
     HistoryMessage,
     Leftover,
+    RecentExchange,
     StoredMessage,
     TranscriptRow,
     aware,
@@ -222,6 +223,33 @@ class Conversations:
                               at=aware_now(r.created_at).isoformat(), reply=r.reply)
                 for r in rows
             ]
+
+    async def recent_exchanges(self, limit: int) -> list[RecentExchange]:
+        """The last ``limit`` viewer messages of any persona, newest first, with their
+        replies: what the operator's dashboard lists, restarts or not."""
+        reply = aliased(Message)
+        query = (
+            select(Message.created_at, Message.platform, Message.channel_id,
+                   Identity.platform_user_id, Identity.display_name, Message.content,
+                   Message.status, Message.status_reason, reply.id.label("reply_id"),
+                   reply.content.label("reply"), reply.trace.label("trace"))
+            .join(Identity, (Identity.user_id == Message.user_id)
+                  & (Identity.platform == Message.platform))
+            .outerjoin(reply, (reply.reply_to_id == Message.id) & (reply.role == "assistant"))
+            .where(Message.role == "user")
+            # The newest ids (the primary key, no sort of the table); refused messages are
+            # recorded in batches after later ones, so their order is by when they came.
+            .order_by(Message.id.desc()).limit(2 * limit))
+        async with self._db.read() as session:
+            rows = sorted((await session.execute(query)).all(),
+                          key=lambda r: aware_now(r.created_at), reverse=True)
+        return [RecentExchange(
+            at=aware_now(r.created_at).isoformat(), platform=r.platform,
+            channel_id=r.channel_id, platform_user_id=r.platform_user_id,
+            display_name=r.display_name, text=r.content, status=r.status,
+            reason=r.status_reason, reply=r.reply or "", reply_id=r.reply_id,
+            latency_ms=((r.trace or {}).get("timings_ms") or {}).get("total"))
+            for r in rows[:limit]]
 
 
 __all__ = ["Conversations", "aware", "stored_message"]

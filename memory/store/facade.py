@@ -24,6 +24,7 @@ from memory.store.records import (
     Leftover,
     LookAhead,
     NewMemory,
+    RecentExchange,
     ReplyContext,
     StateRule,
     StateSnapshot,
@@ -167,6 +168,9 @@ class Store:
         return await self.conversations.transcript_rows(
             persona_id, platform=platform, platform_user_id=platform_user_id,
             channel_id=channel_id, since=since)
+
+    async def recent_exchanges(self, limit: int) -> list[RecentExchange]:
+        return await self.conversations.recent_exchanges(limit)
 
     # -- state ------------------------------------------------------------------------------
 

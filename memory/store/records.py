@@ -210,4 +210,20 @@ class TranscriptRow(TypedDict):
     reply: str | None
 
 
+class RecentExchange(TypedDict):
+    """A viewer's message as the dashboard lists it, newest first, with the reply if any."""
+
+    at: str
+    platform: str
+    channel_id: str | None
+    platform_user_id: str
+    display_name: str
+    text: str
+    status: str
+    reason: str | None
+    reply: str
+    reply_id: int | None
+    latency_ms: float | None  # from admission to the reply sent, when answered
+
+
 ExportedUserData = dict[str, list[dict[str, Any]]]
