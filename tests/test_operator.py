@@ -207,6 +207,26 @@ async def test_metrics_after_a_replay_match_the_store(tmp_path: Path) -> None:
     assert counted == stored and ("dropped", "rate_limited") in stored
 
 
+async def test_the_error_feed_counts_a_repeated_problem_once_and_masks_secrets(
+        tmp_path: Path) -> None:
+    """The dashboard's feed: the same warning with other values is one line, counted; a
+    secret a library quoted is masked as in the log; newest first."""
+    import logging
+
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}", token=TOKEN)
+    store_log = logging.getLogger("memory.store.test")
+    async for served in _serve(config, tmp_path):
+        for message_id in range(3):
+            store_log.warning("message %d: store unavailable", message_id)
+        logging.getLogger("tests.adapter").error("login refused for token %s", TOKEN)
+        status = (await served.client.get(
+            "/api/status", headers={"Authorization": f"Bearer {TOKEN}"})).json()
+    newest, repeated = status["problems"][:2]
+    assert newest["level"] == "ERROR" and TOKEN not in newest["message"]
+    assert "***" in newest["message"]
+    assert (repeated["count"], repeated["message"]) == (3, "message 2: store unavailable")
+
+
 async def test_pause_drops_with_a_reason_and_resume_answers_again(served: Served) -> None:
     service = served.runtime.service
     response = await served.client.post("/api/control/pause/discord")

@@ -1,7 +1,7 @@
 """``/dashboard``: the operator's live view (queue per platform, replies being generated, the
-last messages with their final state and latency) and controls (pause or resume replying on a
-platform, reload the persona and knowledge, forget a viewer). The page polls ``/api/status``;
-controls are POSTs."""
+last messages with their final state and latency, the last warnings and errors) and controls
+(pause or resume replying on a platform, reload the persona and knowledge, forget a viewer).
+The page polls ``/api/status``; controls are POSTs."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bot.operator.problems import RecentProblems
 from bot.operator.status import RuntimeView
 from bot.signals import FinalState, ReplyProgress
 from memory.errors import StoreError
@@ -21,8 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class Dashboard:
-    def __init__(self, view: RuntimeView, recent: int, csrf_token: str) -> None:
+    def __init__(self, view: RuntimeView, recent: int, csrf_token: str,
+                 problems: RecentProblems) -> None:
         self._view = view
+        self._problems = problems
         self._csrf_token = csrf_token  # in the page: its control actions send it back
         self._recent: deque[FinalState] = deque(maxlen=recent)
         self._generating: dict[str, ReplyProgress] = {}
@@ -52,7 +55,8 @@ class Dashboard:
         return web.json_response({
             **self._view.summary(),
             "generating": [asdict(p) for p in self._generating.values()],
-            "recent": await self._recent_messages()})
+            "recent": await self._recent_messages(),
+            "problems": self._problems.newest_first()})
 
     async def _recent_messages(self) -> list[dict[str, Any]]:
         """From the store (they survive a restart); while it is down, what this process saw."""

@@ -29,6 +29,7 @@ from bot.config import AppConfig, WebConfig
 from bot.operator.dashboard import Dashboard
 from bot.operator.metrics import Metrics
 from bot.operator.overlay import OverlayHub, overlay_routes
+from bot.operator.problems import RecentProblems
 from bot.operator.status import RuntimeView
 from bot.operator.viewers import ViewerPages
 from memory.errors import StoreError
@@ -132,13 +133,15 @@ async def store_unavailable(request: web.Request, handler: Handler) -> web.Strea
 
 
 def build_app(web_config: WebConfig, token: str | None, view: RuntimeView,
-              metrics: Metrics, overlay: OverlayHub) -> web.Application:
+              metrics: Metrics, overlay: OverlayHub,
+              problems: RecentProblems | None = None) -> web.Application:
     csrf_token = secrets.token_urlsafe(24)
     names = None if token else LOOPBACK_NAMES | {web_config.host}
     app = web.Application(middlewares=[host_allow_list(names), same_origin_controls,
                                        token_middleware(token), csrf_check(csrf_token),
                                        store_unavailable])
-    dashboard = Dashboard(view, web_config.recent_messages, csrf_token)
+    dashboard = Dashboard(view, web_config.recent_messages, csrf_token,
+                          problems or RecentProblems(()))
     view.signals.connect(dashboard)
     viewers = ViewerPages(view.runtime)
 
@@ -174,7 +177,9 @@ async def operator_server(config: AppConfig, view: RuntimeView) -> AsyncIterator
     view.signals.connect(overlay)
     token = (config.secrets.web_token.get_secret_value()
              if config.secrets.web_token is not None else None)
-    runner = web.AppRunner(build_app(web_config, token, view, metrics, overlay),
+    problems = RecentProblems(config.secrets.values())
+    logging.getLogger().addHandler(problems)  # the dashboard's error feed
+    runner = web.AppRunner(build_app(web_config, token, view, metrics, overlay, problems),
                            access_log=None)  # its lines would quote ?token=
     await runner.setup()
     try:
@@ -185,6 +190,7 @@ async def operator_server(config: AppConfig, view: RuntimeView) -> AsyncIterator
         log.info("operator pages at %s (/overlay, /dashboard, /metrics, /readyz)", url)
         yield url
     finally:
+        logging.getLogger().removeHandler(problems)
         view.signals.disconnect(metrics)
         view.signals.disconnect(overlay)
         overlay.close()
