@@ -33,10 +33,12 @@ class Terminal(io.StringIO):
         return True
 
 
-async def _session(tmp_path: Path, typed: str, out: io.StringIO) -> None:
+async def _session(tmp_path: Path, typed: str, out: io.StringIO,
+                   limits: dict[str, int] | None = None) -> None:
     config = parse_config({"models": {"llm": {"backend": "scripted"},
                                       "embedding": {"enabled": False}},
-                           "vtuber": {"response": {"chinese_conversion": "off"}}}, env={})
+                           "vtuber": {"response": {"chinese_conversion": "off"}},
+                           "limits": limits or {}}, env={})
     async with open_runtime(config, DataPaths.resolve(tmp_path),
                             backend=SentenceBackend()) as runtime:
         adapter = ConsoleAdapter(config, user="ann", speaker="佩兒", services=runtime,
@@ -66,3 +68,13 @@ async def test_an_unknown_command_says_so(tmp_path: Path) -> None:
     text = out.getvalue()
     assert "unknown command /stast. Commands:" in text
     assert text.count("unknown command") == 1
+
+
+async def test_a_message_that_gets_no_reply_says_why(tmp_path: Path) -> None:
+    """Over the per-viewer limit the persona stays silent on a platform; at the terminal
+    the operator is told why, in one line."""
+    out = io.StringIO()
+    await _session(tmp_path, "你好\n還在嗎\n", out, limits={"user_messages_per_minute": 1})
+    text = out.getvalue()
+    assert text.count("今晚的星星很亮。") == 1
+    assert "(no reply: more than limits.user_messages_per_minute messages a minute)" in text

@@ -149,6 +149,9 @@ class ConsoleAdapter:
                 continue
             if text:
                 reply = await handle(self._event(text, sink))
+                if reply.status == "dropped":  # silent on a platform; here the operator asks
+                    self._out.write(f"(no reply: {_why(reply.reason)})\n")
+                    continue
                 # The stored reply's id, for `vtuber-bot trace ID`.
                 sink.end_reply(f"  [#{reply.message_id}]" if reply.message_id else "")
 
@@ -169,3 +172,21 @@ class ConsoleAdapter:
 
     async def close(self) -> None:
         return None
+
+
+# Why a message got no reply, for the person at the terminal (``Reply.reason``).
+NO_REPLY = {
+    "rate_limited": "more than limits.user_messages_per_minute messages a minute",
+    "channel_cooldown": "the channel is over limits.channel_messages_per_minute",
+    "paused": "replying is paused on this platform (the dashboard can resume it)",
+    "queue_full": "too many messages waiting (limits.max_pending)",
+    "busy": "the bot is over capacity right now",
+    "stale": "it waited longer than limits.stale_after_s",
+    "superseded": "a newer message of yours came first",
+    "empty": "nothing to answer",
+    "shutdown": "the bot is stopping",
+}
+
+
+def _why(reason: str | None) -> str:
+    return NO_REPLY.get(reason or "", f"dropped ({reason})")
