@@ -42,6 +42,7 @@ class FakeTwitch(LocalServer):
     welcomed: asyncio.Event = field(default_factory=asyncio.Event)
     # Twitch's chat limit per channel; a message over it is dropped (a violation).
     chat_limit: SlidingWindow | None = None
+    unknown_logins: frozenset[str] = frozenset()  # channels Helix does not find
     dropped: list[dict[str, Any]] = field(default_factory=list)
 
     def routes(self, app: web.Application) -> None:
@@ -81,7 +82,8 @@ class FakeTwitch(LocalServer):
             "id": CHANNEL_ID if login == CHANNEL_LOGIN else "101", "login": login,
             "display_name": login.title(), "type": "", "broadcaster_type": "partner",
             "description": "", "profile_image_url": "", "offline_image_url": "",
-            "view_count": 0, "created_at": "2020-01-01T00:00:00Z"} for login in logins]})
+            "view_count": 0, "created_at": "2020-01-01T00:00:00Z"} for login in logins
+            if login not in self.unknown_logins]})
 
     async def _subscribe(self, request: web.Request) -> web.Response:
         body = await request.json()

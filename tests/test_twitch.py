@@ -248,7 +248,8 @@ async def test_flood_of_200_messages_from_50_viewers(live: Any) -> None:
 
 
 async def _login_error(tmp_path: Path, server: FakeTwitch | None,
-                       monkeypatch: pytest.MonkeyPatch) -> BaseException:
+                       monkeypatch: pytest.MonkeyPatch,
+                       channels: tuple[str, ...] = (CHANNEL_LOGIN,)) -> BaseException:
     """Start the adapter against ``server`` (None: a port nobody listens on); return what
     ``run`` raised."""
     if server is None:
@@ -261,7 +262,7 @@ async def _login_error(tmp_path: Path, server: FakeTwitch | None,
     config = parse_config({"models": {"llm": {"backend": "scripted"},
                                       "embedding": {"enabled": False}},
                            "adapters": {"twitch": {"enabled": True,
-                                                   "channels": [CHANNEL_LOGIN]}}}, env=ENV)
+                                                   "channels": list(channels)}}}, env=ENV)
     try:
         async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
             adapter = TwitchAdapter(config, services=runtime)
@@ -288,6 +289,20 @@ async def test_token_endpoint_failure_is_one_line_without_the_secret(
     error = await _login_error(tmp_path, FakeTwitch(token_status=status), monkeypatch)
     assert isinstance(error, PlatformUnreachableError) and error.exit_code == 69
     assert str(error) == f"Twitch answered HTTP {status} while logging in; try again later"
+
+
+async def test_a_misspelled_channel_is_a_config_error_not_a_silent_bot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A login Twitch does not know would leave the bot ready and deaf in that channel: it
+    stops at start-up with one line naming it."""
+    from bot.errors import ConfigError
+
+    server = FakeTwitch(unknown_logins=frozenset({"lighthuose"}))
+    error = await _login_error(tmp_path, server, monkeypatch,
+                               channels=(CHANNEL_LOGIN, "lighthuose"))
+    assert isinstance(error, ConfigError) and error.exit_code == 78
+    assert "lighthuose" in str(error) and "\n" not in str(error)
+    assert not [s for s in server.subscriptions if s]  # nothing subscribed half way
 
 
 async def test_unreachable_twitch_is_one_line(tmp_path: Path,

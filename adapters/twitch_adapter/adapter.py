@@ -17,7 +17,7 @@ from adapters.common.send_limiter import SendLimiter
 from bot import commands
 from bot.commands import Caller, CommandResult
 from bot.config import AppConfig
-from bot.errors import BotError, PlatformUnreachableError
+from bot.errors import BotError, ConfigError, PlatformUnreachableError
 from bot.events import (
     ChatEvent,
     DeliveryError,
@@ -150,6 +150,11 @@ class TwitchAdapter:
             self.bot_login = validated.login or ""
         channels = self.config.adapters.twitch.channels
         users = await client.fetch_users(logins=channels) if channels else []
+        found = {(user.name or "").casefold() for user in users}
+        unknown = [login for login in channels if login.casefold() not in found]
+        if unknown:  # the bot would report ready and answer nothing there
+            raise ConfigError([f"adapters.twitch.channels: Twitch knows no channel "
+                               f"{', '.join(map(repr, unknown))}; check the spelling"])
         for user in users:
             for subscription in (
                 eventsub.ChatMessageSubscription(broadcaster_user_id=user.id,
