@@ -132,6 +132,7 @@ class Answerer:
         # Beside the reply, never before it: a platform that stalls the indicator must not
         # hold the reply (or time it out into a fallback).
         typing = asyncio.create_task(cosmetic(event.sink.typing(), "typing"))
+        streaming: StreamingPreview | None = None
         try:
             async with self._generation_slots:
                 queue_wait = time.monotonic() - exchange.received_at
@@ -147,6 +148,8 @@ class Answerer:
                 sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
         finally:
             typing.cancel()  # the reply is out (or failed): the indicator is moot
+            if streaming is not None:
+                streaming.abandon()  # done by now if the reply went out
         attempt.delivered = True
         return reply, sent_id, queue_wait
 

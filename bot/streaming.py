@@ -68,6 +68,12 @@ class StreamingPreview:
         else:
             await self._sink.edit(self.message_id, text)
 
+    def abandon(self) -> None:
+        """The reply failed (a timeout, say): a preview still under way is called off, so
+        nothing of it lands after the fallback."""
+        if self._showing is not None:
+            self._showing.cancel()
+
     async def finish(self, final: str) -> str | None:
         """Deliver the final text (retried); return the platform id of the message. A preview
         still going is let through first: the final text must be the last edit, and a first

@@ -136,3 +136,45 @@ async def test_a_message_whose_reply_could_not_be_sent_in_time_is_dropped_before
     told = [r for r in caplog.records if "send_backlog" in r.getMessage()]
     assert len(told) == 1 and told[0].levelname == "WARNING"  # once for the episode
     assert answered.status == "answered" and free.sent == [REPLY]
+
+
+class StalledFirstSendSink(RecordingSink):
+    """The first send (the first preview) hangs until released; later sends go out."""
+
+    supports_edits = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self._calls = 0
+
+    async def send(self, text: str) -> str:
+        self._calls += 1
+        if self._calls == 1:
+            await self.release.wait()
+        return await super().send(text)
+
+
+async def test_a_preview_still_going_when_the_reply_fails_never_lands_after_the_fallback(
+        tmp_path: Path) -> None:
+    """The reply times out, still being generated, while its first preview is held by the
+    platform: the viewer gets the one fallback, and the held preview is called off rather
+    than posted after it."""
+    words = " ".join(f"第{index}句。" for index in range(10))
+    config = parse_config({
+        "models": {"llm": {"backend": "scripted",
+                           "scripted": {"replies": [words], "chunk_delay_s": 0.2}},
+                   "embedding": {"enabled": False}},
+        # The window the held preview runs the reply into; the test waits for the outcome.
+        "limits": {"reply_timeout_s": 0.5, "stream_edit_interval_s": 0.0001},
+    }, env={})
+    sink = StalledFirstSendSink()
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        reply = await runtime.service.handle(ChatEvent(
+            platform="discord", channel_id="c", platform_user_id="ann", display_name="Ann",
+            text="hello", sink=sink, message_id="m1"))
+        sink.release.set()  # the platform lets the held preview through now
+        for _ in range(5):
+            await asyncio.sleep(0)
+    assert (reply.status, reply.reason) == ("failed", "timeout")
+    assert sink.sent == [reply.text]  # the fallback, and nothing after it
