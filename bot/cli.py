@@ -34,13 +34,14 @@ from bot.commands.format import StatsSummary
 from bot.config import AppConfig, check_secrets, load_config
 from bot.errors import EXIT_CONFIG, EXIT_SOFTWARE, EXIT_UNAVAILABLE, BotError, ConfigError
 from bot.instance_lock import EXIT_TEMPFAIL, instance_lock, sqlite_store_lock
-from bot.logging_setup import SecretMask, configure_logging
+from bot.logging_setup import configure_logging
 from bot.paths import DataPaths
 from bot.recovery import runtime_role
 from bot.registry import load_adapter_class
 from bot.runtime import Runtime, build_adapters, open_runtime, open_store, store_url
 from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
 from engine.persona import PersonaError, load_persona
+from engine.secret_scan import SecretMask
 from memory.errors import StoreError
 from memory.store.roles import RoleTakenError
 

@@ -10,27 +10,7 @@ import sys
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from engine.secret_scan import MASK, MIN_SECRET_LENGTH
-
-
-class SecretMask:
-    """Removes every configured secret from a text (longest first, so a secret containing
-    another is masked whole)."""
-
-    def __init__(self, secrets: Iterable[str]) -> None:
-        self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH},
-                               key=len, reverse=True)
-
-    def __call__(self, text: str) -> str:
-        for secret in self._secrets:
-            text = text.replace(secret, MASK)
-        return text
-
-    def escaped(self, text: str) -> str:
-        """The same, for secrets as JSON spells them inside a string."""
-        for secret in self._secrets:
-            text = text.replace(json.dumps(secret)[1:-1], MASK)
-        return text
+from engine.secret_scan import SecretMask
 
 
 class MaskingFormatter(logging.Formatter):

@@ -9,6 +9,7 @@ is left alone.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 
@@ -27,15 +28,31 @@ TOKEN_SHAPES = re.compile("|".join((
 )))
 
 
-class SecretScanner:
-    """``scan(text)``: ``text`` with every configured secret (longest first, so one that
-    contains another goes whole) and every credential-shaped string masked."""
+class SecretMask:
+    """Removes every configured secret from a text (longest first, so a secret containing
+    another is masked whole). Logs use it as it is; replies through ``SecretScanner``."""
 
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
+    def __init__(self, secrets: Iterable[str]) -> None:
         self._secrets = sorted({s for s in secrets if len(s) >= MIN_SECRET_LENGTH},
                                key=len, reverse=True)
 
     def __call__(self, text: str) -> str:
         for secret in self._secrets:
             text = text.replace(secret, MASK)
-        return TOKEN_SHAPES.sub(MASK, text)
+        return text
+
+    def escaped(self, text: str) -> str:
+        """The same, for secrets as JSON spells them inside a string."""
+        for secret in self._secrets:
+            text = text.replace(json.dumps(secret)[1:-1], MASK)
+        return text
+
+
+class SecretScanner(SecretMask):
+    """The configured secrets and every credential-shaped string masked."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        super().__init__(secrets)
+
+    def __call__(self, text: str) -> str:
+        return TOKEN_SHAPES.sub(MASK, super().__call__(text))
