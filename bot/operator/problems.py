@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from bot.logging_setup import SecretMask
+from engine.secret_scan import SecretMask
 
 PROBLEMS_KEPT = 50
 
@@ -54,4 +54,6 @@ class RecentProblems(logging.Handler):
             self._problems.popitem(last=False)
 
     def newest_first(self) -> list[dict[str, Any]]:
-        return [asdict(problem) for problem in reversed(self._problems.values())]
+        # Under the handler's lock: other threads (the decode loop, say) log meanwhile.
+        with self.lock:  # type: ignore[union-attr]
+            return [asdict(problem) for problem in reversed(self._problems.values())]
