@@ -205,8 +205,8 @@ def test_the_prefix_cache_keeps_to_its_budget() -> None:
 def test_the_automatic_prefix_cache_counts_memory_the_allocator_keeps_as_free(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """After graph capture PyTorch's allocator keeps most of what the warm-ups used, which
-    the driver reports as taken: ``auto`` is half of what is free to the process, not half of
-    what the driver sees (which left the cache at 0.0 GiB on an H100)."""
+    the driver reports as taken: ``auto`` hands that back first and takes half of what is
+    free then, not half of what the driver saw (which left the cache at 0.0 GiB on an H100)."""
     from types import SimpleNamespace
 
     import torch
@@ -217,7 +217,12 @@ def test_the_automatic_prefix_cache_counts_memory_the_allocator_keeps_as_free(
     gib = 2**30
     backend = TransformersBackend(LLMConfig(prefix_cache_gb="auto"), tmp_path)
     backend.model = SimpleNamespace(device=torch.device("cuda", 0))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * gib, 80 * gib))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 41 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 21 * gib)
+    cached = [20 * gib]  # held by the allocator, unused
+
+    def empty_cache() -> None:
+        cached[0] = 0
+
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(torch.cuda, "mem_get_info",
+                        lambda device=None: (21 * gib - cached[0], 80 * gib))
     assert backend.prefix_cache_bytes == (1 + 20) * gib // 2

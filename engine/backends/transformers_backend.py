@@ -115,8 +115,9 @@ class TransformersBackend:
     @property
     def prefix_cache_bytes(self) -> int:
         """``llm.prefix_cache_gb`` in bytes; auto: half the model's GPU's free memory now
-        (1 GiB on the CPU). Free includes what PyTorch's allocator holds unused: after graph
-        capture it keeps most of the warm-ups' memory, which the driver counts as taken."""
+        (1 GiB on the CPU). The allocator's unused cache is handed back first: after graph
+        capture it holds most of the warm-ups' memory, which the driver counts as taken (and
+        which the prefix cache could use), while what the captured graphs keep stays theirs."""
         wanted = self._config.prefix_cache_gb
         if wanted != "auto":
             return int(wanted * 2**30)
@@ -125,9 +126,9 @@ class TransformersBackend:
         device = getattr(self.model, "device", None)
         if device is None or device.type != "cuda":
             return 2**30
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
-        held = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int((free + max(0, held)) // 2)
+        return int(free // 2)
 
     @property
     def placement(self) -> Placement | None:
