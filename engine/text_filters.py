@@ -206,8 +206,8 @@ def drop_repeated_sentences(text: str, max_repeat: int = 1) -> str:
         key = _normalise(sentence)
         if key:
             seen[key] = seen.get(key, 0) + 1
-            allowed = CHEER_REPEATS if len(key) <= CHEER_CHARS else max_repeat
-            if seen[key] > max(allowed, max_repeat):
+            allowed = max(CHEER_REPEATS, max_repeat) if len(key) <= CHEER_CHARS else max_repeat
+            if seen[key] > allowed:
                 continue
         kept.append(sentence)
     return "".join(kept)
