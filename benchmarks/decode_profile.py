@@ -41,7 +41,7 @@ NEW_TOKENS = 200
 def _rows(model: Any, prefix: list[int], rows: int, sampled: bool, vocab: int,
           graphs: bool, slots: int | None = None, compiled: bool = False,
           width: int | None = None) -> Any:
-    from engine.continuous import ContinuousBatch
+    from engine.serving.continuous import ContinuousBatch
     from engine.types import SamplingParams
 
     rng = random.Random(rows)
@@ -92,9 +92,10 @@ def breakdown(model: Any, prefix: list[int], vocab: int, sizes: list[int],
     One bucket per size (``rows`` slots), compiled as the runtime does with ``compiled``."""
     import torch
 
-    import engine.decode_graphs
+    import engine.serving.decode_graphs
 
-    engine.decode_graphs.buckets_for = lambda slots: [slots]  # one capture (and compile) each
+    # one capture (and compile) each
+    engine.serving.decode_graphs.buckets_for = lambda slots: [slots]
     print(f"\n| rows | replay ms (GPU) | step ms, greedy | step ms, default sampling |"
           f" (compiled: {compiled}, width {width or 'prompt + 264'})")
     print("| --- | --- | --- | --- |")
@@ -126,7 +127,7 @@ def sampler(vocab: int, sizes: list[int]) -> None:
     50 calls queued back to back, and the host's time for one call."""
     import torch
 
-    from engine.sampling import pick_tokens
+    from engine.serving.sampling import pick_tokens
     from engine.types import SamplingParams
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,7 +184,7 @@ def profile_join(model: Any, prefix: list[int], vocab: int, running: int,
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from engine.continuous import Joining
+    from engine.serving.continuous import Joining
 
     batch, _ = _rows(model, prefix, running, True, vocab, graphs=True,
                      slots=running + joining)
@@ -211,11 +212,11 @@ def profile_join(model: Any, prefix: list[int], vocab: int, running: int,
 def burst(model: Any, prefix: list[int], vocab: int, rows: int = 32) -> None:
     """A burst joining an idle batch in one prefill, as ``arrivals_bench``'s burst does:
     ``rows`` prompts of 50-250 tokens past the prefix, into static slots (median of 5), for
-    a few pack sizes (``engine.packed_prefill.PACK_TOKENS``)."""
+    a few pack sizes (``engine.serving.packed_prefill.PACK_TOKENS``)."""
     import statistics
 
-    from engine import packed_prefill
-    from engine.continuous import ContinuousBatch, Joining
+    from engine.serving import packed_prefill
+    from engine.serving.continuous import ContinuousBatch, Joining
 
     rng = random.Random(1)
     rests = [[rng.randrange(10, vocab) for _ in range(rng.randint(50, 250))]

@@ -59,7 +59,7 @@ REFERENCE: dict[int, Any] = {}  # rows -> the first variant's logits for the sam
 def _batch(model: Any, prefix: list[int], variant: str, sizes: list[int]) -> Any:
     import torch
 
-    from engine.continuous import ContinuousBatch
+    from engine.serving.continuous import ContinuousBatch
 
     batch = ContinuousBatch(model, slots=SLOTS)
     batch.make_static(SLOTS, len(prefix) + 200 + NEW_TOKENS + 64)  # slots, nothing captured

@@ -1,4 +1,4 @@
-"""Weight-only int4 (engine.int4) against bf16 on one GPU: kernels, prefill, memory.
+"""Weight-only int4 (engine.serving.int4) against bf16 on one GPU: kernels, prefill, memory.
 
     python -m benchmarks.int4_bench [--model-dir .bench/qwen3-8b-realvocab]
 
@@ -86,7 +86,7 @@ def check_kernel() -> None:
     import torch
     from torch import nn
 
-    from engine.int4 import Int4Linear, dequantize, quantize_groups
+    from engine.serving.int4 import Int4Linear, dequantize, quantize_groups
 
     torch.manual_seed(0)
     linear = nn.Linear(4096, 1024, bias=False, dtype=torch.bfloat16, device="cuda")
@@ -104,7 +104,7 @@ def linear_layers() -> list[dict[str, Any]]:
     import torch
     from torch import nn
 
-    from engine import int4
+    from engine.serving import int4
 
     layers = QWEN3_8B["num_hidden_layers"]
     bf16 = [nn.Linear(i, o, bias=False, dtype=torch.bfloat16, device="cuda")

@@ -229,7 +229,7 @@ def _quantization_config(mode: str) -> Any:
 def fallback_chain(quantization: str, placement: Placement) -> list[str]:
     """Steps to try, best first: (int4 →) 4bit → 8bit → half precision → CPU."""
     if placement.llm_device == "cpu":
-        # bitsandbytes also runs on CPU (slowly); int4 (engine.int4) is tuned for GPUs.
+        # bitsandbytes also runs on CPU (slowly); int4 (engine.serving.int4) is tuned for GPUs.
         return {"4bit": ["4bit", "cpu"], "8bit": ["8bit", "cpu"]}.get(quantization, ["cpu"])
     chain = {"int4": ["int4", "4bit", "8bit"], "4bit": ["4bit", "8bit"],
              "8bit": ["8bit"]}.get(quantization, [])
@@ -254,7 +254,7 @@ def _load_kwargs(step: str, placement: Placement) -> dict[str, Any]:
     else:
         kwargs["device_map"] = {"": placement.llm_device}
     if step == "int4":
-        # Loaded on the CPU, then quantized layer by layer onto the GPU (engine.int4).
+        # Loaded on the CPU, then quantized layer by layer onto the GPU (engine.serving.int4).
         kwargs["device_map"] = {"": "cpu"}
     elif step in ("4bit", "8bit"):
         kwargs["quantization_config"] = _quantization_config(step)
@@ -265,7 +265,7 @@ def _load_step(auto_model: Any, model_dir: Path, step: str, placement: Placement
     model = auto_model.from_pretrained(model_dir, local_files_only=True,
                                        **_load_kwargs(step, placement))
     if step == "int4":
-        from engine.int4 import quantize_int4
+        from engine.serving import quantize_int4
 
         model = quantize_int4(model, placement.llm_device)
     return model

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.continuous import ContinuousBatch, Joining
+from engine.serving.continuous import ContinuousBatch, Joining
 
 NEW_TOKENS = 10
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from engine.continuous import ContinuousBatch, Joining, supports
+from engine.serving.continuous import ContinuousBatch, Joining, supports
 
 PROMPTS = ["hello there, how are you today?", "你好，今天的星星很亮喔～",
            "The lighthouse keeper draws maps of the stars. What does she draw?",
@@ -319,9 +319,9 @@ def test_the_forwards_graphs_capture_leave_the_step_inputs_to_the_host(
     step write column 0, and replies diverged from ``generate()`` on the GPU only. The slots
     must be synced by the host, outside the forwards (and syncing them while a capture runs
     raises)."""
-    from engine.decode_graphs import DecodeGraphs
-    from engine.kv_slots import SlotCache
-    from engine.prefill_graphs import PrefillGraphs
+    from engine.serving.decode_graphs import DecodeGraphs
+    from engine.serving.kv_slots import SlotCache
+    from engine.serving.prefill_graphs import PrefillGraphs
 
     inside: list[str] = []
     synced_inside: list[str] = []
@@ -367,7 +367,7 @@ def test_requests_prefilled_together_match_generate(tiny: tuple[Any, Any], with_
     """Requests that arrived during one step join together, their prompts packed into one
     sequence (or several, past ``PACK_TOKENS``) beside a row already running; each still
     gets what ``generate()`` gives alone."""
-    from engine import packed_prefill
+    from engine.serving import packed_prefill
 
     monkeypatch.setattr(packed_prefill, "PACK_TOKENS", pack_tokens)
     model, tokenizer = tiny
@@ -447,8 +447,8 @@ def test_compiling_the_decode_step_leaves_the_model_as_it_was(tiny: tuple[Any, A
     eagerly)."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from engine.decode_attention import grouped_decode_attention
-    from engine.decode_graphs import FULLY_COMPILED_ROWS
+    from engine.serving.decode_attention import grouped_decode_attention
+    from engine.serving.decode_graphs import FULLY_COMPILED_ROWS
 
     model, _ = tiny
     batch = ContinuousBatch(model, slots=4)
@@ -476,7 +476,7 @@ def test_an_uncompiled_bucket_captures_packed_head_attention(tiny: tuple[Any, An
     registry is transformers' own again afterwards."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from engine.decode_attention import packed_decode_attention
+    from engine.serving.decode_attention import packed_decode_attention
 
     model, tokenizer = tiny
     attention = ALL_ATTENTION_FUNCTIONS["sdpa"]
@@ -500,7 +500,7 @@ def test_the_step_attention_of_a_compiled_bucket_gives_the_tokens_of_generate(
     token for token like ``generate()``."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from engine.decode_attention import grouped_decode_attention
+    from engine.serving.decode_attention import grouped_decode_attention
 
     model, tokenizer = tiny
     assert model.config._attn_implementation == "sdpa"

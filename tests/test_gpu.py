@@ -80,7 +80,7 @@ def test_pipelined_captured_steps_give_the_tokens_of_step_by_step(tiny_model_dir
     step, must get the same tokens; a row that finished gets no token of the extra step."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.continuous import ContinuousBatch
+    from engine.serving.continuous import ContinuousBatch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = model.to("cuda").eval()
@@ -110,7 +110,7 @@ def test_launching_a_sampled_step_never_waits_for_the_device(tiny_model_dir: Pat
     PyTorch's sync debug mode while rows sample with penalties and a minimum length."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.continuous import ContinuousBatch
+    from engine.serving.continuous import ContinuousBatch
     from engine.types import SamplingParams
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -141,8 +141,8 @@ def test_a_packed_group_join_matches_generate_and_packing_never_waits(
     their placement in the slots queues behind the running work without waiting for it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.continuous import ContinuousBatch, Joining
-    from engine.packed_prefill import pack, placement
+    from engine.serving.continuous import ContinuousBatch, Joining
+    from engine.serving.packed_prefill import pack, placement
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = model.to("cuda").eval()
@@ -178,7 +178,7 @@ def test_a_compiled_captured_batch_matches_generate_for_staggered_arrivals(
     a group, each get what ``generate()`` gives alone, through buckets of 1, 2 and 4 rows."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine.continuous import ContinuousBatch, Joining
+    from engine.serving.continuous import ContinuousBatch, Joining
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = model.to("cuda").eval()
@@ -210,7 +210,7 @@ def test_int4_linear_on_the_gpu_computes_with_its_dequantized_weight(rows: int) 
     dequantized weight: a wrong layout would still run, and only give wrong numbers."""
     from torch import nn
 
-    from engine.int4 import TINYGEMM_MAX_ROWS, Int4Linear, dequantize, quantize_groups
+    from engine.serving.int4 import TINYGEMM_MAX_ROWS, Int4Linear, dequantize, quantize_groups
 
     assert (rows > TINYGEMM_MAX_ROWS) == (rows == 64)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Weight-only int4 (engine.int4) on the CPU kernel: the layout, the layer and a whole model."""
+"""Weight-only int4 (engine.serving.int4) on the CPU kernel: layout, layer, whole model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.int4 import Int4Linear, dequantize, quantize_groups, quantize_int4
+from engine.serving.int4 import Int4Linear, dequantize, quantize_groups, quantize_int4
 
 
 def test_codes_and_scales_reconstruct_each_group_within_half_a_step() -> None:
@@ -86,7 +86,7 @@ def _fake_cuda_pack(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
 
 def test_large_batches_unpack_the_packed_layout_found_by_probes(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine import int4
+    from engine.serving import int4
 
     monkeypatch.setattr(int4, "_pack", _fake_cuda_pack)
     int4._block_order.cache_clear()
@@ -105,7 +105,7 @@ def test_large_batches_unpack_the_packed_layout_found_by_probes(
 def test_an_unknown_layout_keeps_tinygemm_for_every_batch(monkeypatch: pytest.MonkeyPatch,
                                                           caplog: pytest.LogCaptureFixture
                                                           ) -> None:
-    from engine import int4
+    from engine.serving import int4
 
     def not_blockwise(codes: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
         return _fake_cuda_pack(codes.roll(1, dims=0), inner_k_tiles)  # rows cross blocks
@@ -123,7 +123,7 @@ def test_the_loader_quantizes_int4_itself_instead_of_asking_bitsandbytes(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``quantization: int4`` loads the weights on the CPU and quantizes them onto the GPU
     (here the CPU stands in for it); it is reported as int4 and needs no bitsandbytes."""
-    from engine import int4
+    from engine import serving
     from engine.gpu_manager import GIB, DeviceInfo, plan_placement
     from engine.model_loader import LoadReport, _load_kwargs, load_llm
 
@@ -136,7 +136,7 @@ def test_the_loader_quantizes_int4_itself_instead_of_asking_bitsandbytes(
         targets.append(device)
         return quantize_int4(model, "cpu")
 
-    monkeypatch.setattr(int4, "quantize_int4", onto_cpu)
+    monkeypatch.setattr(serving, "quantize_int4", onto_cpu)
     report = LoadReport()
     model, _tokenizer = load_llm(tiny_model_dir, "int4", gpu, report)
     assert targets == ["cuda:0"] and report.mode == "int4"
@@ -149,7 +149,7 @@ def test_a_failed_int4_step_lets_go_of_its_model_before_the_next_step(
     before the fallback loads another copy (the error's traceback held it)."""
     import weakref
 
-    from engine import int4, model_loader
+    from engine import model_loader, serving
     from engine.gpu_manager import GIB, DeviceInfo, plan_placement
     from engine.model_loader import LoadReport, load_llm
 
@@ -168,7 +168,7 @@ def test_a_failed_int4_step_lets_go_of_its_model_before_the_next_step(
         kwargs = real_kwargs(step, placement)
         return kwargs if step == "int4" else real_kwargs("cpu", placement)
 
-    monkeypatch.setattr(int4, "quantize_int4", out_of_memory)
+    monkeypatch.setattr(serving, "quantize_int4", out_of_memory)
     monkeypatch.setattr(model_loader, "_load_kwargs", cpu_fallback)
     gpu = plan_placement([DeviceInfo(0, "H100", 80 * GIB, 79 * GIB)])
     report = LoadReport()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from engine.packed_prefill import pack, placement, split
+from engine.serving.packed_prefill import pack, placement, split
 
 
 def test_a_packed_token_sees_the_prefix_and_its_own_prompt_only() -> None:

@@ -117,7 +117,7 @@ def _greedy(model: object, ids: list[int], new_tokens: int = 10) -> list[int]:
 def _run(batch: object, arrivals: dict[int, list[tuple[str, list[int]]]],
          new_tokens: int = 10) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Each request's tokens, and how many of its prompt tokens came from a cache."""
-    from engine.continuous import ContinuousBatch, Joining
+    from engine.serving.continuous import ContinuousBatch, Joining
 
     assert isinstance(batch, ContinuousBatch)
     tokens: dict[str, list[int]] = {}
@@ -148,8 +148,8 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from engine.continuous import ContinuousBatch
-    from engine.prefix_cache import BLOCK, PrefixCache
+    from engine.serving.continuous import ContinuousBatch
+    from engine.serving.prefix_cache import BLOCK, PrefixCache
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -185,7 +185,7 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
 def test_the_prefix_cache_keeps_to_its_budget() -> None:
     import torch
 
-    from engine.prefix_cache import PrefixCache
+    from engine.serving.prefix_cache import PrefixCache
 
     def kv(tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [(torch.zeros(1, 2, tokens, 4), torch.zeros(1, 2, tokens, 4))]

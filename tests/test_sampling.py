@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from engine.sampling import TOPK_CANDIDATES, candidates
+from engine.serving.sampling import TOPK_CANDIDATES, candidates
 from engine.types import SamplingParams
 
 VOCAB = 3000
@@ -73,7 +73,7 @@ def _attention_inputs(rows: int, columns: int) -> tuple[Any, ...]:
 def test_decode_attention_equals_transformers_sdpa(rows: int, kind: str) -> None:
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    from engine.decode_attention import grouped_decode_attention, packed_decode_attention
+    from engine.serving.decode_attention import grouped_decode_attention, packed_decode_attention
 
     attention = grouped_decode_attention if kind == "grouped" else packed_decode_attention
     module, query, key, value, mask = _attention_inputs(rows, 40)
@@ -90,7 +90,7 @@ def test_decode_attention_equals_transformers_sdpa(rows: int, kind: str) -> None
 def test_decode_attention_leaves_what_it_does_not_compute_to_transformers(kind: str) -> None:
     """A soft cap is not in the packed attention: it goes to transformers' SDPA, which
     refuses it loudly rather than the step computing something else."""
-    from engine.decode_attention import grouped_decode_attention, packed_decode_attention
+    from engine.serving.decode_attention import grouped_decode_attention, packed_decode_attention
 
     attention = grouped_decode_attention if kind == "grouped" else packed_decode_attention
     module, query, key, value, mask = _attention_inputs(1, 8)

@@ -173,3 +173,20 @@ def test_the_architecture_map_names_every_module() -> None:
                if (path.stem != "__init__" and path.stem not in map_text)
                or (path.parent.name + "/" not in map_text and path.parent.name != package)]
     assert missing == []
+
+
+SERVING = "engine.serving"
+SERVING_MAY_USE = {"engine.types", "engine.errors"}
+
+
+def test_the_serving_stack_is_entered_through_its_package() -> None:
+    """The serving stack (``engine/serving/``) is a wing of its own: the rest of the product
+    uses only what ``engine.serving`` exports, and the stack leans on nothing of the engine but
+    its data types and errors, so it can change (or be replaced) without touching the rest."""
+    inside = [f"{source} imports {target}" for source, targets in import_graph().items()
+              if source.startswith(SERVING + ".") for target in targets
+              if not target.startswith(SERVING) and target not in SERVING_MAY_USE]
+    reaching_in = [f"{source} imports {target}" for source, targets in import_graph().items()
+                   if not source.startswith(SERVING) for target in targets
+                   if target.startswith(SERVING + ".")]
+    assert inside == [] and reaching_in == []

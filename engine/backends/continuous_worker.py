@@ -24,9 +24,8 @@ from typing import Any, Protocol
 from engine.backends.batch_limit import LimitRecovery
 from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import STOP_WORKER, Failure, Job, Outbox, is_oom
-from engine.continuous import Chunked, ContinuousBatch, Joining
 from engine.errors import EngineError, GenerationAborted
-from engine.prefix_cache import PrefixCache, common_prefix
+from engine.serving import Chunked, ContinuousBatch, Joining, PrefixCache, common_prefix
 
 log = logging.getLogger(__name__)
 JOIN_GROUP = 8  # requests prefilled together at most while rows run: bounds their pause

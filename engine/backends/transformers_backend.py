@@ -26,11 +26,11 @@ from engine.backends.detokenize import IncrementalDecoder
 from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox, is_oom
 from engine.backends.prompts import ChatPrompts, template_stop_ids
 from engine.config import LLMConfig
-from engine.continuous import supports
 from engine.errors import BackendUnavailableError, GenerationAborted
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_fit import estimate_model_bytes, fit_to_model
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
+from engine.serving import supports
 from engine.types import GenerationRequest, PromptUsage, SamplingParams
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from engine.sampling import on_device
+from engine.serving.sampling import on_device
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 # Tokens per packed forward: the mask is dense (tokens x tokens), so attention's cost grows

@@ -1,10 +1,10 @@
-"""Joining prompts' KV and last logits, for the continuous batch (``engine/continuous.py``).
+"""Joining prompts' KV and last logits, for the continuous batch (``continuous.py``).
 
 A prompt is prefilled past what is already computed: the shared persona prefix (prefilled
 once, ``set_prefix``) or, for a returning viewer, the longest start it shares with a prompt
-kept in ``prefix_cache`` (``engine/prefix_cache.py``). Prompts with no kept start prefill
+kept in ``prefix_cache`` (``prefix_cache.py``). Prompts with no kept start prefill
 together, packed; each returning viewer's past its own start. Where a prefill fits a static
-bucket it replays a captured graph (``engine/prefill_graphs.py``); else it runs eagerly.
+bucket it replays a captured graph (``prefill_graphs.py``); else it runs eagerly.
 
 A long prompt joining while rows run is prefilled in chunks (``Chunked``), one chunk between
 two decode steps, each chunk past the KV of the ones before: the running rows pause for a
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from engine.packed_prefill import KV, PackedKV, cache_of, pack, split
-from engine.prefill_graphs import PrefillGraphs
-from engine.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
+from engine.serving.packed_prefill import KV, PackedKV, cache_of, pack, split
+from engine.serving.prefill_graphs import PrefillGraphs
+from engine.serving.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
 from engine.types import SamplingParams
 
 
@@ -182,7 +182,7 @@ class Prefiller:
     def _eager(self, rests: list[list[int]], covered: int, prefix: KV | None
                ) -> tuple[torch.Tensor, list[PackedKV]]:
         """Prefill ``rests`` (each prompt past the ``covered`` tokens of ``prefix``), packed
-        a few thousand tokens to a forward (``engine/packed_prefill.py``): each one's last
+        a few thousand tokens to a forward (``packed_prefill.py``): each one's last
         logits [rows, vocab] and the packs' KV."""
         logits, prefilled = [], []
         for group in split(rests):

@@ -1,13 +1,13 @@
 """Continuous batching over a transformers causal LM: rows join and leave between decode steps.
 
-A request is prefilled (``engine/prefill.py``: past the shared persona prefix, whose KV is
+A request is prefilled (``prefill.py``: past the shared persona prefix, whose KV is
 computed once, or past a returning viewer's kept start; together with the others that arrived
 during the same step, or in chunks between steps); its KV then goes into a slot of the
-batch's preallocated cache (``engine/kv_slots.py``), right-aligned with the other rows, and
+batch's preallocated cache (``kv_slots.py``), right-aligned with the other rows, and
 every decode step feeds each row its last token at its own position. A finished or cancelled
 row frees its slot at once. With ``make_static`` the slots are fixed and the decode step has
-static shapes, captured as CUDA graphs on a GPU (``engine/decode_graphs.py``), and so does the
-prefill of up to 4 requests joining together (``engine/prefill_graphs.py``). Greedy output
+static shapes, captured as CUDA graphs on a GPU (``decode_graphs.py``), and so does the
+prefill of up to 4 requests joining together (``prefill_graphs.py``). Greedy output
 is the same as ``generate()`` gives each prompt alone.
 
 Supported: decoder-only models with full attention and a ``DynamicCache`` of plain
@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from engine.batch_rows import LaunchedStep, Row
-from engine.decode_graphs import DecodeGraphs
 from engine.errors import EngineError
-from engine.kv_slots import SlotCache
-from engine.packed_prefill import PackedKV
-from engine.prefill import Chunked, Joining, Prefiller, kv_of
-from engine.prefill_graphs import PrefillGraphs
-from engine.prefix_cache import PrefixCache
-from engine.sampling import pick_tokens, seen_in_prompts
+from engine.serving.batch_rows import LaunchedStep, Row
+from engine.serving.decode_graphs import DecodeGraphs
+from engine.serving.kv_slots import SlotCache
+from engine.serving.packed_prefill import PackedKV
+from engine.serving.prefill import Chunked, Joining, Prefiller, kv_of
+from engine.serving.prefill_graphs import PrefillGraphs
+from engine.serving.prefix_cache import PrefixCache
+from engine.serving.sampling import pick_tokens, seen_in_prompts
 from engine.types import SamplingParams
 
 __all__ = ["Chunked", "ContinuousBatch", "Joining", "supports"]
@@ -65,7 +65,7 @@ class ContinuousBatch:
 
     ``set_prefix`` prefills a shared prompt start once (the persona's system prompt); a
     request copies the KV of the tokens it shares with it and prefills only the rest. The
-    rows' KV lives in preallocated slots (``engine/kv_slots.py``): a decode step writes one
+    rows' KV lives in preallocated slots (``kv_slots.py``): a decode step writes one
     column in place instead of copying the batch's cache."""
 
     pipelined = False

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from engine.decode_attention import grouped_decode_attention, packed_decode_attention
-from engine.kv_slots import SlotCache
+from engine.serving.decode_attention import grouped_decode_attention, packed_decode_attention
+from engine.serving.kv_slots import SlotCache
 
 log = logging.getLogger(__name__)
 FULLY_COMPILED_ROWS = 1

@@ -20,7 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from engine.errors import EngineError
-from engine.packed_prefill import PackedKV, placement
+from engine.serving.packed_prefill import PackedKV, placement
 
 
 class SlotLayer(DynamicLayer):  # type: ignore[no-untyped-call]

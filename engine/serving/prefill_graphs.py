@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from engine.kv_slots import SlotCache, SlotLayer
-from engine.packed_prefill import PackedKV
-from engine.sampling import on_device
+from engine.serving.kv_slots import SlotCache, SlotLayer
+from engine.serving.packed_prefill import PackedKV
+from engine.serving.sampling import on_device
 
 log = logging.getLogger(__name__)
 TOKEN_BUCKETS = (64, 128, 256, 512)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine.packed_prefill import PackedKV
+from engine.serving.packed_prefill import PackedKV
 
 log = logging.getLogger(__name__)
 
