@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,6 +25,7 @@ from bot.signals import ReplyProgress, Signals
 from bot.state_rules import persona_rule
 from bot.streaming import StreamingPreview, supports_edits
 from engine.client import EngineClient
+from engine.errors import EngineError
 from engine.types import GeneratedReply
 from memory.errors import StoreError
 from memory.store import IntakeItem, IntakeOutcome, ReplyContext, StateSnapshot, Store
@@ -31,6 +34,7 @@ log = logging.getLogger(__name__)
 PROGRESS_INTERVAL_S = 0.1  # how often observers (the overlay) see a reply grow
 QUESTION_CHARS = 200  # of the viewer's message, shown with the reply on the overlay
 ORDER_WAIT_LIMIT_S = 30.0  # a crashed process's unanswered message holds a viewer no longer
+ChunkHandler = Callable[[str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +107,8 @@ class Answerer:
         if exchange.message_id is not None:  # (written behind: one process, no one to wait for)
             with attempt.stay.away():  # another process's work, not this one's
                 await self._earlier_first(exchange.user_id, exchange.message_id)
-        prompt = await self._context.prepare(exchange.user_id, text, exchange.context)
+        prompt = await self._context.prepare(exchange.user_id, text, exchange.context,
+                                             request_id=exchange.key)
         with attempt.stay.away():  # the model's and the platform's time
             reply, sent_id, queue_wait = await self._generate_and_send(exchange, prompt,
                                                                        attempt)
@@ -137,10 +142,8 @@ class Answerer:
             async with self._generation_slots:
                 queue_wait = time.monotonic() - exchange.received_at
                 streaming = self._streaming_preview(event)
-                reply = await self._engine.generate(
-                    prompt.request, conversion_mode=self.conversion_mode(event),
-                    on_chunk=self._on_chunk(exchange, prompt, streaming),
-                )
+                reply = await self._generated(prompt, self.conversion_mode(event),
+                                              self._on_chunk(exchange, prompt, streaming))
             attempt.stage, attempt.text = "send", reply.text
             if streaming is not None:
                 sent_id = await streaming.finish(reply.text)
@@ -152,6 +155,28 @@ class Answerer:
                 streaming.abandon()  # done by now if the reply went out
         attempt.delivered = True
         return reply, sent_id, queue_wait
+
+    async def _generated(self, prompt: PreparedPrompt, conversion: str | None,
+                         on_chunk: ChunkHandler | None) -> GeneratedReply:
+        """The engine's stream, read to its end. An answer given up on mid-way (its timeout,
+        shutdown, a failing preview) closes the stream and aborts the request, so the engine
+        frees the row at once instead of generating for no one."""
+        request = prompt.request
+        reply: GeneratedReply | None = None
+        try:
+            async with aclosing(self._engine.generate(request,
+                                                      conversion_mode=conversion)) as stream:
+                async for out in stream:
+                    if isinstance(out, GeneratedReply):
+                        reply = out
+                    elif on_chunk is not None:
+                        await on_chunk(out.text)
+        finally:
+            if reply is None:
+                await asyncio.shield(self._engine.abort(request.request_id))
+        if reply is None:
+            raise EngineError(f"request {request.request_id}: the stream ended without a reply")
+        return reply
 
     async def _earlier_first(self, user_id: int | None, message_id: int) -> None:
         """Several processes (PostgreSQL): this viewer's earlier messages, taken by another
@@ -196,12 +221,13 @@ class Answerer:
                              **extra)
 
     def _on_chunk(self, exchange: Exchange, prompt: PreparedPrompt,
-                  streaming: StreamingPreview | None) -> Any:
-        """The engine's chunk callback: the reply so far, after the output-safety stage like
-        every text a viewer sees, for the platform's streaming preview and for observers (the
-        overlay). The stage reruns over the whole text, so it runs only when one of them is
-        due (observers every PROGRESS_INTERVAL_S, previews at the platform's pace), once for
-        both, not once per token (the final text goes out when the reply is recorded)."""
+                  streaming: StreamingPreview | None) -> ChunkHandler | None:
+        """What to do with each chunk of the engine's stream: the reply so far, after the
+        output-safety stage like every text a viewer sees, for the platform's streaming
+        preview and for observers (the overlay). The stage reruns over the whole text, so it
+        runs only when one of them is due (observers every PROGRESS_INTERVAL_S, previews at
+        the platform's pace), once for both, not once per token (the final text goes out when
+        the reply is recorded)."""
         observed = self._signals.active
         if streaming is None and not observed:
             return None

@@ -43,10 +43,11 @@ class ContextBuilder:
         """What to read of a viewer's context before the reply (``Store.look_ahead``)."""
         return ContextWanted(self._engine.persona.moods.baseline, self._history_messages)
 
-    async def prepare(self, user_id: int | None, text: str,
-                      read: ReplyContext | None = None) -> PreparedPrompt:
-        """The request for this reply; ``read``: the context read before (read again if the
-        persona changed since); ``user_id`` None: a viewer not stored yet."""
+    async def prepare(self, user_id: int | None, text: str, read: ReplyContext | None = None,
+                      *, request_id: str | None = None) -> PreparedPrompt:
+        """The request for this reply (named ``request_id``, where given); ``read``: the
+        context read before (read again if the persona changed since); ``user_id`` None: a
+        viewer not stored yet."""
         persona = self._engine.persona
         if read is not None and read.persona_id == persona.id:
             state, history = read.state, read.history
@@ -64,7 +65,7 @@ class ContextBuilder:
             state=to_persona_state(state),
             context=knowledge or None,
             user_notes=[c.text for c in retrieved if c.scope == "user"],
-        ))
+        ), request_id=request_id)
         return PreparedPrompt(request, history, retrieved, state)
 
     async def _retrieve(self, text: str, user_id: int | None) -> list[RetrievedChunk]:

@@ -1,20 +1,18 @@
 """The one interface the runtime uses to talk to the engine (in the spirit of vLLM's
-``EngineClient``): build a request from what the runtime knows, generate (streaming through
-``on_chunk``), preview a partial reply, abort, count tokens, report health.
+``EngineClient``): build a request from what the runtime knows, generate it as a stream,
+preview a partial reply, abort, count tokens, report health.
 
 ``LLMManager`` implements it; tests may substitute anything with the same shape.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypedDict
 
 from engine.persona import Persona, PersonaState
-from engine.types import GeneratedReply, GenerationRequest
-
-ChunkCallback = Callable[[str], Awaitable[None] | None]
+from engine.types import GeneratedReply, GenerationRequest, ReplyChunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +42,26 @@ class EngineClient(Protocol):
     @property
     def persona(self) -> Persona: ...
 
-    def build_request(self, inputs: PromptInputs) -> GenerationRequest: ...
+    def build_request(self, inputs: PromptInputs, *,
+                      request_id: str | None = None) -> GenerationRequest:
+        """The request for ``inputs``, under the caller's ``request_id`` where given."""
+        ...
 
-    async def generate(self, request: GenerationRequest, *,
-                       on_chunk: ChunkCallback | None = None,
-                       conversion_mode: str | None = None) -> GeneratedReply: ...
+    def generate(self, request: GenerationRequest, *,
+                 conversion_mode: str | None = None
+                 ) -> AsyncGenerator[ReplyChunk | GeneratedReply, None]:
+        """The reply as it is made: ``ReplyChunk`` s of raw model text, then, last and only
+        when generation completed, the finished ``GeneratedReply`` (after the output stage).
+        Closing the stream early, or ``abort`` with the request's id, stops the generation."""
+        ...
 
     def preview(self, raw: str, request: GenerationRequest, *,
                 conversion_mode: str | None = None) -> str: ...
 
-    async def abort(self, request_id: str) -> None: ...
+    async def abort(self, request_id: str) -> None:
+        """Stop that request's generation and free what it holds; a no-op for a request that
+        is unknown or already finished."""
+        ...
 
     def count_tokens(self, text: str) -> int: ...
 

@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from engine import gpu_manager
 from engine.backends import Backend, create_backend
-from engine.client import ChunkCallback, EngineHealth, PromptInputs
+from engine.client import EngineHealth, PromptInputs
 from engine.config import EngineConfig
 from engine.embedder import Embedder
 from engine.errors import BackendUnavailableError, EngineConfigError, EngineError
@@ -37,7 +38,7 @@ from engine.response_generator import (
 )
 from engine.secret_scan import SecretScanner
 from engine.text_filters import FilterOptions, complete_sentences
-from engine.types import GeneratedReply, GenerationRequest
+from engine.types import GeneratedReply, GenerationRequest, ReplyChunk
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,8 @@ class LLMManager:
             echo_sources=prompts + private,
         )
 
-    def build_request(self, inputs: PromptInputs) -> GenerationRequest:
+    def build_request(self, inputs: PromptInputs, *,
+                      request_id: str | None = None) -> GenerationRequest:
         """The one place prompts are assembled (``build_messages``: laid out for prefix
         reuse): the persona's system prompt in the viewer's language, the history, then the
         mood/intimacy hint and trusted context, the viewer's notes, the message."""
@@ -188,24 +190,21 @@ class LLMManager:
                 else None)
         messages = build_messages(persona.system_prompt(language), text,
                                   inputs.history, inputs.context, hint, inputs.user_notes)
-        return GenerationRequest(messages, self.config.sampling(), language=language,
-                                 private=(hint,) if hint else ())
+        request = GenerationRequest(messages, self.config.sampling(), language=language,
+                                    private=(hint,) if hint else ())
+        return request if request_id is None else replace(request, request_id=request_id)
 
-    async def generate(
-        self,
-        request: GenerationRequest,
-        *,
-        on_chunk: ChunkCallback | None = None,
-        conversion_mode: str | None = None,
-    ) -> GeneratedReply:
+    async def generate(self, request: GenerationRequest, *, conversion_mode: str | None = None
+                       ) -> AsyncGenerator[ReplyChunk | GeneratedReply, None]:
         if self._generator is None:
             raise BackendUnavailableError("LLM manager is not initialised")
         post = self.post_processing(conversion_mode, request.language, request.private)
-        reply = await self._generator.generate(request, post, on_chunk)
-        reply.context = {"backend": self.config.llm.backend, "model": self.model_name,
-                         "request_id": request.request_id,
-                         "sampling": request.sampling.trace()}
-        return reply
+        async for out in self._generator.generate(request, post):
+            if isinstance(out, GeneratedReply):
+                out.context = {"backend": self.config.llm.backend, "model": self.model_name,
+                               "request_id": request.request_id,
+                               "sampling": request.sampling.trace()}
+            yield out
 
     def preview(self, raw: str, request: GenerationRequest, *,
                 conversion_mode: str | None = None) -> str:
@@ -270,8 +269,10 @@ class LLMManager:
         self._states[user_id] = advance(state, prompt, datetime.now(UTC), persona).state
         if stream:
             return self._stream(request)
-        reply = await self.generate(request)
-        return reply.text
+        async for out in self.generate(request):
+            if isinstance(out, GeneratedReply):
+                return out.text
+        raise EngineError("the generation ended without a reply")
 
     async def _stream(self, request: GenerationRequest) -> AsyncIterator[str]:
         async for chunk in self.backend.generate(request):

@@ -11,9 +11,8 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from engine import chinese
 from engine.backends.base import Backend
@@ -21,7 +20,7 @@ from engine.echo import fold_for_echo, remove_partial_echo, remove_system_echo
 from engine.prompt_text import DROP_INVISIBLE, VIEWER_CONTROL
 from engine.secret_scan import SecretScanner
 from engine.text_filters import FilterOptions, clean_reply
-from engine.types import ChatMessage, GeneratedReply, GenerationRequest, PromptUsage
+from engine.types import ChatMessage, GeneratedReply, GenerationRequest, PromptUsage, ReplyChunk
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -160,12 +159,9 @@ class ResponseGenerator:
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
 
-    async def generate(
-        self,
-        request: GenerationRequest,
-        post: PostProcessing,
-        on_chunk: Callable[[str], Any] | None = None,
-    ) -> GeneratedReply:
+    async def generate(self, request: GenerationRequest, post: PostProcessing
+                       ) -> AsyncGenerator[ReplyChunk | GeneratedReply, None]:
+        """The backend's chunks as they come, then the finished reply."""
         started = time.monotonic()
         first_token_at: float | None = None
         pieces: list[str] = []
@@ -173,10 +169,7 @@ class ResponseGenerator:
             if first_token_at is None:
                 first_token_at = time.monotonic()
             pieces.append(chunk)
-            if on_chunk is not None:
-                result = on_chunk(chunk)
-                if hasattr(result, "__await__"):
-                    await result
+            yield ReplyChunk(chunk)
         finished = time.monotonic()
         raw = "".join(pieces)
         completion_tokens = self.backend.count_tokens(raw)
@@ -184,7 +177,7 @@ class ResponseGenerator:
         text, edits = finish_text(raw, post, truncated)
         usage = self.backend.prompt_usage(request.request_id) or PromptUsage(
             sum(self.backend.count_tokens(m.content) for m in request.messages))
-        return GeneratedReply(
+        yield GeneratedReply(
             text=text,
             raw_text=raw,
             truncated=truncated,

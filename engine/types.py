@@ -3,13 +3,11 @@ generator and backends: data types only (nothing here imports torch or transform
 
 from __future__ import annotations
 
-import itertools
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Role = Literal["system", "user", "assistant"]
-
-_request_ids = itertools.count(1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +43,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     # The viewer's language ("zh" or "en"): picks the persona wording the filters compare with.
     language: str = "zh"
-    request_id: str = field(default_factory=lambda: f"req-{next(_request_ids)}")
+    # The caller's name for it (what ``abort`` takes); one of its own if the caller has none.
+    request_id: str = field(default_factory=lambda: f"req-{uuid.uuid4().hex[:12]}")
     # Text of the prompt the viewer did not write and must never see echoed (the state hint).
     private: tuple[str, ...] = ()
 
@@ -73,6 +72,13 @@ class PromptUsage:
 
     prompt_tokens: int
     cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyChunk:
+    """Text the model has just added to a reply being generated, before the output stage."""
+
+    text: str
 
 
 @dataclass(slots=True)
