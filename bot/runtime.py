@@ -30,7 +30,7 @@ from bot.service import Clock, ConversationService, utcnow
 from bot.spool_file import SpoolFile
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
-from engine.llm_manager import LLMManager
+from engine.core import Engine
 from engine.persona import PersonaError, knowledge_folder, load_persona
 from engine.reports import OptimizeReport
 from engine.secret_scan import SecretScanner
@@ -50,7 +50,7 @@ class Runtime:
     config: AppConfig
     paths: DataPaths
     store: Store
-    engine: LLMManager
+    engine: Engine
     service: ConversationService
     retriever: MemoryRetriever | None = None
     # One-time codes for linking accounts across platforms (kept in the store).
@@ -311,7 +311,7 @@ def store_url(config: AppConfig, paths: DataPaths) -> str:
     return config.store.url or sqlite_url(paths.sqlite_file)
 
 
-async def _open_retriever(config: AppConfig, engine: LLMManager,
+async def _open_retriever(config: AppConfig, engine: Engine,
                           store: Store) -> MemoryRetriever | None:
     """Hybrid retrieval over the persona's knowledge (re-indexed when files change)."""
     if not config.store.rag_enabled:
@@ -322,7 +322,6 @@ async def _open_retriever(config: AppConfig, engine: LLMManager,
     folder = knowledge_folder(persona, config.vtuber.persona)
     if folder is not None:
         await retriever.index_knowledge(folder)
-    engine.set_rag_system_reference(retriever)
     return retriever
 
 
@@ -354,7 +353,7 @@ async def open_runtime(
     async with open_store(config, paths) as store:
         if role is not None:
             await store.role_lock.take(role)
-        engine = LLMManager(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
+        engine = Engine(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
                             redact=SecretScanner(config.secrets.values()))
         try:
             await engine.start()
@@ -385,7 +384,7 @@ def _freeze_heap() -> None:
     gc.freeze()
 
 
-async def _load_embedder(engine: LLMManager) -> None:
+async def _load_embedder(engine: Engine) -> None:
     """Load the embedder in the background while the operator types, so the first message
     does not wait for it (seconds: sentence-transformers and the model)."""
     embedder = engine.embedder

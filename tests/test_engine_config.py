@@ -131,7 +131,7 @@ def test_settings_reach_the_backends_and_sampling(tmp_path: Path) -> None:
                                                                           "two"]
     local = create_backend(engine.llm.model_copy(update={"backend": "transformers"}), tmp_path)
     assert isinstance(local, TransformersBackend) and local._config.max_batch_size == 16
-    sampling = engine.serving.sampling()
+    sampling = engine.sampling()
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (
         0.35, 0.85, 40, 1234)
     assert (sampling.max_new_tokens, sampling.min_new_tokens,

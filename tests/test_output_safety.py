@@ -167,7 +167,7 @@ async def test_the_viewers_state_hint_is_never_echoed(manager: LLMManager,
     backend = manager.backend
     assert isinstance(backend, ScriptedBackend)
     backend._replies = [raw]
-    final = (await manager.generate(request, conversion_mode=conversion)).text
+    final = (await manager.final_reply(request, conversion_mode=conversion)).text
     for shown in (preview, final):
         assert "觀眾的關係" not in shown and "观众的关系" not in shown, shown
 
@@ -182,7 +182,7 @@ async def _final(manager: LLMManager, raw: str, conversion: str = "s2twp") -> st
     assert isinstance(backend, ScriptedBackend)
     backend._replies = [raw]
     backend._next = 0
-    reply = await manager.generate(manager.build_request(PromptInputs("你好")),
+    reply = await manager.final_reply(manager.build_request(PromptInputs("你好")),
                                    conversion_mode=conversion)
     return reply.text
 
@@ -195,7 +195,7 @@ async def test_the_blocklist_replaces_a_reply_with_the_fallback() -> None:
     await manager.start()
     try:
         request = manager.build_request(PromptInputs("hi"))
-        reply = await manager.generate(request)
+        reply = await manager.final_reply(request)
         assert reply.text in PERSONA.fallback_lines
         # Which pattern, by its place in the list: a viewer's export must not teach the list.
         assert "moderation: blocklist #1" in reply.filter_edits
@@ -217,7 +217,7 @@ async def test_an_external_moderation_hook_decides() -> None:
                          backend=ScriptedBackend(["What an idiot question."]), moderate=external)
     await manager.start()
     try:
-        reply = await manager.generate(manager.build_request(PromptInputs("hi")))
+        reply = await manager.final_reply(manager.build_request(PromptInputs("hi")))
         assert reply.text in PERSONA.fallback_lines and seen
         assert "moderation: external: insult" in reply.filter_edits
     finally:

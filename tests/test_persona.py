@@ -276,7 +276,7 @@ async def test_prompt_echoes_are_caught_in_either_script_and_language() -> None:
     try:
         for _ in replies:
             request = manager.build_request(PromptInputs("你好"))
-            reply = await manager.generate(request)
+            reply = await manager.final_reply(request)
             assert zh_line not in reply.text and simplified not in reply.text
             assert en_line not in reply.text
             assert "system_echo" in reply.filter_edits
@@ -334,7 +334,7 @@ def test_any_persona_that_passes_check_answers_without_raising(
         try:
             request = manager.build_request(PromptInputs(message or "hi", state=state))
             manager.preview(message, request)
-            return (await manager.generate(request)).text
+            return (await manager.final_reply(request)).text
         finally:
             await manager.aclose()
 

@@ -190,3 +190,12 @@ def test_the_serving_stack_is_entered_through_its_package() -> None:
                    if not source.startswith(SERVING) for target in targets
                    if target.startswith(SERVING + ".")]
     assert inside == [] and reaching_in == []
+
+
+def test_the_runtime_does_not_stand_on_the_seed_facade() -> None:
+    """The seed's ``LLMManager`` is a facade for the seed's callers; the runtime talks to the
+    engine through ``Engine`` (``engine.core``), so the facade can keep the seed's habits."""
+    offenders = [f"{source} imports {target}" for source, targets in import_graph().items()
+                 if source.split(".")[0] in ("bot", "adapters") for target in targets
+                 if target in ("engine.llm_manager", "engine")]
+    assert offenders == []

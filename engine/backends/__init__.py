@@ -12,7 +12,11 @@ from pathlib import Path
 from engine.backends.base import Backend
 from engine.config import LLMConfig
 
-__all__ = ["Backend", "create_backend"]
+__all__ = ["Backend", "create_backend", "parallel_requests"]
+
+# In flight to a vLLM-class server, which batches them itself.
+OPENAI_PARALLEL_REQUESTS = 32
+SCRIPTED_PARALLEL_REQUESTS = 4
 
 
 def create_backend(config: LLMConfig, cache_dir: Path | None = None) -> Backend:
@@ -30,3 +34,13 @@ def create_backend(config: LLMConfig, cache_dir: Path | None = None) -> Backend:
 
         return OpenAIBackend(config.openai)
     raise ValueError(f"models.llm.backend: unknown backend {config.backend!r}")
+
+
+def parallel_requests(config: LLMConfig) -> int:
+    """How many requests the backend ``config`` names serves at once to good effect: the
+    in-process model batches up to ``max_batch_size`` (rows join between decode steps); an
+    OpenAI-compatible server batches on its side, so more may be in flight; the scripted
+    backend answers at once."""
+    if config.backend == "transformers":
+        return config.max_batch_size
+    return OPENAI_PARALLEL_REQUESTS if config.backend == "openai" else SCRIPTED_PARALLEL_REQUESTS
