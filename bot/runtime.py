@@ -352,7 +352,7 @@ async def open_runtime(
     loaded is moved out of the garbage collector's sight, see ``_freeze_heap``."""
     async with open_store(config, paths) as store:
         if role is not None:
-            await store.role_lock.take(role)
+            await store.take_role(role)
         engine = Engine(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
                             redact=SecretScanner(config.secrets.values()))
         try:

@@ -209,13 +209,13 @@ async def test_while_the_bot_itself_stalls_new_messages_are_refused_busy_at_once
 
     runtime = flood_runtime
     release = asyncio.Event()
-    record = runtime.store.intake_log.record
+    record = runtime.store._intake_log.record
 
     async def stalled(items: list[Any]) -> Any:
         await release.wait()
         return await record(items)
 
-    runtime.store.intake_log.record = stalled  # type: ignore[method-assign]
+    runtime.store._intake_log.record = stalled  # type: ignore[method-assign]
     sink = _SentAll(STALL_QUEUE)
     stuck = [asyncio.create_task(runtime.service.handle(event("one", user=f"stuck{i}",
                                                               sink=sink)))

@@ -129,7 +129,7 @@ async def test_store_error_on_history_read(runtime: Runtime, monkeypatch: pytest
     # A known viewer (a new one has nothing to read). On SQLite the first read is made with
     # the intake; when it fails, the reply's own.
     assert (await runtime.service.handle(event(FlakySink()))).status == "answered"
-    monkeypatch.setattr(runtime.store.intake_log, "_read_context", read_fails)
+    monkeypatch.setattr(runtime.store._intake_log, "_read_context", read_fails)
     monkeypatch.setattr(runtime.store, "reply_context", fails_with(StoreError("store: gone")))
     sink = FlakySink()
     reply = await runtime.service.handle(event(sink))

@@ -201,7 +201,7 @@ class Database:
             async with self._read_engine.begin() as connection:
                 return await connection.run_sync(work)
 
-    async def read_now(self, work: Work[T]) -> T:
+    async def read_on_event_loop(self, work: Work[T]) -> T:
         """``work``'s reads (indexed ones only), on SQLite on the event loop's own thread, each
         statement a snapshot of its own: in WAL mode a reader never waits for the writer, and
         a trip to a store thread and back cost 1-2 ms of GIL waits under a busy chat
@@ -297,8 +297,8 @@ class _SqliteThreads:
         return [self._reads_here, self.sql_engine]
 
     def read_here(self, work: Work[T]) -> T:
-        """``work``'s reads on the calling thread (see ``Database.read_now``), each statement
-        a snapshot of its own; raises at once where SQLite would wait for a lock."""
+        """``work``'s reads on the calling thread (see ``Database.read_on_event_loop``), each
+        statement a snapshot of its own; raises at once where SQLite would wait for a lock."""
         connection = self._connection(self._reads_here)
         try:
             with connection.begin():

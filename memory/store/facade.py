@@ -1,5 +1,6 @@
-"""``Store``: the one object the runtime holds. A thin facade over the store's parts
-(identities, conversations, state, privacy, memories), so callers need not know the seams."""
+"""``Store``: the one object the runtime holds, and the one way into the store. The parts
+(identities, conversations, state, privacy, memories, intake, link codes, the role lock) are
+its own: callers never reach past it, so a query has one name and the seams can move."""
 
 from __future__ import annotations
 
@@ -44,14 +45,14 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self.identities = Identities(db)
-        self.conversations = Conversations(db)
-        self.states = States(db)
-        self.privacy = Privacy(db)
-        self.memories = Memories(db)
-        self.intake_log = Intake(db, self._read_reply_context)
-        self.link_codes = LinkCodeStore(db)
-        self.role_lock = RoleLock(db)
+        self._identities = Identities(db)
+        self._conversations = Conversations(db)
+        self._states = States(db)
+        self._privacy = Privacy(db)
+        self._memories = Memories(db)
+        self._intake_log = Intake(db, self._read_reply_context)
+        self._link_codes = LinkCodeStore(db)
+        self._role_lock = RoleLock(db)
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool = True,
@@ -78,8 +79,13 @@ class Store:
     def groups_writes(self) -> bool:
         return self._db.groups_writes
 
+    async def take_role(self, role: str) -> None:
+        """Hold ``role`` for this process until ``close`` (PostgreSQL; a no-op on SQLite);
+        ``RoleTakenError`` when another process holds it."""
+        await self._role_lock.take(role)
+
     async def close(self) -> None:
-        await self.role_lock.release()
+        await self._role_lock.release()
         await self._db.close()
 
     async def ping(self) -> None:
@@ -89,97 +95,97 @@ class Store:
     # -- identities -------------------------------------------------------------------------
 
     async def find_user(self, platform: str, platform_user_id: str) -> int | None:
-        return await self.identities.find_user(platform, platform_user_id)
+        return await self._identities.find_user(platform, platform_user_id)
 
     async def resolve_user(self, platform: str, platform_user_id: str, display_name: str) -> int:
-        return await self.identities.resolve_user(platform, platform_user_id, display_name)
+        return await self._identities.resolve_user(platform, platform_user_id, display_name)
 
     async def link_identity(self, user_id: int, platform: str, platform_user_id: str,
                             display_name: str) -> int:
-        return await self.identities.link_identity(user_id, platform, platform_user_id,
+        return await self._identities.link_identity(user_id, platform, platform_user_id,
                                                    display_name)
 
     async def unlink_identity(self, platform: str, platform_user_id: str) -> int | None:
-        return await self.identities.unlink_identity(platform, platform_user_id)
+        return await self._identities.unlink_identity(platform, platform_user_id)
 
     # -- conversations ----------------------------------------------------------------------
 
     async def record_incoming(self, *, user_id: int, persona_id: str, platform: str,
                               channel_id: str | None, platform_message_id: str | None,
                               text: str, created_at: datetime) -> int:
-        return await self.conversations.record_incoming(
+        return await self._conversations.record_incoming(
             user_id=user_id, persona_id=persona_id, platform=platform, channel_id=channel_id,
             platform_message_id=platform_message_id, text=text, created_at=created_at)
 
     async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
-        return await self.conversations.record_incoming_many(items)
+        return await self._conversations.record_incoming_many(items)
 
     async def set_status(self, message_id: int, status: str,
                          reason: str | None = None) -> None:
-        await self.conversations.set_status(message_id, status, reason)
+        await self._conversations.set_status(message_id, status, reason)
 
     async def set_statuses(self, changes: list[tuple[int, str, str | None]]) -> None:
-        await self.conversations.set_statuses(changes)
+        await self._conversations.set_statuses(changes)
 
     async def expire_received(self, reason: str, before: datetime | None = None,
                               owner: str | None = None) -> int:
-        return await self.conversations.expire_received(reason, before, owner)
+        return await self._conversations.expire_received(reason, before, owner)
 
     async def wait_for_earlier(self, user_id: int, message_id: int, since: datetime,
                                timeout_s: float) -> bool:
-        return await self.conversations.wait_for_earlier(user_id, message_id, since, timeout_s)
+        return await self._conversations.wait_for_earlier(user_id, message_id, since, timeout_s)
 
     async def leftovers(self, since: datetime, before: datetime | None = None,
                         owner: str | None = None) -> list[Leftover]:
-        return await self.conversations.leftovers(since, before, owner)
+        return await self._conversations.leftovers(since, before, owner)
 
     async def intake(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
         """Record inbound messages (viewers created on first sight) in one transaction;
         a platform message recorded before comes back with ``message_id`` None."""
-        return await self.intake_log.record(items)
+        return await self._intake_log.record(items)
 
     async def look_ahead(self, item: IntakeItem, wanted: ContextWanted) -> LookAhead:
         """While ``item`` is written behind (SQLite): its viewer, whether the platform message
         is recorded already, and the reply's context."""
-        return await self.intake_log.look_ahead(item, wanted)
+        return await self._intake_log.look_ahead(item, wanted)
 
     async def intake_final(self, items: list[IntakeItem]) -> None:
         """Record messages already final (dropped), in one statement; duplicates skipped."""
-        await self.intake_log.record_final(items)
+        await self._intake_log.record_final(items)
 
     async def recent_history(self, user_id: int, persona_id: str,
                              limit: int) -> list[HistoryMessage]:
-        return await self.conversations.recent_history(user_id, persona_id, limit)
+        return await self._conversations.recent_history(user_id, persona_id, limit)
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
-        return await self.conversations.get_message(message_id)
+        return await self._conversations.get_message(message_id)
 
     async def reply_to(self, message_id: int) -> StoredMessage | None:
-        return await self.conversations.reply_to(message_id)
+        return await self._conversations.reply_to(message_id)
 
     async def messages_for(self, user_id: int,
                            persona_id: str | None = None) -> list[StoredMessage]:
-        return await self.conversations.messages_for(user_id, persona_id)
+        return await self._conversations.messages_for(user_id, persona_id)
 
     async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
                               platform_user_id: str | None = None,
                               channel_id: str | None = None,
                               since: datetime | None = None) -> list[TranscriptRow]:
-        return await self.conversations.transcript_rows(
+        return await self._conversations.transcript_rows(
             persona_id, platform=platform, platform_user_id=platform_user_id,
             channel_id=channel_id, since=since)
 
     async def recent_exchanges(self, limit: int) -> list[RecentExchange]:
-        return await self.conversations.recent_exchanges(limit)
+        return await self._conversations.recent_exchanges(limit)
 
     # -- state ------------------------------------------------------------------------------
 
     async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
-        return await self.states.get_state(user_id, persona_id, default_mood)
+        return await self._states.get_state(user_id, persona_id, default_mood)
 
     async def update_state(self, user_id: int, persona_id: str, default_mood: str,
                            rule: StateRule, message_id: int | None = None) -> StateSnapshot:
-        return await self.states.update_state(user_id, persona_id, default_mood, rule,
+        return await self._states.update_state(user_id, persona_id, default_mood, rule,
                                               message_id)
 
     async def complete_exchange(self, *, user_message_id: int, reply_text: str,
@@ -187,14 +193,14 @@ class Store:
                                 default_mood: str, rule: StateRule,
                                 created_at: datetime, seen: StateSnapshot | None = None
                                 ) -> tuple[int, StateSnapshot]:
-        return await self.states.complete_exchange(
+        return await self._states.complete_exchange(
             user_message_id=user_message_id, reply_text=reply_text, trace=trace,
             platform_message_id=platform_message_id, default_mood=default_mood, rule=rule,
             created_at=created_at, seen=seen)
 
     async def state_timeline(self, user_id: int, persona_id: str,
                              limit: int = 500) -> list[TimelinePoint]:
-        return await self.states.state_timeline(user_id, persona_id, limit)
+        return await self._states.state_timeline(user_id, persona_id, limit)
 
     async def reply_context(self, user_id: int, persona_id: str, default_mood: str,
                             history_limit: int) -> tuple[StateSnapshot, list[HistoryMessage]]:
@@ -210,8 +216,8 @@ class Store:
                             wanted: ContextWanted) -> ReplyContext:
         return ReplyContext(
             persona_id,
-            self.states.read_state(connection, user_id, persona_id, wanted.default_mood),
-            self.conversations.read_history(connection, user_id, persona_id,
+            self._states.read_state(connection, user_id, persona_id, wanted.default_mood),
+            self._conversations.read_history(connection, user_id, persona_id,
                                             wanted.history_limit))
 
     async def stats(self, platform: str, platform_user_id: str, persona_id: str,
@@ -234,61 +240,61 @@ class Store:
 
     async def open_link_code(self, code_hash: str, platform: str, platform_user_id: str, *,
                              now: datetime, expires_at: datetime, max_open: int) -> None:
-        await self.link_codes.open_code(code_hash, platform, platform_user_id, now=now,
+        await self._link_codes.open_code(code_hash, platform, platform_user_id, now=now,
                                         expires_at=expires_at, max_open=max_open)
 
     async def take_link_code(self, code_hash: str, *, now: datetime,
                              redeeming_platform: str) -> tuple[str, str] | None:
-        return await self.link_codes.take_code(code_hash, now=now,
+        return await self._link_codes.take_code(code_hash, now=now,
                                                redeeming_platform=redeeming_platform)
 
     async def link_attempts(self, viewer: str, since: datetime) -> tuple[int, int]:
-        return await self.link_codes.attempts(viewer, since)
+        return await self._link_codes.attempts(viewer, since)
 
     async def record_link_attempt(self, viewer: str, *, wrong: bool, now: datetime,
                                   forget_before: datetime) -> None:
-        await self.link_codes.record_attempt(viewer, wrong=wrong, now=now,
+        await self._link_codes.record_attempt(viewer, wrong=wrong, now=now,
                                              forget_before=forget_before)
 
     # -- privacy ----------------------------------------------------------------------------
 
     async def delete_user_data(self, user_id: int) -> dict[str, int]:
-        return await self.privacy.delete_user_data(user_id)
+        return await self._privacy.delete_user_data(user_id)
 
     async def export_user_data(self, user_id: int) -> ExportedUserData:
-        return await self.privacy.export_user_data(user_id)
+        return await self._privacy.export_user_data(user_id)
 
     async def purge_platform_message(self, platform: str, platform_message_id: str) -> int:
-        return await self.privacy.purge_platform_message(platform, platform_message_id)
+        return await self._privacy.purge_platform_message(platform, platform_message_id)
 
     async def purge_messages(self, platform: str, channel_id: str,
                              platform_user_id: str | None = None) -> int:
-        return await self.privacy.purge_messages(platform, channel_id, platform_user_id)
+        return await self._privacy.purge_messages(platform, channel_id, platform_user_id)
 
     # -- memories ---------------------------------------------------------------------------
 
     async def add_memories(self, items: list[NewMemory]) -> list[int]:
-        return await self.memories.add_memories(items)
+        return await self._memories.add_memories(items)
 
     async def add_message_memory(self, item: NewMemory, message_id: int) -> int | None:
-        return await self.memories.add_message_memory(item, message_id)
+        return await self._memories.add_message_memory(item, message_id)
 
     async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
-        return await self.memories.source_hashes(persona_id, scope)
+        return await self._memories.source_hashes(persona_id, scope)
 
     async def delete_sources(self, persona_id: str, sources: list[str]) -> int:
-        return await self.memories.delete_sources(persona_id, sources)
+        return await self._memories.delete_sources(persona_id, sources)
 
     async def memory_vectors(self, persona_id: str, after_id: int = 0,
                              batch: int = 50_000) -> list[tuple[int, int | None, bytes]]:
-        return await self.memories.memory_vectors(persona_id, after_id, batch)
+        return await self._memories.memory_vectors(persona_id, after_id, batch)
 
     async def memory_ids(self, persona_id: str) -> set[int]:
-        return await self.memories.memory_ids(persona_id)
+        return await self._memories.memory_ids(persona_id)
 
     async def get_memories(self, ids: list[int]) -> dict[int, StoredMemory]:
-        return await self.memories.get_memories(ids)
+        return await self._memories.get_memories(ids)
 
     async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
                              limit: int) -> list[int]:
-        return await self.memories.lexical_search(terms, persona_id, user_id, limit)
+        return await self._memories.lexical_search(terms, persona_id, user_id, limit)

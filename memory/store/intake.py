@@ -66,8 +66,8 @@ class Intake:
     async def look_ahead(self, item: IntakeItem, wanted: ContextWanted) -> LookAhead:
         """What the store holds for ``item`` while its intake is still being written: its
         viewer, whether it was recorded before, and the reply's context (read at once, see
-        ``Database.read_now``)."""
-        return await self._db.read_now(
+        ``Database.read_on_event_loop``)."""
+        return await self._db.read_on_event_loop(
             lambda connection: self._look_ahead(connection, item, wanted))
 
     def _look_ahead(self, connection: Connection, item: IntakeItem,
