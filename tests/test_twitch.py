@@ -369,3 +369,25 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
     assert sent["broadcaster_id"] == CHANNEL_ID and sent["sender_id"] == BOT_ID
     assert sent["reply_parent_message_id"] == "parent-9"
     assert question.status == "answered"
+
+
+async def test_a_new_command_row_is_answered_without_an_adapter_edit(
+        live: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The adapter reads the command table; a row added there is a Twitch command (a missing
+    required argument gets its usage), and words that name none of ours stay unanswered."""
+    from bot.commands import CommandResult, table
+
+    async def shout(services: Any, call: Any) -> CommandResult:
+        return CommandResult(f"shouting {call.value}")
+
+    monkeypatch.setattr(table, "COMMANDS", (*table.COMMANDS, table.Command(
+        ("shout",), "Shout", shout, frozenset({"twitch"}),
+        table.Argument("word", "code", "what to shout", required=True))))
+    server, _adapter, _runtime = live
+    await server.notify("channel.chat.message", server.chat_event("!shout hey"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 1)
+    await server.notify("channel.chat.message", server.chat_event("!uptime"))
+    await server.notify("channel.chat.message", server.chat_event("!shout"))
+    await server.wait_until(lambda: len(server.sent_messages()) == 2)
+    assert [m["message"] for m in server.sent_messages()] == ["shouting hey",
+                                                               "Usage: !shout WORD"]

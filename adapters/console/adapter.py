@@ -16,7 +16,11 @@ from bot.events import ChatEvent, EventHandler, Reply, Roles, RuntimeServices
 
 PLATFORM = "console"
 QUIT_COMMANDS = {"/quit", "/exit"}
-HELP = "Commands: /stats (your relationship stats), /help, /quit (or Ctrl-D)."
+
+
+def help_text() -> str:
+    offered = ", ".join(f"/{command.name}" for command in commands.commands_on(PLATFORM))
+    return f"Commands: {offered}, /help, /quit (or Ctrl-D)."
 
 
 class ConsoleSink:
@@ -132,7 +136,7 @@ class ConsoleAdapter:
         sink = ConsoleSink(self._out, self._speaker or None, stream=self._out.isatty())
         if self._banner:
             self._out.write(self._banner + "\n")
-        self._out.write(HELP + "\n")
+        self._out.write(help_text() + "\n")
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         _start_line_reader(self._stdin, asyncio.get_running_loop(), lines)
         while True:
@@ -160,15 +164,25 @@ class ConsoleAdapter:
         self._out.flush()
 
     async def _command(self, text: str) -> None:
-        if text == "/stats" and self._services is not None:
-            # Whoever holds the terminal owns the bot.
-            caller = Caller(PLATFORM, self._user, self._user, Roles(is_admin=True))
-            result = await commands.stats(self._services, caller)
-            self._out.write(result.plain_text() + "\n")
+        words = text[1:].split()
+        found = commands.find(PLATFORM, words) if self._services is not None else None
+        if found is None:
+            if text not in ("/help", "/?"):
+                self._out.write(f"unknown command {text.split()[0]}. ")
+            self._out.write(help_text() + "\n")
             return
-        if text not in ("/help", "/?"):
-            self._out.write(f"unknown command {text.split()[0]}. ")
-        self._out.write(HELP + "\n")
+        command, rest = found
+        # Whoever holds the terminal owns the bot.
+        caller = Caller(PLATFORM, self._user, self._user, Roles(is_admin=True))
+        argument = command.argument
+        value = commands.chat_argument(argument, rest)
+        if argument is not None and argument.required and value is None:
+            self._out.write(f"usage: /{command.name} {argument.name.upper()}\n")
+            return
+        assert self._services is not None
+        result = await command.run(self._services, commands.Invocation(
+            caller, value, confirm_hint=f"/{command.name} confirm"))
+        self._out.write(result.plain_text() + "\n")
 
     async def close(self) -> None:
         return None

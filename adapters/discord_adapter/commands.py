@@ -1,18 +1,18 @@
-"""Slash commands: Discord's ``/`` syntax mapped onto the neutral commands in ``bot.commands``,
-and their results rendered as (ephemeral) messages, embeds and files. Operator commands carry
-``default_permissions`` (hidden from members by default); the neutral layer checks roles again
-at run time."""
+"""Slash commands: the command table (``bot.commands.COMMANDS``) in Discord's ``/`` syntax,
+and the results rendered as (ephemeral) messages, embeds and files. Top-level operator commands
+carry ``default_permissions`` (hidden from members by default); the neutral layer checks roles
+again at run time."""
 
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import discord
 from discord import app_commands
 
 from adapters.discord_adapter.roles import guild_channels, interaction_roles
-from bot import commands
-from bot.commands import Caller, CommandResult
+from bot.commands import Caller, Command, CommandResult, Invocation, commands_on
 from bot.config import AppConfig
 from bot.events import RuntimeServices
 
@@ -68,69 +68,77 @@ async def respond(interaction: discord.Interaction, result: CommandResult) -> No
 
 def register_commands(tree: app_commands.CommandTree, config: AppConfig,
                       services: RuntimeServices) -> None:
-    _register_operator_commands(tree, config, services)
-    _register_viewer_commands(tree, config, services)
+    """Every command the table offers on Discord: one word a top-level command, two words a
+    command in a group."""
+    groups: dict[str, app_commands.Group] = {}
+    for command in commands_on(PLATFORM):
+        slash: app_commands.Command[Any, ..., None] = app_commands.Command(
+            name=command.words[-1], description=command.description,
+            callback=_callback(command, config, services))
+        if len(command.words) == 1:
+            if command.operators_listing:
+                slash.default_permissions = discord.Permissions(administrator=True)
+            tree.add_command(slash)
+            continue
+        group = groups.get(command.words[0])
+        if group is None:
+            group = groups[command.words[0]] = app_commands.Group(
+                name=command.words[0], description=f"{command.words[0]} commands")
+            tree.add_command(group)
+        group.add_command(slash)
 
 
-def _register_operator_commands(tree: app_commands.CommandTree, config: AppConfig,
-                                services: RuntimeServices) -> None:
-    gpu = app_commands.Group(name="gpu", description="GPU status and memory")
+def _callback(command: Command, config: AppConfig, services: RuntimeServices) -> Any:
+    """A slash callback whose signature is the command's argument (discord.py reads the
+    option's type from the annotation), named and described as the table says."""
+    async def run(interaction: discord.Interaction, value: Any = None) -> None:
+        await respond(interaction, await command.run(services, Invocation(
+            _caller(config, interaction), _plain(value), rich=True,
+            viewer_in_server=_in_server(interaction, value),
+            confirm_hint=f"`/{command.name} confirm:True`")))
 
-    @gpu.command(name="status", description="GPUs, memory and where the models sit (mods)")
-    async def gpu_status(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.gpu_status(
-            services, _caller(config, interaction)))
+    async def no_argument(interaction: discord.Interaction) -> None:
+        await run(interaction)
 
-    @gpu.command(name="optimize", description="Free cached GPU memory (mods)")
-    @app_commands.default_permissions(administrator=True)
-    async def gpu_optimize(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.gpu_optimize(
-            services, _caller(config, interaction)))
+    async def confirm(interaction: discord.Interaction, value: bool = False) -> None:
+        await run(interaction, value)
 
-    tree.add_command(gpu)
+    async def integer(interaction: discord.Interaction, value: int) -> None:
+        await run(interaction, value)
 
-    @tree.command(name="diagnose", description="System diagnosis (mods)")
-    @app_commands.default_permissions(administrator=True)
-    async def diagnose(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.diagnose(
-            services, _caller(config, interaction)))
+    async def integer_or_none(interaction: discord.Interaction, value: int | None = None
+                              ) -> None:
+        await run(interaction, value)
 
-    @tree.command(name="trace", description="How a reply was made (admins)")
-    @app_commands.default_permissions(administrator=True)
-    async def trace(interaction: discord.Interaction, message_id: int) -> None:
-        await respond(interaction, await commands.trace(
-            services, _caller(config, interaction), message_id))
+    async def code(interaction: discord.Interaction, value: str) -> None:
+        await run(interaction, value)
+
+    async def code_or_none(interaction: discord.Interaction, value: str | None = None) -> None:
+        await run(interaction, value)
+
+    async def viewer(interaction: discord.Interaction,
+                     value: discord.User | None = None) -> None:
+        await run(interaction, value)
+
+    argument = command.argument
+    if argument is None:
+        return no_argument
+    callback = {("confirm", False): confirm, ("confirm", True): confirm,
+                ("integer", True): integer, ("integer", False): integer_or_none,
+                ("code", True): code, ("code", False): code_or_none,
+                ("viewer", False): viewer, ("viewer", True): viewer,
+                }[argument.kind, argument.required]
+    callback = app_commands.rename(value=argument.name)(callback)
+    return app_commands.describe(value=argument.description)(callback)
 
 
-def _register_viewer_commands(tree: app_commands.CommandTree, config: AppConfig,
-                              services: RuntimeServices) -> None:
-    @tree.command(name="stats", description="Your (or, for admins, someone's) stats")
-    async def stats(interaction: discord.Interaction,
-                    user: discord.User | None = None) -> None:
-        target = str(user.id) if user is not None else None
-        in_guild = (isinstance(user, discord.Member) and interaction.guild_id is not None
-                    and user.guild.id == interaction.guild_id)
-        await respond(interaction, await commands.stats(
-            services, _caller(config, interaction), target, target_in_server=in_guild,
-            with_chart=True))
+def _plain(value: Any) -> str | int | bool | None:
+    """A user becomes their id; everything else is already plain."""
+    if isinstance(value, discord.abc.User):
+        return str(value.id)
+    return value  # type: ignore[no-any-return]
 
-    @tree.command(name="forget", description="Delete everything the persona knows about you")
-    async def forget(interaction: discord.Interaction, confirm: bool = False) -> None:
-        await respond(interaction, await commands.forget(
-            services, _caller(config, interaction), confirm,
-            confirm_hint="`/forget confirm:True`"))
 
-    @tree.command(name="export", description="Get a JSON file of your data by DM")
-    async def export(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.export(
-            services, _caller(config, interaction)))
-
-    @tree.command(name="link", description="Link your Twitch account (get a one-time code)")
-    async def link(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.link_code(
-            services, _caller(config, interaction), "Twitch"))
-
-    @tree.command(name="persona", description="Who the persona is (an AI character)")
-    async def persona(interaction: discord.Interaction) -> None:
-        await respond(interaction, await commands.persona(
-            services, _caller(config, interaction)))
+def _in_server(interaction: discord.Interaction, value: Any) -> bool:
+    return (isinstance(value, discord.Member) and interaction.guild_id is not None
+            and value.guild.id == interaction.guild_id)

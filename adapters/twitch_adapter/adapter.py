@@ -15,7 +15,7 @@ from twitchio import eventsub
 from adapters.common.pieces import PiecesSent
 from adapters.common.send_limiter import SendLimiter
 from bot import commands
-from bot.commands import Caller, CommandResult
+from bot.commands import Caller
 from bot.config import AppConfig
 from bot.errors import BotError, ConfigError, PlatformUnreachableError
 from bot.events import (
@@ -36,7 +36,6 @@ TWITCH_LIMIT = 500
 TWITCH_USER_LIMIT = (20, 30.0)
 TWITCH_MODERATOR_LIMIT = (100, 30.0)
 TWITCH_TOO_FAST = "msg_ratelimit"  # the drop reason (IRC's NOTICE id) for a send over the limit
-COMMANDS = frozenset({"gpu", "diagnose", "stats", "forget", "link"})
 
 
 class TwitchLoginError(BotError):
@@ -263,33 +262,24 @@ class TwitchAdapter:
 
     async def _command(self, text: str, message: twitchio.ChatMessage, roles: Roles,
                        sink: TwitchSink) -> None:
-        """``!word argument`` onto the neutral commands; unknown words are left alone."""
-        name, _, argument = text[1:].partition(" ")
+        """``!word [word] [argument]`` onto the command table; words that name none of ours
+        are left alone (another bot's ``!uptime``)."""
+        found = commands.find(PLATFORM, text[1:].split())
+        if found is None:
+            return
+        command, rest = found
         chatter = message.chatter
-        if name.casefold() not in COMMANDS:
-            return  # another bot's command (!uptime, ...): not ours to answer
         if not self.services.allow_command(PLATFORM, str(chatter.id)):
             return  # over the viewer's chat budget: commands are not a way around it
         caller = Caller(PLATFORM, str(chatter.id), chatter.name or str(chatter.id), roles)
-        result = await self._run_command(name.casefold(), argument.strip(), caller)
-        if result is not None:
-            await sink.send(result.plain_text(" | "))
-
-    async def _run_command(self, name: str, argument: str,
-                           caller: Caller) -> CommandResult | None:
-        services = self.services
-        if name == "gpu":
-            return await commands.gpu_status(services, caller)
-        if name == "diagnose":
-            return await commands.diagnose(services, caller)
-        if name == "stats":
-            return await commands.stats(services, caller)
-        if name == "forget":
-            return await commands.forget(services, caller, argument.casefold() == "confirm",
-                                         confirm_hint="!forget confirm")
-        if name == "link" and argument:
-            return await commands.redeem_link(services, caller, argument)
-        return None
+        argument = command.argument
+        value = commands.chat_argument(argument, rest)
+        if argument is not None and argument.required and value is None:
+            await sink.send(f"Usage: !{command.name} {argument.name.upper()}")
+            return
+        result = await command.run(self.services, commands.Invocation(
+            caller, value, confirm_hint=f"!{command.name} confirm"))
+        await sink.send(result.plain_text(" | "))
 
     async def on_chat_cleared(self, channel_id: str, user_id: str | None) -> None:
         purged = await self.services.purge_messages(PLATFORM, channel_id, user_id)
