@@ -66,6 +66,9 @@ class FakeDiscord(LocalServer):
     _pending_ready: asyncio.Task[None] | None = None
     # Per-route rate limits with Discord's headers and 429s; None: unlimited.
     buckets: DiscordBuckets | None = None
+    # The next this many message posts are answered 429 (a limit Discord keeps reporting).
+    refuse_posts: int = 0
+    post_attempts: int = 0
 
     def __post_init__(self) -> None:
         self.ready_allowed.set()
@@ -134,6 +137,12 @@ class FakeDiscord(LocalServer):
                             headers={"Content-Type": "application/json", **headers}), headers
 
     async def _post_message(self, request: web.Request) -> web.Response:
+        self.post_attempts += 1
+        if self.refuse_posts > 0:
+            self.refuse_posts -= 1
+            body = {"message": "You are being rate limited.", "retry_after": 0.01,
+                    "global": False}
+            return _with({"Via": "1.1 google"}, _json(body, status=429))
         refused, headers = self._limited("messages", request)
         if refused is not None:
             return refused

@@ -85,6 +85,24 @@ async def test_connects_answers_a_mention_and_a_slash_command(live: Any) -> None
     assert callback["data"]["embeds"][0]["title"] == "GPU status"
 
 
+async def test_a_send_discord_py_already_retried_is_not_retried_again(live: Any) -> None:
+    """discord.py owns the retries of its routes (5 tries through 429s): a send that still
+    fails gets the one fallback, not three more rounds of five."""
+    server, _adapter, runtime = live
+    server.refuse_posts = 5  # every try discord.py makes for the reply
+    await server.dispatch("MESSAGE_CREATE", server.message_payload(
+        f"<@{BOT_USER['id']}> 你好", author=VIEWER, mentions=[BOT_USER]))
+    await server.wait_until(lambda: server.posts_to(f"/channels/{CHANNEL_ID}/messages"))
+    await runtime.service.settle()
+    [sent] = server.posts_to(f"/channels/{CHANNEL_ID}/messages")
+    assert sent["content"] in runtime.engine.persona.fallback_lines
+    assert server.post_attempts == 6  # discord.py's five for the reply, one for the fallback
+    user_id = await runtime.store.find_user("discord", VIEWER["id"])
+    assert user_id is not None
+    [question, *_] = await runtime.store.messages_for(user_id)
+    assert (question.status, question.status_reason) == ("failed", "send")
+
+
 async def test_reconnects_without_answering_twice(live: Any) -> None:
     server, _adapter, _runtime = live
     first = server.message_payload(f"<@{BOT_USER['id']}> one", author=VIEWER,

@@ -1,6 +1,7 @@
 """ReplySink over a Discord channel: 2000-character pieces split on sentence ends, every send
 with ``AllowedMentions.none()`` so model text can never ping @everyone, a role or a user.
-Discord's HTTP errors leave as ``DeliveryError`` (429 and 5xx retryable)."""
+Discord's HTTP errors leave as ``DeliveryError``: retryable only where discord.py did not retry
+already (one place owns the retries of a route)."""
 
 from __future__ import annotations
 
@@ -16,15 +17,21 @@ from adapters.common.text_split import split_message
 from bot.events import DeliveryError
 
 
+# discord.py's HTTP client retries these itself (5 tries, honouring Retry-After on a 429):
+# one that reaches us has had its retries, and ours on top would multiply them.
+RETRIED_BY_DISCORD_PY = frozenset({429, 500, 502, 504, 524})
+
+
 @asynccontextmanager
 async def delivery_errors() -> AsyncIterator[None]:
     try:
         yield
     except discord.HTTPException as exc:
-        retryable = exc.status == 429 or exc.status >= 500
+        retryable = exc.status >= 500 and exc.status not in RETRIED_BY_DISCORD_PY
         raise DeliveryError(f"Discord answered {exc.status}: {exc.text or exc}",
                             retryable=retryable,
                             retry_after=getattr(exc, "retry_after", None)) from exc
+
 
 DISCORD_LIMIT = 2000
 NO_PINGS = discord.AllowedMentions.none()
