@@ -20,13 +20,23 @@ ZERO_WIDTH_SPACE = "\u200b"
 # an echo of the prompt. Removed from viewer text and from replies.
 INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff\u00ad"
 DROP_INVISIBLE = dict.fromkeys(map(ord, INVISIBLE), None)  # for str.translate
+# Every chat family's control tokens, written once: viewer text is defused of them, replies
+# are stripped of them (``text_filters``), and ``TURN_BOUNDARY`` names the ones that end a turn.
 CONTROL_TEXT = re.compile(
     r"<\|[^|<>\s]{1,40}\|>"  # ChatML, Qwen, Llama 3, Phi: <|im_start|>, <|eot_id|>
     r"|<｜[^｜<>]{1,40}｜>"  # DeepSeek: <｜User｜>
     r"|\[/?(?:INST|SYSTEM_PROMPT|TOOL_CALLS|AVAILABLE_TOOLS|TOOL_RESULTS)\]"  # Mistral
     r"|<</?SYS>>|</?s>"  # Llama 2
-    r"|<(?:start|end)_of_turn>"  # Gemma
+    r"|<(?:start|end)_of_turn>|<[be]os>"  # Gemma
 )
+# In a reply, in any case the model wrote them.
+CONTROL_TEXT_ANY_CASE = re.compile(CONTROL_TEXT.pattern, re.I)
+# Those of them where a chat template ends a turn or starts one (ChatML, Llama 3, Phi, Gemma,
+# Mistral, DeepSeek's full-width bars): a reply is over at the first one after its text.
+TURN_BOUNDARY = re.compile(
+    r"<\|(?:im_start|im_end|eot_id|eom_id|start_header_id|end_header_id|end|endoftext"
+    r"|user|assistant|system)\|>|<(?:start|end)_of_turn>|</s>|\[INST\]|<eos>"
+    r"|<｜[^｜>\n]{1,30}｜>", re.I)
 
 
 # What a viewer's own message loses before it is stored or shown to the model: control tokens

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.echo import remove_partial_echo, remove_system_echo
-from engine.prompt_text import DROP_INVISIBLE
+from engine.prompt_text import CONTROL_TEXT_ANY_CASE, DROP_INVISIBLE, TURN_BOUNDARY
 
 # Reasoning blocks as the families of models write them (Qwen/DeepSeek <think>, others
 # <thinking>/<reasoning>/<thought>/<reflection>, Kimi's ◁think▷), spaces inside a tag allowed.
@@ -26,18 +26,6 @@ _LAST_CLOSE = re.compile(rf".*{_THINK_CLOSE}", re.S | re.I)
 _STRAY_THINK = re.compile(rf"{_THINK_OPEN}|{_THINK_CLOSE}", re.I)
 # Llama 2's system block, opened and maybe never closed.
 _SYS_BLOCK = re.compile(r"<<SYS>>.*?(?:<</SYS>>|\Z)", re.S | re.I)
-# ChatML / Llama / Mistral control tokens. Anchored on the exact shapes so that ordinary text
-# such as "friend", ">_<" or "<3" is never touched (the upstream cut replies at "<|end|>" with
-# an unescaped regex that matched the letters e, n, d).
-_SPECIAL_TOKENS = re.compile(
-    r"<\|[\w.:-]{1,40}\|>|</s>|<s>|\[/?INST\]|<</?SYS>>|<(?:start|end)_of_turn>|<bos>|<eos>",
-    re.I)
-# Where a chat template ends a turn or starts one (ChatML, Llama 3, Phi, Gemma, Mistral,
-# DeepSeek's full-width bars): the reply is over at the first one after its text.
-_TURN_BOUNDARY = re.compile(
-    r"<\|(?:im_start|im_end|eot_id|eom_id|start_header_id|end_header_id|end|endoftext"
-    r"|user|assistant|system)\|>|<(?:start|end)_of_turn>|</s>|\[INST\]|<eos>"
-    r"|<｜[^｜>\n]{1,30}｜>", re.I)
 _LEADING_OWN_ROLE = re.compile(r"^\s*(?:assistant|model)\b[ \t]*\n?", re.I)
 _TOOL_CALL = re.compile(r"<tool_call>.*?(?:</tool_call>|\Z)", re.S | re.I)
 _GENERIC_ROLES = (
@@ -112,7 +100,7 @@ def cut_at_turn_boundary(text: str) -> str:
     model opening its own turn again) go, with the role word after them. Tool-call blocks go
     whole: they are for a program, not for chat."""
     text = _TOOL_CALL.sub("", text)
-    while (match := _TURN_BOUNDARY.search(text)) is not None:
+    while (match := TURN_BOUNDARY.search(text)) is not None:
         if text[:match.start()].strip():
             return text[:match.start()]
         text = _LEADING_OWN_ROLE.sub("", text[match.end():], count=1)
@@ -125,7 +113,7 @@ _INST_OPEN = re.compile(r"\[INST\]", re.I)
 
 def strip_special_tokens(text: str) -> str:
     text = _INST_OPEN.sub("\nuser: ", _SYS_BLOCK.sub("", text))
-    return _SPECIAL_TOKENS.sub("", text)
+    return CONTROL_TEXT_ANY_CASE.sub("", text)
 
 
 _OTHER_TURN = re.compile(

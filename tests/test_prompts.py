@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from engine.backends.prompts import ChatPrompts
 from engine.types import ChatMessage, GenerationRequest, SamplingParams
 
@@ -85,3 +87,18 @@ def test_generation_stops_at_every_special_token_the_template_writes(
     assert tokenizer.unk_token_id not in stops
     ordinary = tokenizer.encode("hello there", add_special_tokens=False)
     assert not stops & set(ordinary)
+
+
+@pytest.mark.parametrize("token", [
+    "<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|endoftext|>",
+    "<|user|>", "<start_of_turn>", "<end_of_turn>", "</s>", "[INST]", "<eos>", "<｜User｜>",
+])
+def test_every_turn_boundary_is_a_control_token_viewers_cannot_type(token: str) -> None:
+    """One definition of the families' control tokens: whatever ends a turn in a reply is
+    also defused in a viewer's message and stripped from a reply."""
+    from engine.prompt_text import CONTROL_TEXT, TURN_BOUNDARY, defuse
+    from engine.text_filters import strip_special_tokens
+
+    assert TURN_BOUNDARY.fullmatch(token) and CONTROL_TEXT.fullmatch(token)
+    assert not TURN_BOUNDARY.search(defuse(token))
+    assert strip_special_tokens(f"a{token}b") == "ab" or token == "[INST]"
