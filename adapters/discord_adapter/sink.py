@@ -16,7 +16,6 @@ from adapters.common.pieces import PiecesSent
 from adapters.common.text_split import split_message
 from bot.events import DeliveryError
 
-
 # discord.py's HTTP client retries these itself (5 tries, honouring Retry-After on a 429):
 # one that reaches us has had its retries, and ours on top would multiply them.
 RETRIED_BY_DISCORD_PY = frozenset({429, 500, 502, 504, 524})
