@@ -21,7 +21,7 @@ ARGS ?=
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: run test lint install install-dev clean
+.PHONY: run test lint install install-dev extras gpu clean
 
 run: $(VENV)/.stamp-run
 	@$(VENV)/bin/vtuber-bot chat $(ARGS)
@@ -39,6 +39,23 @@ lint: $(VENV)/.stamp-dev
 
 install: $(VENV)/.stamp-run
 install-dev: $(VENV)/.stamp-dev
+
+# The platform libraries and PostgreSQL's driver, into .venv: `make extras` (all of them) or
+# e.g. `make extras EXTRAS=discord`.
+EXTRAS ?= discord,twitch,postgres
+extras: $(VENV)/.stamp-run
+	@echo "Installing the extras [$(EXTRAS)] into $(VENV)"
+	@$(PIP) -e ".[$(EXTRAS)]" $(QUIET_PIP)
+
+# A GPU machine: torch's CUDA build in place of the CPU one (same version), and the gpu extra
+# (bitsandbytes, torchao). `make gpu CUDA=cu126` for another CUDA; `make run` keeps it.
+CUDA ?= cu128
+gpu: $(VENV)/.stamp-run
+	@echo "Replacing the CPU build of $(TORCH) with the $(CUDA) build, then the gpu extra"
+	@$(PIP) --index-url https://download.pytorch.org/whl/$(CUDA) \
+	  --extra-index-url https://pypi.org/simple "$(TORCH)+$(CUDA)" $(QUIET_PIP)
+	@$(PIP) -e ".[gpu]" $(QUIET_PIP)
+	@$(PY) -c "import torch; print('torch', torch.__version__, '- CUDA available:', torch.cuda.is_available())"
 
 $(PY):
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' \

@@ -37,8 +37,18 @@ def test_the_compose_file_wires_bot_database_and_model_server() -> None:
     for name in ("postgres", "llm"):
         assert "healthcheck" in services[name] and services[name]["restart"] == (
             "unless-stopped"), name
-    assert set(compose["volumes"]) == {"pgdata", "hf-cache", "botdata", "botdata-discord",
+    assert set(compose["volumes"]) == {"pgdata", "botdata", "botdata-discord",
                                        "botdata-twitch"}
+
+
+def test_the_model_server_serves_a_mounted_local_model_and_downloads_nothing() -> None:
+    llm = yaml.safe_load((DEPLOY / "compose.yaml").read_text(encoding="utf-8"))[
+        "services"]["llm"]
+    command = llm["command"]
+    assert command[command.index("--model") + 1] == "/model"
+    assert llm["environment"]["HF_HUB_OFFLINE"] == "1"
+    [mount] = llm["volumes"]
+    assert mount.startswith("${LLM_MODEL_DIR") and mount.endswith(":/model:ro")
 
 
 def _has_compose() -> bool:
@@ -131,3 +141,22 @@ def test_every_secret_the_config_reads_reaches_the_bot_containers() -> None:
     passed = set(compose["x-bot"]["environment"])
     assert "TWITCH_REFRESH_TOKEN" in asked.names and asked.names <= passed, (
         asked.names - passed)
+
+
+def _make_dry_run(*args: str) -> str:
+    root = DEPLOY.parent
+    done = subprocess.run(["make", "-n", "--no-print-directory", "-C", str(root), *args],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not here")
+def test_the_gpu_switch_is_one_command() -> None:
+    """``make gpu`` swaps the CPU torch for the same version's CUDA build from PyTorch's index
+    (a local version, so pip replaces it and brings its CUDA libraries) and adds the gpu
+    extra; ``make extras`` installs the platform libraries into the same venv."""
+    gpu = _make_dry_run("gpu", "CUDA=cu126")
+    assert "download.pytorch.org/whl/cu126" in gpu and "torch==2.13.0+cu126" in gpu
+    assert '".[gpu]"' in gpu
+    assert '".[discord,twitch,postgres]"' in _make_dry_run("extras")
