@@ -110,8 +110,10 @@ async def cmd_run(args: argparse.Namespace, config: AppConfig, paths: DataPaths)
     check_secrets(config, names)
     if problems := binding_problems(config):
         raise ConfigError(problems)
-    for name in names:  # fail on a missing extra before spending time on the model
-        load_adapter_class(name)
+    # A missing extra, a wrong token or an unknown channel fails before the model loads.
+    classes = [load_adapter_class(name) for name in names]
+    await asyncio.gather(*(adapter.check_credentials(config) for adapter in classes
+                           if hasattr(adapter, "check_credentials")))
     role = runtime_role(config, names, paths.data_dir)
     async with open_runtime(config, paths, role=role, freeze_heap=True) as runtime:
         options = {"console": {"speaker": runtime.engine.persona.names.zh,

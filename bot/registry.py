@@ -27,7 +27,8 @@ def load_adapter_class(name: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        hint = f" (pip install 'vtuber-bot[{extra}]')" if extra else ""
+        hint = (f" (make extras EXTRAS={extra}, or pip install 'vtuber-bot[{extra}]')"
+                if extra else "")
         raise AdapterUnavailableError(
             f"adapters.{name}: cannot load {module_name}: {exc}{hint}"
         ) from None

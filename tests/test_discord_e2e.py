@@ -233,3 +233,39 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
     assert str(sent["message_reference"]["message_id"]) == "8123"
     assert sent["message_reference"]["fail_if_not_exists"] is False
     assert question.status == "answered"
+
+
+@pytest.mark.parametrize(("token", "exit_code"), [("wrong-token", 77), ("fake-token", None)])
+async def test_run_checks_the_token_before_the_model_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, token: str,
+        exit_code: int | None) -> None:
+    """``vtuber-bot run`` logs in once before the model loads: a wrong token is one line in
+    a second; a right one goes on to open the runtime."""
+    import argparse
+
+    from bot import cli
+
+    class ModelWouldLoad(Exception):
+        pass
+
+    def model_loads(*_args: Any, **_kwargs: Any) -> Any:
+        raise ModelWouldLoad
+
+    server = FakeDiscord()
+    await server.start()
+    monkeypatch.setattr(discord.http.Route, "BASE", f"{server.base}/api/v10")
+    monkeypatch.setattr(cli, "open_runtime", model_loads)
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "adapters": {"discord": {"enabled": True}}},
+                          env={"DISCORD_TOKEN": token})
+    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None)
+    try:
+        with pytest.raises((BotError, ModelWouldLoad)) as info:
+            await cli.cmd_run(args, config, DataPaths.resolve(tmp_path))
+    finally:
+        await server.stop()
+    if exit_code is None:
+        assert isinstance(info.value, ModelWouldLoad)
+    else:
+        assert isinstance(info.value, BotError) and info.value.exit_code == exit_code

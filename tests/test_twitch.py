@@ -391,3 +391,48 @@ async def test_a_new_command_row_is_answered_without_an_adapter_edit(
     await server.wait_until(lambda: len(server.sent_messages()) == 2)
     assert [m["message"] for m in server.sent_messages()] == ["shouting hey",
                                                                "Usage: !shout WORD"]
+
+
+@pytest.mark.parametrize(("server", "error_name", "channels"), [
+    (FakeTwitch(reject_credentials=True), "TwitchLoginError", (CHANNEL_LOGIN,)),
+    (FakeTwitch(unknown_logins=frozenset({"lighthuose"})), "ConfigError",
+     (CHANNEL_LOGIN, "lighthuose")),
+])
+async def test_run_checks_credentials_and_channels_before_the_model_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: FakeTwitch,
+        error_name: str, channels: tuple[str, ...]) -> None:
+    """``vtuber-bot run`` asks Twitch first: a typo costs a second, not a model load."""
+    import argparse
+
+    from bot import cli
+
+    def no_model(*_args: Any, **_kwargs: Any) -> Any:
+        raise AssertionError("the runtime (and its model) was opened")
+
+    await server.start()
+    _point_twitchio_at(server, monkeypatch)
+    monkeypatch.setattr(cli, "open_runtime", no_model)
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "adapters": {"twitch": {"enabled": True,
+                                                   "channels": list(channels)}}}, env=ENV)
+    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None)
+    try:
+        with pytest.raises(BotError) as info:
+            await cli.cmd_run(args, config, DataPaths.resolve(tmp_path))
+    finally:
+        await server.stop()
+    assert type(info.value).__name__ == error_name and "\n" not in str(info.value)
+
+
+async def test_good_credentials_pass_the_check(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    server = FakeTwitch()
+    await server.start()
+    _point_twitchio_at(server, monkeypatch)
+    config = parse_config({"adapters": {"twitch": {"enabled": True,
+                                                   "channels": [CHANNEL_LOGIN]}}}, env=ENV)
+    try:
+        await TwitchAdapter.check_credentials(config)
+    finally:
+        await server.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -193,18 +195,37 @@ class DiscordAdapter:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    @staticmethod
+    async def check_credentials(config: AppConfig) -> None:
+        """Log in once and out again (Discord's ``/users/@me``), before the model loads: a
+        wrong token costs a second, not a model load."""
+        secret = config.secrets.discord_token
+        client = discord.Client(intents=discord.Intents.none())
+        try:
+            async with _login_errors():
+                await client.login(secret.get_secret_value() if secret else "")
+        finally:
+            await client.close()
+
     async def run(self, handle: EventHandler) -> None:
         self._handle = handle
-        try:
+        async with _login_errors():
             await self.client.start(self._token)
-        except discord.LoginFailure:  # 401 on login
-            raise DiscordLoginError(
-                "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
-            ) from None
-        except discord.HTTPException as exc:
-            raise PlatformUnreachableError.http("Discord", exc.status) from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PlatformUnreachableError.network("Discord", exc) from None
 
     async def close(self) -> None:
         await self.client.close()
+
+
+@asynccontextmanager
+async def _login_errors() -> AsyncIterator[None]:
+    """Discord's answers to a login, as the one-line errors the CLI exits with."""
+    try:
+        yield
+    except discord.LoginFailure:  # 401 on login
+        raise DiscordLoginError(
+            "Discord rejected DISCORD_TOKEN (401 Unauthorized): check the bot token"
+        ) from None
+    except discord.HTTPException as exc:
+        raise PlatformUnreachableError.http("Discord", exc.status) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise PlatformUnreachableError.network("Discord", exc) from None

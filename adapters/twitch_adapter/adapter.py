@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
@@ -123,15 +125,11 @@ class TwitchAdapter:
         self.config = config
         self.services = services
         secrets = config.secrets
-
-        def secret(value: Any) -> str:
-            return value.get_secret_value() if value is not None else ""
-
-        self._access = secret(secrets.twitch_access_token)
-        self._refresh = secret(secrets.twitch_refresh_token)
+        self._access = _secret(secrets.twitch_access_token)
+        self._refresh = _secret(secrets.twitch_refresh_token)
         self.bot_id = secrets.twitch_bot_id or ""
-        self.client = TwitchClient(self, client_id=secret(secrets.twitch_client_id),
-                                   client_secret=secret(secrets.twitch_client_secret),
+        self.client = TwitchClient(self, client_id=_secret(secrets.twitch_client_id),
+                                   client_secret=_secret(secrets.twitch_client_secret),
                                    bot_id=self.bot_id, fetch_client_user=False)
         self._limiters: dict[str, SendLimiter] = {}
         self._rng = rng or random.Random()
@@ -147,13 +145,7 @@ class TwitchAdapter:
         if self._access:
             validated = await client.add_token(self._access, self._refresh)
             self.bot_login = validated.login or ""
-        channels = self.config.adapters.twitch.channels
-        users = await client.fetch_users(logins=channels) if channels else []
-        found = {(user.name or "").casefold() for user in users}
-        unknown = [login for login in channels if login.casefold() not in found]
-        if unknown:  # the bot would report ready and answer nothing there
-            raise ConfigError([f"adapters.twitch.channels: Twitch knows no channel "
-                               f"{', '.join(map(repr, unknown))}; check the spelling"])
+        users = await _channels(client, self.config)
         for user in users:
             for subscription in (
                 eventsub.ChatMessageSubscription(broadcaster_user_id=user.id,
@@ -184,20 +176,32 @@ class TwitchAdapter:
         return TwitchSink(broadcaster, self.bot_id, self._limiter(leftover.channel_id),
                           reply_to=leftover.platform_message_id)
 
+    @staticmethod
+    async def check_credentials(config: AppConfig) -> None:
+        """Log in (an app token from the client id and secret), validate the bot's user token
+        and look the channels up, before the model loads: a typo costs a second."""
+        access, refresh, client_id, client_secret = (
+            _secret(config.secrets.twitch_access_token),
+            _secret(config.secrets.twitch_refresh_token),
+            _secret(config.secrets.twitch_client_id),
+            _secret(config.secrets.twitch_client_secret))
+        client = twitchio.Client(client_id=client_id, client_secret=client_secret,
+                                 bot_id=config.secrets.twitch_bot_id or "",
+                                 fetch_client_user=False)
+        try:
+            async with _login_errors():
+                await client.login(load_tokens=False, save_tokens=False)
+                if access:
+                    await client.add_token(access, refresh)
+                await _channels(client, config)
+        finally:
+            await client.close(save_tokens=False)
+
     async def run(self, handle: EventHandler) -> None:
         self._handle = handle
-        try:
+        async with _login_errors():
             # No OAuth web adapter and no token file: tokens live in the environment only.
             await self.client.start(with_adapter=False, load_tokens=False, save_tokens=False)
-        except twitchio.HTTPException as exc:
-            if exc.status in (400, 401, 403):
-                raise TwitchLoginError(
-                    f"Twitch rejected the credentials (HTTP {exc.status}): check TWITCH_CLIENT_ID"
-                    ", TWITCH_CLIENT_SECRET and TWITCH_ACCESS_TOKEN") from None
-            # Only the status: twitchio's text can quote the token URL with the client secret.
-            raise PlatformUnreachableError.http("Twitch", exc.status) from None
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise PlatformUnreachableError.network("Twitch", exc) from None
 
     async def close(self) -> None:
         await self.client.close()
@@ -289,3 +293,36 @@ class TwitchAdapter:
     async def on_message_deleted(self, message_id: str) -> None:
         if await self.services.purge_message(PLATFORM, message_id):
             log.info("purged deleted Twitch message %s from memory", message_id)
+
+
+def _secret(value: Any) -> str:
+    return value.get_secret_value() if value is not None else ""
+
+
+async def _channels(client: twitchio.Client, config: AppConfig) -> list[twitchio.User]:
+    """The configured channels' users; a login Twitch does not know is a config error (the bot
+    would report ready and answer nothing there)."""
+    channels = config.adapters.twitch.channels
+    users = list(await client.fetch_users(logins=channels)) if channels else []
+    found = {(user.name or "").casefold() for user in users}
+    unknown = [login for login in channels if login.casefold() not in found]
+    if unknown:
+        raise ConfigError([f"adapters.twitch.channels: Twitch knows no channel "
+                           f"{', '.join(map(repr, unknown))}; check the spelling"])
+    return users
+
+
+@asynccontextmanager
+async def _login_errors() -> AsyncIterator[None]:
+    """Twitch's answers to a login, as the one-line errors the CLI exits with."""
+    try:
+        yield
+    except twitchio.HTTPException as exc:
+        if exc.status in (400, 401, 403):
+            raise TwitchLoginError(
+                f"Twitch rejected the credentials (HTTP {exc.status}): check TWITCH_CLIENT_ID"
+                ", TWITCH_CLIENT_SECRET and TWITCH_ACCESS_TOKEN") from None
+        # Only the status: twitchio's text can quote the token URL with the client secret.
+        raise PlatformUnreachableError.http("Twitch", exc.status) from None
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise PlatformUnreachableError.network("Twitch", exc) from None
