@@ -8,7 +8,7 @@ the bundled persona, SQLite in a temporary folder, lexical RAG and long-term mem
 OpenCC, streaming previews, ``max_batch_size`` 32, 60-token replies (``--new-tokens``), the
 in-process engine with continuous batching. Viewers come back: each first says ``--history``
 things (so their history and memories are in their prompts), then the loads pick viewers at
-random from them.
+random from those not waiting for a reply.
 Loads: one viewer at a time, Poisson 4, 12 and 24 msg/s, a burst of 32; each followed by the
 same load against the backend alone (``arrivals_bench``'s requests: the persona's system turn and
 50-250 tokens of a viewer's own) on the same backend object, for the ratio.
@@ -131,10 +131,23 @@ class Offered:
         self.outcomes: Counter[str] = Counter()
         self.replies: list[float] = []
         self.previews: list[float] = []
+        self.waiting: set[int] = set()  # viewers whose message is not answered yet
+
+    def next_viewer(self, rng: random.Random, viewers: int) -> int:
+        """A viewer at random among those not waiting for a reply: chat viewers mostly wait
+        for the answer before they speak again, and the runtime answers one viewer's messages
+        in order, which the backend alone (no viewers) would not have to."""
+        free = [v for v in range(viewers) if v not in self.waiting]
+        return rng.choice(free) if free else rng.randrange(viewers)
 
     async def one(self, runtime: Any, event: ChatEvent, sink: TimingSink) -> None:
         started = time.perf_counter()
-        reply = await runtime.service.handle(event)
+        viewer = int(event.platform_user_id[1:])
+        self.waiting.add(viewer)
+        try:
+            reply = await runtime.service.handle(event)
+        finally:
+            self.waiting.discard(viewer)
         self.outcomes[f"{reply.status}:{reply.reason}" if reply.reason else reply.status] += 1
         if reply.status == "answered" and sink.last is not None and sink.first is not None:
             self.replies.append(sink.last - started)
@@ -150,7 +163,7 @@ async def _service_load(runtime: Any, label: str, rate: float, amount: float, ca
     for index in range(first_index, first_index + count):
         if rate > 0:
             await asyncio.sleep(rng.expovariate(rate))
-        viewer = 0 if rate < 0 else rng.randrange(viewers)
+        viewer = 0 if rate < 0 else offered.next_viewer(rng, viewers)
         sink = TimingSink()
         tasks.append(asyncio.create_task(
             offered.one(runtime, _event(viewer, index, rng, sink), sink)))

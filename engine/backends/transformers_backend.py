@@ -127,7 +127,11 @@ class TransformersBackend:
         if device is None or device.type != "cuda":
             return 2**30
         torch.cuda.empty_cache()
-        free, _total = torch.cuda.mem_get_info(device)
+        free, total = torch.cuda.mem_get_info(device)
+        log.info("GPU memory for the prefix cache: %.1f of %.1f GiB free; torch holds %.1f "
+                 "GiB (%.1f GiB of it in use)", free / 2**30, total / 2**30,
+                 torch.cuda.memory_reserved(device) / 2**30,
+                 torch.cuda.memory_allocated(device) / 2**30)
         return int(free // 2)
 
     @property
