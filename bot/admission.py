@@ -30,6 +30,7 @@ class Admission:
         self._pipeline = Pipeline()
         self._pace = ReplyPace()
         self.paused: set[str] = set()  # platforms whose messages end dropped(paused)
+        self.muted: set[tuple[str, str]] = set()  # (platform, viewer): dropped(muted)
 
     @staticmethod
     def _channel_limiter_for(limits: LimitsConfig) -> SlidingWindowLimiter | None:
@@ -59,6 +60,8 @@ class Admission:
         messages not final yet; ``generation_limit``: how many the model takes at once."""
         if event.platform in self.paused:
             return "paused"
+        if (event.platform, event.platform_user_id) in self.muted:
+            return "muted"
         if not text:
             return "empty"
         # The event's own time, so replays rate-limit exactly as the live run did.

@@ -149,6 +149,14 @@ class Adapter(Protocol):
 
 
 @runtime_checkable
+class PostsToChannels(Protocol):
+    """An adapter that can post into one of its channels unprompted (the dashboard's "say as
+    the persona"): a sink for that channel (a Discord channel id, a Twitch broadcaster id)."""
+
+    def channel_sink(self, channel_id: str) -> ReplySink: ...
+
+
+@runtime_checkable
 class AnswersLeftovers(Protocol):
     """An adapter that can answer, once connected, a message an earlier run stored and never
     answered (it crashed): ``ready`` returns once it can send; ``reply_sink`` builds the

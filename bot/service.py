@@ -104,6 +104,14 @@ class ConversationService:
     def resume(self, platform: str) -> None:
         self._admission.paused.discard(platform)
 
+    def mute(self, platform: str, platform_user_id: str, muted: bool) -> None:
+        """A muted viewer's messages are recorded and end ``dropped(muted)``."""
+        viewer = (platform, platform_user_id)
+        if muted:
+            self._admission.muted.add(viewer)
+        else:
+            self._admission.muted.discard(viewer)
+
     async def handle(self, event: ChatEvent) -> Reply:
         """Take one event to a final state. Never raises for store, model or platform trouble:
         the viewer gets the reply or one in-character fallback, the log gets the cause."""
@@ -260,6 +268,7 @@ class ConversationService:
         platform (``answer_leftovers``); older ones end ``expired(crash)``
         (see ``bot.recovery``)."""
         await self._recording.spool.restore()
+        self._admission.muted = await self._store.muted_viewers()
         expired, self.leftovers = await sort_out_leftovers(
             self._store, self._config.limits, self._clock(), self._role)
         if expired or self.leftovers:

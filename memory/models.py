@@ -206,3 +206,30 @@ USER_DATA_TABLES: tuple[tuple[type[Base], str], ...] = (
     (Identity, "user_id"),
     (User, "id"),
 )
+
+
+class OperatorAction(Base):
+    """One control an operator used (the dashboard's pause, say, state edit, mute, forget,
+    reload...): when, what, on whom, with what, and how it ended. Kept for the audit."""
+
+    __tablename__ = "operator_actions"
+    __table_args__ = (Index("ix_operator_actions_at", "at"), MONOTONIC_IDS)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column()
+    action: Mapped[str] = mapped_column(String(40))
+    target: Mapped[str | None] = mapped_column(String(200), default=None)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    outcome: Mapped[str] = mapped_column(String(200))
+
+
+class MutedViewer(Base):
+    """A viewer the operator muted: their messages are recorded and dropped (``muted``)."""
+
+    __tablename__ = "muted_viewers"
+    __table_args__ = (UniqueConstraint("platform", "platform_user_id"), MONOTONIC_IDS)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    platform_user_id: Mapped[str] = mapped_column(String(128))
+    at: Mapped[datetime] = mapped_column()

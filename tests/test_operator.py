@@ -68,8 +68,9 @@ class Served:
     client: httpx.AsyncClient
 
 
-async def _serve(config: AppConfig, tmp_path: Path) -> AsyncIterator[Served]:
-    adapter = FakeAdapter("discord")
+async def _serve(config: AppConfig, tmp_path: Path,
+                 adapter: FakeAdapter | None = None) -> AsyncIterator[Served]:
+    adapter = adapter or FakeAdapter("discord")
     async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime, \
             operator_server(config, RuntimeView(runtime, [adapter])) as url:
         assert url is not None

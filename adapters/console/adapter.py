@@ -193,6 +193,7 @@ NO_REPLY = {
     "rate_limited": "more than limits.user_messages_per_minute messages a minute",
     "channel_cooldown": "the channel is over limits.channel_messages_per_minute",
     "paused": "replying is paused on this platform (the dashboard can resume it)",
+    "muted": "the operator muted you (the dashboard can unmute you)",
     "queue_full": "too many messages waiting (limits.max_pending)",
     "busy": "the bot is over capacity right now",
     "stale": "it waited longer than limits.stale_after_s",

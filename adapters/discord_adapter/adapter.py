@@ -182,6 +182,11 @@ class DiscordAdapter:
         """The gateway sent READY and the connection is open (``/readyz``)."""
         return self.client.is_ready() and not self.client.is_closed()
 
+    def channel_sink(self, channel_id: str) -> ReplySink:
+        """A sink that posts into a channel, replying to nothing (the dashboard's "say")."""
+        return DiscordSink(self.client.get_partial_messageable(int(channel_id)),
+                           edits=self._edits)
+
     def reply_sink(self, leftover: Leftover) -> ReplySink | None:
         """A sink that replies to a stored message (crash recovery) without fetching it; if
         it was deleted meanwhile, the reply goes out without the reference."""

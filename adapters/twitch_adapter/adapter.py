@@ -168,6 +168,12 @@ class TwitchAdapter:
         """Subscribed to chat on an EventSub session (``/readyz``)."""
         return self._subscribed.is_set()
 
+    def channel_sink(self, channel_id: str) -> ReplySink:
+        """A sink that posts into a channel, replying to nothing (the dashboard's "say"),
+        within the same send limit as the replies there."""
+        return TwitchSink(self.client.create_partialuser(channel_id), self.bot_id,
+                          self._limiter(channel_id), reply_to=None)
+
     def reply_sink(self, leftover: Leftover) -> ReplySink | None:
         """A sink that replies to a stored message (crash recovery)."""
         if not leftover.channel_id:

@@ -91,4 +91,5 @@ class RuntimeView:
         return {"platforms": {name: {"ready": ready[name], "paused": name in paused}
                               for name in self.platforms},
                 "pending": self.pending(), "store_up": self.store_up(),
-                "latency_ms": self.runtime.service.latency_percentiles()}
+                "latency_ms": self.runtime.service.latency_percentiles(),
+                "moods": list(self.runtime.engine.persona.moods.states)}

@@ -9,6 +9,7 @@ from memory.store.database import sqlite_url
 from memory.store.facade import Store
 from memory.store.intake import IntakeWriter
 from memory.store.records import (
+    AuditEntry,
     ContextWanted,
     ExportedUserData,
     HistoryMessage,
@@ -30,6 +31,7 @@ from memory.store.records import (
 )
 
 __all__ = [
+    "AuditEntry",
     "ContextWanted",
     "ExportedUserData",
     "HistoryMessage",

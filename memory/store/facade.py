@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Connection
 
 from memory.store import statements as sql
+from memory.store.controls import OperatorControls
 from memory.store.conversations import Conversations
 from memory.store.database import Database
 from memory.store.identities import Identities
@@ -17,6 +18,7 @@ from memory.store.intake import Intake
 from memory.store.link_codes import LinkCodeStore
 from memory.store.privacy import Privacy
 from memory.store.records import (
+    AuditEntry,
     ContextWanted,
     ExportedUserData,
     HistoryMessage,
@@ -53,6 +55,7 @@ class Store:
         self._intake_log = Intake(db, self._read_reply_context)
         self._link_codes = LinkCodeStore(db)
         self._role_lock = RoleLock(db)
+        self._controls = OperatorControls(db)
 
     @classmethod
     async def open(cls, url: str, *, auto_migrate: bool = True,
@@ -255,6 +258,25 @@ class Store:
                                   forget_before: datetime) -> None:
         await self._link_codes.record_attempt(viewer, wrong=wrong, now=now,
                                              forget_before=forget_before)
+
+    # -- the operator's controls -----------------------------------------------------------
+
+    async def record_operator_action(self, action: str, target: str | None,
+                                     detail: dict[str, Any], outcome: str,
+                                     at: datetime) -> None:
+        await self._controls.record(action, target, detail, outcome, at)
+
+    async def operator_actions(self, limit: int) -> list[AuditEntry]:
+        return await self._controls.recent(limit)
+
+    async def mute_viewer(self, platform: str, platform_user_id: str, at: datetime) -> None:
+        await self._controls.mute(platform, platform_user_id, at)
+
+    async def unmute_viewer(self, platform: str, platform_user_id: str) -> None:
+        await self._controls.unmute(platform, platform_user_id)
+
+    async def muted_viewers(self) -> set[tuple[str, str]]:
+        return await self._controls.muted()
 
     # -- privacy ----------------------------------------------------------------------------
 

@@ -227,3 +227,15 @@ class RecentExchange(TypedDict):
 
 
 ExportedUserData = dict[str, list[dict[str, Any]]]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    """One control an operator used (``Store.operator_actions``)."""
+
+    id: int
+    at: datetime
+    action: str
+    target: str | None
+    detail: dict[str, Any]
+    outcome: str
