@@ -75,7 +75,10 @@ class ConversationService:
         self._pending = 0
         self._backlogged = Episodes()  # channels whose send line is full
         self._closing = False
-        self._in_flight: set[asyncio.Task[Any]] = set()
+        # Each message being answered: a future done when it ends, and the task answering it
+        # (to cancel at the end of a shutdown's grace). Messages, not tasks, are waited for:
+        # an adapter may answer in its own long-lived task (the console's read loop).
+        self._in_flight: dict[asyncio.Future[None], asyncio.Task[Any] | None] = {}
         self.leftovers: list[Leftover] = []  # see recover()
 
     @property
@@ -151,9 +154,8 @@ class ConversationService:
         attempt = Attempt(self._admission.admitted())
         # A place in this viewer's lane before the first await keeps arrival order.
         ticket = self._lanes.enter((event.platform, event.platform_user_id))
-        task = asyncio.current_task()
-        if task is not None:
-            self._in_flight.add(task)
+        ended = asyncio.get_running_loop().create_future()
+        self._in_flight[ended] = asyncio.current_task()
         # The intake can be written behind the reply when no earlier message of this viewer
         # is still being answered: in one process (SQLite) nothing else changes its context.
         behind = ticket.lane.users == 1 and self._store.groups_writes
@@ -174,8 +176,8 @@ class ConversationService:
             attempt.stay.leave()
             self._pending -= 1
             self._lanes.leave(ticket)
-            if task is not None:
-                self._in_flight.discard(task)
+            self._in_flight.pop(ended, None)
+            ended.set_result(None)
 
     # -- the lifecycle's one owner ------------------------------------------------------------
 
@@ -332,13 +334,15 @@ class ConversationService:
         ``expired(shutdown)``, then write what the intake still holds."""
         self.stop_intake()
         await self.expire_leftovers()
-        tasks = [t for t in self._in_flight if t is not asyncio.current_task()]
-        if tasks:
-            log.info("waiting for %d in-flight repl%s", len(tasks),
-                     "y" if len(tasks) == 1 else "ies")
-            _done, late = await asyncio.wait(tasks, timeout=grace_s)
-            for task in late:
-                task.cancel()
+        answering = self._answering_elsewhere()
+        if answering:
+            log.info("waiting for %d in-flight repl%s", len(answering),
+                     "y" if len(answering) == 1 else "ies")
+            _done, late = await asyncio.wait(answering, timeout=grace_s)
+            for ended in late:
+                task = self._in_flight.get(ended)
+                if task is not None:
+                    task.cancel()
             if late:
                 await asyncio.wait(late, timeout=5)
         await self.flush(spool_timeout_s=5)
@@ -346,9 +350,14 @@ class ConversationService:
     async def settle(self) -> None:
         """Wait until every message taken so far has ended (its reply sent and recorded,
         or its final state written)."""
-        while tasks := [t for t in self._in_flight if t is not asyncio.current_task()]:
-            await asyncio.wait(tasks)
+        while answering := self._answering_elsewhere():
+            await asyncio.wait(answering)
         await self.flush()
+
+    def _answering_elsewhere(self) -> list[asyncio.Future[None]]:
+        """Messages being answered, but not by the calling task (it would wait on itself)."""
+        return [ended for ended, task in self._in_flight.items()
+                if task is not asyncio.current_task()]
 
     async def flush(self, spool_timeout_s: float = 0) -> None:
         """Wait until every message taken so far is recorded (drops are written behind);

@@ -78,3 +78,32 @@ async def test_a_message_that_gets_no_reply_says_why(tmp_path: Path) -> None:
     text = out.getvalue()
     assert text.count("今晚的星星很亮。") == 1
     assert "(no reply: more than limits.user_messages_per_minute messages a minute)" in text
+
+
+async def test_a_stop_mid_reply_exits_once_the_reply_is_done(tmp_path: Path) -> None:
+    """Ctrl-C while a reply is being written: the reply finishes and the process goes, without
+    waiting out the shutdown grace for the prompt that is waiting for the next line."""
+    import os
+    import time
+
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "limits": {"shutdown_grace_s": 60}}, env={})
+    reading, writing = os.pipe()
+    out = io.StringIO()
+    with os.fdopen(reading) as stdin, os.fdopen(writing, "w") as typed:
+        async with open_runtime(config, DataPaths.resolve(tmp_path),
+                                backend=SentenceBackend()) as runtime:
+            adapter = ConsoleAdapter(config, user="ann", speaker="佩兒", services=runtime,
+                                     stdin=stdin, stdout=out)
+            running = asyncio.create_task(runtime.run_adapters([adapter]))
+            typed.write("你好\n")
+            typed.flush()
+            while runtime.service.pending == 0:
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            os.kill(os.getpid(), __import__("signal").SIGINT)
+            await asyncio.wait_for(running, timeout=30)
+            took = time.monotonic() - started
+    assert "今晚的星星很亮。要一起看嗎？" in out.getvalue()
+    assert took < 30  # the grace is 60 s: it did not wait for the idle prompt
