@@ -371,3 +371,16 @@ def check_secrets(config: AppConfig, adapter_names: list[str]) -> None:
     ]
     if problems:
         raise MissingSecretError(problems, "environment")
+
+
+def changes_needing_restart(old: AppConfig, new: AppConfig) -> list[str]:
+    """What a reload from ``old`` to ``new`` cannot apply to a running bot."""
+    restart = [name for name in ("models", "store", "adapters", "web")
+               if getattr(new, name) != getattr(old, name)]
+    applied_live = {"persona", "moderation"}
+    if new.vtuber.model_dump(exclude=applied_live) != old.vtuber.model_dump(
+            exclude=applied_live):
+        restart.append("vtuber (but vtuber.persona and vtuber.moderation)")
+    if new.limits.max_concurrent_generations != old.limits.max_concurrent_generations:
+        restart.append("limits.max_concurrent_generations")
+    return restart

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bot.config import AppConfig
+from bot.config import AppConfig, changes_needing_restart
 from bot.errors import ConfigError
 from bot.events import Adapter, AnswersLeftovers
 from bot.linking import LinkCodes
@@ -177,21 +177,18 @@ class Runtime:
         return None
 
     def _apply_config(self, new: AppConfig) -> None:
-        """Limits, admins, the log level and the persona path apply at once (the same config
-        object is read where they are used); the rest needs a restart, and says so."""
+        """Limits, admins, the log level, the persona path and the moderation blocklist apply
+        at once (the same config object is read where they are used); the rest needs a
+        restart, and says so."""
         old = self.config
         if new is old:
             return
-        restart = [name for name in ("models", "store", "adapters", "web")
-                   if getattr(new, name) != getattr(old, name)]
-        if new.vtuber.model_dump(exclude={"persona"}) != old.vtuber.model_dump(
-                exclude={"persona"}):
-            restart.append("vtuber (but vtuber.persona)")
-        if new.limits.max_concurrent_generations != old.limits.max_concurrent_generations:
-            restart.append("limits.max_concurrent_generations")
+        restart = changes_needing_restart(old, new)
+        if new.vtuber.moderation != old.vtuber.moderation:
+            self.engine.replace_blocklist(new.vtuber.moderation.blocklist)
         old_limits = old.limits
         old.limits, old.admins, old.logging = new.limits, new.admins, new.logging
-        old.vtuber.persona = new.vtuber.persona
+        old.vtuber.persona, old.vtuber.moderation = new.vtuber.persona, new.vtuber.moderation
         self.service.apply_limits(old_limits)
         logging.getLogger().setLevel(new.logging.level)
         if restart:

@@ -52,6 +52,7 @@ class Engine:
         # An external moderation hook, else the config's blocklist (if any).
         blocklist = self.config.vtuber.moderation.blocklist
         self._moderate = moderate or (Blocklist(blocklist) if blocklist else None)
+        self._moderation_hook = moderate is not None
         self._redact = redact or SecretScanner()
         self._generator: ResponseGenerator | None = None
         self._embedder: Embedder | None = None
@@ -114,6 +115,12 @@ class Engine:
     def replace_persona(self, persona: Persona) -> None:
         """Use ``persona`` from the next request on (a reload: the model stays loaded)."""
         self._persona = persona
+
+    def replace_blocklist(self, patterns: list[str]) -> None:
+        """Moderate with ``patterns`` from the next reply on (a reload); an external
+        moderation hook, where one was given, stays."""
+        if not self._moderation_hook:
+            self._moderate = Blocklist(patterns) if patterns else None
 
     @property
     def backend(self) -> Backend:

@@ -139,3 +139,25 @@ async def test_a_reloaded_config_changes_limits_and_a_broken_one_is_refused(
     assert await runtime.reload() is None
     await _ask(runtime, "第三次")  # the new per-viewer limit applies at once
     assert "take a restart: models" in caplog.text
+
+
+async def test_a_reloaded_blocklist_moderates_the_next_reply(runtime: Runtime,
+                                                             tmp_path: Path) -> None:
+    """The moderation blocklist is for the operator to change mid-show: a reload applies it
+    to the next reply, no restart."""
+    from bot.config import load_config
+
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(
+        f"models: {{llm: {{backend: scripted, scripted: {{replies: ['收到 收到']}}}}, "
+        f"embedding: {{enabled: false}}}}\n"
+        f"store: {{url: 'sqlite+aiosqlite:///{tmp_path / 'bot.db'}'}}\n"
+        f"vtuber: {{persona: '{runtime.config.vtuber.persona}', "
+        f"moderation: {{blocklist: ['收到']}}}}\n", encoding="utf-8")
+    runtime.reload_config = lambda: load_config(config_file, env={})
+    assert await runtime.reload() is None
+    sink = RecordingSink()
+    reply = await runtime.service.handle(ChatEvent(
+        platform="console", channel_id="local", platform_user_id="ann", display_name="Ann",
+        text="你好", sink=sink))
+    assert reply.text in runtime.engine.persona.fallback_lines
