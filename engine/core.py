@@ -210,6 +210,15 @@ class Engine:
         return EngineHealth(ok=bool(report.get("ok")), backend=backend.name,
                             model=self.model_name, detail=None)
 
+    def counters(self) -> dict[str, float]:
+        """The backend's numbers for metrics (requests queued and in flight; in process, the
+        batching loop's totals); empty before start."""
+        if self._backend is None:
+            return {}
+        report = self._backend.health()
+        return {key: float(value) for key, value in report.items()
+                if isinstance(value, int | float) and not isinstance(value, bool)}
+
     @property
     def model_name(self) -> str:
         info = self._backend.info() if self._backend is not None else {}

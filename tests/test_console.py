@@ -80,10 +80,24 @@ async def test_a_message_that_gets_no_reply_says_why(tmp_path: Path) -> None:
     assert "(no reply: more than limits.user_messages_per_minute messages a minute)" in text
 
 
+class StartedBackend(SentenceBackend):
+    """Says when it starts writing a reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
+        self.started.set()
+        async for sentence in super().generate(request):
+            yield sentence
+
+
 async def test_a_stop_mid_reply_exits_once_the_reply_is_done(tmp_path: Path) -> None:
     """Ctrl-C while a reply is being written: the reply finishes and the process goes, without
     waiting out the shutdown grace for the prompt that is waiting for the next line."""
     import os
+    import signal
     import time
 
     config = parse_config({"models": {"llm": {"backend": "scripted"},
@@ -92,17 +106,17 @@ async def test_a_stop_mid_reply_exits_once_the_reply_is_done(tmp_path: Path) -> 
     reading, writing = os.pipe()
     out = io.StringIO()
     with os.fdopen(reading) as stdin, os.fdopen(writing, "w") as typed:
+        backend = StartedBackend()
         async with open_runtime(config, DataPaths.resolve(tmp_path),
-                                backend=SentenceBackend()) as runtime:
+                                backend=backend) as runtime:
             adapter = ConsoleAdapter(config, user="ann", speaker="佩兒", services=runtime,
                                      stdin=stdin, stdout=out)
             running = asyncio.create_task(runtime.run_adapters([adapter]))
             typed.write("你好\n")
             typed.flush()
-            while runtime.service.pending == 0:
-                await asyncio.sleep(0.01)
+            await asyncio.wait_for(backend.started.wait(), timeout=30)
             started = time.monotonic()
-            os.kill(os.getpid(), __import__("signal").SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
             await asyncio.wait_for(running, timeout=30)
             took = time.monotonic() - started
     assert "今晚的星星很亮。要一起看嗎？" in out.getvalue()

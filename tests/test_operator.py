@@ -174,6 +174,32 @@ async def test_metrics_parse_and_match_the_store(served: Served) -> None:
     assert _samples(text, "vtuber_adapter_ready") == {(("adapter", "discord"),): 0.0}
 
 
+async def test_metrics_say_what_runs_and_how_the_process_and_engine_are(
+        served: Served) -> None:
+    """Build info (version, commit, backend, model), the process's own collectors, and the
+    engine's numbers (requests queued and in flight, here from the scripted backend)."""
+    await served.runtime.service.handle(chat("你好"))
+    text = (await served.client.get("/metrics")).text
+    [(labels, value)] = _samples(text, "vtuber_build_info").items()
+    build = dict(labels)
+    assert value == 1.0 and build["backend"] == "scripted" and build["version"]
+    assert build["git_sha"] and build["model"]
+    assert _samples(text, "process_resident_memory_bytes")
+    assert _samples(text, "python_info")
+
+
+def test_the_engines_numbers_are_counters_and_gauges() -> None:
+    from bot.operator.metrics import Metrics
+
+    numbers = {"decode_steps": 120.0, "decode_s": 1.5, "prefill_s": 0.5, "prompt_tokens": 900.0,
+               "cached_tokens": 600.0, "queued": 2.0, "in_flight": 7.0, "max_batch_size": 32.0}
+    metrics = Metrics(lambda: 0, lambda: True, dict, dict, lambda: numbers)
+    text = metrics.render().decode()
+    assert _samples(text, "vtuber_engine_decode_steps_total") == {(): 120.0}
+    assert _samples(text, "vtuber_engine_cached_prompt_tokens_total") == {(): 600.0}
+    assert _samples(text, "vtuber_engine_requests_in_flight") == {(): 7.0}
+
+
 async def test_metrics_after_a_replay_match_the_store(tmp_path: Path) -> None:
     """Two stored conversations (several viewers; a flood that is rate-limited) replayed
     through the real service, a restart in between included: every counter equals the

@@ -171,7 +171,8 @@ async def operator_server(config: AppConfig, view: RuntimeView) -> AsyncIterator
     if not web_config.enabled:
         yield None
         return
-    metrics = Metrics(view.pending, view.store_up, view.adapters_ready, view.gpu_memory)
+    metrics = Metrics(view.pending, view.store_up, view.adapters_ready, view.gpu_memory,
+                      view.engine_counters, view.build_info())
     overlay = OverlayHub(web_config.overlay)
     view.signals.connect(metrics)
     view.signals.connect(overlay)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from bot.events import Adapter
@@ -48,6 +51,14 @@ class RuntimeView:
         status = self.runtime.engine.get_gpu_status()
         return {f"cuda:{device['index']}": int(device["used_memory_gb"] * 2**30)
                 for device in status["devices"]}
+
+    def engine_counters(self) -> dict[str, float]:
+        return self.runtime.engine.counters()
+
+    def build_info(self) -> dict[str, str]:
+        engine = self.runtime.engine
+        return {"version": _version(), "git_sha": _git_sha(),
+                "backend": engine.config.llm.backend, "model": engine.model_name}
 
     def engine_loaded(self) -> bool:
         return bool(self.runtime.engine.get_model_info().get("initialized"))
@@ -93,3 +104,29 @@ class RuntimeView:
                 "pending": self.pending(), "store_up": self.store_up(),
                 "latency_ms": self.runtime.service.latency_percentiles(),
                 "moods": list(self.runtime.engine.persona.moods.states)}
+
+
+def _version() -> str:
+    try:
+        return metadata.version("vtuber-bot")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _git_sha() -> str:
+    """The commit this checkout runs (``VTUBER_GIT_SHA`` where there is no checkout, as in
+    an image), read from the files without running git."""
+    if sha := os.environ.get("VTUBER_GIT_SHA"):
+        return sha[:12]
+    git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        head = (git / "HEAD").read_text(encoding="utf-8").strip()
+        if head.startswith("ref: "):
+            ref = head.removeprefix("ref: ")
+            loose = git / ref
+            head = loose.read_text(encoding="utf-8").strip() if loose.exists() else next(
+                line.split()[0] for line in (git / "packed-refs").read_text(
+                    encoding="utf-8").splitlines() if line.endswith(" " + ref))
+    except (OSError, StopIteration):
+        return "unknown"
+    return head[:12]
