@@ -226,6 +226,8 @@ def clean_reply(text: str, options: FilterOptions | None = None) -> FilterResult
     options = options or FilterOptions()
     result = FilterResult(text=text)
     steps: tuple[tuple[str, Callable[[str], str]], ...] = (
+        # U+FFFD: bytes the model wrote that are no character (a broken multi-byte sequence).
+        ("undecodable", lambda t: t.replace("\ufffd", "")),
         ("reasoning", strip_reasoning),
         ("turn_boundary", cut_at_turn_boundary),
         ("special_tokens", strip_special_tokens),

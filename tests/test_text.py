@@ -116,3 +116,10 @@ def test_insults_lower_intimacy() -> None:
     state = PersonaState(mood="calm", intimacy=30.0, last_interaction_at=T0)
     after = advance(state, "笨蛋 閉嘴", T0 + timedelta(minutes=1), PERSONA).state
     assert after.intimacy == pytest.approx(30.0 - PERSONA.intimacy.max_change_per_message)
+
+
+def test_bytes_that_are_no_character_never_reach_the_viewer() -> None:
+    """A model can write a broken multi-byte sequence; its U+FFFD stays out of the reply
+    (and so out of the store and the dashboard)."""
+    result = clean_reply("今天\ufffd很開心\ufffd。")
+    assert result.text == "今天很開心。" and "undecodable" in result.edits
