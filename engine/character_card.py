@@ -88,12 +88,20 @@ _USER_MACRO = re.compile(r"\{\{user\}\}|<USER>", re.I)
 VIEWER_WORD = "對方"
 
 
-def persona_id(name: str) -> str:
-    """A stable id: the ASCII slug of the name, or (a Chinese or Japanese name, which has no
-    slug) ``card-`` and a hash of the name, so two imported cards never share an id, and with
-    it relationship state and memories."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:64]
-    return slug or "card-" + hashlib.sha256(name.encode("utf-8")).hexdigest()[:12]
+def persona_id(name: str, card: dict[str, Any] | None = None) -> str:
+    """A stable id: the ASCII slug of the name (``card`` for a Chinese or Japanese name,
+    which has none) and a hash of who the card says the character is (name, creator,
+    description), so the same card imported again keeps its id, and with it relationship
+    state and memories, while two cards that share a name never share them."""
+    card = card or {}
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48] or "card"
+    who = "\n".join([name, *(str(card.get(key) or "") for key in ("creator", "description"))])
+    return f"{slug}-{hashlib.sha256(who.encode('utf-8')).hexdigest()[:8]}"
+
+
+# The bundled persona's moods carry her own interests (stars, for a star-chart painter) as
+# the triggers of one mood; an imported character starts without them.
+OWN_INTEREST_MOOD = "excited"
 
 
 @dataclass
@@ -116,7 +124,7 @@ def import_card(card: dict[str, Any]) -> ImportedCard:
                  "assistant": _USER_MACRO.sub(VIEWER_WORD, _CHAR_MACRO.sub(name, e["assistant"]))}
                 for e in parse_examples(str(card.get("mes_example", "")))]
     data: dict[str, Any] = {
-        "id": persona_id(name),
+        "id": persona_id(name, card),
         "names": {"zh": name, "en": name, "ja": ""},
         "language": "zh-TW",
         "identity": text("description") or name,
@@ -125,13 +133,20 @@ def import_card(card: dict[str, Any]) -> ImportedCard:
         "greeting": text("first_mes"),
         "example_dialogues": examples,
         "disclosure": f"我是由 AI 驅動的虛擬角色「{name}」，不是真人喔。",
-        "moods": template.moods.model_dump(),
+        "moods": _moods_without_own_interests(template.moods.model_dump()),
         "intimacy": template.intimacy.model_dump(),
         "protected_terms": [name],
     }
     imported = ImportedCard(data, _lorebook(card.get("character_book"), name), _notes(card))
     Persona.model_validate(data)
     return imported
+
+
+def _moods_without_own_interests(moods: dict[str, Any]) -> dict[str, Any]:
+    interests = moods["states"].get(OWN_INTEREST_MOOD)
+    if interests is not None:
+        interests["triggers"] = {language: [] for language in interests.get("triggers", {})}
+    return moods
 
 
 def _lorebook(book: Any, name: str) -> dict[str, str]:
@@ -150,7 +165,8 @@ def _lorebook(book: Any, name: str) -> dict[str, str]:
 
 
 def _notes(card: dict[str, Any]) -> list[str]:
-    notes = []
+    notes = [f"moods.states.{OWN_INTEREST_MOOD} has no triggers yet: list the character's own "
+             "interests there (words that excite them), in zh and en"]
     if str(card.get("system_prompt") or "").strip():
         notes.append("system_prompt was not imported: the persona's prompt is built from its "
                      "fields; copy what matters into speaking_style or personality")

@@ -354,18 +354,19 @@ def _v3_card(name: str) -> dict:
         "group_only_greetings": [], "assets": []}}
 
 
-@pytest.mark.parametrize(("name", "expected_id"), [("Mira Tidewell", "mira-tidewell"),
-                                                   ("燈塔守護者", None), ("灯台守のミラ", None)])
+@pytest.mark.parametrize(("name", "expected_prefix"), [("Mira Tidewell", "mira-tidewell-"),
+                                                       ("燈塔守護者", "card-"),
+                                                       ("灯台守のミラ", "card-")])
 def test_v3_cards_with_chinese_and_japanese_names(tmp_path: Path, name: str,
-                                                  expected_id: str | None) -> None:
+                                                  expected_prefix: str) -> None:
     from engine.character_card import VIEWER_WORD, import_card, persona_id
 
     path = tmp_path / "card.png"
     path.write_bytes(_png_with_chara(_v3_card(name), keyword=b"ccv3"))
     imported = import_card(read_card(path))
     persona = Persona.model_validate(imported.data)
-    assert persona.id == (expected_id or persona_id(name))
-    assert persona.id.startswith("card-") or expected_id is not None
+    assert persona.id == persona_id(name, _v3_card(name)["data"])
+    assert persona.id.startswith(expected_prefix)
     prompt = persona.system_prompt()
     assert "{{" not in prompt and name in prompt and VIEWER_WORD in prompt
     assert persona.greeting == f"Welcome, {VIEWER_WORD}!"
@@ -383,6 +384,24 @@ def test_distinct_non_ascii_names_get_distinct_ids() -> None:
     assert len(ids) == 4 and "imported" not in ids
 
 
+def test_two_cards_with_one_name_never_share_state_and_start_without_pells_interests(
+        ) -> None:
+    """Same name, different characters: different ids (state and memories are per id); the
+    same card again: the same id. The bundled persona's own interests (stars) are not
+    carried over as mood triggers, and the notes say what to fill in."""
+    from engine.character_card import OWN_INTEREST_MOOD, import_card
+
+    first = {"name": "Alice", "description": "A baker in a seaside town.", "creator": "a"}
+    second = {"name": "Alice", "description": "A knight of the northern order.", "creator": "b"}
+    ids = [import_card(card).data["id"] for card in (first, second, dict(first))]
+    assert ids[0] != ids[1] and ids[0] == ids[2]
+    imported = import_card(first)
+    persona = Persona.model_validate(imported.data)
+    triggers = persona.moods.states[OWN_INTEREST_MOOD].triggers
+    assert not any(triggers.values())
+    assert any(OWN_INTEREST_MOOD in note for note in imported.notes)
+
+
 def test_cli_import_writes_the_lorebook_as_knowledge_the_persona_retrieves(
         tmp_path: Path) -> None:
     card = tmp_path / "keeper.json"
@@ -393,7 +412,7 @@ def test_cli_import_writes_the_lorebook_as_knowledge_the_persona_retrieves(
                             capture_output=True, text=True, check=False, timeout=60)
     assert result.returncode == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 2  # system_prompt, alternate greetings
+    assert len(warnings) == 3  # the mood to fill in, system_prompt, alternate greetings
     persona = load_persona(out)
     from engine.persona import knowledge_folder
 
