@@ -55,6 +55,10 @@ class StoreConfig(Section):
     auto_migrate: bool = True
     # How long to wait for a SQLite file another process holds locked before giving up.
     busy_timeout_ms: int = Field(10_000, ge=0, le=600_000)
+    # Several processes on one PostgreSQL: a process holds its role (platforms, shards) by a
+    # lease it renews every third of this; killed or cut off, it loses the role this long
+    # after its last renewal, and another process may take it.
+    role_lease_s: float = Field(15.0, ge=1.0, le=600.0)
     history_messages: int = Field(12, ge=0, le=200)
     history_token_budget: int = Field(1024, ge=0)
     # Retrieval (RAG): persona knowledge + this viewer's long-term memories, hybrid search.

@@ -3,12 +3,19 @@ process's to answer now, which end ``expired(crash)``, and which are left to oth
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+import socket
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from bot.config import AppConfig, LimitsConfig
+from memory.errors import StoreError
 from memory.store import Leftover, Store
+from memory.store.roles import RoleLostError
+
+log = logging.getLogger(__name__)
 
 
 async def sort_out_leftovers(store: Store, limits: LimitsConfig, now: datetime,
@@ -44,3 +51,53 @@ def runtime_role(config: AppConfig, adapters: list[str], data_dir: Path) -> str:
             name = "console@" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
         parts.append(name)
     return "+".join(parts)
+
+
+def instance_owner(data_dir: Path) -> str:
+    """Who holds a role's lease: this host and data dir, the same after a restart (so the
+    same instance, restarted, takes its lease back at once; two processes never share a data
+    dir, a file lock sees to that)."""
+    return f"{socket.gethostname()}:{hashlib.sha256(str(data_dir).encode()).hexdigest()[:12]}"
+
+
+def roles_overlap(role: str, other: str) -> bool:
+    """Whether two roles share work: a platform in both, unsharded in either, sharded by
+    different counts, or with a shard in common."""
+    mine, theirs = _platform_shards(role), _platform_shards(other)
+    for platform, shards in mine.items():
+        if platform not in theirs:
+            continue
+        other_shards = theirs[platform]
+        if shards is None or other_shards is None or shards[1] != other_shards[1]:
+            return True
+        if shards[0] & other_shards[0]:
+            return True
+    return False
+
+
+def _platform_shards(role: str) -> dict[str, tuple[frozenset[int], int] | None]:
+    """``discord[0,1/4]+twitch`` -> {discord: ({0, 1}, 4), twitch: None}."""
+    parts: dict[str, tuple[frozenset[int], int] | None] = {}
+    for part in role.split("+"):
+        name, _, spec = part.partition("[")
+        if not spec:
+            parts[name] = None
+            continue
+        ids, _, count = spec.rstrip("]").partition("/")
+        parts[name] = (frozenset(int(i) for i in ids.split(",") if i), int(count))
+    return parts
+
+
+async def keep_lease(store: Store, lease_s: float) -> None:
+    """Renew this process's role every third of the lease until cancelled. While the database
+    is away the lease holds until it expires, and renewing goes on; ``RoleLostError`` (it
+    expired and another process holds the role now) ends the run."""
+    while True:
+        await asyncio.sleep(lease_s / 3)
+        try:
+            await store.renew_role()
+        except RoleLostError:
+            raise
+        except StoreError as exc:
+            log.warning("the role's lease could not be renewed (it holds %.0f s from the "
+                        "last renewal): %s", lease_s, exc)

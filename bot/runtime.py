@@ -18,6 +18,7 @@ from bot.errors import ConfigError
 from bot.events import Adapter, AnswersLeftovers
 from bot.linking import LinkCodes
 from bot.paths import DataPaths
+from bot.recovery import instance_owner, keep_lease, roles_overlap
 from bot.registry import load_adapter_class
 from bot.reports import (
     PersonaInfo,
@@ -28,6 +29,8 @@ from bot.reports import (
 )
 from bot.service import Clock, ConversationService, utcnow
 from bot.spool_file import SpoolFile
+from bot.startup import freeze_heap as freeze_heap_now
+from bot.startup import load_embedder
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.core import Engine
@@ -57,6 +60,8 @@ class Runtime:
     link_codes: LinkCodes | None = None
     # Reads the config file again for ``reload`` (set by ``run``; None: the persona only).
     reload_config: Callable[[], AppConfig] | None = None
+    # Renews this process's role on a shared database; ends with ``RoleLostError``.
+    lease: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         if self.link_codes is None:
@@ -232,8 +237,9 @@ class Runtime:
         waiter: asyncio.Task[Any] = asyncio.create_task(stop.wait())
         failure: BaseException | None = None
         try:
-            pending = set(tasks)
-            while pending and failure is None and not stop.is_set():
+            # The lease is watched beside the adapters: losing it ends the run.
+            pending = set(tasks) | ({self.lease} if self.lease is not None else set())
+            while pending & tasks and failure is None and not stop.is_set():
                 done, pending = await asyncio.wait(pending | {waiter},
                                                    return_when=asyncio.FIRST_COMPLETED)
                 pending.discard(waiter)
@@ -346,10 +352,11 @@ async def open_runtime(
     """Open store and engine; always close both, in reverse order. With a ``role`` (see
     ``bot.recovery.runtime_role``) this process holds it on a shared database, or fails.
     ``freeze_heap`` (a process that runs one runtime, like ``vtuber-bot run``): what start-up
-    loaded is moved out of the garbage collector's sight, see ``_freeze_heap``."""
+    loaded is moved out of the garbage collector's sight, see ``bot.startup.freeze_heap``."""
     async with open_store(config, paths) as store:
         if role is not None:
-            await store.take_role(role)
+            await store.take_role(role, instance_owner(paths.data_dir), config.store.role_lease_s,
+                                  lambda other: roles_overlap(role, other))
         engine = Engine(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
                             redact=SecretScanner(config.secrets.values()))
         try:
@@ -360,35 +367,18 @@ async def open_runtime(
                                           spool_file=SpoolFile(paths.spool_file))
             await service.recover()
             if freeze_heap:
-                _freeze_heap()
-            warm_up = asyncio.create_task(_load_embedder(engine), name="embedder-warm-up")
+                freeze_heap_now()
+            warm_up = asyncio.create_task(load_embedder(engine), name="embedder-warm-up")
+            lease = (asyncio.create_task(keep_lease(store, config.store.role_lease_s),
+                                         name="role-lease") if role is not None else None)
             try:
-                yield Runtime(config, paths, store, engine, service, retriever)
+                yield Runtime(config, paths, store, engine, service, retriever, lease=lease)
             finally:
+                if lease is not None:
+                    lease.cancel()
                 await service.drain(config.limits.shutdown_grace_s)
                 await warm_up  # its thread cannot be interrupted; let it end first
                 if freeze_heap:
                     gc.unfreeze()  # what it held can be collected again
         finally:
             await engine.aclose()
-
-
-def _freeze_heap() -> None:
-    """Libraries, the model and the persona live as long as the process: frozen, a full
-    collection no longer walks them. Walking them paused the event loop 40-65 ms every
-    few tens of seconds under a busy chat (docs/performance-history.md)."""
-    gc.collect()
-    gc.freeze()
-
-
-async def _load_embedder(engine: Engine) -> None:
-    """Load the embedder in the background while the operator types, so the first message
-    does not wait for it (seconds: sentence-transformers and the model)."""
-    embedder = engine.embedder
-    if embedder is None or embedder.loaded:
-        return
-    try:
-        await asyncio.to_thread(embedder.load)
-    except Exception as exc:  # noqa: BLE001 - reported again, with context, at first use
-        log.warning("embedding model did not load in the background: %s: %s",
-                    type(exc).__name__, exc)

@@ -233,3 +233,14 @@ class MutedViewer(Base):
     platform: Mapped[str] = mapped_column(String(32))
     platform_user_id: Mapped[str] = mapped_column(String(128))
     at: Mapped[datetime] = mapped_column()
+
+
+class RoleLease(Base):
+    """Which process runs a role (a platform, a set of Discord shards) on a shared PostgreSQL,
+    until when: the owner renews it; one that stops renewing loses it at ``expires_at``."""
+
+    __tablename__ = "role_leases"
+
+    role: Mapped[str] = mapped_column(String(200), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    expires_at: Mapped[datetime] = mapped_column()

@@ -116,6 +116,15 @@ class ContinuousWorker:
                  ", CUDA graphs" if self._batch.captured else "",
                  self._batch.prefix_cache.max_bytes / 2**30 if self._batch.prefix_cache else 0)
 
+    def counters(self) -> dict[str, float]:
+        """Running totals for metrics: decode steps and time, prefill time, prompt tokens
+        computed and from the prefix cache."""
+        timings = self.timings
+        return {"decode_steps": float(self.steps), "decode_s": timings["step_s"],
+                "prefill_s": timings["admit_s"] + timings["chunk_s"],
+                "prompt_tokens": timings["prompt_tokens"],
+                "cached_tokens": timings["cached_tokens"]}
+
     def run(self) -> None:
         """Until ``STOP_WORKER``: admit, step, retire; then what the pass produced goes to
         the requests' consumers in one hand-over."""

@@ -365,19 +365,7 @@ class TransformersBackend:
         return {"ok": self.model is not None and not self._closed, "backend": self.name,
                 "in_flight": len(self._aborts), "queued": self._jobs.qsize(),
                 "max_batch_size": self.max_batch_size, "oom_retries": self.oom_retries,
-                **self._loop_counters()}
-
-    def _loop_counters(self) -> dict[str, float]:
-        """The batching loop's running totals (decode steps and time, prefill time, prompt
-        tokens computed and from the prefix cache), for metrics."""
-        worker = self.continuous
-        if worker is None:
-            return {}
-        timings = worker.timings
-        return {"decode_steps": float(worker.steps), "decode_s": timings["step_s"],
-                "prefill_s": timings["admit_s"] + timings["chunk_s"],
-                "prompt_tokens": timings["prompt_tokens"],
-                "cached_tokens": timings["cached_tokens"]}
+                **(self.continuous.counters() if self.continuous is not None else {})}
 
     def info(self) -> dict[str, Any]:
         return {

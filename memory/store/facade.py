@@ -4,11 +4,14 @@ its own: callers never reach past it, so a query has one name and the seams can 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection
 
+from memory.errors import StoreError
 from memory.store import statements as sql
 from memory.store.controls import OperatorControls
 from memory.store.conversations import Conversations
@@ -37,9 +40,11 @@ from memory.store.records import (
     TranscriptRow,
     UserStats,
 )
-from memory.store.roles import RoleLock
+from memory.store.roles import RoleLease
 from memory.store.search import Memories
 from memory.store.state import States
+
+log = logging.getLogger(__name__)
 
 
 class Store:
@@ -54,7 +59,7 @@ class Store:
         self._memories = Memories(db)
         self._intake_log = Intake(db, self._read_reply_context)
         self._link_codes = LinkCodeStore(db)
-        self._role_lock = RoleLock(db)
+        self._role_lease = RoleLease(db)
         self._controls = OperatorControls(db)
 
     @classmethod
@@ -82,13 +87,22 @@ class Store:
     def groups_writes(self) -> bool:
         return self._db.groups_writes
 
-    async def take_role(self, role: str) -> None:
-        """Hold ``role`` for this process until ``close`` (PostgreSQL; a no-op on SQLite);
-        ``RoleTakenError`` when another process holds it."""
-        await self._role_lock.take(role)
+    async def take_role(self, role: str, owner: str, lease_s: float,
+                        overlaps: Callable[[str], bool] = lambda other: False) -> None:
+        """Hold ``role`` for this process by a lease renewed with ``renew_role`` until
+        ``close`` (PostgreSQL; a no-op on SQLite); ``RoleTakenError`` when a live process
+        holds it or a role that ``overlaps`` it."""
+        await self._role_lease.take(role, owner, lease_s, overlaps)
+
+    async def renew_role(self) -> None:
+        """``RoleLostError`` when the lease ran out and another process holds the role."""
+        await self._role_lease.renew()
 
     async def close(self) -> None:
-        await self._role_lock.release()
+        try:
+            await self._role_lease.release()
+        except StoreError as exc:  # it expires by itself
+            log.warning("store: the role's lease was not released: %s", exc)
         await self._db.close()
 
     async def ping(self) -> None:
