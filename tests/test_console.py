@@ -121,3 +121,15 @@ async def test_a_stop_mid_reply_exits_once_the_reply_is_done(tmp_path: Path) -> 
             took = time.monotonic() - started
     assert "今晚的星星很亮。要一起看嗎？" in out.getvalue()
     assert took < 30  # the grace is 60 s: it did not wait for the idle prompt
+
+
+async def test_a_final_text_unlike_its_preview_replaces_it_on_the_same_line() -> None:
+    from adapters.console.adapter import ConsoleSink
+
+    out = Terminal()
+    sink = ConsoleSink(out, "佩兒", stream=True)
+    message = await sink.send("今晚的星星")
+    await sink.edit(message, "今晚的星星很亮。")  # grows: only the new part is written
+    await sink.edit(message, "今晚很冷。")  # the final text took another turn
+    sink.end_reply("  [#2]")
+    assert out.getvalue() == ("佩兒> 今晚的星星很亮。\r\x1b[K佩兒> 今晚很冷。  [#2]\n")

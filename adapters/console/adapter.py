@@ -53,9 +53,12 @@ class ConsoleSink:
     async def edit(self, message_id: str, text: str) -> None:
         if self._open and text.startswith(self._shown):
             self._write(text[len(self._shown):])
-            self._shown = text
-        else:  # the final text is not what the preview promised: show it whole
+        elif self._open:  # the final text is not what the preview promised: it replaces it
+            self._write("\r\x1b[K" + self._prefix + text)
+        else:
             await self.send(text)
+            return
+        self._shown = text
 
     async def typing(self) -> None:
         if self.supports_edits and not self._open:
