@@ -78,6 +78,13 @@ def lexical_terms(query: str, limit: int = 32) -> list[str]:
     return list(dict.fromkeys(terms))[:limit]
 
 
+def cjk_bigrams(query: str, limit: int = 24) -> list[str]:
+    """The query's CJK runs as overlapping bigrams: a viewer asking in other words ("我家那隻
+    叫什麼？") shares two-character words with what they said ("我家的貓叫…"), rarely three."""
+    grams = [run[i:i + 2] for run in _CJK_RUN.findall(query) for i in range(len(run) - 1)]
+    return list(dict.fromkeys(grams))[:limit]
+
+
 def split_markdown(text: str) -> list[str]:
     """Sections by heading (the heading kept as context), then overlapping windows."""
     sections: list[str] = []
@@ -253,8 +260,13 @@ class MemoryRetriever:
         lexical_ids = await self._store.lexical_search(
             lexical_terms(query), self._persona_id, user_id, self._candidates
         )
+        # The viewer's own memories by the words they share with the query, loosely: the
+        # few memories of one viewer can afford it, the whole index cannot.
+        own_ids = (await self._store.viewer_memory_search(
+            cjk_bigrams(query), self._persona_id, user_id, self._candidates)
+            if user_id is not None else [])
         fused: dict[int, float] = {}
-        for ranking in (dense_ids, lexical_ids):
+        for ranking in (dense_ids, lexical_ids, own_ids):
             for rank, memory_id in enumerate(ranking):
                 fused[memory_id] = fused.get(memory_id, 0.0) + 1.0 / (RRF_K + rank + 1)
         ranked = sorted(fused, key=lambda i: fused[i], reverse=True)

@@ -86,6 +86,22 @@ async def test_reindex_skips_unchanged_and_drops_removed(store: Store, embedder:
     assert "knowledge:food.md" in sources
 
 
+async def test_a_viewer_asking_in_other_words_finds_what_they_said(store: Store) -> None:
+    """Chinese questions rarely repeat three characters of the sentence they ask about
+    ("我家那隻叫什麼？" about "我家的貓叫麻糬"); among a viewer's own memories two-character
+    words are enough, and newer chatter or another viewer's cat never wins over it."""
+    ann = await store.resolve_user("twitch", "ann", "Ann")
+    bob = await store.resolve_user("twitch", "bob", "Bob")
+    retriever = MemoryRetriever(store, "pell", embedder=None, k=1)
+    await retriever.remember(ann, "跟你說，我家的貓叫麻糬，超級黏人", "message:1")
+    for index, chatter in enumerate(["今天的直播好好笑，聊天室也好熱鬧",
+                                     "剛下班回家，外面下好大的雨", "晚餐吃了拉麵，湯頭很濃"]):
+        await retriever.remember(ann, chatter, f"message:{index + 2}")
+    await retriever.remember(bob, "我家的貓叫布丁，牠很愛睡覺", "message:9")
+    [found] = await retriever.search("我家那隻叫什麼來著？", user_id=ann)
+    assert "麻糬" in found.text
+
+
 async def test_user_memories_are_scoped_to_their_user(store: Store, embedder: Any) -> None:
     ann = await store.resolve_user("discord", "ann", "Ann")
     bob = await store.resolve_user("discord", "bob", "Bob")

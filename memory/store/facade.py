@@ -331,6 +331,10 @@ class Store:
     async def get_memories(self, ids: list[int]) -> dict[int, StoredMemory]:
         return await self._memories.get_memories(ids)
 
+    async def viewer_memory_search(self, terms: list[str], persona_id: str, user_id: int,
+                                   limit: int) -> list[int]:
+        return await self._memories.viewer_memory_search(terms, persona_id, user_id, limit)
+
     async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
                              limit: int) -> list[int]:
         return await self._memories.lexical_search(terms, persona_id, user_id, limit)

@@ -108,6 +108,24 @@ class Memories:
             return await _contains_search(session, terms, persona_id, user_id, limit)
 
 
+    async def viewer_memory_search(self, terms: list[str], persona_id: str, user_id: int,
+                                   limit: int) -> list[int]:
+        """One viewer's own memories ranked by how many ``terms`` each contains (newest
+        first among equals): a scan of that viewer's rows only."""
+        if not terms:
+            return []
+        contains = [Memory.text.contains(t, autoescape=True) for t in terms]
+        hits = functools.reduce(operator.add, (case((c, 1), else_=0) for c in contains))
+        async with self._db.read() as session:
+            rows = await session.execute(
+                select(Memory.id)
+                .where(Memory.persona_id == persona_id, Memory.user_id == user_id,
+                       or_(*contains))
+                .order_by(hits.desc(), Memory.id.desc())
+                .limit(limit))
+            return [r.id for r in rows]
+
+
 def _visible_to(user_id: int | None) -> ColumnElement[bool]:
     return or_(Memory.scope == "persona", Memory.user_id == user_id)
 
