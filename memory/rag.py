@@ -272,7 +272,8 @@ class MemoryRetriever:
         ranked = sorted(fused, key=lambda i: fused[i], reverse=True)
         rows = await self._store.get_memories(ranked)
         # Who may see a memory is decided from the stored row, never from the cached index.
-        visible = [i for i in ranked if i in rows and _visible(rows[i], user_id)][:k]
+        visible = _distinct([i for i in ranked if i in rows and _visible(rows[i], user_id)],
+                            rows)[:k]
         return [
             RetrievedChunk(
                 id=i, text=rows[i].text, source=rows[i].source, scope=rows[i].scope,
@@ -282,6 +283,19 @@ class MemoryRetriever:
             )
             for i in visible
         ]
+
+
+def _distinct(ranked: list[int], rows: dict[int, StoredMemory]) -> list[int]:
+    """``ranked`` without repeats of a text already kept: a viewer who says the same thing
+    often must not fill every place in the prompt with it."""
+    seen: set[str] = set()
+    kept = []
+    for memory_id in ranked:
+        text = " ".join(rows[memory_id].text.split()).casefold()
+        if text not in seen:
+            seen.add(text)
+            kept.append(memory_id)
+    return kept
 
 
 def _visible(memory: StoredMemory, user_id: int | None) -> bool:

@@ -102,6 +102,17 @@ async def test_a_viewer_asking_in_other_words_finds_what_they_said(store: Store)
     assert "麻糬" in found.text
 
 
+async def test_a_line_said_often_takes_one_place_in_the_prompt(store: Store) -> None:
+    ann = await store.resolve_user("twitch", "ann", "Ann")
+    retriever = MemoryRetriever(store, "pell", embedder=None, k=2)
+    await retriever.remember(ann, "最近每天都在玩薩爾達，停不下來", "message:1")
+    for index in range(5):
+        await retriever.remember(ann, "遊戲打到一半就睡著了哈哈", f"message:{index + 2}")
+    found = [m.text for m in await retriever.search("我最近迷上的那款遊戲是什麼？",
+                                                    user_id=ann)]
+    assert sorted(found) == sorted(["最近每天都在玩薩爾達，停不下來", "遊戲打到一半就睡著了哈哈"])
+
+
 async def test_user_memories_are_scoped_to_their_user(store: Store, embedder: Any) -> None:
     ann = await store.resolve_user("discord", "ann", "Ann")
     bob = await store.resolve_user("discord", "bob", "Bob")
