@@ -133,3 +133,32 @@ async def test_a_final_text_unlike_its_preview_replaces_it_on_the_same_line() ->
     await sink.edit(message, "今晚很冷。")  # the final text took another turn
     sink.end_reply("  [#2]")
     assert out.getvalue() == ("佩兒> 今晚的星星很亮。\r\x1b[K佩兒> 今晚很冷。  [#2]\n")
+
+
+async def test_a_log_line_never_lands_on_the_prompt(tmp_path: Path) -> None:
+    """While the prompt waits, a log line (a warning from anywhere) clears it first and the
+    prompt comes back after, once however many lines came."""
+    import logging
+    import os
+
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}}}, env={})
+    reading, writing = os.pipe()
+    out = Terminal()
+    with os.fdopen(reading) as stdin, os.fdopen(writing, "w") as typed:
+        async with open_runtime(config, DataPaths.resolve(tmp_path),
+                                backend=SentenceBackend()) as runtime:
+            adapter = ConsoleAdapter(config, user="ann", speaker="佩兒", services=runtime,
+                                     stdin=stdin, stdout=out)
+            running = asyncio.create_task(runtime.run_adapters([adapter]))
+            for _ in range(100_000):  # until the banner is out and the prompt waits
+                if adapter.prompting:
+                    break
+                await asyncio.sleep(0)
+            for _ in range(3):
+                logging.getLogger("somewhere").warning("the store is slow")
+            await asyncio.sleep(0)  # the prompt comes back on the loop
+            typed.write("/quit\n")
+            typed.flush()
+            await asyncio.wait_for(running, timeout=30)
+    assert out.getvalue().endswith("ann> \r\x1b[Kann> ")

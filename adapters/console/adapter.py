@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import sys
 import threading
 import uuid
@@ -78,6 +80,32 @@ class ConsoleSink:
             self._open, self._shown = False, ""
 
 
+class _PromptGuard(logging.Filter):
+    """On a terminal, a log line clears the waiting prompt first and puts it back after, so
+    it never lands on the line being typed. Installed on the root logger's handlers while
+    the prompt runs."""
+
+    def __init__(self, adapter: ConsoleAdapter) -> None:
+        super().__init__()
+        self._adapter = adapter
+        self._loop = asyncio.get_running_loop()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self._adapter.prompting:
+            self._adapter.clear_prompt()
+            self._loop.call_soon_threadsafe(self._adapter.restore_prompt)
+        return True
+
+    def __enter__(self) -> _PromptGuard:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(self)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(self)
+
+
 def _start_line_reader(stream: TextIO, loop: asyncio.AbstractEventLoop,
                        lines: asyncio.Queue[str | None]) -> None:
     """Read lines on a daemon thread: a blocked read never holds up shutdown."""
@@ -114,6 +142,8 @@ class ConsoleAdapter:
         self._out = stdout or sys.stdout
         self._counter = itertools.count(1)
         self.once_outcome: Reply | None = None  # how the ``--once`` message ended
+        self.prompting = False  # waiting for a line at the prompt
+        self._prompt_shown = False
         # Message ids must not repeat across runs (the store keeps each platform id once).
         self._session = uuid.uuid4().hex[:12]
 
@@ -142,9 +172,16 @@ class ConsoleAdapter:
         self._out.write(help_text() + "\n")
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         _start_line_reader(self._stdin, asyncio.get_running_loop(), lines)
+        with _PromptGuard(self) if self._out.isatty() else contextlib.nullcontext():
+            await self._read_loop(handle, sink, lines)
+
+    async def _read_loop(self, handle: EventHandler, sink: ConsoleSink,
+                         lines: asyncio.Queue[str | None]) -> None:
         while True:
             self._prompt()
+            self.prompting = True
             line = await lines.get()
+            self.prompting = False
             if line is None:
                 self._out.write("\n")
                 return
@@ -165,6 +202,17 @@ class ConsoleAdapter:
     def _prompt(self) -> None:
         self._out.write(f"{self._user}> ")
         self._out.flush()
+        self._prompt_shown = True
+
+    def clear_prompt(self) -> None:
+        if self._prompt_shown:
+            self._out.write("\r\x1b[K")
+            self._out.flush()
+            self._prompt_shown = False
+
+    def restore_prompt(self) -> None:
+        if self.prompting and not self._prompt_shown:
+            self._prompt()
 
     async def _command(self, text: str) -> None:
         words = text[1:].split()
