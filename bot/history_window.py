@@ -8,7 +8,8 @@ first message while the viewer talks, growing, and only when it no longer fits (
 message left the messages read) does it move, to the newest half: the prompt's start then
 stays the same for the next several messages.
 
-Invariants: the window is the newest messages of what was read, contiguous, within the token
+Invariants: the window is the newest messages of what was read, contiguous (but for an
+exchange holding a message longer than the whole budget, which is left out), within the token
 budget, starting on a viewer's turn; per viewer one remembered start, for at most
 ``max_viewers`` viewers (the least recently seen are forgotten: their next window starts
 afresh, which costs only a cache miss).
@@ -64,7 +65,7 @@ class HistoryWindows:
     def _newest(self, history: Sequence[M], budget: int, count: int) -> list[M]:
         kept: list[M] = []
         used = 0
-        for item in reversed(history):
+        for item in reversed(_without_oversized(history, self._count, budget)):
             cost = self._count(item.content)
             if used + cost > budget or len(kept) == count:
                 break
@@ -80,6 +81,18 @@ class HistoryWindows:
         self._starts.move_to_end(viewer)
         while len(self._starts) > self._max_viewers:
             self._starts.popitem(last=False)
+
+
+def _without_oversized(history: Sequence[M], count: Callable[[str], int],
+                       budget: int) -> list[M]:
+    """``history`` without the exchanges (a viewer's message and the reply to it) that hold a
+    message too long for the budget on its own: one long paste must not empty the window."""
+    too_long = {i for i, m in enumerate(history) if count(m.content) > budget}
+    for index in list(too_long):
+        partner = index + 1 if history[index].role == "user" else index - 1
+        if 0 <= partner < len(history) and history[partner].role != history[index].role:
+            too_long.add(partner)
+    return [m for i, m in enumerate(history) if i not in too_long]
 
 
 def _from_a_user_turn(messages: list[M]) -> list[M]:

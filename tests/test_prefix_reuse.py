@@ -226,3 +226,12 @@ def test_the_automatic_prefix_cache_counts_memory_the_allocator_keeps_as_free(
     monkeypatch.setattr(torch.cuda, "mem_get_info",
                         lambda device=None: (21 * gib - cached[0], 80 * gib))
     assert backend.prefix_cache_bytes == (1 + 20) * gib // 2
+
+
+def test_one_long_paste_does_not_empty_the_history() -> None:
+    """A message longer than the whole budget leaves out its own exchange, not the rest."""
+    chat = _chat(4)
+    pasted = Msg(chat[-2].id, "user", "y" * 500)  # the newest question is a long paste
+    read = [*chat[:-2], pasted, chat[-1]]
+    kept = HistoryWindows(token_budget=100, count_tokens=_tokens).window(3, read)
+    assert kept == chat[2:6]  # the two exchanges before it that fit, in order
