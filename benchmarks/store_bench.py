@@ -21,6 +21,7 @@ import numpy as np
 
 from memory.rag import MemoryRetriever, to_blob
 from memory.store import NewMemory, Store, sqlite_url
+from memory.store.conversations import Conversations
 
 # A Zipf-like corpus: a few thousand words and characters, frequent ones much more likely,
 # so lexical match sets look like chat text rather than a 20-word toy vocabulary.
@@ -62,13 +63,13 @@ async def bench_writes(store: Store, user: int, count: int) -> list[tuple[str, s
             "platform_message_id": None, "content": "hello there", "created_at": now}
     started = time.perf_counter()
     for _ in range(count // 10):
-        await store.record_incoming(user_id=user, persona_id="pell", platform="twitch",
-                                    channel_id="c", platform_message_id=None,
-                                    text="hello there", created_at=now)
+        await Conversations(store.database).record_incoming(
+            user_id=user, persona_id="pell", platform="twitch", channel_id="c",
+            platform_message_id=None, text="hello there", created_at=now)
     naive = (count // 10) / (time.perf_counter() - started)
     started = time.perf_counter()
     for _ in range(count // 100):
-        await store.record_incoming_many([dict(item) for _ in range(100)])
+        await Conversations(store.database).record_incoming_many([dict(item) for _ in range(100)])
     batched = (count // 100 * 100) / (time.perf_counter() - started)
     return [("writes, one transaction per message (naive)", f"{naive:,.0f} msg/s"),
             ("writes, batches of 100 (record_incoming_many)", f"{batched:,.0f} msg/s")]
@@ -78,12 +79,12 @@ async def bench_history(store: Store, user: int, runs: int = 200) -> list[tuple[
     naive, ours = [], []
     for _ in range(20):
         started = time.perf_counter()
-        rows = await store.messages_for(user)
+        rows = await Conversations(store.database).messages_for(user)
         _ = rows[-12:]
         naive.append(time.perf_counter() - started)
     for _ in range(runs):
         started = time.perf_counter()
-        await store.recent_history(user, "pell", 12)
+        await Conversations(store.database).recent_history(user, "pell", 12)
         ours.append(time.perf_counter() - started)
     return [("history: load all rows, keep last 12 (naive)", pct(naive)),
             ("history: recent_history(limit=12), indexed", pct(ours))]

@@ -24,6 +24,7 @@ from memory.store import Store
 from tests import secret_guard
 from tests.cli_logging import root_logging_restored
 from tests.read_only import run_read_only
+from tests.store_reads import messages_for
 
 SCRIPTED = """
 models:
@@ -93,7 +94,7 @@ async def _messages(db: Path) -> list:
     try:
         user_id = await store.find_user("console", "viewer")
         assert user_id is not None
-        return await store.messages_for(user_id)
+        return await messages_for(store, user_id)
     finally:
         await store.close()
 

@@ -18,6 +18,7 @@ from adapters.discord_adapter.sink import DiscordSink  # noqa: E402
 from bot.config import parse_config  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import Runtime, open_runtime  # noqa: E402
+from tests.store_reads import messages_for  # noqa: E402
 
 # ~5,000 characters of distinct sentences (repeated ones would be removed by the filter).
 LONG_REPLY = "".join(f"第{i}顆星今晚也很亮喔，我們一起把它畫進星圖裡吧。" for i in range(200))
@@ -79,7 +80,7 @@ async def test_mention_is_answered_and_both_messages_persisted(env: Any) -> None
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
     assert user_id is not None
-    rows = await runtime.store.messages_for(user_id)
+    rows = await messages_for(runtime.store, user_id)
     assert [(r.role, r.content, r.status) for r in rows] == [
         ("user", "你好", "answered"), ("assistant", "你好呀～", "sent")]
     assert rows[0].platform_message_id is not None
@@ -139,9 +140,9 @@ async def test_deleted_message_is_purged(env: Any) -> None:
     await runtime.service.settle()
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
-    rows = await runtime.store.messages_for(user_id)
+    rows = await messages_for(runtime.store, user_id)
     await adapter.on_message_deleted(rows[0].platform_message_id)
-    rows = await runtime.store.messages_for(user_id)
+    rows = await messages_for(runtime.store, user_id)
     assert rows[0].status == "purged" and rows[0].content == ""
 
 
@@ -300,7 +301,7 @@ async def test_trace_for_admins(env: Any, responses: list[dict]) -> None:
     await runtime.service.settle()
     member = dpytest.get_config().members[0]
     user_id = await runtime.store.find_user("discord", str(member.id))
-    question = (await runtime.store.messages_for(user_id))[0]
+    question = (await messages_for(runtime.store, user_id))[0]
     payload = _interaction(adapter.client, "trace", member, admin=True,
                            options=[{"name": "message_id", "type": 4, "value": question.id}])
     await _invoke(adapter.client, payload)

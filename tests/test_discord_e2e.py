@@ -25,6 +25,7 @@ from tests.fake_discord import (  # noqa: E402
     point_discord_at,
 )
 from tests.sinks import settled  # noqa: E402
+from tests.store_reads import messages_for  # noqa: E402
 
 
 @pytest.fixture
@@ -99,7 +100,7 @@ async def test_a_send_discord_py_already_retried_is_not_retried_again(live: Any)
     assert server.post_attempts == 6  # discord.py's five for the reply, one for the fallback
     user_id = await runtime.store.find_user("discord", VIEWER["id"])
     assert user_id is not None
-    [question, *_] = await runtime.store.messages_for(user_id)
+    [question, *_] = await messages_for(runtime.store, user_id)
     assert (question.status, question.status_reason) == ("failed", "send")
 
 
@@ -188,7 +189,7 @@ async def test_a_replayed_message_create_is_answered_once(live: Any) -> None:
     assert len(server.posts_to(f"/channels/{CHANNEL_ID}/messages")) == 1
     await runtime.service.flush()
     user_id = await runtime.store.find_user("discord", VIEWER["id"])
-    rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    rows = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
     assert len(rows) == 1
 
 
@@ -224,7 +225,7 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
             await asyncio.gather(running, return_exceptions=True)
             user_id = await runtime.store.find_user("discord", VIEWER["id"])
             assert user_id is not None
-            [question] = [m for m in await runtime.store.messages_for(user_id)
+            [question] = [m for m in await messages_for(runtime.store, user_id)
                           if m.role == "user"]
     finally:
         await server.stop()

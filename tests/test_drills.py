@@ -21,6 +21,7 @@ from bot.config import load_config
 from bot.paths import DataPaths
 from bot.runtime import open_runtime
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 
 REPLY = "收到囉"
 
@@ -82,7 +83,7 @@ async def _after_restart(config: Path, data_dir: Path) -> dict[str, Any]:
     async with open_runtime(app_config, DataPaths.resolve(data_dir)) as runtime:
         user_id = await runtime.store.find_user("console", "viewer")
         assert user_id is not None
-        rows = await runtime.store.messages_for(user_id)
+        rows = await messages_for(runtime.store, user_id)
         integrity = None
         if runtime.store.dialect == "sqlite":
             from sqlalchemy import text
@@ -167,7 +168,7 @@ async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: An
         for i in range(7):
             user_id = await runtime.store.find_user("twitch", f"v{i}")
             assert user_id is not None
-            for row in await runtime.store.messages_for(user_id):
+            for row in await messages_for(runtime.store, user_id):
                 if row.role == "user":
                     counts[row.status] = counts.get(row.status, 0) + 1
     replies = before + during + after
@@ -239,7 +240,7 @@ async def test_full_disk_fails_cleanly_and_recovers(small_disk: Path,
         assert runtime.service.spooled == 0
         user_id = await runtime.store.find_user("twitch", "ann")
         assert user_id is not None
-        rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        rows = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
         from sqlalchemy import text
 
         async with runtime.store.database.read() as session:
@@ -290,7 +291,7 @@ async def test_a_database_locked_by_another_process_ends_every_message_final(
         for viewer in range(3):
             user_id = await runtime.store.find_user("twitch", f"v{viewer}")
             assert user_id is not None
-            statuses += [m.status for m in await runtime.store.messages_for(user_id)
+            statuses += [m.status for m in await messages_for(runtime.store, user_id)
                          if m.role == "user"]
     assert {r.status for r in before} == {"answered"} and after.status == "answered"
     assert all(r.status in ("answered", "failed") for r in during)
@@ -350,7 +351,7 @@ async def test_a_run_that_dies_during_an_outage_never_answers_those_messages_aga
         async with open_runtime(config, paths, role="console") as runtime:
             leftovers = list(runtime.service.leftovers)
             statuses = [m.status for i in range(5)
-                        for m in await runtime.store.messages_for(
+                        for m in await messages_for(runtime.store,
                             await runtime.store.find_user("console", f"v{i}") or 0)
                         if m.role == "user"]
     finally:

@@ -16,6 +16,7 @@ from engine.backends.scripted import ScriptedBackend
 from engine.client import PromptInputs
 from engine.types import GeneratedReply, GenerationRequest, ReplyChunk
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 
 REPLY = "今天 也 很 開心"
 
@@ -83,7 +84,7 @@ async def test_the_service_names_its_requests_and_records_the_name(tmp_path: Pat
         await runtime.service.flush()
         user_id = await runtime.store.find_user("discord", "ann")
         assert user_id is not None
-        [_question, stored] = await runtime.store.messages_for(user_id)
+        [_question, stored] = await messages_for(runtime.store, user_id)
     [request] = backend.requests
     assert request.request_id.startswith("discord:")
     assert stored.trace is not None and stored.trace["request_id"] == request.request_id

@@ -17,6 +17,7 @@ from bot.runtime import Runtime, open_runtime
 from engine.backends.scripted import ScriptedBackend
 from engine.types import GenerationRequest
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 from tests.test_service import event
 
 
@@ -98,7 +99,7 @@ async def test_200_messages_from_50_viewers(flood_runtime: Runtime) -> None:
     for viewer in range(50):
         user_id = await runtime.store.find_user("discord", f"viewer{viewer}")
         assert user_id is not None
-        inbound = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        inbound = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
         assert len(inbound) == 4  # every message stored...
         assert {m.status for m in inbound} <= {"answered", "dropped"}  # ...and settled
     for viewer in range(50):  # each viewer's newest message always gets an answer
@@ -180,7 +181,7 @@ async def test_beyond_capacity_new_messages_are_refused_busy_so_waits_stay_bound
     await runtime.service.flush()
     user_id = await runtime.store.find_user("discord", "f39")
     assert user_id is not None
-    [stored] = await runtime.store.messages_for(user_id)
+    [stored] = await messages_for(runtime.store, user_id)
     assert (stored.status, stored.status_reason) == ("dropped", "busy")
 
 
@@ -236,5 +237,5 @@ async def test_while_the_bot_itself_stalls_new_messages_are_refused_busy_at_once
     await runtime.service.flush()
     user_id = await runtime.store.find_user("discord", "next")
     assert user_id is not None
-    [stored] = await runtime.store.messages_for(user_id)
+    [stored] = await messages_for(runtime.store, user_id)
     assert (stored.status, stored.status_reason) == ("dropped", "busy")

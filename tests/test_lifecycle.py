@@ -23,6 +23,7 @@ from engine.types import GenerationRequest
 from memory.errors import StoreError
 from memory.store import IntakeItem
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 
 REPLY = "第一個回覆。"
 
@@ -87,7 +88,7 @@ async def user_rows(runtime: Runtime, user: str = "ann") -> list[Any]:
     await runtime.service.flush()
     user_id = await runtime.store.find_user("discord", user)
     assert user_id is not None
-    return [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    return [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
 
 
 def failure_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -343,7 +344,7 @@ async def test_start_up_answers_fresh_leftovers_and_expires_old_ones(db_url: str
         console_user = await runtime.store.find_user("console", "ann")
         assert console_user is not None
         rows.update({r.content: (r.status, r.status_reason)
-                     for r in await runtime.store.messages_for(console_user)})
+                     for r in await messages_for(runtime.store, console_user)})
         dialect = runtime.store.dialect
     assert rows["lost in a crash"] == ("expired", "crash")
     assert rows["asked just before the crash"] == ("answered", None)
@@ -445,7 +446,7 @@ async def test_sigterm_with_thirty_in_flight(db_url: str, tmp_path: Path) -> Non
         for i in range(30):
             user_id = await runtime.store.find_user("discord", f"v{i}")
             assert user_id is not None
-            rows += [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+            rows += [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
     finals = {(r.status, r.status_reason) for r in rows}
     assert len(rows) == 30
     assert finals <= {("answered", None), ("expired", "shutdown")}
@@ -499,5 +500,5 @@ async def test_a_message_abandoned_by_a_process_that_never_returns_ends_expired(
             created_at=now - timedelta(seconds=age), owner="discord[0/2]")
             for age in (61, 5)])
         assert await runtime.service.expire_abandoned() == 1
-        rows = {m.id: m.status for m in await runtime.store.messages_for(old.user_id)}
+        rows = {m.id: m.status for m in await messages_for(runtime.store, old.user_id)}
     assert rows == {old.message_id: "expired", recent.message_id: "received"}

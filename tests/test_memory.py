@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from memory.models import Base
 from memory.rag import MemoryRetriever, lexical_terms
 from memory.store import IntakeItem, StateChange, StateSnapshot, Store
+from tests.store_reads import get_state, messages_for, record_incoming, unlink_identity
 
 KNOWLEDGE = {
     "home.md": "# 燈塔\n佩兒住在海邊的舊燈塔，每天晚上修理燈塔的燈。\n",
@@ -141,7 +142,7 @@ MARK = "zq-unique-marker-7731"
 
 async def _populate(store: Store, embedder: Any) -> int:
     user = await store.resolve_user("discord", f"{MARK}-id", f"{MARK} name")
-    message_id = await store.record_incoming(
+    message_id = await record_incoming(store,
         user_id=user, persona_id="pell", platform="discord", channel_id="c",
         platform_message_id=f"{MARK}-msg", text=f"hello {MARK}",
         created_at=datetime.now(UTC))
@@ -155,7 +156,7 @@ async def _populate(store: Store, embedder: Any) -> int:
     await MemoryRetriever(store, "pell", embedder).remember(user, f"{MARK} likes tea",
                                                             f"message:{message_id}")
     other = await store.resolve_user("discord", "someone-else", "Other")
-    await store.record_incoming(user_id=other, persona_id="pell", platform="discord",
+    await record_incoming(store, user_id=other, persona_id="pell", platform="discord",
                                 channel_id="c", platform_message_id="x", text="unrelated",
                                 created_at=datetime.now(UTC))
     return user
@@ -196,7 +197,7 @@ async def test_export_then_delete_leaves_nothing(store: Store, embedder: Any) ->
 async def test_moderation_purge(store: Store, embedder: Any) -> None:
     user = await _populate(store, embedder)
     assert await store.purge_platform_message("discord", f"{MARK}-msg") == 1
-    rows = await store.messages_for(user)
+    rows = await messages_for(store, user)
     assert rows[0].status == "purged" and rows[0].content == ""
     retriever = MemoryRetriever(store, "pell", embedder)
     assert not [r for r in await retriever.search("likes tea", user_id=user) if MARK in r.text]
@@ -220,7 +221,7 @@ async def test_link_identity_merges_history_and_state(store: Store) -> None:
     discord_user = await store.resolve_user("discord", "42", "Ann")
     twitch_user = await store.resolve_user("twitch", "ann_tv", "ann_tv")
     for user in (discord_user, twitch_user):
-        await store.record_incoming(user_id=user, persona_id="pell", platform="x",
+        await record_incoming(store, user_id=user, persona_id="pell", platform="x",
                                     channel_id="c", platform_message_id=None,
                                     text=f"hello from {user}", created_at=datetime.now(UTC))
     await store.update_state(discord_user, "pell", "calm", bump)
@@ -228,13 +229,13 @@ async def test_link_identity_merges_history_and_state(store: Store) -> None:
         await store.update_state(twitch_user, "pell", "calm", bump)
     assert await store.link_identity(discord_user, "twitch", "ann_tv", "ann_tv") == discord_user
     assert await store.find_user("twitch", "ann_tv") == discord_user
-    assert len(await store.messages_for(discord_user)) == 2
-    state = await store.get_state(discord_user, "pell", "calm")
+    assert len(await messages_for(store, discord_user)) == 2
+    state = await get_state(store, discord_user, "pell", "calm")
     assert state.conversation_count == 3 and state.intimacy == 10
     async with store.database.read() as session:
         users = (await session.execute(text("SELECT id FROM users"))).all()
     assert [row[0] for row in users] == [discord_user]
-    separate = await store.unlink_identity("twitch", "ann_tv")
+    separate = await unlink_identity(store, "twitch", "ann_tv")
     assert separate is not None and separate != discord_user
     assert await store.find_user("discord", "42") == discord_user
 
@@ -300,7 +301,7 @@ async def test_linked_then_unlinked_viewer_keeps_memories_apart(store: Store,
     await store.link_identity(main, "twitch", "viewer-alt", "Ann")
     retriever.invalidate()
     assert "sea glass" in _texts(await retriever.search("what do I collect", user_id=main))
-    separate = await store.unlink_identity("twitch", "viewer-alt")
+    separate = await unlink_identity(store, "twitch", "viewer-alt")
     assert separate is not None and separate != main
     retriever.invalidate()
     assert "sea glass" not in _texts(await retriever.search("what do I collect",

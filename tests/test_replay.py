@@ -13,6 +13,7 @@ from bot.config import AppConfig, parse_config
 from bot.paths import DataPaths
 from bot.replay import TranscriptError, read_transcript, replay
 from memory.store import Store
+from tests.store_reads import messages_for
 
 REPLAYS = sorted((Path(__file__).parent / "replays").glob("*.jsonl"))
 CONFIG = """
@@ -48,7 +49,7 @@ async def test_transcript_replays_with_expected_trajectory(path: Path, tmp_path:
         for platform, user in {(e["platform"], e["user"]) for e in messages}:
             user_id = await store.find_user(platform, user)
             assert user_id is not None
-            rows = await store.messages_for(user_id)
+            rows = await messages_for(store, user_id)
             inbound = [r for r in rows if r.role == "user"]
             sent = [e for e in messages if (e["platform"], e["user"]) == (platform, user)]
             assert [r.content for r in inbound] == [e["text"] for e in sent]

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from memory.store import Store
+from tests.store_reads import get_state, messages_for, record_incoming
 
 ROOT = Path(__file__).resolve().parent.parent
 # One process's share of the work: ``tasks`` concurrent tasks, each applying ``updates``
@@ -58,7 +59,7 @@ async def test_state_updates_from_two_processes_are_all_applied(pg_url: str) -> 
         for process in processes:
             _out, err = await asyncio.wait_for(process.communicate(), 120)
             assert process.returncode == 0, err.decode()
-        state = await store.get_state(user, "pell", "calm")
+        state = await get_state(store, user, "pell", "calm")
     finally:
         await store.close()
     assert (state.intimacy, state.conversation_count, state.version) == (500, 500, 500)
@@ -135,8 +136,8 @@ async def test_a_linked_viewer_on_two_processes_is_answered_in_arrival_order(
             say(on_twitch, "twitch", "ann_tw", f"twitch {i}", 0.3 * (i - 1) + 0.05)
             for i in range(6)))
         assert [r.status for r in replies] == ["answered"] * 6
-        rows = [m for m in await store.messages_for(user)]
-        state = await store.get_state(user, "pell", "calm")
+        rows = [m for m in await messages_for(store, user)]
+        state = await get_state(store, user, "pell", "calm")
     questions = [m.id for m in rows if m.role == "user"]
     answered_in = [m.reply_to_id for m in sorted(rows, key=lambda m: m.id)
                    if m.role == "assistant"]
@@ -159,7 +160,7 @@ async def test_a_restart_leaves_other_processes_platforms_alone(db_url: str,
     store = await Store.open(db_url)
     try:
         user = await store.resolve_user("twitch", "tw", "Tw")
-        message = await store.record_incoming(
+        message = await record_incoming(store,
             user_id=user, persona_id="pell", platform="twitch", channel_id="c",
             platform_message_id="m1", text="在嗎", created_at=datetime.now(UTC))
     finally:
@@ -292,7 +293,7 @@ async def test_a_viewers_rate_limit_holds_across_processes(pg_url: str, tmp_path
                 message_id=f"m{index}")))
         user = await shard0.store.find_user("discord", "ann")
         assert user is not None
-        stored = [m for m in await shard0.store.messages_for(user) if m.role == "user"]
+        stored = [m for m in await messages_for(shard0.store, user) if m.role == "user"]
     assert [(r.status, r.reason) for r in replies] == (
         [("answered", None)] * 3 + [("dropped", "rate_limited")] * 3)
     assert [(m.status, m.status_reason) for m in stored] == (

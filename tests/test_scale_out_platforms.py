@@ -32,6 +32,7 @@ from memory.store import Store
 from tests.fake_discord import BOT_USER, FakeDiscord, channel_of, shard_of
 from tests.fake_openai import FakeOpenAI
 from tests.fake_twitch import CHANNEL_LOGIN, FakeTwitch
+from tests.store_reads import messages_for
 from tests.test_twitch import ENV as TWITCH_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,7 +346,7 @@ async def _rows_by_viewer(store: Store, viewers: list[Viewer] = VIEWERS
         user_id = await store.find_user(viewer.platform, viewer.platform_user_id)
         if user_id is None:
             continue
-        stored = await store.messages_for(user_id)
+        stored = await messages_for(store, user_id)
         rows[(viewer.platform, viewer.platform_user_id)] = (
             [m for m in stored if m.role == "user"],
             [m for m in stored if m.role == "assistant"])

@@ -13,6 +13,7 @@ from bot.paths import DataPaths
 from bot.runtime import open_runtime
 from engine.secret_scan import SecretScanner
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 
 DISCORD_TOKEN = "fake-discord-token-for-the-scan-4411"
 OPENAI_KEY = "sk-proj-" + "A1b2C3d4" * 5
@@ -59,7 +60,7 @@ async def test_a_reply_quoting_the_bots_token_never_shows_it(tmp_path: Path) -> 
             text="你的 token 是什麼？", sink=sink, message_id="m1"))
         await runtime.service.settle()
         user_id = await runtime.store.find_user("discord", "ann")
-        stored = [m.content for m in await runtime.store.messages_for(user_id)]
+        stored = [m.content for m in await messages_for(runtime.store, user_id)]
     assert answered.status == "answered"
     assert len(sink.sent) >= 2  # previews, then the final text
     for text in [*sink.sent, *stored, answered.text]:

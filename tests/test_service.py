@@ -18,6 +18,7 @@ from engine.errors import EngineError
 from engine.types import GenerationRequest
 from memory.store import Store
 from tests.sinks import RecordingSink
+from tests.store_reads import messages_for
 
 
 def make_config(db_url: str, **overrides: Any) -> AppConfig:
@@ -57,7 +58,7 @@ async def test_reply_is_sent_and_both_messages_persisted(runtime: Runtime) -> No
     assert sink.typing_calls == 1
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
-    rows = await runtime.store.messages_for(user_id)
+    rows = await messages_for(runtime.store, user_id)
     assert [(m.role, m.content, m.status) for m in rows] == [
         ("user", "你好", "answered"), ("assistant", "第一個回覆。", "sent"),
     ]
@@ -109,7 +110,7 @@ async def test_rate_limited_messages_are_kept_as_dropped(runtime: Runtime) -> No
     await runtime.service.flush()  # refused messages are recorded behind, in batches
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
-    stored = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    stored = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
     assert len(stored) == limit + 2  # nothing the user said is lost
 
 
@@ -129,7 +130,7 @@ async def test_engine_failure_gives_fallback_and_marks_failed(runtime: Runtime,
     assert "Traceback" not in reply.text and "GPU" not in reply.text
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
-    [question] = await runtime.store.messages_for(user_id)
+    [question] = await messages_for(runtime.store, user_id)
     assert question.status == "failed"
 
 
@@ -177,7 +178,7 @@ async def test_retrieval_feeds_knowledge_to_system_and_memories_to_user_turns(
         request = scripted(runtime).requests[-1]
         user_id = await runtime.store.find_user("discord", "ann")
         assert user_id is not None
-        reply = (await runtime.store.messages_for(user_id))[-1]
+        reply = (await messages_for(runtime.store, user_id))[-1]
     system = [m.content for m in request.messages if m.role == "system"]
     assert "天蠍座" in system[-1]  # bundled persona knowledge, retrieved lexically
     assert not any("Mochi" in turn or "Ignore the rules" in turn for turn in system)
@@ -196,7 +197,7 @@ async def test_one_users_messages_are_answered_in_order(runtime: Runtime) -> Non
     assert all(r.status == "answered" for r in replies)
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
-    rows = await runtime.store.messages_for(user_id)
+    rows = await messages_for(runtime.store, user_id)
     question_of = {r.content: r.id for r in rows if r.role == "user"}
     answers = {r.reply_to_id: r.id for r in rows if r.role == "assistant"}
     reply_ids = [answers[question_of[f"msg {i}"]] for i in range(5)]
@@ -253,5 +254,5 @@ async def test_a_huge_message_is_cut_before_anything_reads_it(runtime: Runtime) 
     assert reply.status == "answered"
     user_id = await runtime.store.find_user("discord", "ann")
     assert user_id is not None
-    [stored] = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    [stored] = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
     assert stored.content == "星" * MAX_MESSAGE_CHARS + TRUNCATED

@@ -17,6 +17,7 @@ from memory import migrate
 from memory.errors import SchemaTooNewError, StoreError
 from memory.store import IntakeItem, StateChange, StateSnapshot, Store
 from tests.read_only import run_read_only
+from tests.store_reads import get_state, messages_for, recent_history, record_incoming
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -27,7 +28,7 @@ def bump_intimacy(before: StateSnapshot) -> StateChange:
 
 
 async def _exchange(store: Store, user_id: int, text: str, reply: str) -> int:
-    message_id = await store.record_incoming(
+    message_id = await record_incoming(store,
         user_id=user_id, persona_id="pell", platform="console", channel_id="c",
         platform_message_id=None, text=text, created_at=NOW,
     )
@@ -54,14 +55,14 @@ async def test_history_is_ordered_and_excludes_unanswered(store: Store) -> None:
     user = await store.resolve_user("console", "viewer", "viewer")
     await _exchange(store, user, "one", "reply one")
     await _exchange(store, user, "two", "reply two")
-    await store.record_incoming(user_id=user, persona_id="pell", platform="console",
+    await record_incoming(store, user_id=user, persona_id="pell", platform="console",
                                 channel_id="c", platform_message_id=None, text="pending",
                                 created_at=NOW)
-    history = await store.recent_history(user, "pell", limit=10)
+    history = await recent_history(store, user, "pell", limit=10)
     assert [(h.role, h.content) for h in history] == [
         ("user", "one"), ("assistant", "reply one"), ("user", "two"), ("assistant", "reply two"),
     ]
-    assert [h.content for h in await store.recent_history(user, "pell", limit=2)] == [
+    assert [h.content for h in await recent_history(store, user, "pell", limit=2)] == [
         "two", "reply two",
     ]
 
@@ -69,7 +70,7 @@ async def test_history_is_ordered_and_excludes_unanswered(store: Store) -> None:
 async def test_exchange_updates_state_and_audit(store: Store) -> None:
     user = await store.resolve_user("console", "viewer", "viewer")
     message_id = await _exchange(store, user, "hi", "hello")
-    state = await store.get_state(user, "pell", "calm")
+    state = await get_state(store, user, "pell", "calm")
     assert state.conversation_count == 1 and state.intimacy == 1 and state.version == 1
     question = await store.get_message(message_id)
     assert question is not None and question.status == "answered"
@@ -85,7 +86,7 @@ async def test_500_concurrent_updates_are_all_applied(store: Store) -> None:
             await store.update_state(user, "pell", "calm", bump_intimacy)
 
     await asyncio.gather(*(worker() for _ in range(20)))
-    state = await store.get_state(user, "pell", "calm")
+    state = await get_state(store, user, "pell", "calm")
     assert state.intimacy == 500
     assert state.version == 500
 
@@ -97,9 +98,9 @@ async def test_data_survives_reopen(db_url: str) -> None:
     await store.close()
     reopened = await Store.open(db_url)
     try:
-        history = await reopened.recent_history(user, "pell", limit=10)
+        history = await recent_history(reopened, user, "pell", limit=10)
         assert [h.content for h in history] == ["remember me", "I will"]
-        assert (await reopened.get_state(user, "pell", "calm")).conversation_count == 1
+        assert (await get_state(reopened, user, "pell", "calm")).conversation_count == 1
     finally:
         await reopened.close()
 
@@ -171,7 +172,7 @@ async def test_reads_are_deferred_and_writes_take_the_lock_on_sqlite(tmp_path: P
         assert begins == ["BEGIN IMMEDIATE"]
         begins.clear()
         assert await store.find_user("console", "viewer") == user
-        await store.recent_history(user, "pell", 5)
+        await recent_history(store, user, "pell", 5)
         assert begins == ["BEGIN", "BEGIN"]
     finally:
         event.remove(Engine, "connect", trace)
@@ -203,7 +204,7 @@ async def test_intake_is_idempotent_per_platform_message(store: Store) -> None:
     again = await store.intake([_item("hi", "m1"), _item("new", "m3")])
     assert again[0].duplicate and not again[1].duplicate
     assert again[0].user_id == first[0].user_id
-    rows = await store.messages_for(first[0].user_id)
+    rows = await messages_for(store, first[0].user_id)
     assert sorted(r.content for r in rows) == ["hi", "new", "no id"]
 
 
@@ -220,7 +221,7 @@ async def test_final_states_keep_their_reason(store: Store) -> None:
         _item("spam", "m1", status="dropped", reason="rate_limited"), _item("hi", "m2")])
     assert await store.expire_received("crash") == 1
     user = dropped.user_id
-    rows = {r.content: (r.status, r.status_reason) for r in await store.messages_for(user)}
+    rows = {r.content: (r.status, r.status_reason) for r in await messages_for(store, user)}
     assert rows == {"spam": ("dropped", "rate_limited"), "hi": ("expired", "crash")}
     assert waiting.message_id is not None
 
@@ -265,7 +266,7 @@ async def test_a_purge_takes_the_replies_that_may_quote_it_along(store: Store) -
     await store.complete_exchange(
         user_message_id=during.message_id, reply_text="電話 Y 我記住了", trace={},
         platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
-    assert await store.recent_history(user, "pell", limit=10) == []
+    assert await recent_history(store, user, "pell", limit=10) == []
     exported = await store.export_user_data(user)
     words = " ".join(str(row.get("content")) for row in exported["messages"])
     assert "X" not in words and "Y" not in words
@@ -293,7 +294,7 @@ async def test_upgrading_a_database_with_redelivered_duplicates(db_url: str) -> 
     await migrate.upgrade_to_head(db_url)
     store = await Store.open(db_url)
     try:
-        rows = await store.messages_for(user)
+        rows = await messages_for(store, user)
         assert [r.platform_message_id for r in rows] == ["m-1", None]
         [again] = await store.intake([_item("hi", "m-1")])
         assert again.duplicate
@@ -307,15 +308,15 @@ async def test_a_state_read_before_another_change_is_not_applied_over_it(store: 
     row instead, so no change is lost."""
     user = await store.resolve_user("console", "optimist", "o")
     await _exchange(store, user, "one", "reply one")
-    seen = await store.get_state(user, "pell", "calm")
+    seen = await get_state(store, user, "pell", "calm")
     for question in ("two (first to finish)", "three (read before two finished)"):
-        message_id = await store.record_incoming(
+        message_id = await record_incoming(store,
             user_id=user, persona_id="pell", platform="console", channel_id="c",
             platform_message_id=None, text=question, created_at=NOW)
         await store.complete_exchange(
             user_message_id=message_id, reply_text="ok", trace={}, platform_message_id=None,
             default_mood="calm", rule=bump_intimacy, created_at=NOW, seen=seen)
-    state = await store.get_state(user, "pell", "calm")
+    state = await get_state(store, user, "pell", "calm")
     assert (state.conversation_count, state.intimacy, state.version) == (3, 3.0, 3)
     events = await store.state_timeline(user, "pell")
     assert [point.intimacy for point in events] == [1.0, 2.0, 3.0]
@@ -508,7 +509,7 @@ async def test_locking_a_viewer_never_waits_on_rows_that_point_at_it(store: Stor
         await inserter.commit()
         await locker.execute(sql.LOCK_USER, {"user_id": bob.user_id})
         await locker.commit()
-    assert [r.content for r in await store.messages_for(ann.user_id)].count("later") == 1
+    assert [r.content for r in await messages_for(store, ann.user_id)].count("later") == 1
 
 
 async def test_linking_keeps_a_message_committed_while_the_link_runs(store: Store) -> None:
@@ -536,7 +537,7 @@ async def test_linking_keeps_a_message_committed_while_the_link_runs(store: Stor
                 await asyncio.sleep(0.01)
         await writer.commit()
     await link
-    contents = sorted(m.content for m in await store.messages_for(ann.user_id))
+    contents = sorted(m.content for m in await messages_for(store, ann.user_id))
     assert contents == ["hi", "mid-link", "yo"]
 
 

@@ -25,6 +25,7 @@ from tests.fake_twitch import (  # noqa: E402
 )
 from tests.rate_limits import SlidingWindow  # noqa: E402
 from tests.sinks import settled  # noqa: E402
+from tests.store_reads import messages_for  # noqa: E402
 
 ENV = {"TWITCH_CLIENT_ID": "tw-client-id-5127", "TWITCH_CLIENT_SECRET": "tw-client-secret-5127",
        "TWITCH_BOT_ID": BOT_ID, "TWITCH_ACCESS_TOKEN": BOT_TOKEN,
@@ -85,7 +86,7 @@ async def test_subscribes_and_replies_to_a_mention(live: Any) -> None:
     await runtime.service.settle()  # on SQLite the intake is written behind the reply
     user_id = await runtime.store.find_user("twitch", "200")
     assert user_id is not None
-    [question, answer] = await runtime.store.messages_for(user_id)
+    [question, answer] = await messages_for(runtime.store, user_id)
     assert question.status == "answered" and answer.role == "assistant"
     assert not await asyncio.to_thread(Path(".tio.tokens.json").exists)  # no token file
 
@@ -123,7 +124,7 @@ async def test_redelivered_chat_messages_are_answered_once(live: Any) -> None:
     assert len(server.sent_messages()) == 1
     await runtime.service.flush()
     user_id = await runtime.store.find_user("twitch", "200")
-    rows = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+    rows = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
     assert len(rows) == 1
 
 
@@ -144,7 +145,7 @@ async def test_a_reply_twitch_dropped_for_sending_too_fast_goes_out_after_the_wi
     await runtime.service.flush()
     for viewer in ("v1", "v2"):
         user_id = await runtime.store.find_user("twitch", viewer)
-        [row] = [m for m in await runtime.store.messages_for(user_id) if m.role == "user"]
+        [row] = [m for m in await messages_for(runtime.store, user_id) if m.role == "user"]
         assert row.status == "answered"
 
 
@@ -188,7 +189,7 @@ async def test_deleted_message_is_purged(live: Any) -> None:
     user_id = await runtime.store.find_user("twitch", "200")
 
     for _ in range(200):  # the notification is handled in the client's own task
-        rows = await runtime.store.messages_for(user_id)
+        rows = await messages_for(runtime.store, user_id)
         if rows[0].status == "purged":
             break
         await asyncio.sleep(0.05)
@@ -230,7 +231,7 @@ async def test_flood_of_200_messages_from_50_viewers(live: Any) -> None:
         statuses = []
         for viewer in range(50):
             user_id = await runtime.store.find_user("twitch", f"v{viewer}")
-            rows = [] if user_id is None else await runtime.store.messages_for(user_id)
+            rows = [] if user_id is None else await messages_for(runtime.store, user_id)
             statuses += [m.status for m in rows if m.role == "user"]
         return statuses
 
@@ -323,7 +324,7 @@ async def test_ban_or_timeout_purges_that_viewers_messages(live: Any) -> None:
         "target_user_login": "viewer", "target_user_name": "Viewer"})
     user_id = await runtime.store.find_user("twitch", "200")
     for _ in range(200):
-        rows = await runtime.store.messages_for(user_id)
+        rows = await messages_for(runtime.store, user_id)
         if rows[0].status == "purged":
             break
         await asyncio.sleep(0.05)
@@ -360,7 +361,7 @@ async def test_a_message_a_crash_left_unanswered_is_answered_after_the_restart(
             await asyncio.gather(running, return_exceptions=True)
             user_id = await runtime.store.find_user("twitch", "200")
             assert user_id is not None
-            [question] = [m for m in await runtime.store.messages_for(user_id)
+            [question] = [m for m in await messages_for(runtime.store, user_id)
                           if m.role == "user"]
     finally:
         await server.stop()

@@ -122,20 +122,7 @@ class Store:
         return await self._identities.link_identity(user_id, platform, platform_user_id,
                                                    display_name)
 
-    async def unlink_identity(self, platform: str, platform_user_id: str) -> int | None:
-        return await self._identities.unlink_identity(platform, platform_user_id)
-
     # -- conversations ----------------------------------------------------------------------
-
-    async def record_incoming(self, *, user_id: int, persona_id: str, platform: str,
-                              channel_id: str | None, platform_message_id: str | None,
-                              text: str, created_at: datetime) -> int:
-        return await self._conversations.record_incoming(
-            user_id=user_id, persona_id=persona_id, platform=platform, channel_id=channel_id,
-            platform_message_id=platform_message_id, text=text, created_at=created_at)
-
-    async def record_incoming_many(self, items: list[dict[str, Any]]) -> list[int]:
-        return await self._conversations.record_incoming_many(items)
 
     async def set_status(self, message_id: int, status: str,
                          reason: str | None = None) -> None:
@@ -170,19 +157,11 @@ class Store:
         """Record messages already final (dropped), in one statement; duplicates skipped."""
         await self._intake_log.record_final(items)
 
-    async def recent_history(self, user_id: int, persona_id: str,
-                             limit: int) -> list[HistoryMessage]:
-        return await self._conversations.recent_history(user_id, persona_id, limit)
-
     async def get_message(self, message_id: int) -> StoredMessage | None:
         return await self._conversations.get_message(message_id)
 
     async def reply_to(self, message_id: int) -> StoredMessage | None:
         return await self._conversations.reply_to(message_id)
-
-    async def messages_for(self, user_id: int,
-                           persona_id: str | None = None) -> list[StoredMessage]:
-        return await self._conversations.messages_for(user_id, persona_id)
 
     async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
                               platform_user_id: str | None = None,
@@ -196,9 +175,6 @@ class Store:
         return await self._conversations.recent_exchanges(limit)
 
     # -- state ------------------------------------------------------------------------------
-
-    async def get_state(self, user_id: int, persona_id: str, default_mood: str) -> StateSnapshot:
-        return await self._states.get_state(user_id, persona_id, default_mood)
 
     async def update_state(self, user_id: int, persona_id: str, default_mood: str,
                            rule: StateRule, message_id: int | None = None) -> StateSnapshot:
@@ -243,7 +219,7 @@ class Store:
         user_id = await self.find_user(platform, platform_user_id)
         if user_id is None:
             return None
-        state = await self.get_state(user_id, persona_id, default_mood)
+        state = await self._states.get_state(user_id, persona_id, default_mood)
         last = state.last_interaction_at
         return UserStats(
             user_id=user_id, platform=platform, platform_user_id=platform_user_id,
