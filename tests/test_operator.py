@@ -200,6 +200,12 @@ def test_the_engines_numbers_are_counters_and_gauges() -> None:
     assert _samples(text, "vtuber_engine_requests_in_flight") == {(): 7.0}
 
 
+async def test_the_status_says_what_the_engine_is_doing(served: Served) -> None:
+    status = (await served.client.get("/api/status")).json()
+    assert "engine" in status and "gpu_memory" in status
+    assert status["moods"] == list(served.runtime.engine.persona.moods.states)
+
+
 async def test_metrics_after_a_replay_match_the_store(tmp_path: Path) -> None:
     """Two stored conversations (several viewers; a flood that is rate-limited) replayed
     through the real service, a restart in between included: every counter equals the

@@ -103,7 +103,8 @@ class RuntimeView:
                               for name in self.platforms},
                 "pending": self.pending(), "store_up": self.store_up(),
                 "latency_ms": self.runtime.service.latency_percentiles(),
-                "moods": list(self.runtime.engine.persona.moods.states)}
+                "moods": list(self.runtime.engine.persona.moods.states),
+                "engine": self.engine_counters(), "gpu_memory": self.gpu_memory()}
 
 
 def _version() -> str:
