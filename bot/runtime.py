@@ -358,7 +358,7 @@ async def open_runtime(
             await store.take_role(role, instance_owner(paths.data_dir), config.store.role_lease_s,
                                   lambda other: roles_overlap(role, other))
         engine = Engine(config.engine_config(), cache_dir=paths.cache_dir, backend=backend,
-                            redact=SecretScanner(config.secrets.values()))
+                        redact=SecretScanner(config.secrets.values()))
         try:
             await engine.start()
             retriever = await _open_retriever(config, engine, store)

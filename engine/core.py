@@ -109,7 +109,7 @@ class Engine:
     @property
     def persona(self) -> Persona:
         if self._persona is None:
-            raise BackendUnavailableError("LLM manager is not initialised")
+            raise BackendUnavailableError("the engine is not started")
         return self._persona
 
     def replace_persona(self, persona: Persona) -> None:
@@ -125,7 +125,7 @@ class Engine:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            raise BackendUnavailableError("LLM manager is not initialised")
+            raise BackendUnavailableError("the engine is not started")
         return self._backend
 
     def post_processing(self, conversion_mode: str | None = None, language: str = "zh",
@@ -168,7 +168,7 @@ class Engine:
     async def generate(self, request: GenerationRequest, *, conversion_mode: str | None = None
                        ) -> AsyncGenerator[ReplyChunk | GeneratedReply, None]:
         if self._generator is None:
-            raise BackendUnavailableError("LLM manager is not initialised")
+            raise BackendUnavailableError("the engine is not started")
         post = self.post_processing(conversion_mode, request.language, request.private)
         async for out in self._generator.generate(request, post):
             if isinstance(out, GeneratedReply):
