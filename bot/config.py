@@ -59,6 +59,10 @@ class StoreConfig(Section):
     # lease it renews every third of this; killed or cut off, it loses the role this long
     # after its last renewal, and another process may take it.
     role_lease_s: float = Field(15.0, ge=1.0, le=600.0)
+    # PostgreSQL: connections this process keeps, and how long a unit of work waits for one
+    # before it fails (a big backlog wants more; the server's max_connections bounds them all).
+    pool_size: int = Field(15, ge=2, le=500)
+    pool_timeout_s: float = Field(30.0, gt=0, le=600)
     history_messages: int = Field(12, ge=0, le=200)
     history_token_budget: int = Field(1024, ge=0)
     # Retrieval (RAG): persona knowledge + this viewer's long-term memories, hybrid search.

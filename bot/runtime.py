@@ -331,8 +331,10 @@ async def _open_retriever(config: AppConfig, engine: Engine,
 @contextlib.asynccontextmanager
 async def open_store(config: AppConfig, paths: DataPaths) -> AsyncIterator[Store]:
     """The configured store, closed on exit (for commands that need no engine)."""
-    store = await Store.open(store_url(config, paths), auto_migrate=config.store.auto_migrate,
-                             busy_timeout_ms=config.store.busy_timeout_ms)
+    settings = config.store
+    store = await Store.open(store_url(config, paths), auto_migrate=settings.auto_migrate,
+                             busy_timeout_ms=settings.busy_timeout_ms,
+                             pool_size=settings.pool_size, pool_timeout_s=settings.pool_timeout_s)
     try:
         yield store
     finally:

@@ -113,3 +113,12 @@ async def test_overlapping_shards_are_refused_in_one_line(url: str) -> None:
         await first.close()
         await second.close()
     assert "overlaps discord[0,1/2]" in str(refused.value) and "\n" not in str(refused.value)
+
+
+async def test_the_pool_is_the_size_the_config_says(url: str) -> None:
+    store = await Store.open(url, pool_size=3, pool_timeout_s=5)
+    try:
+        pool = store.database.sql_engine.pool
+        assert pool.size() == 3  # type: ignore[attr-defined]
+    finally:
+        await store.close()

@@ -154,7 +154,10 @@ class Database:
         return [self.sql_engine.sync_engine, *threads]
 
     @classmethod
-    async def open(cls, url: str, *, auto_migrate: bool, busy_timeout_ms: int) -> Database:
+    async def open(cls, url: str, *, auto_migrate: bool, busy_timeout_ms: int,
+                   pool_size: int = 15, pool_timeout_s: float = 30.0) -> Database:
+        """The database at ``url``; on PostgreSQL a pool of ``pool_size`` connections, a unit
+        of work waiting at most ``pool_timeout_s`` for one (then a ``StoreError``)."""
         if url.startswith("sqlite"):
             path = url.split(":///", 1)[1] if ":///" in url else ""
             if path and path != ":memory:":
@@ -162,7 +165,10 @@ class Database:
         try:
             if auto_migrate:
                 await upgrade_to_head(url, busy_timeout_ms)
-            sql_engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"))
+            pooled = ({} if url.startswith("sqlite") else
+                      {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": pool_timeout_s})
+            sql_engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"),
+                                             **pooled)
             threads = None
             if sql_engine.dialect.name == "sqlite":
                 _tune_sqlite(sql_engine.sync_engine, busy_timeout_ms)

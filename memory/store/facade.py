@@ -63,12 +63,14 @@ class Store:
         self._controls = OperatorControls(db)
 
     @classmethod
-    async def open(cls, url: str, *, auto_migrate: bool = True,
-                   busy_timeout_ms: int = 10_000) -> Store:
+    async def open(cls, url: str, *, auto_migrate: bool = True, busy_timeout_ms: int = 10_000,
+                   pool_size: int = 15, pool_timeout_s: float = 30.0) -> Store:
         """Open (and by default migrate) the database at ``url``. A SQLite file locked by
-        another process for longer than ``busy_timeout_ms`` is a StoreError."""
+        another process for longer than ``busy_timeout_ms`` is a StoreError; on PostgreSQL
+        the process keeps ``pool_size`` connections."""
         return cls(await Database.open(url, auto_migrate=auto_migrate,
-                                       busy_timeout_ms=busy_timeout_ms))
+                                       busy_timeout_ms=busy_timeout_ms, pool_size=pool_size,
+                                       pool_timeout_s=pool_timeout_s))
 
     @property
     def database(self) -> Database:
