@@ -1,7 +1,8 @@
 """Roles on a shared PostgreSQL are held by leases, not session locks: a database restart
 leaves the holder holding (and a second process for the role refused), a holder that stops
 renewing loses the role when its lease expires, the same instance restarted takes its lease
-back at once, and roles that share shards are refused. Every window is set here."""
+back at once, and roles that share shards are refused; the connection pool is the size the
+config says. Every window is set here."""
 
 from __future__ import annotations
 
