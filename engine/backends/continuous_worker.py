@@ -114,7 +114,8 @@ class ContinuousWorker:
         log.info("decode step ready: %d slots of %d tokens%s; %.1f GiB for returning "
                  "viewers' prompt starts", slots, width,
                  ", CUDA graphs" if self._batch.captured else "",
-                 self._batch.prefix_cache.max_bytes / 2**30 if self._batch.prefix_cache else 0)
+                 (self._batch.prefix_cache.max_bytes / 2**30
+                  if self._batch.prefix_cache is not None else 0))
 
     def counters(self) -> dict[str, float]:
         """Running totals for metrics: decode steps and time, prefill time, prompt tokens
