@@ -372,7 +372,8 @@ async def open_runtime(
                 freeze_heap_now()
             warm_up = asyncio.create_task(load_embedder(engine), name="embedder-warm-up")
             lease = (asyncio.create_task(keep_lease(store, config.store.role_lease_s),
-                                         name="role-lease") if role is not None else None)
+                                         name="role-lease")
+                     if role is not None and store.dialect == "postgresql" else None)
             try:
                 yield Runtime(config, paths, store, engine, service, retriever, lease=lease)
             finally:

@@ -9,6 +9,7 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -40,6 +41,18 @@ def root_logging_kept() -> Iterator[None]:
     on the test's captured stream; left there, every later record is a "Logging error"."""
     with root_logging_restored():
         yield
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[Any]:
+    """A PostgreSQL server of this test's own, so stopping or restarting it disturbs no
+    other test (durable: it survives being killed)."""
+    from tests.pg_server import running_server
+
+    with running_server("vtuber-pg-own-", durable=True) as server:
+        if server is None:
+            pytest.skip("no PostgreSQL server binaries on this machine")
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -117,17 +117,6 @@ def test_kill_9_under_load_loses_nothing_committed(db_url: str, tmp_path: Path) 
     assert state["integrity"] in (None, "ok")
 
 
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Any:
-    """A PostgreSQL server of this test's own, so stopping it disturbs no other test."""
-    from tests.pg_server import running_server
-
-    with running_server("vtuber-pg-outage-", durable=True) as server:
-        if server is None:
-            pytest.skip("no PostgreSQL server binaries on this machine")
-        yield server
-
-
 async def test_postgres_outage_mid_run_ends_every_message_final(own_postgres: Any,
                                                                 tmp_path: Path) -> None:
     from bot.config import parse_config

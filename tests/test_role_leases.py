@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +17,6 @@ from memory.store import Store
 from memory.store.roles import RoleLostError, RoleTakenError
 
 LEASE_S = 2.0
-
-
-@pytest.fixture
-def own_postgres(tmp_path: Path) -> Any:
-    """A PostgreSQL server of this test's own, so restarting it disturbs no other test."""
-    from tests.pg_server import running_server
-
-    with running_server("vtuber-pg-lease-", durable=True) as server:
-        if server is None:
-            pytest.skip("no PostgreSQL server binaries on this machine")
-        yield server
 
 
 @pytest.fixture
