@@ -22,7 +22,7 @@ _REASONING_NAMES = r"(?:think|thinking|reasoning|thought|reflection)"
 _THINK_OPEN = rf"(?:<\s*{_REASONING_NAMES}\s*>|◁\s*think\s*▷)"
 _THINK_CLOSE = rf"(?:<\s*/\s*{_REASONING_NAMES}\s*>|◁\s*/\s*think\s*▷)"
 _THINK = re.compile(rf"{_THINK_OPEN}.*?(?:{_THINK_CLOSE}|\Z)", re.S | re.I)
-_LAST_CLOSE = re.compile(rf".*{_THINK_CLOSE}", re.S | re.I)
+_CLOSE = re.compile(_THINK_CLOSE, re.I)
 _STRAY_THINK = re.compile(rf"{_THINK_OPEN}|{_THINK_CLOSE}", re.I)
 # Llama 2's system block, opened and maybe never closed.
 _SYS_BLOCK = re.compile(r"<<SYS>>.*?(?:<</SYS>>|\Z)", re.S | re.I)
@@ -90,8 +90,12 @@ def _role_prefix(persona_names: tuple[str, ...]) -> re.Pattern[str]:
 
 def strip_reasoning(text: str) -> str:
     text = _THINK.sub("", text)
-    # The opening tag was lost: everything before the last close was thinking.
-    text = _LAST_CLOSE.sub("", text, count=1)
+    # The opening tag was lost: everything before the last close was thinking. Found by
+    # scanning forward: a greedy ``.*close`` retries from every start, quadratic in the text
+    # (a second per preview of a 12,000-character reply, on the event loop).
+    ends = [match.end() for match in _CLOSE.finditer(text)]
+    if ends:
+        text = text[ends[-1]:]
     return _STRAY_THINK.sub("", text)
 
 

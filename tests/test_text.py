@@ -32,6 +32,20 @@ def test_reasoning_special_tokens_and_roles_are_removed() -> None:
     assert clean_reply(raw, OPTIONS).text == "你好呀～"
 
 
+def test_thinking_before_a_lost_opening_tag_goes_up_to_the_last_close() -> None:
+    raw = "first thoughts</think>more thoughts</ think>你好呀～<think>"
+    assert clean_reply(raw, OPTIONS).text == "你好呀～"
+
+
+@pytest.mark.timeout(60)
+def test_a_long_reply_is_filtered_in_time_linear_in_its_length() -> None:
+    # 200,000 characters: a filter that retries a greedy match from every start takes
+    # minutes here (the timeout fails it); one scan takes milliseconds.
+    raw = "星星 <b> / a " * 16_000 + "</think>晚安"
+    assert clean_reply(raw, OPTIONS).text == "晚安"
+    assert clean_reply(raw[:-10], OPTIONS).text.startswith("星星")
+
+
 def test_repeated_sentences_are_dropped() -> None:
     result = clean_reply("今晚星星很亮。今晚星星很亮。今晚星星很亮。要一起看嗎？", OPTIONS)
     assert result.text == "今晚星星很亮。要一起看嗎？"
