@@ -71,9 +71,9 @@ async def test_a_batch_limit_lowered_by_an_oom_doubles_back_while_memory_holds(
 
 async def test_the_micro_batchers_lowered_limit_doubles_back_too(
         tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.backends import transformers_backend
+    from engine.backends import micro_batch
 
-    monkeypatch.setattr(transformers_backend, "GROW_AFTER_BATCHES", 1)
+    monkeypatch.setattr(micro_batch, "GROW_AFTER_BATCHES", 1)
     backend = TransformersBackend(LLMConfig(model_path=str(tiny_model_dir), device="cpu",
                                             continuous_batching="off", max_batch_size=4))
     await backend.start()

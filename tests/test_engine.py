@@ -219,11 +219,13 @@ async def _collect(backend: TransformersBackend, text: str, tokens: int = 16) ->
 
 
 async def test_batched_greedy_equals_unbatched(backend: TransformersBackend) -> None:
+    worker = backend.micro_batch
+    assert worker is not None
     sequential = [await _collect(backend, text) for text in PROMPTS]
-    runs_before = backend.batches_run
+    runs_before = worker.batches_run
     batched = await asyncio.gather(*(_collect(backend, text) for text in PROMPTS))
     assert list(batched) == sequential
-    assert backend.batches_run - runs_before < len(PROMPTS), "requests were not batched"
+    assert worker.batches_run - runs_before < len(PROMPTS), "requests were not batched"
 
 
 async def test_rows_stop_at_their_own_max_tokens(backend: TransformersBackend) -> None:

@@ -1,10 +1,11 @@
-"""In-process transformers backend with micro-batching.
+"""In-process transformers backend: the model, its tokenizer and one decode loop.
 
-All torch work runs on one dedicated worker thread (never on the event loop). Requests that
-arrive within a short window are generated together as one left-padded batch, each streaming
-its own text back to the caller's loop through ``call_soon_threadsafe``. A CUDA out-of-memory
-error frees memory, halves the batch (and the maximum batch size from then on) and retries.
-Cancelling a consumer stops its row at the next decode step.
+All torch work runs on one dedicated worker thread (never on the event loop), or as the main
+thread of an engine process of its own (``worker_process.py``). The loop is continuous
+batching (``continuous_worker.py``) where the model and ``llm.continuous_batching`` allow,
+else micro-batches of ``generate()`` calls (``micro_batch.py``); either streams each
+request's text back to its caller's loop through the ``Outbox``. Cancelling a consumer
+stops its row at the next decode step.
 """
 
 from __future__ import annotations
@@ -13,64 +14,24 @@ import asyncio
 import logging
 import queue
 import threading
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from engine.backends.base import RecentUsage
-from engine.backends.batch_limit import LimitRecovery
 from engine.backends.continuous_worker import ContinuousWorker
-from engine.backends.detokenize import IncrementalDecoder
-from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox, is_oom
+from engine.backends.jobs import END, STOP_WORKER, Failure, Job, Outbox
+from engine.backends.micro_batch import MicroBatchWorker
 from engine.backends.prompts import ChatPrompts, template_stop_ids
 from engine.config import LLMConfig
-from engine.errors import BackendUnavailableError, GenerationAborted
+from engine.errors import BackendUnavailableError
 from engine.gpu_manager import Placement, discover_devices, plan_placement
 from engine.model_fit import estimate_model_bytes, fit_to_model
 from engine.model_loader import LoadReport, load_llm, resolve_llm_dir
 from engine.serving import supports
-from engine.types import GenerationRequest, PromptUsage, SamplingParams
+from engine.types import GenerationRequest, PromptUsage
 
 log = logging.getLogger(__name__)
-# Micro-batches without running out of memory before a lowered batch limit doubles back.
-GROW_AFTER_BATCHES = 20
-
-@dataclass
-class _BatchStreamer:
-    """transformers streamer for a batch: the prompt first, then one token per row per step."""
-
-    jobs: list[Job]
-    eos_ids: set[int]
-    outbox: Outbox
-    prompt_seen: bool = field(default=False)
-
-    def put(self, value: Any) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for job, token in zip(self.jobs, value.reshape(-1).tolist(), strict=True):
-            if job.done:
-                continue
-            if token in self.eos_ids:
-                job.done = True
-                continue
-            job.push(token)
-            if job.generated >= job.request.sampling.max_new_tokens:
-                job.done = True
-        self.outbox.send()  # this step's text, all rows at once
-
-    def end(self) -> None:
-        for job in self.jobs:
-            job.done = True
-
-
-def _sampling_key(sampling: SamplingParams) -> tuple[Any, ...]:
-    """Requests that may share one generate() call (max_new_tokens is enforced per row)."""
-    return (sampling.temperature, sampling.top_p, sampling.top_k, sampling.repetition_penalty,
-            sampling.min_new_tokens, sampling.seed)
-
 
 class TransformersBackend:
     name = "transformers"
@@ -92,10 +53,9 @@ class TransformersBackend:
         self.model_dir: Path | None = None
         self.static_cache = False
         self.compile_decode = False
-        self.batches_run = 0
         self.oom_retries = 0
-        self._recovery = LimitRecovery(GROW_AFTER_BATCHES)  # of a limit lowered by an OOM
         self.continuous: ContinuousWorker | None = None
+        self.micro_batch: MicroBatchWorker | None = None
         self.prompts: ChatPrompts | None = None  # once the tokenizer is loaded
         self._closed = False
 
@@ -107,6 +67,10 @@ class TransformersBackend:
     def batch_limit(self) -> int:
         """The configured batch size: ``max_batch_size`` returns to it after an OOM."""
         return self._config.max_batch_size
+
+    @property
+    def batch_window_s(self) -> float:
+        return self._config.batch_window_ms / 1000
 
     @property
     def prefill_chunk_tokens(self) -> int:
@@ -139,14 +103,24 @@ class TransformersBackend:
         return self._placement
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load)
-        loop = self._work
-        if self._continuous():
-            self.continuous = ContinuousWorker(self, self._jobs)
-            await asyncio.to_thread(self.continuous.prepare)
-            loop = self.continuous.run
+        loop = await asyncio.to_thread(self.open_worker)
         self._worker = threading.Thread(target=loop, name="llm-worker", daemon=True)
         self._worker.start()
+
+    def open_worker(self) -> Callable[[], None]:
+        """Load the model and prepare its decode loop (blocking); returns the loop, which
+        runs ``jobs`` until ``STOP_WORKER`` (on a thread here, or as the main thread of an
+        engine process: ``worker_process.py``)."""
+        self._load()
+        if not self._continuous():
+            self.micro_batch = MicroBatchWorker(self, self._jobs)
+            return self.micro_batch.run
+        self.continuous = ContinuousWorker(self, self._jobs)
+        self.continuous.prepare()
+        return self.continuous.run
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
 
     def _load(self) -> None:
         config = self._config
@@ -184,7 +158,7 @@ class TransformersBackend:
         self._aborts[request.request_id] = abort
 
         job = Job(request, self.outbox.sender(loop, chunks.put_nowait), abort)
-        self._jobs.put(job)
+        self.submit(job)
         try:
             while True:
                 item = await chunks.get()
@@ -202,116 +176,6 @@ class TransformersBackend:
 
     def prompt_usage(self, request_id: str) -> PromptUsage | None:
         return self._usage.pop(request_id)
-
-    # -- worker thread ----------------------------------------------------------------------
-
-    def _work(self) -> None:
-        while True:
-            first = self._jobs.get()
-            if first is STOP_WORKER:
-                return
-            batch = self._collect(first)
-            groups: dict[tuple[Any, ...], list[Job]] = {}
-            for job in batch:
-                groups.setdefault(_sampling_key(job.request.sampling), []).append(job)
-            for jobs in groups.values():
-                try:
-                    self._run_with_oom_retry(jobs)
-                finally:
-                    self.outbox.send()
-
-    def _collect(self, first: Job) -> list[Any]:
-        """The first job plus whatever arrives within the batching window."""
-        batch: list[Any] = [first]
-        deadline = time.monotonic() + self._config.batch_window_ms / 1000
-        while len(batch) < self.max_batch_size:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                job = self._jobs.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if job is STOP_WORKER:
-                self._jobs.put(STOP_WORKER)
-                break
-            batch.append(job)
-        return batch
-
-    def _run_with_oom_retry(self, jobs: list[Job]) -> None:
-        live = [job for job in jobs if not job.abort.is_set()]
-        for job in jobs:
-            if job.abort.is_set():
-                job.emit(Failure(GenerationAborted(job.request.request_id)))
-                job.ended = True
-        if not live:
-            return
-        try:
-            self._generate_batch(live)
-            self.max_batch_size = self._recovery.next_limit(self.max_batch_size,
-                                                            self.batch_limit)
-        except Exception as error:  # noqa: BLE001 - every failure must reach its requester
-            if is_oom(error) and len(live) > 1 and not any(j.generated for j in live):
-                self.free_memory()
-                self.oom_retries += 1
-                self._recovery.ran_out()
-                self.max_batch_size = max(1, len(live) // 2)
-                log.warning("out of memory with a batch of %d; retrying as %d", len(live),
-                            self.max_batch_size)
-                for job in live:
-                    job.done = False
-                half = len(live) // 2
-                self._run_with_oom_retry(live[:half])
-                self._run_with_oom_retry(live[half:])
-                return
-            if is_oom(error):
-                self.free_memory()
-            log.error("generation failed for %d request(s): %s", len(live), error)
-            for job in live:
-                job.fail(error)
-            return
-        for job in live:
-            job.finish()
-
-    def _generate_batch(self, jobs: list[Job]) -> None:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        for job in jobs:
-            job.decoder = IncrementalDecoder(self.tokenizer)
-            job.generated = 0
-        inputs = self._encode_batch([job.request for job in jobs])
-        sampling = jobs[0].request.sampling
-        eos_ids = set(self.eos_ids())
-
-        class _RowsDone(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-                flags = [job.done or job.abort.is_set() for job in jobs]
-                return torch.tensor(flags, dtype=torch.bool, device=input_ids.device)
-
-        kwargs: dict[str, Any] = {
-            "max_new_tokens": max(job.request.sampling.max_new_tokens for job in jobs),
-            "min_new_tokens": sampling.min_new_tokens or None,
-            "repetition_penalty": sampling.repetition_penalty,
-            "pad_token_id": self.tokenizer.pad_token_id,
-            "eos_token_id": sorted(eos_ids),  # so min_new_tokens holds every stop back
-            "stopping_criteria": StoppingCriteriaList([_RowsDone()]),
-            "streamer": _BatchStreamer(jobs, eos_ids, self.outbox),
-        }
-        if self.static_cache:
-            kwargs["cache_implementation"] = "static"
-        if sampling.greedy:
-            kwargs["do_sample"] = False
-        else:
-            kwargs.update(do_sample=True, temperature=sampling.temperature,
-                          top_p=sampling.top_p, top_k=sampling.top_k or None)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        started = time.monotonic()
-        with torch.inference_mode():
-            self.model.generate(**inputs, **kwargs)
-        self.batches_run += 1
-        log.debug("batch of %d generated in %.2f s", len(jobs), time.monotonic() - started)
 
     def _continuous(self) -> bool:
         """Continuous batching: "on" where the model qualifies, "auto" also only on a GPU."""
@@ -331,19 +195,6 @@ class TransformersBackend:
         whole prompt)."""
         assert self.prompts is not None
         return self.prompts.parts(job.request)
-
-    def _encode_batch(self, requests: list[GenerationRequest]) -> dict[str, Any]:
-        import torch
-
-        assert self.prompts is not None
-        rows = [self.prompts.ids(request) for request in requests]
-        width = max(len(row) for row in rows)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
-                            dtype=torch.long)
-        device = next(self.model.parameters()).device
-        return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device)}
 
     def free_memory(self) -> None:
         import gc
