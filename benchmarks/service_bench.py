@@ -106,11 +106,13 @@ class LagMeter:
             self._task.cancel()
 
 
-def _config(model_dir: Path, device: str, prefix_cache_gb: str, new_tokens: int) -> Any:
+def _config(model_dir: Path, device: str, prefix_cache_gb: str, new_tokens: int,
+            engine_process: str) -> Any:
     return parse_config({
         "models": {"llm": {"model_path": str(model_dir), "device": device,
                            "max_batch_size": 32, "continuous_batching": "on",
-                           "max_length": 2048, "prefix_cache_gb": prefix_cache_gb},
+                           "max_length": 2048, "prefix_cache_gb": prefix_cache_gb,
+                           "engine_process": engine_process},
                    "embedding": {"enabled": False}},
         "vtuber": {"response": {"max_tokens": new_tokens, "min_tokens": new_tokens}},
         "store": {"remember_messages_min_chars": 12, "rag_enabled": True},
@@ -203,24 +205,29 @@ def _engine_split(spent: Counter[str]) -> dict[str, Any]:
 
 
 async def _measured(backend: Any, run: Any) -> dict[str, Any]:
-    before, retries = _worker_timings(backend), _alloc_retries()
+    before, retries = await _engine_totals(backend)
     with LagMeter() as lag:
         row = await run
     if lag.stalls.samples:
         print(lag.stalls.table(), flush=True)
-    return {**row, **_engine_split(_worker_timings(backend) - before),
+    after, retries_after = await _engine_totals(backend)
+    return {**row, **_engine_split(after - before),
             "loop_lag_p99_ms": round(_pct(lag.samples, 0.99) * 1000, 1),
-            "alloc_retries": _alloc_retries() - retries}
+            "alloc_retries": retries_after - retries}
 
 
-def _alloc_retries() -> int:
-    """How often the GPU's caching allocator had to free its cache and retry (each time a
-    synchronising pause): a sign that memory, the prefix cache's share say, ran short."""
+async def _engine_totals(backend: Any) -> tuple[Counter[str], int]:
+    """The decode loop's totals and how often the GPU's caching allocator had to free its
+    cache and retry (each time a synchronising pause: memory, the prefix cache's share say,
+    ran short), from this process or from the engine process."""
+    if hasattr(backend, "fresh_health"):
+        report = await backend.fresh_health()
+        return Counter(report.get("timings", {})), int(report.get("alloc_retries", 0))
     import torch
 
-    if not torch.cuda.is_available():
-        return 0
-    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
+    retries = (torch.cuda.memory_stats().get("num_alloc_retries", 0)
+               if torch.cuda.is_available() else 0)
+    return _worker_timings(backend), int(retries)
 
 
 async def _warm_viewers(runtime: Any, viewers: int, history: int) -> None:
@@ -241,10 +248,11 @@ async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                              key=lambda load: args.loads.index(_short(load[0]))))
     folder = Path(tempfile.mkdtemp(prefix="vtuber-service-bench-"))
     config = _config(args.model_dir, "cpu" if args.tiny else args.device, args.prefix_cache_gb,
-                     args.new_tokens)
+                     args.new_tokens, args.engine_process)
     rows: list[dict[str, Any]] = []
     async with open_runtime(config, DataPaths.resolve(folder)) as runtime:
         backend = runtime.engine.backend
+        print(f"engine: {type(backend).__name__}", flush=True)
         print(f"warming {args.viewers} viewers with {args.history} messages each", flush=True)
         await _warm_viewers(runtime, args.viewers, args.history)
         system = runtime.engine.persona.system_prompt("zh")
@@ -303,6 +311,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="reply length, fixed: 60; --tiny: 12")
     parser.add_argument("--loads", type=lambda text: text.split(","), default=None,
                         help="which loads, in this order: one,p4,p12,p24,burst (default all)")
+    parser.add_argument("--engine-process", choices=("auto", "on", "off"), default="auto",
+                        help="models.llm.engine_process (auto: on a GPU)")
     parser.add_argument("--cap", type=float, default=60.0,
                         help="seconds after a load's last arrival before the rest is cut")
     args = parser.parse_args(argv)

@@ -102,6 +102,10 @@ class LLMConfig(Section):
     # time, one chunk between two decode steps (less the running rows): the replies pause
     # for a chunk, not a whole prompt. 0 = whole prompts.
     prefill_chunk_tokens: int = Field(1024, ge=0, le=8192)
+    # The model and its decode loop in a process of their own, so the runtime's Python (the
+    # store, retrieval, the output stage) never holds the GIL the decode loop needs: auto =
+    # where the model runs on a GPU; on = also on the CPU; off = a thread of the runtime.
+    engine_process: Literal["auto", "on", "off"] = "auto"
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig)
     scripted: ScriptedBackendConfig = Field(default_factory=ScriptedBackendConfig)
 

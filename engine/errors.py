@@ -11,8 +11,13 @@ class ModelNotFoundError(EngineError):
     def __init__(self, key: str, path: str, hint: str = "") -> None:
         self.key = key
         self.path = path
+        self.hint = hint
         message = f"{key}: model path not found: {path}"
         super().__init__(message + (f" ({hint})" if hint else ""))
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str]]:
+        # Raised in an engine process, re-raised in the runtime's: pickled by its fields.
+        return type(self), (self.key, self.path, self.hint)
 
 
 class ModelLoadError(EngineError):
@@ -33,3 +38,6 @@ class EngineConfigError(EngineError, ValueError):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
         super().__init__("; ".join(problems))
+
+    def __reduce__(self) -> tuple[type, tuple[list[str]]]:
+        return type(self), (self.problems,)

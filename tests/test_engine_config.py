@@ -17,6 +17,7 @@ from bot.config import parse_config
 from engine import LLMManager, create_llm_manager
 from engine.backends import create_backend
 from engine.backends.openai_backend import OpenAIBackend
+from engine.backends.process_backend import ProcessBackend
 from engine.backends.scripted import ScriptedBackend
 from engine.backends.transformers_backend import TransformersBackend
 from engine.config import EngineConfig
@@ -43,6 +44,7 @@ EVERY_SETTING: dict[str, Any] = {
     "models.llm.continuous_batching": "off",
     "models.llm.prefix_cache_gb": 2.5,
     "models.llm.prefill_chunk_tokens": 256,
+    "models.llm.engine_process": "on",
     "models.llm.openai.base_url": "http://127.0.0.1:9999/v1",
     "models.llm.openai.model": "qwen3-8b",
     "models.llm.openai.api_key_env": "MY_VLLM_KEY",
@@ -130,7 +132,10 @@ def test_settings_reach_the_backends_and_sampling(tmp_path: Path) -> None:
     assert isinstance(scripted, ScriptedBackend) and scripted._replies == ["one {user_text}",
                                                                           "two"]
     local = create_backend(engine.llm.model_copy(update={"backend": "transformers"}), tmp_path)
-    assert isinstance(local, TransformersBackend) and local._config.max_batch_size == 16
+    assert isinstance(local, ProcessBackend) and local._config.max_batch_size == 16
+    threaded = create_backend(engine.llm.model_copy(
+        update={"backend": "transformers", "engine_process": "off"}), tmp_path)
+    assert isinstance(threaded, TransformersBackend)
     sampling = engine.sampling()
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (
         0.35, 0.85, 40, 1234)

@@ -1,6 +1,7 @@
 """Generation backends behind one small interface (``Backend``).
 
-``transformers`` runs in-process on a worker thread; ``openai`` talks to any OpenAI-compatible
+``transformers`` runs the model in-process, on a worker thread or in an engine process of
+its own (``process_backend.py``); ``openai`` talks to any OpenAI-compatible
 server; ``scripted`` is deterministic, for replay tests. Backends are created by name with
 ``create_backend`` so the heavy ones import their libraries only when chosen.
 """
@@ -26,6 +27,10 @@ def create_backend(config: LLMConfig, cache_dir: Path | None = None) -> Backend:
 
         return ScriptedBackend(config.scripted.replies, config.scripted.chunk_delay_s)
     if config.backend == "transformers":
+        from engine.backends import process_backend
+
+        if process_backend.wanted(config):
+            return process_backend.ProcessBackend(config, cache_dir)
         from engine.backends.transformers_backend import TransformersBackend
 
         return TransformersBackend(config, cache_dir)
