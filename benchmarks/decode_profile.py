@@ -2,10 +2,14 @@
 a few batch sizes, then torch profiler tables of one batch's steps and of one join.
 
     python -m benchmarks.decode_profile [--model-dir .bench/qwen3-8b-realvocab] [--tiny]
-                                        [--burst | --breakdown [--compile] | --join-only]
+                                        [--burst | --breakdown [--compile] | --join-only
+                                         | --returning]
 
 Same model and prompt shape as ``arrivals_bench`` (run that once first to prepare the model):
-a ~1,200-token shared persona prefix plus ~200 unique tokens per row.
+a ~1,200-token shared persona prefix plus ~200 unique tokens per row. ``--returning``: joins
+of returning viewers, as the runtime's prompts are (a viewer's last prompt kept in the prefix
+cache, ~330 new tokens past it), beside new viewers' joins of the same length, in the
+runtime's slot width (``--width``, default 2112: ``max_length`` 2048).
 """
 
 from __future__ import annotations
@@ -209,6 +213,69 @@ def profile_join(model: Any, prefix: list[int], vocab: int, running: int,
     print(prof.key_averages().table(sort_by=sort, row_limit=20))
 
 
+def profile_returning(model: Any, prefix: list[int], vocab: int, running: int,
+                      joining: int, width: int) -> None:
+    """Where a join of ``joining`` returning viewers goes beside ``running`` rows: the
+    prefill alone, the whole join (first tokens, slots, the prefix cache's copy), and new
+    viewers' prompts of the same length for comparison; then the profiler's tables."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from engine.serving.continuous import Joining
+    from engine.serving.prefix_cache import PrefixCache
+    from engine.types import SamplingParams
+
+    batch, _ = _rows(model, prefix, running, True, vocab, graphs=True,
+                     slots=running + joining, width=width)
+    batch.prefix_cache = PrefixCache(8 * 2**30)
+    params = SamplingParams(max_new_tokens=NEW_TOKENS)
+    rng = random.Random(11)
+
+    def tokens(count: int) -> list[int]:
+        return [rng.randrange(10, vocab) for _ in range(count)]
+
+    def joined(group: list[Any]) -> None:
+        batch.join_many(group)
+        batch.leave({j.request_id for j in group})
+
+    def returning(tag: str) -> list[Any]:
+        firsts = [prefix + tokens(300) for _ in range(joining)]
+        joined([Joining(f"{tag}a{i}", p, NEW_TOKENS, frozenset(), params)
+                for i, p in enumerate(firsts)])
+        return [Joining(f"{tag}b{i}", p + tokens(330), NEW_TOKENS, frozenset(), params)
+                for i, p in enumerate(firsts)]
+
+    def new(tag: str) -> list[Any]:
+        return [Joining(f"{tag}n{i}", prefix + tokens(630), NEW_TOKENS, frozenset(), params)
+                for i in range(joining)]
+
+    for attempt in range(2):  # warm: kernels, allocator, both paths
+        joined(returning(f"w{attempt}"))
+        joined(new(f"w{attempt}"))
+    group = returning("p")
+    starts = [batch.prefiller.reusable(j.prompt_ids) for j in group]
+    prefill_ms = _timed(lambda: batch.prefiller.prefill(group, starts)) * 1000
+    again, fresh = returning("j"), new("n")
+    join_ms = _timed(lambda: joined(again)) * 1000
+    new_ms = _timed(lambda: joined(fresh)) * 1000
+    print(f"\n{joining} returning viewer(s) beside {running} rows, slots {width} wide: "
+          f"prefill {prefill_ms:.1f} ms, whole join {join_ms:.1f} ms; {joining} new "
+          f"viewer(s), same length: whole join {new_ms:.1f} ms "
+          f"(cached {sum(s[1] for s in starts if s)} tokens of "
+          f"{sum(len(j.prompt_ids) for j in group)})", flush=True)
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    group = returning("q")
+    with torch_profile(activities=activities) as prof:
+        joined(group)
+        _sync()
+    for sort in ("cuda_time_total", "cpu_time_total") if torch.cuda.is_available() else (
+            "cpu_time_total",):
+        print(prof.key_averages().table(sort_by=sort, row_limit=15), flush=True)
+
+
 def burst(model: Any, prefix: list[int], vocab: int, rows: int = 32) -> None:
     """A burst joining an idle batch in one prefill, as ``arrivals_bench``'s burst does:
     ``rows`` prompts of 50-250 tokens past the prefix, into static slots (median of 5), for
@@ -258,6 +325,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="1,8,32")
     parser.add_argument("--join-only", action="store_true",
                         help="only the join (prefill) profiles")
+    parser.add_argument("--returning", action="store_true",
+                        help="only joins of returning viewers (prefix cache) and new ones")
     parser.add_argument("--burst", action="store_true",
                         help="only a burst of 32 joining an idle batch, per pack size")
     parser.add_argument("--breakdown", action="store_true",
@@ -279,6 +348,10 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.burst:
         burst(model, prefix, vocab)
+        return
+    if args.returning:
+        for running, joining in ((0, 1), (16, 1), (16, 4), (16, 8)):
+            profile_returning(model, prefix, vocab, running, joining, args.width or 2112)
         return
     if args.breakdown:
         sampler(vocab, sizes)
