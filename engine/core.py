@@ -243,6 +243,10 @@ class Engine:
         return gpu_manager.optimize_gpu_memory()
 
     def diagnose_gpu_allocation(self) -> AllocationReport:
+        info = self._backend.info() if self._backend is not None else {}
+        if "allocation" in info:  # the model is in an engine process, which mapped it
+            report: AllocationReport = info["allocation"]
+            return report
         return gpu_manager.diagnose_allocation(getattr(self._backend, "model", None),
                                                getattr(self._backend, "placement", None))
 

@@ -66,6 +66,8 @@ async def test_an_engine_process_replies_as_the_runtimes_own_process_does(
     assert usage is not None and usage.prompt_tokens > 0
     assert health["ok"] and health["timings"]["steps"] > 0
     assert info["engine_process"] != os.getpid() and info["model_dir"]
+    # /diagnose's layer map comes from the engine process, where the model is.
+    assert info["allocation"]["layer_map"] and info["allocation"]["placement"]
     assert backend.count_tokens("hello there") > 0
     # The engine's start-up lines were written by this process's handlers.
     assert any(record.name == "engine.backends.transformers_backend"

@@ -103,7 +103,9 @@ class ProcessBackend:
             ready = await self._ready
         except BaseException:
             self._disconnect()
-            await asyncio.to_thread(process.join, STOP_WAIT_S)
+            await asyncio.to_thread(process.join, 5.0)  # a start-up error: it has returned
+            if process.is_alive():  # cancelled while it loads: nothing of it is kept
+                process.kill()
             raise
         self._info, self.tokenizer, self._down = ready.info, ready.tokenizer, None
         log.info("engine process %d ready", process.pid)

@@ -170,7 +170,11 @@ def main(connection: Connection, config: LLMConfig, cache_dir: Path | None,
     except Exception as error:  # noqa: BLE001 - the runtime raises it from start()
         channel.send(StartFailed(portable(error)))
         return
-    channel.send(Ready(backend.info(), backend.tokenizer))
+    from engine.gpu_manager import diagnose_allocation
+
+    # The layer map is only known here; ``/diagnose`` reads it from the info.
+    info = {**backend.info(), "allocation": diagnose_allocation(backend.model, backend.placement)}
+    channel.send(Ready(info, backend.tokenizer))
     threading.Thread(target=_read, args=(connection, channel, backend, outbox),
                      name="engine-pipe", daemon=True).start()
     run()
