@@ -18,7 +18,7 @@ from bot.reports import (
     ViewerStats,
 )
 from engine.reports import OptimizeReport
-from memory.store import ExportedUserData
+from memory.store import ExportedUserData, StoredMemory
 
 # Re-exported: adapters take it from here (they may import bot, not memory).
 from memory.store import Leftover as Leftover
@@ -114,6 +114,15 @@ class RuntimeServices(Protocol):
 
     async def export(self, platform: str,
                      platform_user_id: str) -> ExportedUserData | None: ...
+
+    async def memories(self, platform: str, platform_user_id: str) -> list[StoredMemory]:
+        """The viewer's own long-term memories, newest first."""
+        ...
+
+    async def forget_memory(self, platform: str, platform_user_id: str,
+                            memory_id: int) -> bool:
+        """Delete one of the viewer's own memories; False when it is not theirs."""
+        ...
 
     async def purge_message(self, platform: str, platform_message_id: str) -> int: ...
 

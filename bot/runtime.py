@@ -13,13 +13,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from bot.config import AppConfig, changes_needing_restart
-from bot.errors import ConfigError
+from bot.config import AppConfig
 from bot.events import Adapter, AnswersLeftovers
 from bot.linking import LinkCodes
 from bot.paths import DataPaths
 from bot.recovery import instance_owner, keep_lease, roles_overlap
 from bot.registry import load_adapter_class
+from bot.reload import reload_runtime
 from bot.reports import (
     PersonaInfo,
     ReplyTrace,
@@ -34,16 +34,18 @@ from bot.startup import load_embedder
 from bot.stats import reply_trace, user_chart, user_stats
 from engine.backends.base import Backend
 from engine.core import Engine
-from engine.persona import PersonaError, knowledge_folder, load_persona
+from engine.persona import knowledge_folder
 from engine.reports import OptimizeReport
 from engine.secret_scan import SecretScanner
 from engine.system_info import diagnose_system
 from memory.errors import StoreError
 from memory.rag import MemoryRetriever
-from memory.store import ExportedUserData, Store, sqlite_url
+from memory.store import ExportedUserData, Store, StoredMemory, sqlite_url
 
 log = logging.getLogger(__name__)
 
+# The newest of a viewer's memories ``/memory`` lists.
+MEMORIES_LISTED = 20
 # How long an adapter may take to connect before an earlier run's leftovers there expire.
 LEFTOVER_READY_TIMEOUT_S = 60
 
@@ -109,6 +111,24 @@ class Runtime:
         self._memories_changed()
         return counts
 
+    async def memories(self, platform: str, platform_user_id: str,
+                       limit: int = MEMORIES_LISTED) -> list[StoredMemory]:
+        user_id = await self.store.find_user(platform, platform_user_id)
+        if user_id is None:
+            return []
+        return await self.store.viewer_memories(self.engine.persona.id, user_id, limit)
+
+    async def forget_memory(self, platform: str, platform_user_id: str,
+                            memory_id: int) -> bool:
+        user_id = await self.store.find_user(platform, platform_user_id)
+        if user_id is None:
+            return False
+        deleted = await self.store.delete_viewer_memory(self.engine.persona.id, user_id,
+                                                        memory_id)
+        if deleted:
+            self._memories_changed()
+        return deleted
+
     async def export(self, platform: str,
                      platform_user_id: str) -> ExportedUserData | None:
         user_id = await self.store.find_user(platform, platform_user_id)
@@ -155,49 +175,10 @@ class Runtime:
                            disclosure=persona.disclosure)
 
     async def reload(self) -> str | None:
-        """Reload the config file (``reload_config``), the persona and its knowledge (SIGHUP,
-        the dashboard); connections stay up. All or nothing: a file that does not load is
-        refused with the reason and what is in use stays. Returns the refusal, or None."""
-        new = self.config
-        if self.reload_config is not None:
-            try:
-                new = await asyncio.to_thread(self.reload_config)
-            except ConfigError as exc:
-                return _refused("; ".join(exc.problems))
-        path = new.vtuber.persona
-        try:
-            persona = await asyncio.to_thread(load_persona, path)
-            folder = knowledge_folder(persona, path)
-        except PersonaError as exc:
-            return _refused(f"{path or 'the bundled persona'}: {exc}")
-        if persona.id != self.engine.persona.id:
-            return _refused(f"{path}: id changed from {self.engine.persona.id!r} to "
-                            f"{persona.id!r}: switching personas needs a restart (stored "
-                            "moods belong to a persona id)")
-        self._apply_config(new)
-        self.engine.replace_persona(persona)
-        if self.retriever is not None and folder is not None:
-            await self.retriever.index_knowledge(folder)
-        log.info("reloaded persona %s (%s) and its knowledge", persona.id, path or "bundled")
-        return None
-
-    def _apply_config(self, new: AppConfig) -> None:
-        """Limits, admins, the log level, the persona path and the moderation blocklist apply
-        at once (the same config object is read where they are used); the rest needs a
-        restart, and says so."""
-        old = self.config
-        if new is old:
-            return
-        restart = changes_needing_restart(old, new)
-        if new.vtuber.moderation != old.vtuber.moderation:
-            self.engine.replace_blocklist(new.vtuber.moderation.blocklist)
-        old_limits = old.limits
-        old.limits, old.admins, old.logging = new.limits, new.admins, new.logging
-        old.vtuber.persona, old.vtuber.moderation = new.vtuber.persona, new.vtuber.moderation
-        self.service.apply_limits(old_limits)
-        logging.getLogger().setLevel(new.logging.level)
-        if restart:
-            log.warning("config reloaded; these changes take a restart: %s", ", ".join(restart))
+        """Reload the config file, the persona and its knowledge (``bot/reload.py``);
+        returns the refusal, or None."""
+        return await reload_runtime(self.config, self.reload_config, self.engine,
+                                    self.service, self.retriever)
 
     async def _answer_leftovers(self, adapters: list[Adapter]) -> None:
         by_platform = {adapter.name: adapter for adapter in adapters}
@@ -283,11 +264,6 @@ async def _answer_platform_leftovers(service: ConversationService, platform: str
     outcomes = Counter(f"{r.status}({r.reason})" if r.reason else r.status for r in replies)
     log.info("start-up: %d message(s) an earlier run left unanswered on %s: %s",
              len(replies), platform, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
-
-
-def _refused(reason: str) -> str:
-    log.error("reload refused, what is in use stays: %s", reason)
-    return reason
 
 
 def _install_signal_handlers(loop: asyncio.AbstractEventLoop, stop: asyncio.Event,

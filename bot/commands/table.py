@@ -78,6 +78,10 @@ async def _forget(services: RuntimeServices, call: Invocation) -> CommandResult:
                                confirm_hint=call.confirm_hint)
 
 
+async def _forget_memory(services: RuntimeServices, call: Invocation) -> CommandResult:
+    return await viewer.forget_memory(services, call.caller, int(call.value or 0))
+
+
 async def _trace(services: RuntimeServices, call: Invocation) -> CommandResult:
     return await admin.trace(services, call.caller, int(call.value or 0))
 
@@ -109,6 +113,12 @@ COMMANDS: tuple[Command, ...] = (
     Command(("forget",), "Delete everything the persona knows about you", _forget,
             _on(DISCORD, TWITCH, CONSOLE),
             Argument("confirm", "confirm", "yes, delete it all")),
+    Command(("memory", "list"), "What the persona remembers about you",
+            _simple(viewer.memories),
+            _on(DISCORD, CONSOLE)),
+    Command(("memory", "forget"), "Make the persona forget one thing about you",
+            _forget_memory, _on(DISCORD, CONSOLE),
+            Argument("number", "integer", "the number /memory list shows", required=True)),
     Command(("export",), "Get a JSON file of your data by DM", _simple(viewer.export),
             _on(DISCORD)),
     Command(("link",), "Link your Twitch account (get a one-time code)",

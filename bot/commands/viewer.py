@@ -49,6 +49,33 @@ async def forget(services: RuntimeServices, caller: Caller, /, confirm: bool = F
 
 
 @requires(Access.EVERYONE)
+async def memories(services: RuntimeServices, caller: Caller, /) -> CommandResult:
+    """What the persona remembers of the caller (their own long-term memories, newest first),
+    each with the number that forgets it."""
+    kept = await services.memories(caller.platform, caller.platform_user_id)
+    if not kept:
+        return CommandResult("I don't remember anything you told me yet.",
+                             title="What I remember about you")
+    lines = [f"#{memory.id}: {_shortened(memory.text)}" for memory in kept]
+    return CommandResult("\n".join(lines), title="What I remember about you",
+                         fields=(("Forget one", "memory forget with its number"),))
+
+
+@requires(Access.EVERYONE)
+async def forget_memory(services: RuntimeServices, caller: Caller, /,
+                        memory_id: int) -> CommandResult:
+    """Forget one of the caller's memories, by the number ``memories`` shows."""
+    if await services.forget_memory(caller.platform, caller.platform_user_id, memory_id):
+        return CommandResult(f"Forgotten: #{memory_id}.")
+    return CommandResult(f"You have no memory #{memory_id} (see the list again).")
+
+
+def _shortened(text: str, limit: int = 120) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@requires(Access.EVERYONE)
 async def export(services: RuntimeServices, caller: Caller, /) -> CommandResult:
     """Everything stored about the caller, as a JSON file sent by direct message."""
     data = await services.export(caller.platform, caller.platform_user_id)

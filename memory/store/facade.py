@@ -313,6 +313,14 @@ class Store:
                                    limit: int) -> list[int]:
         return await self._memories.viewer_memory_search(terms, persona_id, user_id, limit)
 
+    async def viewer_memories(self, persona_id: str, user_id: int,
+                              limit: int) -> list[StoredMemory]:
+        return await self._memories.viewer_memories(persona_id, user_id, limit)
+
+    async def delete_viewer_memory(self, persona_id: str, user_id: int,
+                                   memory_id: int) -> bool:
+        return await self._memories.delete_viewer_memory(persona_id, user_id, memory_id)
+
     async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
                              limit: int) -> list[int]:
         return await self._memories.lexical_search(terms, persona_id, user_id, limit)

@@ -90,9 +90,29 @@ class Memories:
             return {}
         async with self._db.read() as session:
             rows = await session.scalars(select(Memory).where(Memory.id.in_(ids)))
-            return {row.id: StoredMemory(id=row.id, scope=row.scope, persona_id=row.persona_id,
-                                         user_id=row.user_id, text=row.text, source=row.source)
-                    for row in rows}
+            return {row.id: _stored(row) for row in rows}
+
+    async def viewer_memories(self, persona_id: str, user_id: int,
+                              limit: int) -> list[StoredMemory]:
+        """One viewer's own long-term memories, newest first (what ``/memory`` shows)."""
+        async with self._db.read() as session:
+            rows = await session.scalars(
+                select(Memory)
+                .where(Memory.persona_id == persona_id, Memory.user_id == user_id,
+                       Memory.scope == "user")
+                .order_by(Memory.id.desc())
+                .limit(limit))
+            return [_stored(row) for row in rows]
+
+    async def delete_viewer_memory(self, persona_id: str, user_id: int,
+                                   memory_id: int) -> bool:
+        """Delete one of the viewer's own memories; False when ``memory_id`` is not theirs
+        (or gone): nobody forgets another viewer's memory by guessing its number."""
+        async with self._db.write() as session:
+            result = await session.execute(
+                delete(Memory).where(Memory.id == memory_id, Memory.persona_id == persona_id,
+                                     Memory.user_id == user_id, Memory.scope == "user"))
+            return bool(getattr(result, "rowcount", 0))
 
     async def lexical_search(self, terms: list[str], persona_id: str, user_id: int | None,
                              limit: int) -> list[int]:
@@ -124,6 +144,11 @@ class Memories:
                 .order_by(hits.desc(), Memory.id.desc())
                 .limit(limit))
             return [r.id for r in rows]
+
+
+def _stored(row: Memory) -> StoredMemory:
+    return StoredMemory(id=row.id, scope=row.scope, persona_id=row.persona_id,
+                        user_id=row.user_id, text=row.text, source=row.source)
 
 
 def _visible_to(user_id: int | None) -> ColumnElement[bool]:
