@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bot.events import ReplySink
+from memory.store import NewMemory
 from tests.sinks import RecordingSink
 from tests.test_operator import (
     FakeAdapter,
@@ -109,6 +110,10 @@ async def test_editing_a_viewer_on_the_page_takes_effect_and_is_audited(
     try:
         async for served in _serve(config, tmp_path):
             await served.runtime.service.handle(chat("你好", user="gus"))
+            gus = await served.runtime.store.find_user("discord", "gus")
+            await served.runtime.store.add_memories([NewMemory(
+                "user", served.runtime.engine.persona.id, "我家的貓叫 Mochi", "test", gus,
+                None, None)])
             await asyncio.to_thread(driver.get, served.url + "/dashboard")
             await _until(driver, "return document.querySelector('#recent tr button')")
             await asyncio.to_thread(driver.execute_script,
@@ -121,8 +126,42 @@ async def test_editing_a_viewer_on_the_page_takes_effect_and_is_audited(
                                  ".textContent === 'done'")
             audit_row = await _until(driver, "const r = document.querySelector('#audit tr');"
                                              "return r && [...r.cells].map(c => c.textContent)")
-            stats = (await served.client.get("/api/viewer/discord/gus")).json()["stats"]
+            shown = await _until(driver, "return document.querySelector("
+                                         "'#viewer-memories tr')?.cells[1].textContent")
+            await asyncio.to_thread(driver.execute_script,
+                                    "document.querySelector('#viewer-memories button').click()")
+            await _until(driver, "return !document.querySelector('#viewer-memories tr')")
+            viewer = (await served.client.get("/api/viewer/discord/gus")).json()
     finally:
         await asyncio.to_thread(driver.quit)
-    assert stats["intimacy_level"] == 33.0
+    assert viewer["stats"]["intimacy_level"] == 33.0
+    assert shown == "我家的貓叫 Mochi" and viewer["memories"] == []
     assert audit_row[1:3] == ["set state", "discord:gus"] and audit_row[4] == "ok"
+
+
+async def test_the_operator_sees_a_viewers_memories_and_forgets_one(tmp_path: Path) -> None:
+    config = make_config(f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}")
+    async for served in _serve(config, tmp_path):
+        runtime = served.runtime
+        for user in ("gus", "hal"):
+            await runtime.service.handle(chat("你好", user=user))
+        persona_id = runtime.engine.persona.id
+        gus, hal = [await runtime.store.find_user("discord", u) for u in ("gus", "hal")]
+        assert gus is not None and hal is not None
+        mochi, exam, hals = await runtime.store.add_memories([
+            NewMemory("user", persona_id, "我家的貓叫 Mochi", "test", gus, None, None),
+            NewMemory("user", persona_id, "下週要考期末考", "test", gus, None, None),
+            NewMemory("user", persona_id, "hal 的秘密", "test", hal, None, None)])
+        shown = (await served.client.get("/api/viewer/discord/gus")).json()["memories"]
+        who = {"platform": "discord", "platform_user_id": "gus"}
+        not_his = await served.client.post("/api/control/forget-memory",
+                                           json={**who, "memory_id": hals})
+        forgot = await served.client.post("/api/control/forget-memory",
+                                          json={**who, "memory_id": mochi})
+        after = (await served.client.get("/api/viewer/discord/gus")).json()["memories"]
+        audit = await _audit(served)
+    assert [m["id"] for m in shown] == [exam, mochi]  # newest first, only gus's
+    assert not_his.status_code == 409 and f"#{hals}" in not_his.json()["refused"]
+    assert forgot.status_code == 200 and [m["text"] for m in after] == ["下週要考期末考"]
+    assert [(a, o.split(":")[0]) for a, _, o in audit] == [
+        ("forget memory", "refused"), ("forget memory", "ok")]

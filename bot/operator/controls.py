@@ -1,5 +1,6 @@
 """The dashboard's live controls: say something as the persona, pause or resume a platform,
-edit or reset a viewer's mood and intimacy, mute or unmute a viewer, forget them, reload.
+edit or reset a viewer's mood and intimacy, mute or unmute a viewer, forget them or one of
+their memories, reload.
 Every one is recorded in the store's audit log with what it was asked and how it ended, also
 when it was refused or failed."""
 
@@ -100,3 +101,9 @@ class Controls:
         else:
             await store.unmute_viewer(platform, platform_user_id)
         self._runtime.service.mute(platform, platform_user_id, muted)
+
+    async def forget_memory(self, platform: str, platform_user_id: str,
+                            memory_id: int) -> None:
+        """One of a viewer's memories forgotten (the viewer's own ``/memory forget``)."""
+        if not await self._runtime.forget_memory(platform, platform_user_id, memory_id):
+            raise ControlRefused(f"{platform}:{platform_user_id} has no memory #{memory_id}")

@@ -1,8 +1,8 @@
 """``/dashboard``: the operator's live view (queue per platform, replies being generated, the
 last messages with their final state and latency, the last warnings and errors, the audit log)
 and controls (say something as the persona, pause or resume a platform, edit or reset a
-viewer's mood and intimacy, mute, forget, reload), each recorded in the audit log
-(``controls.py``). The page polls ``/api/status``; controls are POSTs of JSON."""
+viewer's mood and intimacy, mute, forget them or one memory, reload), each recorded in the
+audit log (``controls.py``). The page polls ``/api/status``; controls are POSTs of JSON."""
 
 from __future__ import annotations
 
@@ -53,6 +53,7 @@ class Dashboard:
                 web.post("/api/control/say", self.say),
                 web.post("/api/control/state", self.set_state),
                 web.post("/api/control/mute", self.mute),
+                web.post("/api/control/forget-memory", self.forget_memory),
                 web.get("/api/audit", self.audit)]
 
     async def page(self, _request: web.Request) -> web.Response:
@@ -164,6 +165,17 @@ class Dashboard:
         await self._control("mute" if muted else "unmute", f"{platform}:{user}", {},
                             lambda: self._controls.mute(platform, user, muted))
         return web.json_response({"muted": muted})
+
+    async def forget_memory(self, request: web.Request) -> web.Response:
+        body = await _body(request, "platform", "platform_user_id", "memory_id")
+        platform, user = str(body["platform"]), str(body["platform_user_id"])
+        try:
+            memory_id = int(body["memory_id"])
+        except (TypeError, ValueError):
+            raise _json_error(web.HTTPBadRequest, "memory_id must be a number") from None
+        await self._control("forget memory", f"{platform}:{user}", {"memory_id": memory_id},
+                            lambda: self._controls.forget_memory(platform, user, memory_id))
+        return web.json_response({"forgotten": memory_id})
 
     async def audit(self, request: web.Request) -> web.Response:
         limit = min(int(request.query.get("limit", "50") or 50), 500)

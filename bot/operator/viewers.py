@@ -1,6 +1,6 @@
-"""The dashboard's reads about one viewer and one reply: stats, linked identities, recent
-history, the mood and intimacy chart, a full export; the trace of a reply; GPU status and the
-system diagnosis."""
+"""The dashboard's reads about one viewer and one reply: stats, linked identities, what the
+persona remembers of them, recent history, the mood and intimacy chart, a full export; the
+trace of a reply; GPU status and the system diagnosis."""
 
 from __future__ import annotations
 
@@ -37,8 +37,10 @@ class ViewerPages:
         if stats is None or data is None:
             raise web.HTTPNotFound(text=f"no viewer {platform}:{user}")
         messages = sorted(data.get("messages", []), key=lambda m: m["id"])[-HISTORY_SHOWN:]
+        memories = await self._runtime.memories(platform, user)
         return web.json_response({
             "stats": stats,
+            "memories": [{"id": m.id, "text": m.text} for m in memories],
             "identities": [{"platform": i["platform"], "platform_user_id": i["platform_user_id"],
                             "display_name": i["display_name"]}
                            for i in data.get("identities", [])],
