@@ -121,6 +121,9 @@ class Message(Base):
     __table_args__ = (
         Index("ix_messages_user_persona_id", "user_id", "persona_id", "id"),
         Index("ix_messages_platform_message", "platform", "platform_message_id"),
+        # A viewer's messages of the last minute (the shared rate limit): found by time, not
+        # by scanning the viewer's whole history.
+        Index("ix_messages_user_created", "user_id", "created_at"),
         # Idempotent intake: a redelivered platform message is the same row, in every process.
         Index("uq_messages_intake", "platform", "channel_id", "platform_message_id",
               unique=True, sqlite_where=text(INTAKE_WHERE), postgresql_where=text(INTAKE_WHERE)),

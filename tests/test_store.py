@@ -587,3 +587,33 @@ async def test_upgrading_to_monotonic_ids_keeps_every_row_and_the_lexical_index(
         assert await store.resolve_user("console", "carl", "carl") == 3
     finally:
         await store.close()
+
+
+async def test_the_shared_rate_limit_counts_the_last_minute_by_index(db_url: str) -> None:
+    """The per-viewer limit shared across processes counts a viewer's last minute through
+    (user_id, created_at), not by reading everything the viewer ever said."""
+    from datetime import datetime
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from memory.store.statements import RECENT_ADMITTED
+
+    await migrate.upgrade_to_head(db_url)
+    engine = create_async_engine(db_url)
+    try:
+        async with engine.connect() as conn:
+            statement = RECENT_ADMITTED.params(user_id=1, platform="twitch",
+                                               since=datetime(2026, 12, 7, 12, 0))
+            compiled = str(statement.compile(dialect=conn.dialect,
+                                             compile_kwargs={"literal_binds": True}))
+            if conn.dialect.name == "sqlite":
+                plan = " ".join(str(row[-1]) for row in await conn.exec_driver_sql(
+                    f"EXPLAIN QUERY PLAN {compiled}"))
+            else:
+                await conn.execute(text("SET enable_seqscan = off"))
+                plan = " ".join(str(row[0]) for row in await conn.exec_driver_sql(
+                    f"EXPLAIN {compiled}"))
+    finally:
+        await engine.dispose()
+    assert "ix_messages_user_created" in plan, plan
