@@ -110,6 +110,27 @@ def test_repl_quit_and_eof_exit_zero(tmp_path: Path, scripted_config: Path) -> N
     assert eof_run.stdout.count("Nice to meet you!") == 1  # a new process, a new script
 
 
+def test_a_chat_with_the_model_in_an_engine_process(tmp_path: Path,
+                                                   tiny_model_dir: Path) -> None:
+    """The console on a local model in an engine process of its own: the reply comes from
+    it, the engine's log lines reach the runtime's log, and the engine process is gone once
+    the runtime has exited."""
+    config = tmp_path / "engine-process.yaml"
+    config.write_text(
+        "models:\n  llm:\n    model_path: " + str(tiny_model_dir) + "\n    device: cpu\n"
+        "    continuous_batching: 'on'\n    engine_process: 'on'\n"
+        "  embedding:\n    enabled: false\n"
+        "vtuber:\n  response:\n    max_tokens: 8\n", encoding="utf-8")
+    result = vtuber("--config", str(config), "--data-dir", str(tmp_path / "d"), "chat",
+                    "--user", "ann", stdin="hello there\n/stats\n/quit\n")
+    assert result.returncode == 0, result.stderr
+    assert "conversations: 1" in result.stdout
+    assert "LLM loaded from" in result.stderr  # written by the engine process
+    [pid] = re.findall(r"engine process (\d+) ready", result.stderr)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid), 0)
+
+
 def test_sigterm_exits_zero(tmp_path: Path, scripted_config: Path) -> None:
     command = [sys.executable, "-m", "bot", "--config", str(scripted_config), "--data-dir",
                str(tmp_path / "d"), "chat"]
