@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -298,3 +299,59 @@ async def test_a_viewers_rate_limit_holds_across_processes(pg_url: str, tmp_path
         [("answered", None)] * 3 + [("dropped", "rate_limited")] * 3)
     assert [(m.status, m.status_reason) for m in stored] == (
         [("answered", None)] * 3 + [("dropped", "rate_limited")] * 3)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_viewers_next_question_is_woken_when_the_one_before_ends(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes' stores on one database: a question waiting on the viewer's earlier one
+    (taken by the other process) is woken by the database's notice when that one is answered,
+    not by checking again: the fallback pause here is an hour. Its connection lost (a
+    database restart), the store listens again by itself."""
+    from memory.store import IntakeItem, conversations, wakeups
+
+    monkeypatch.setattr(conversations, "ORDER_FALLBACK_S", 3600.0)
+    monkeypatch.setattr(wakeups, "RECONNECT_PAUSES_S", (0.0,))
+    first, second = await Store.open(db_url), await Store.open(db_url)
+    try:
+        now = datetime.now(UTC)
+        taken = await first.intake([IntakeItem(
+            platform="twitch", platform_user_id="ann", display_name="Ann", persona_id="pell",
+            channel_id="c", platform_message_id=f"m{index}", text=f"q{index}",
+            created_at=now, owner="twitch") for index in range(3)])
+        user_id = taken[0].user_id
+        for earlier, later in ((taken[0], taken[1]), (taken[1], taken[2])):
+            assert earlier.message_id is not None and later.message_id is not None
+            waiting = asyncio.create_task(second.wait_for_earlier(
+                user_id, later.message_id, now - timedelta(minutes=1), timeout_s=3600))
+            await _once(lambda: second._wakeups.watched(user_id))  # it checked, it waits
+            await first.set_status(earlier.message_id, "answered")
+            assert await asyncio.wait_for(waiting, 60) is True
+            # A database restart, as far as the listening connection knows: the server ends
+            # it. The next round is only woken if the store listens again by itself.
+            listener = second._wakeups._connection
+            await _terminate_backend(db_url, listener.get_server_pid())
+            await _once(lambda gone=listener: second._wakeups._connection not in (None, gone))
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _terminate_backend(url: str, pid: int) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+    finally:
+        await engine.dispose()
+
+
+async def _once(condition: Any) -> None:
+    """Until ``condition()`` holds (each check a turn of the event loop and 10 ms)."""
+    while True:
+        if condition():
+            return
+        await asyncio.sleep(0.01)

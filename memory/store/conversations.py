@@ -21,6 +21,7 @@ from memory.store.records import (
     aware,
     aware_now,
 )
+from memory.store.wakeups import ViewerWakeups
 
 
 def stored_message(row: Message) -> StoredMessage:
@@ -33,12 +34,15 @@ def stored_message(row: Message) -> StoredMessage:
     )
 
 
-ORDER_POLL_S = 0.05  # how often a viewer's next message checks on the one before it
+# How long a viewer's next question waits on the one before it between two checks when no
+# notice comes (``wakeups.py``: the notices themselves wake it at once).
+ORDER_FALLBACK_S = 1.0
 
 
 class Conversations:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, wakeups: ViewerWakeups | None = None) -> None:
         self._db = db
+        self._wakeups = wakeups or ViewerWakeups(None)  # None: waits check at their pause
 
     async def record_incoming(
         self,
@@ -144,12 +148,15 @@ class Conversations:
         if self._db.dialect != "postgresql":
             return True
         key = {"user_id": user_id, "message_id": message_id, "since": since}
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while await self._db.read_unit(
-                lambda connection: connection.execute(sql.EARLIER_PENDING, key).first()):
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(ORDER_POLL_S)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        with self._wakeups.watching(user_id) as wakeup:
+            while await self._db.read_unit(
+                    lambda connection: connection.execute(sql.EARLIER_PENDING, key).first()):
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                await wakeup.wait(min(left, ORDER_FALLBACK_S))
         return True
 
     async def recent_history(self, user_id: int, persona_id: str,

@@ -43,6 +43,7 @@ from memory.store.records import (
 from memory.store.roles import RoleLease
 from memory.store.search import Memories
 from memory.store.state import States
+from memory.store.wakeups import ViewerWakeups
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,8 @@ class Store:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._identities = Identities(db)
-        self._conversations = Conversations(db)
+        self._wakeups = ViewerWakeups(db.url if db.dialect == "postgresql" else None)
+        self._conversations = Conversations(db, self._wakeups)
         self._states = States(db)
         self._privacy = Privacy(db)
         self._memories = Memories(db)
@@ -68,9 +70,11 @@ class Store:
         """Open (and by default migrate) the database at ``url``. A SQLite file locked by
         another process for longer than ``busy_timeout_ms`` is a StoreError; on PostgreSQL
         the process keeps ``pool_size`` connections."""
-        return cls(await Database.open(url, auto_migrate=auto_migrate,
-                                       busy_timeout_ms=busy_timeout_ms, pool_size=pool_size,
-                                       pool_timeout_s=pool_timeout_s))
+        store = cls(await Database.open(url, auto_migrate=auto_migrate,
+                                        busy_timeout_ms=busy_timeout_ms, pool_size=pool_size,
+                                        pool_timeout_s=pool_timeout_s))
+        await store._wakeups.start()
+        return store
 
     @property
     def database(self) -> Database:
@@ -105,6 +109,7 @@ class Store:
             await self._role_lease.release()
         except StoreError as exc:  # it expires by itself
             log.warning("store: the role's lease was not released: %s", exc)
+        await self._wakeups.close()
         await self._db.close()
 
     async def ping(self) -> None:
