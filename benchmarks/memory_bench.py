@@ -2,6 +2,7 @@
 on the context the engine receives (no model needed).
 
     python -m benchmarks.memory_bench [--quick] [--viewers 200] [--sessions 30] [--seed 7]
+                                      [--stored 100000]
 
 Seeded, synthetic stream transcripts: viewers on Discord and Twitch, Traditional Chinese and
 English, small talk with facts planted early (a pet's name, a job, an exam, a favourite game),
@@ -17,7 +18,9 @@ a scripted model that records what it was sent). Per configuration it prints:
 - retrieval p50/p95: one search, as the reply path runs it.
 
 Configurations in the same run: the default (hybrid: lexical, plus dense where an embedder is
-on), lexical only (no embedder), recent history only (no retrieval).
+on), lexical only (no embedder), recent history only (no retrieval). ``--stored N``: the store
+holds N memories of 1,000 other viewers first (their own pets, games, exams and jobs, and
+chatter: the same words as the measured viewers'), so retrieval runs at that size.
 """
 
 from __future__ import annotations
@@ -139,14 +142,46 @@ async def _tell(runtime: Runtime, viewer: Viewer, text: str, index: int) -> None
 
 
 async def _run(mode: str, viewers: list[Viewer], lines: list[tuple[Viewer, str]],
-               folder: Path) -> dict[str, Any]:
+               folder: Path, stored: int) -> dict[str, Any]:
     backend = ScriptedBackend(["嗯嗯，我記得。"])
     async with open_runtime(_config(folder / f"{mode}.db", mode), DataPaths.resolve(
             folder / mode), backend=backend) as runtime:
+        if stored and runtime.retriever is not None:
+            await _fill(runtime, stored, random.Random(stored))
         for index, (viewer, text) in enumerate(lines):
             await _tell(runtime, viewer, text, index)
         await runtime.service.settle()
         return await _questions(runtime, backend, viewers, len(lines))
+
+
+async def _fill(runtime: Runtime, count: int, rng: random.Random, others: int = 1000,
+                batch: int = 5000) -> None:
+    """``count`` memories of ``others`` viewers not measured, written straight to the store
+    (with random unit vectors where an embedder is on: only their number matters there)."""
+    import numpy as np
+
+    from memory.store import NewMemory
+
+    persona_id = runtime.engine.persona.id
+    users = [await runtime.store.resolve_user("twitch", f"other{i}", f"other{i}")
+             for i in range(others)]
+    embedder = runtime.engine.embedder
+    if embedder is not None and not embedder.loaded:
+        await asyncio.to_thread(embedder.load)
+    dimension = embedder.dimension if embedder is not None else 0
+    texts = [zh.format(v=f"{rng.choice(values)}-x{i}") for i, (zh, _en, _q, _qe, values)
+             in enumerate(FACTS.values())] + list(CHATTER_ZH) + list(CHATTER_EN)
+    for start in range(0, count, batch):
+        size = min(batch, count - start)
+        vectors = (np.random.default_rng(start).standard_normal((size, dimension))
+                   .astype(np.float32) if dimension else None)
+        if vectors is not None:
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        await runtime.store.add_memories([NewMemory(
+            "user", persona_id, f"{rng.choice(texts)} #{start + i}", "filler",
+            users[(start + i) % others], None,
+            vectors[i].tobytes() if vectors is not None else None) for i in range(size)])
+    print(f"stored {count} memories of {others} other viewers", flush=True)
 
 
 async def _questions(runtime: Runtime, backend: ScriptedBackend, viewers: list[Viewer],
@@ -192,14 +227,16 @@ async def main(args: argparse.Namespace) -> list[dict[str, Any]]:
     rng = random.Random(args.seed)
     viewers = _viewers(args.viewers, rng)
     lines = _script(viewers, args.sessions, args.chatter, rng)
-    print(f"{len(viewers)} viewers, {args.sessions} sessions, {len(lines)} messages; "
+    print(f"{len(viewers)} viewers, {args.sessions} sessions, {len(lines)} messages, "
+          f"{args.stored} other memories stored first; "
           f"facts stated {args.sessions - 2} or more sessions before they are asked for",
           flush=True)
     rows = []
     with tempfile.TemporaryDirectory(prefix="memory-bench-") as folder:
         for mode in args.modes.split(","):
             started = time.perf_counter()
-            row = {"configuration": mode, **await _run(mode, viewers, lines, Path(folder)),
+            row = {"configuration": mode,
+                   **await _run(mode, viewers, lines, Path(folder), args.stored),
                    "run_s": round(time.perf_counter() - started, 1)}
             print(row, flush=True)
             rows.append(row)
@@ -219,6 +256,8 @@ def _arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chatter lines per viewer and session: 3; --quick: 2")
     parser.add_argument("--modes", default="hybrid,lexical only,history only")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--stored", type=int, default=0,
+                        help="other viewers' memories in the store first (retrieval at size)")
     args = parser.parse_args(argv)
     args.viewers = args.viewers or (12 if args.quick else 200)
     args.sessions = args.sessions or 12 if args.quick else args.sessions or 30

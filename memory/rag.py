@@ -115,46 +115,75 @@ def to_blob(vector: np.ndarray) -> bytes:
     return np.asarray(vector, dtype=np.float32).tobytes()
 
 
+PERSONA_OWNER = -1  # the owner of the persona's knowledge in the index
+
+
+class _Rows:
+    """One owner's vectors and memory ids."""
+
+    def __init__(self, dimension: int) -> None:
+        self.ids = np.zeros(0, dtype=np.int64)
+        self.matrix = np.zeros((0, dimension), dtype=np.float32)
+
+    def append(self, ids: list[int], vectors: np.ndarray) -> None:
+        self.ids = np.concatenate([self.ids, np.asarray(ids, dtype=np.int64)])
+        self.matrix = np.vstack([self.matrix, vectors])
+
+
 class VectorIndex:
-    """All embeddings of one persona's memories in one matrix; appended incrementally."""
+    """The embeddings of one persona's memories, kept per owner (the persona's knowledge,
+    each viewer's own): a search scores only what its viewer may see, and a new memory is
+    appended to its owner's rows alone. In one matrix, every search scored every viewer's
+    memories and every new memory copied them all (100,000 memories: 150 MB a message)."""
 
     def __init__(self) -> None:
-        self.ids = np.zeros(0, dtype=np.int64)
-        self.users = np.zeros(0, dtype=np.int64)  # -1: persona knowledge
-        self.matrix: np.ndarray | None = None
+        self._owners: dict[int, _Rows] = {}
         self.last_id = 0
 
+    def __len__(self) -> int:
+        return sum(len(rows.ids) for rows in self._owners.values())
+
     def add(self, rows: list[tuple[int, int | None, bytes]]) -> None:
-        if not rows:
-            return
-        vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, _, blob in rows])
-        self.matrix = vectors if self.matrix is None else np.vstack([self.matrix, vectors])
-        self.ids = np.concatenate([self.ids, [r[0] for r in rows]])
-        self.users = np.concatenate([self.users, [-1 if r[1] is None else r[1] for r in rows]])
-        self.last_id = max(self.last_id, int(self.ids[-1]))
+        grouped: dict[int, list[tuple[int, bytes]]] = {}
+        for memory_id, user_id, blob in rows:
+            owner = PERSONA_OWNER if user_id is None else user_id
+            grouped.setdefault(owner, []).append((memory_id, blob))
+        for owner, items in grouped.items():
+            vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in items])
+            if owner not in self._owners:
+                self._owners[owner] = _Rows(vectors.shape[1])
+            self._owners[owner].append([memory_id for memory_id, _ in items], vectors)
+        if rows:
+            self.last_id = max(self.last_id, max(memory_id for memory_id, _, _ in rows))
 
     def keep_only(self, live: set[int]) -> None:
-        if self.matrix is None:
-            return
-        mask = np.isin(self.ids, list(live))
-        self.matrix, self.ids, self.users = self.matrix[mask], self.ids[mask], self.users[mask]
+        wanted = np.fromiter(live, dtype=np.int64, count=len(live))
+        for owner, rows in list(self._owners.items()):
+            mask = np.isin(rows.ids, wanted)
+            rows.ids, rows.matrix = rows.ids[mask], rows.matrix[mask]
+            if not len(rows.ids):
+                del self._owners[owner]
 
     def search(self, query: np.ndarray, user_id: int | None, limit: int,
                min_similarity: float = -1.0) -> list[int]:
-        """Ids of the ``limit`` nearest visible rows with cosine similarity of at least
-        ``min_similarity`` (vectors are L2-normalised), nearest first."""
-        if self.matrix is None or not len(self.ids):
+        """Ids of the ``limit`` nearest visible rows (the persona's knowledge, the viewer's
+        own memories) with cosine similarity of at least ``min_similarity`` (vectors are
+        L2-normalised), nearest first."""
+        visible = [self._owners[owner] for owner in (PERSONA_OWNER, user_id)
+                   if owner is not None and owner in self._owners]
+        if not visible:
             return []
-        scores = self.matrix @ query.astype(np.float32)
-        visible = ((self.users == -1) | (self.users == (-2 if user_id is None else user_id))
-                   ) & (scores >= min_similarity)
-        scores = np.where(visible, scores, -np.inf)
-        count = min(limit, int(visible.sum()))
+        query = query.astype(np.float32)
+        scores = np.concatenate([rows.matrix @ query for rows in visible])
+        ids = np.concatenate([rows.ids for rows in visible])
+        keep = scores >= min_similarity
+        scores, ids = scores[keep], ids[keep]
+        count = min(limit, len(ids))
         if count == 0:
             return []
         top = np.argpartition(-scores, count - 1)[:count]
         top = top[np.argsort(-scores[top])]
-        return [int(self.ids[i]) for i in top]
+        return [int(ids[i]) for i in top]
 
 
 def _read_markdown(folder: Path) -> list[tuple[str, str]]:
@@ -250,21 +279,13 @@ class MemoryRetriever:
     async def search(self, query: str, user_id: int | None = None,
                      k: int | None = None) -> list[RetrievedChunk]:
         k = k or self._k
-        dense_ids: list[int] = []
-        if self._embedder is not None:
-            await self._refresh()
-            [vector] = await asyncio.to_thread(
-                functools.partial(self._embedder.encode, [query], query=True))
-            dense_ids = self._index.search(vector, user_id, self._candidates,
-                                           self._min_similarity)
-        lexical_ids = await self._store.lexical_search(
-            lexical_terms(query), self._persona_id, user_id, self._candidates
-        )
-        # The viewer's own memories by the words they share with the query, loosely: the
-        # few memories of one viewer can afford it, the whole index cannot.
-        own_ids = (await self._store.viewer_memory_search(
-            cjk_bigrams(query), self._persona_id, user_id, self._candidates)
-            if user_id is not None else [])
+        # The query's embedding (the model, on a thread) and the store's two searches (on
+        # its threads) at the same time: the reply waits for the slowest, not for their sum.
+        dense_ids, lexical_ids, own_ids = await asyncio.gather(
+            self._dense_search(query, user_id),
+            self._store.lexical_search(lexical_terms(query), self._persona_id, user_id,
+                                       self._candidates),
+            self._own_search(query, user_id))
         fused: dict[int, float] = {}
         for ranking in (dense_ids, lexical_ids, own_ids):
             for rank, memory_id in enumerate(ranking):
@@ -283,6 +304,23 @@ class MemoryRetriever:
             )
             for i in visible
         ]
+
+
+    async def _dense_search(self, query: str, user_id: int | None) -> list[int]:
+        if self._embedder is None:
+            return []
+        await self._refresh()
+        [vector] = await asyncio.to_thread(
+            functools.partial(self._embedder.encode, [query], query=True))
+        return self._index.search(vector, user_id, self._candidates, self._min_similarity)
+
+    async def _own_search(self, query: str, user_id: int | None) -> list[int]:
+        """The viewer's own memories by the words they share with the query, loosely: the
+        few memories of one viewer can afford it, the whole index cannot."""
+        if user_id is None:
+            return []
+        return await self._store.viewer_memory_search(
+            cjk_bigrams(query), self._persona_id, user_id, self._candidates)
 
 
 def _distinct(ranked: list[int], rows: dict[int, StoredMemory]) -> list[int]:

@@ -348,3 +348,27 @@ async def test_a_memory_of_a_message_moved_by_a_link_follows_it(store: Store) ->
         tv.user_id, tv.message_id, "我明天要考試")
     assert memory_id is not None
     assert (await store.get_memories([memory_id]))[memory_id].user_id == main
+
+
+def test_the_dense_index_scores_only_what_its_viewer_may_see() -> None:
+    """The persona's knowledge and the asker's own memories, never another viewer's, however
+    near; a memory deleted from the store leaves the index with ``keep_only``."""
+    import numpy as np
+
+    from memory.rag import VectorIndex
+
+    def blob(*values: float) -> bytes:
+        vector = np.asarray(values, dtype=np.float32)
+        return (vector / np.linalg.norm(vector)).tobytes()
+
+    index = VectorIndex()
+    index.add([(1, None, blob(1, 0)), (2, 7, blob(0.9, 0.1)), (3, 8, blob(1, 0))])
+    index.add([(4, 7, blob(0, 1))])  # a later memory joins its owner's rows only
+    query = np.asarray([1, 0], dtype=np.float32)
+    assert index.search(query, 7, limit=5) == [1, 2, 4]
+    assert index.search(query, 8, limit=5) == [1, 3]
+    assert index.search(query, None, limit=5) == [1]
+    assert index.search(query, 7, limit=5, min_similarity=0.5) == [1, 2]
+    index.keep_only({1, 4})
+    assert index.search(query, 7, limit=5) == [1, 4] and len(index) == 2
+    assert index.last_id == 4
