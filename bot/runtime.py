@@ -198,6 +198,22 @@ class Runtime:
             except StoreError as exc:
                 log.debug("sweeping abandoned messages failed: %s", exc)
 
+    async def _adopt_orphans(self, adapters: list[Adapter]) -> None:
+        """PostgreSQL with a role: a few times a lease, the questions a stopped process left
+        waiting on this process's platforms are taken over and answered."""
+        platforms = sorted(a.name for a in adapters if isinstance(a, AnswersLeftovers))
+        if self.store.dialect != "postgresql" or self.lease is None or not platforms:
+            return
+        while True:
+            await asyncio.sleep(self.config.store.role_lease_s / 3)
+            try:
+                adopted = await self.service.adopt_orphans(platforms)
+            except StoreError as exc:
+                log.debug("adopting a stopped process's questions failed: %s", exc)
+                continue
+            if adopted:
+                await self._answer_leftovers(adapters)
+
     async def run_adapters(self, adapters: list[Adapter]) -> None:
         """Run until every adapter returns, one fails, or a signal asks us to stop."""
         loop = asyncio.get_running_loop()
@@ -206,6 +222,7 @@ class Runtime:
             for a in adapters}
         leftovers = asyncio.create_task(self._answer_leftovers(adapters), name="leftovers")
         sweeper = asyncio.create_task(self._sweep_abandoned(), name="sweep-abandoned")
+        adopter = asyncio.create_task(self._adopt_orphans(adapters), name="adopt-orphans")
         stop = asyncio.Event()
         reloads: set[asyncio.Task[Any]] = set()
 
@@ -233,6 +250,7 @@ class Runtime:
             waiter.cancel()
             leftovers.cancel()
             sweeper.cancel()
+            adopter.cancel()
             for task in tasks:
                 task.cancel()
             for adapter in adapters:

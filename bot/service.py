@@ -290,6 +290,17 @@ class ConversationService:
                         "(crash)", expired)
         return expired
 
+    async def adopt_orphans(self, platforms: list[str]) -> int:
+        """PostgreSQL: what a stopped process (its lease ran out) left waiting on
+        ``platforms`` is this one's to answer now, not at a restart that may never come."""
+        since = self._clock() - timedelta(seconds=self._config.limits.answer_leftovers_within_s)
+        adopted = await self._store.adopt_orphans(platforms, since)
+        if adopted:
+            log.warning("%d question(s) a stopped process left waiting are answered here",
+                        len(adopted))
+            self.leftovers += adopted
+        return len(adopted)
+
     async def answer_leftovers(self, platform: str,
                                sink_for: Callable[[Leftover], ReplySink | None] | None
                                ) -> list[Reply]:

@@ -355,3 +355,73 @@ async def _once(condition: Any) -> None:
         if condition():
             return
         await asyncio.sleep(0.01)
+
+
+class _LeftoverSink:
+    """A Discord-like adapter that answers adopted questions into a RecordingSink and runs
+    until one is answered and recorded."""
+
+    name = "discord"
+
+    def __init__(self, runtime: Any = None) -> None:
+        from tests.sinks import RecordingSink
+
+        self.runtime = runtime
+        self.sink = RecordingSink()
+        self.answered = asyncio.Event()
+
+    async def ready(self) -> None:
+        return None
+
+    def reply_sink(self, leftover: Any) -> Any:
+        sink, answered = self.sink, self.answered
+
+        class Answering:
+            async def send(self, text: str) -> str:
+                message_id = await sink.send(text)
+                answered.set()
+                return message_id
+
+            async def typing(self) -> None:
+                return None
+
+        return Answering()
+
+    async def run(self, handle: Any) -> None:
+        await self.answered.wait()
+        await _once(lambda: not self.runtime.service.pending)
+
+    async def close(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_stopped_processs_question_is_answered_by_a_live_one(
+        db_url: str, tmp_path: Path) -> None:
+    """A shard process takes a question and dies; it is never started again. The live process
+    running the other shard adopts the question once the dead one's lease has run out, and
+    answers it once (not at a restart that never comes); its own questions stay its own."""
+    from bot.config import parse_config
+    from bot.paths import DataPaths
+    from bot.runtime import open_runtime
+    from memory.store import IntakeItem
+
+    dead = await Store.open(db_url)
+    await dead.take_role("discord[1/2]", "gone-host", 1.0)
+    [asked] = await dead.intake([IntakeItem(
+        platform="discord", platform_user_id="ann", display_name="Ann", persona_id="pell",
+        channel_id="c", platform_message_id="m1", text="在嗎？", created_at=datetime.now(UTC),
+        owner="discord[1/2]")])
+    await dead._db.close()  # killed: its lease is left to run out
+    config = parse_config({"models": {"llm": {"backend": "scripted"},
+                                      "embedding": {"enabled": False}},
+                           "store": {"url": db_url, "rag_enabled": False,
+                                     "role_lease_s": 1.0}}, env={})
+    async with open_runtime(config, DataPaths.resolve(tmp_path / "live"),
+                            role="discord[0/2]") as live:
+        adapter = _LeftoverSink(live)
+        await asyncio.wait_for(live.run_adapters([adapter]), 60)
+        assert asked.message_id is not None
+        question = await live.store.get_message(asked.message_id)
+    assert question is not None and question.status == "answered"
+    assert len(adapter.sink.sent) == 1

@@ -105,12 +105,13 @@ class Conversations:
             return int(getattr(result, "rowcount", 0) or 0)
 
     async def leftovers(self, since: datetime, before: datetime | None = None,
-                        owner: str | None = None) -> list[Leftover]:
+                        owner: str | None = None,
+                        ids: list[int] | None = None) -> list[Leftover]:
         """User messages still ``received`` created at or after ``since``, oldest first,
         with the viewer's identity on their platform: those created before ``before`` (if
         given), and with ``owner``, also every one that runtime role took, however recent
         (its holder is this process now, so none of them is in flight elsewhere); messages
-        other roles took are theirs to recover."""
+        other roles took are theirs to recover. ``ids``: only these (adopted ones)."""
         query = (select(Message.id, Message.user_id, Message.platform, Message.channel_id,
                         Message.platform_message_id, Message.content, Message.created_at,
                         Identity.platform_user_id, Identity.display_name)
@@ -119,6 +120,8 @@ class Conversations:
                  .where(Message.status == "received", Message.role == "user",
                         Message.created_at >= since)
                  .order_by(Message.id))
+        if ids is not None:
+            query = query.where(Message.id.in_(ids))
         if owner is not None:
             query = query.where(or_(Message.owner == owner, and_(
                 Message.owner.is_(None),

@@ -150,6 +150,12 @@ class Store:
                         owner: str | None = None) -> list[Leftover]:
         return await self._conversations.leftovers(since, before, owner)
 
+    async def adopt_orphans(self, platforms: list[str], since: datetime) -> list[Leftover]:
+        """The questions processes whose lease ran out left waiting on ``platforms``
+        (received at or after ``since``), now this process's role's (``RoleLease``)."""
+        ids = await self._role_lease.adopt_orphans(platforms, since)
+        return await self._conversations.leftovers(since, ids=ids) if ids else []
+
     async def intake(self, items: list[IntakeItem]) -> list[IntakeOutcome]:
         """Record inbound messages (viewers created on first sight) in one transaction;
         a platform message recorded before comes back with ``message_id`` None."""

@@ -10,11 +10,16 @@ The database's clock decides expiry, so the hosts' clocks never matter. A proces
 renewing (killed, cut off) loses the role when the lease expires; its owner name is stable
 per instance, so the same instance restarted takes its own lease back at once. SQLite needs
 none: one process per file is enforced by a file lock.
+
+A process whose lease runs out and is not started again leaves its questions waiting: a live
+process running the same platform adopts them (``adopt_orphans``, every few seconds) and
+answers them, instead of their waiting for a restart that may never come.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime
 
 from sqlalchemy import text
 
@@ -34,6 +39,15 @@ _RENEW = text("UPDATE role_leases"
               " SET expires_at = now() + CAST(:lease AS float8) * interval '1 second'"
               " WHERE role = :role AND owner = :owner RETURNING role")
 _RELEASE = text("DELETE FROM role_leases WHERE role = :role AND owner = :owner")
+# The questions still waiting under a role no live lease holds (its process is gone), on the
+# platforms this process runs: re-owned by its role. An UPDATE re-checks its WHERE after a
+# concurrent one, so two live processes never adopt the same question.
+_ADOPT = text(
+    "UPDATE messages SET owner = :role"
+    " WHERE status = 'received' AND role = 'user' AND platform = ANY(:platforms)"
+    " AND created_at >= :since AND owner <> :role AND owner NOT IN"
+    " (SELECT role FROM role_leases WHERE expires_at >= now())"
+    " RETURNING id")
 
 
 class RoleTakenError(StoreError):
@@ -87,3 +101,14 @@ class RoleLease:
             held, self._held = self._held, None
             async with self._db.write() as session:
                 await session.execute(_RELEASE, held)
+
+    async def adopt_orphans(self, platforms: list[str], since: datetime) -> list[int]:
+        """Take over the questions (received at or after ``since``, on ``platforms``) that
+        processes whose lease ran out left waiting: they are this process's role's now.
+        Returns their ids (none where no role is held: SQLite, a console)."""
+        if self._held is None or not platforms:
+            return []
+        async with self._db.write() as session:
+            rows = await session.execute(_ADOPT, {"role": self._held["role"],
+                                                  "platforms": platforms, "since": since})
+            return [row.id for row in rows]
