@@ -172,11 +172,13 @@ class ResponseGenerator:
             yield ReplyChunk(chunk)
         finished = time.monotonic()
         raw = "".join(pieces)
-        completion_tokens = self.backend.count_tokens(raw)
-        truncated = completion_tokens >= request.sampling.max_new_tokens - 1
-        text, edits = finish_text(raw, post, truncated)
         usage = self.backend.prompt_usage(request.request_id) or PromptUsage(
             sum(self.backend.count_tokens(m.content) for m in request.messages))
+        # The engine's own count where it has one: no tokenizing the reply on the event loop.
+        completion_tokens = (usage.completion_tokens if usage.completion_tokens is not None
+                             else self.backend.count_tokens(raw))
+        truncated = completion_tokens >= request.sampling.max_new_tokens - 1
+        text, edits = finish_text(raw, post, truncated)
         yield GeneratedReply(
             text=text,
             raw_text=raw,

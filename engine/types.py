@@ -68,10 +68,12 @@ def folded_system(messages: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
 @dataclass(frozen=True, slots=True)
 class PromptUsage:
     """A request's prompt as the engine saw it: its tokens, and how many of them came from
-    a prefix cache instead of being prefilled."""
+    a prefix cache instead of being prefilled; and the tokens it generated, where it counted
+    them (None: the reply's text is counted again)."""
 
     prompt_tokens: int
     cached_tokens: int = 0
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,7 @@ async def test_an_engine_process_replies_as_the_runtimes_own_process_does(
         await backend.close()
     assert list(replies) == expected
     assert usage is not None and usage.prompt_tokens > 0
+    assert usage.completion_tokens == 12  # counted where they were made
     assert health["ok"] and health["timings"]["steps"] > 0
     assert info["engine_process"] != os.getpid() and info["model_dir"]
     # /diagnose's layer map comes from the engine process, where the model is.

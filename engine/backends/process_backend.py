@@ -142,8 +142,8 @@ class ProcessBackend:
                 item = await stream.get()
                 if isinstance(item, Ended):
                     finished = True
-                    self._usage.record(request_id, PromptUsage(item.prompt_tokens,
-                                                               item.cached_tokens))
+                    self._usage.record(request_id, PromptUsage(
+                        item.prompt_tokens, item.cached_tokens, item.generated_tokens))
                     return
                 if isinstance(item, Failed):
                     finished = True

@@ -171,8 +171,8 @@ class TransformersBackend:
             abort.set()  # consumer gone (done, error or cancelled): stop decoding its row
             self._aborts.pop(request.request_id, None)
             if job.prompt_tokens:  # set by the decode loop when it joined (read after END)
-                self._usage.record(request.request_id,
-                                   PromptUsage(job.prompt_tokens, job.cached_tokens))
+                self._usage.record(request.request_id, PromptUsage(
+                    job.prompt_tokens, job.cached_tokens, job.generated))
 
     def prompt_usage(self, request_id: str) -> PromptUsage | None:
         return self._usage.pop(request_id)

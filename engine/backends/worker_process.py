@@ -67,6 +67,7 @@ class StartFailed:
 class Ended:
     prompt_tokens: int
     cached_tokens: int
+    generated_tokens: int
 
 
 @dataclass(frozen=True)
@@ -193,7 +194,8 @@ def _read(connection: Connection, channel: Channel, backend: Any, outbox: PipeOu
             if item is END or isinstance(item, Failure):
                 aborts.pop(request_id, None)
             if item is END:
-                outbox.add(request_id, Ended(job.prompt_tokens, job.cached_tokens))
+                outbox.add(request_id, Ended(job.prompt_tokens, job.cached_tokens,
+                                             job.generated))
             elif isinstance(item, Failure):
                 outbox.add(request_id, Failed(portable(item.error)))
             else:
