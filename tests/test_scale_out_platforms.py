@@ -57,7 +57,7 @@ VIEWERS = ([Viewer("discord", f"41{g}{n:02d}", guild)
            + [Viewer("twitch", f"52{n:02d}") for n in range(TWITCH_VIEWERS)])
 
 
-def _config(tmp_path: Path, pg_url: str, openai_url: str) -> Path:
+def _config(tmp_path: Path, pg_url: str, openai_url: str, lease_s: float = 15.0) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(f"""
 models:
@@ -65,7 +65,7 @@ models:
     backend: openai
     openai: {{base_url: "{openai_url}", timeout_s: 120}}
   embedding: {{enabled: false}}
-store: {{url: "{pg_url}", rag_enabled: false}}
+store: {{url: "{pg_url}", rag_enabled: false, role_lease_s: {lease_s}}}
 vtuber:
   response: {{max_tokens: 8}}
 limits: {{user_messages_per_minute: 1000, max_pending: 1000, stream_edit_interval_s: 0,
@@ -247,6 +247,41 @@ async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_rest
         wanted = sum(v.guild == guild for v in sent)
         assert posted == wanted if guild == GUILDS[0] else posted >= wanted, guild
     assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_killed_shards_questions_are_answered_by_the_live_shard_while_it_stays_down(
+        db_url: str, model_server: FakeOpenAI, fakes: tuple[FakeDiscord, FakeTwitch],
+        tmp_path: Path) -> None:
+    """Shard 1's process is SIGKILLed with questions it took still unanswered, and stays
+    down: once its lease has run out (3 s here) shard 0's process adopts them (within the
+    lease + 5 s) and answers them, each once, in each viewer's order."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("several processes need PostgreSQL")
+    lease_s = 3.0
+    discord, twitch = fakes
+    fleet = Fleet(_config(tmp_path, db_url, model_server.base_url, lease_s), tmp_path,
+                  discord, twitch)
+    held = [_text(i) for i in range(40) if _speaker(VIEWERS, i).guild == GUILDS[1]]
+    model_server.hold(lambda body: any(
+        text in body["messages"][-1]["content"] for text in held))
+    try:
+        await _start_all(fleet, discord)
+        sent = await _chat(discord, twitch, VIEWERS, 40)
+        await _wait_stored(db_url, 40)
+        await fleet.kill("shard1")
+        model_server.release()
+        await fleet.wait_for_line("shard0", "a stopped process left waiting",
+                                  within_s=lease_s + 5)
+        await _wait_final(db_url, len(sent))
+    finally:
+        await fleet.stop()
+    rows = await _rows(db_url)
+    _each_answered_once_in_order(rows, sent)
+    for guild in GUILDS:  # a reply posted just before the kill may be posted again
+        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
+        wanted = sum(v.guild == guild for v in sent)
+        assert posted == wanted if guild == GUILDS[0] else posted >= wanted, guild
 
 
 async def _start_all(fleet: Fleet, discord: FakeDiscord) -> None:
