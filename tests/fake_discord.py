@@ -69,6 +69,8 @@ class FakeDiscord(LocalServer):
     # The next this many message posts are answered 429 (a limit Discord keeps reporting).
     refuse_posts: int = 0
     post_attempts: int = 0
+    # (channel, nonce) -> the message a post with enforce_nonce created
+    created_by_nonce: dict[tuple[str, Any], dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.ready_allowed.set()
@@ -147,9 +149,17 @@ class FakeDiscord(LocalServer):
         if refused is not None:
             return refused
         body = await request.json()
+        # Discord's enforce_nonce: a nonce seen in the channel returns that message again.
+        nonce = (request.match_info["channel"], body["nonce"]) if body.get(
+            "enforce_nonce") and body.get("nonce") is not None else None
+        if nonce is not None and nonce in self.created_by_nonce:
+            self.record("POST (nonce seen)", request.path, body)
+            return _with(headers, _json(self.created_by_nonce[nonce]))
         self.record("POST", request.path, body)
-        return _with(headers, _json(self.message_payload(body.get("content") or "",
-                                                         author=BOT_USER, mentions=[])))
+        created = self.message_payload(body.get("content") or "", author=BOT_USER, mentions=[])
+        if nonce is not None:
+            self.created_by_nonce[nonce] = created
+        return _with(headers, _json(created))
 
     async def _edit(self, request: web.Request) -> web.Response:
         refused, headers = self._limited("edit", request)

@@ -270,3 +270,22 @@ async def test_run_checks_the_token_before_the_model_loads(
         assert isinstance(info.value, ModelWouldLoad)
     else:
         assert isinstance(info.value, BotError) and info.value.exit_code == exit_code
+
+
+async def test_a_reply_sent_again_for_the_same_question_is_posted_once(live: Any) -> None:
+    """Another process answering a question again (it adopted it after a crash, or the
+    crashed one restarted) sends the reply's pieces with the same nonces: Discord returns
+    the messages posted the first time instead of posting them twice."""
+    from adapters.discord_adapter.sink import DiscordSink
+
+    server, adapter, _runtime = live
+    channel = adapter.client.get_partial_messageable(int(CHANNEL_ID))
+    question = discord.MessageReference(message_id=424242, channel_id=int(CHANNEL_ID))
+    first = await DiscordSink(channel, reply_to=question).send("今晚的星星很亮。")
+    again = await DiscordSink(channel, reply_to=question).send("今晚的月亮也很亮。")
+    other = await DiscordSink(channel, reply_to=discord.MessageReference(
+        message_id=434343, channel_id=int(CHANNEL_ID))).send("今晚的星星很亮。")
+    posted = server.posts_to(f"/channels/{CHANNEL_ID}/messages")
+    assert first == again and other != first
+    assert [p["content"] for p in posted] == ["今晚的星星很亮。"] * 2
+    assert posted[0]["nonce"] == "424242.0" and posted[0]["enforce_nonce"] is True

@@ -80,10 +80,23 @@ class DiscordSink:
             if not self._pieces.ids and self._reply_to is not None:  # the first piece
                 kwargs["reference"] = self._reply_to
                 kwargs["mention_author"] = False
+            nonce = self._nonce(len(self._pieces.ids))
+            if nonce is not None:
+                kwargs["nonce"] = nonce
             message = await self._channel.send(piece, **kwargs)
             self._sent[str(message.id)] = message
             self._pieces.sent(str(message.id))
         return self._pieces.first()
+
+    def _nonce(self, piece: int) -> str | None:
+        """The same for a question's piece in every process and every try. discord.py sends
+        it with ``enforce_nonce``, so Discord hands back the message it already created with
+        it (for a few minutes) instead of posting again: a reply sent again after a crash, by
+        the process that adopts the question or by the one restarted, is posted once."""
+        reference = self._reply_to
+        question = (getattr(reference, "message_id", None) or getattr(reference, "id", None)
+                    if reference is not None else None)
+        return f"{question}.{piece}" if question is not None else None
 
     async def edit(self, message_id: str, text: str) -> None:
         """Replace a streamed message; text past 2,000 characters goes out as new messages."""
