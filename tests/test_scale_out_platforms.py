@@ -282,6 +282,46 @@ async def test_a_killed_shards_questions_are_answered_by_the_live_shard_while_it
         assert posted == sum(v.guild == guild for v in sent), guild
 
 
+async def test_a_postgres_restart_under_load_answers_each_message_once(
+        own_postgres: Any, model_server: FakeOpenAI, fakes: tuple[FakeDiscord, FakeTwitch],
+        tmp_path: Path) -> None:
+    """The three processes chatting while their PostgreSQL stops (immediate: a crash) and
+    comes back: every message ends final, each viewer gets one reply or one fallback per
+    message (none twice), and the processes keep their roles and go on answering."""
+    discord, twitch = fakes
+    url = own_postgres.create_database("restart")
+    fleet = Fleet(_config(tmp_path, url, model_server.base_url, lease_s=5.0), tmp_path,
+                  discord, twitch)
+    try:
+        await _start_all(fleet, discord)
+        sent = await _chat(discord, twitch, VIEWERS, 40)
+        await asyncio.to_thread(own_postgres.stop)
+        sent += await _chat(discord, twitch, VIEWERS, 20, first=40)
+        await asyncio.to_thread(own_postgres.resume)
+        sent += await _chat(discord, twitch, VIEWERS, 40, first=60)
+        await _wait_final(url, len(sent))
+        alive = {name: p.returncode for name, p in fleet.processes.items()}
+    finally:
+        codes = await fleet.stop()
+    assert alive == {"shard0": None, "shard1": None, "twitch": None}
+    assert codes == {"shard0": 0, "shard1": 0, "twitch": 0}
+    assert not any("ran out" in fleet.log(name) for name in codes)  # no role was lost
+    rows = await _rows(url)
+    expected = Counter((v.platform, v.platform_user_id) for v in sent)
+    assert {key: len(questions) for key, (questions, _) in rows.items()} == expected
+    for key, (questions, replies) in rows.items():  # at most one reply each
+        answered = [r.reply_to_id for r in replies]
+        assert len(answered) == len(set(answered)), key
+        assert all(q.status != "received" for q in questions), key
+    for guild in GUILDS:  # one reply or one fallback per question, never two
+        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
+        assert posted == sum(v.guild == guild for v in sent), guild
+    assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
+    # The later messages were answered: the roles are held and the processes work.
+    later = {(v.platform, v.platform_user_id) for v in sent[60:]}
+    assert all(any(q.status == "answered" for q in rows[key][0]) for key in later)
+
+
 async def _start_all(fleet: Fleet, discord: FakeDiscord) -> None:
     for shard in (0, 1):
         await fleet.start(f"shard{shard}", "--adapters", "discord",
