@@ -133,8 +133,9 @@ class _Rows:
 class VectorIndex:
     """The embeddings of one persona's memories, kept per owner (the persona's knowledge,
     each viewer's own): a search scores only what its viewer may see, and a new memory is
-    appended to its owner's rows alone. In one matrix, every search scored every viewer's
-    memories and every new memory copied them all (100,000 memories: 150 MB a message)."""
+    appended to its owner's rows alone. One matrix for everyone would score every viewer's
+    memories in each search and copy all of them for each new memory (150 MB a message at
+    100,000 memories)."""
 
     def __init__(self) -> None:
         self._owners: dict[int, _Rows] = {}
