@@ -617,3 +617,17 @@ async def test_the_shared_rate_limit_counts_the_last_minute_by_index(db_url: str
     finally:
         await engine.dispose()
     assert "ix_messages_user_created" in plan, plan
+
+
+async def test_a_completion_written_again_lands_once(store: Store) -> None:
+    """A completion whose commit was not known (the database went away at COMMIT) is written
+    again from the spool: the reply is stored once and the state rule applied once."""
+    user = await store.resolve_user("console", "viewer", "viewer")
+    question = await _exchange(store, user, "hi", "hello")
+    reply_id, state = await store.complete_exchange(
+        user_message_id=question, reply_text="hello", trace={"k": 1},
+        platform_message_id=None, default_mood="calm", rule=bump_intimacy, created_at=NOW)
+    replies = [m for m in await messages_for(store, user) if m.role == "assistant"]
+    assert [m.id for m in replies] == [reply_id]
+    assert state.intimacy == 1 and state.version == 1
+    assert (await get_state(store, user, "pell", "calm")).intimacy == 1

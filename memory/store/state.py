@@ -80,10 +80,17 @@ class States:
         def work(connection: Connection) -> tuple[int, StateSnapshot]:
             asked = {"question_id": user_message_id}
             question = connection.execute(sql.ANSWER_QUESTION, asked).first()
-            purged = question is None  # a moderator deleted it while it was answered
-            question = question or connection.execute(sql.QUESTION, asked).first()
+            purged = False  # a moderator deleted it while it was answered
             if question is None:
-                raise StoreError(f"store: message {user_message_id} does not exist")
+                question = connection.execute(sql.QUESTION, asked).first()
+                if question is None:
+                    raise StoreError(f"store: message {user_message_id} does not exist")
+                landed = (connection.execute(sql.REPLY_OF, asked).scalar()
+                          if question.status == "answered" else None)
+                if landed is not None:  # written before, its commit not known: not twice
+                    return landed, self._locked_state(connection, question.user_id,
+                                                      question.persona_id, default_mood)[1]
+                purged = question.status == "purged"
             # A reply to a purged message may quote it: kept as a row, not as words.
             reply_id: int = connection.execute(sql.INSERT_MESSAGE, {
                 "user_id": question.user_id, "persona_id": question.persona_id,

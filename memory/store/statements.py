@@ -45,10 +45,14 @@ INSERT_STATE_EVENT = state_events.insert()
 # Parameters: question_id. Marks a question answered unless a moderator purged it meanwhile.
 ANSWER_QUESTION = (messages.update()
                    .where(messages.c.id == bindparam("question_id"),
-                          messages.c.status != "purged")
+                          messages.c.status.not_in(("purged", "answered")))
                    .values(status="answered", status_reason=None)
                    .returning(*QUESTION_COLUMNS))
-QUESTION = select(*QUESTION_COLUMNS).where(messages.c.id == bindparam("question_id"))
+QUESTION = select(*QUESTION_COLUMNS, messages.c.status).where(
+    messages.c.id == bindparam("question_id"))
+# Parameters: question_id. A question's reply, where one is stored.
+REPLY_OF = (select(messages.c.id).where(messages.c.reply_to_id == bindparam("question_id"),
+                                        messages.c.role == "assistant").limit(1))
 INSERT_MESSAGE = messages.insert().returning(messages.c.id)
 
 # Parameters: user_id, persona_id, limit. Newest first.
