@@ -222,10 +222,7 @@ async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_rest
     discord, twitch = fakes
     fleet = Fleet(_config(tmp_path, db_url, model_server.base_url), tmp_path, discord, twitch)
     survivors = [v for v in VIEWERS if v.guild != GUILDS[1]]
-    # The model is still working on shard 1's questions when its process is killed.
-    held = [_text(i) for i in range(40) if _speaker(VIEWERS, i).guild == GUILDS[1]]
-    model_server.hold(lambda body: any(
-        text in body["messages"][-1]["content"] for text in held))
+    _hold_shard1_questions(model_server)  # still being answered when shard 1 is killed
     try:
         await _start_all(fleet, discord)
         sent = await _chat(discord, twitch, VIEWERS, 40)
@@ -242,9 +239,7 @@ async def test_a_shard_process_killed_mid_chat_recovers_its_own_messages_on_rest
     rows = await _rows(db_url)
     assert "to be answered now" in fleet.log("shard1")  # it found its own leftovers
     _each_answered_once_in_order(rows, sent)
-    for guild in GUILDS:  # a reply posted just before the kill is not posted again
-        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
-        assert posted == sum(v.guild == guild for v in sent), guild
+    _one_post_per_question(discord, sent)  # a reply sent just before the kill: not again
     assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
 
 
@@ -261,9 +256,7 @@ async def test_a_killed_shards_questions_are_answered_by_the_live_shard_while_it
     discord, twitch = fakes
     fleet = Fleet(_config(tmp_path, db_url, model_server.base_url, lease_s), tmp_path,
                   discord, twitch)
-    held = [_text(i) for i in range(40) if _speaker(VIEWERS, i).guild == GUILDS[1]]
-    model_server.hold(lambda body: any(
-        text in body["messages"][-1]["content"] for text in held))
+    _hold_shard1_questions(model_server)
     try:
         await _start_all(fleet, discord)
         sent = await _chat(discord, twitch, VIEWERS, 40)
@@ -277,9 +270,7 @@ async def test_a_killed_shards_questions_are_answered_by_the_live_shard_while_it
         await fleet.stop()
     rows = await _rows(db_url)
     _each_answered_once_in_order(rows, sent)
-    for guild in GUILDS:  # a reply posted just before the kill is not posted again
-        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
-        assert posted == sum(v.guild == guild for v in sent), guild
+    _one_post_per_question(discord, sent)  # a reply sent just before the kill: not again
 
 
 async def test_a_postgres_restart_under_load_answers_each_message_once(
@@ -313,13 +304,24 @@ async def test_a_postgres_restart_under_load_answers_each_message_once(
         answered = [r.reply_to_id for r in replies]
         assert len(answered) == len(set(answered)), key
         assert all(q.status != "received" for q in questions), key
-    for guild in GUILDS:  # one reply or one fallback per question, never two
-        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
-        assert posted == sum(v.guild == guild for v in sent), guild
+    _one_post_per_question(discord, sent)  # one reply or one fallback, never two
     assert len(twitch.sent_messages()) == sum(v.platform == "twitch" for v in sent)
     # The later messages were answered: the roles are held and the processes work.
     later = {(v.platform, v.platform_user_id) for v in sent[60:]}
     assert all(any(q.status == "answered" for q in rows[key][0]) for key in later)
+
+
+def _hold_shard1_questions(model_server: FakeOpenAI) -> None:
+    """The model keeps shard 1's first questions unanswered until ``release``."""
+    held = [_text(i) for i in range(40) if _speaker(VIEWERS, i).guild == GUILDS[1]]
+    model_server.hold(lambda body: any(
+        text in body["messages"][-1]["content"] for text in held))
+
+
+def _one_post_per_question(discord: FakeDiscord, sent: list[Viewer]) -> None:
+    for guild in GUILDS:
+        posted = len(discord.posts_to(f"/channels/{channel_of(guild)}/messages"))
+        assert posted == sum(v.guild == guild for v in sent), guild
 
 
 async def _start_all(fleet: Fleet, discord: FakeDiscord) -> None:

@@ -243,9 +243,10 @@ class ProcessBackend:
         """The engine process is gone (exited, killed, or its pipe broke)."""
         process = self._process
         self._disconnect()
-        if process is not None:
-            process.join(0.5)  # it closed its pipe: exiting, if not gone already
-        reason = f"the engine process exited (code {process.exitcode if process else None})"
+        # Its exit code where already known: waiting for it here would block the event loop
+        # (the next start or ``close`` reaps it).
+        code = process.exitcode if process is not None else None
+        reason = "the engine process exited" + (f" (code {code})" if code is not None else "")
         if self._ready is not None and not self._ready.done():
             self._ready.set_exception(EngineError(reason))
             return
