@@ -142,7 +142,7 @@ def test_a_packed_group_join_matches_generate_and_packing_never_waits(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.serving.continuous import ContinuousBatch, Joining
-    from engine.serving.packed_prefill import pack, placement
+    from engine.serving.packed_prefill import PackedKV, pack, placement
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = model.to("cuda").eval()
@@ -165,8 +165,10 @@ def test_a_packed_group_join_matches_generate_and_packing_never_waits(
     rests = [ids[len(system):] for ids in prompts]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        pack(rests, len(system), torch.device("cuda"))
-        placement([len(rest) for rest in rests], len(system), 0, 64, torch.device("cuda"))
+        covered = [len(system)] * len(rests)
+        pack(rests, covered, True, torch.device("cuda"))
+        placement(PackedKV([], [len(rest) for rest in rests], covered), 0, 64,
+                  torch.device("cuda"))
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -235,3 +235,49 @@ def test_one_long_paste_does_not_empty_the_history() -> None:
     read = [*chat[:-2], pasted, chat[-1]]
     kept = HistoryWindows(token_budget=100, count_tokens=_tokens).window(3, read)
     assert kept == chat[2:6]  # the two exchanges before it that fit, in order
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_returning_viewers_who_arrive_together_prefill_in_one_forward(
+        tiny_model_dir: Path, static: bool) -> None:
+    """Three returning viewers and a new one join in one step: the three are packed into one
+    forward, each past their own kept start (of different lengths) and seeing nothing of the
+    others'; each reply is token for token what ``generate()`` gives its prompt alone."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.serving.continuous import ContinuousBatch
+    from engine.serving.prefix_cache import BLOCK, PrefixCache
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    persona = list(range(5, 5 + 40))
+    firsts = {name: persona + list(range(start, start + length))
+              for name, start, length in (("ann", 100, 70), ("bob", 200, 40), ("cy", 300, 90))}
+    batch = ContinuousBatch(model, slots=8)
+    if static:
+        batch.make_static(slots=8, width=320)
+    batch.set_prefix(persona)
+    batch.prefix_cache = PrefixCache(max_bytes=64 * 2**20)
+    _run(batch, {0: [(f"{name}1", ids) for name, ids in firsts.items()]})
+    forwards: list[int] = []
+    forward = batch.prefiller._forward
+    batch.prefiller._forward = lambda packed, cache: (  # type: ignore[method-assign]
+        forwards.append(int(packed.ends.numel())) or forward(packed, cache))
+    seconds = {f"{name}2": [*ids, 7, 8, 9 + index]
+               for index, (name, ids) in enumerate(firsts.items())}
+    seconds["new"] = [*persona, 4, 5]
+    tokens, cached = _run(batch, {0: list(seconds.items())})
+    for name, ids in firsts.items():
+        assert cached[f"{name}2"] >= len(ids) - BLOCK
+    assert cached["new"] == len(persona)
+    assert 3 in forwards  # the returning viewers' one packed forward
+    for rid, ids in seconds.items():
+        assert tokens[rid] == _greedy(model, ids), rid
+    # What the packed forward kept serves their next messages too.
+    thirds = {rid.replace("2", "3"): [*ids, 11, 12] for rid, ids in seconds.items()
+              if rid != "new"}
+    tokens, cached = _run(batch, {0: list(thirds.items())})
+    for rid, ids in thirds.items():
+        assert cached[rid] >= len(ids) - 2 - BLOCK
+        assert tokens[rid] == _greedy(model, ids), rid

@@ -167,9 +167,10 @@ class ContinuousBatch:
     def join_many(self, joining: list[Joining]) -> list[int]:
         """Prefill several requests together, add their rows, return each one's first
         token. A prefill is mostly fixed cost (kernel launches) or, for a burst, GEMMs over
-        the prompts' own tokens, so requests that arrived during a step join together; one
-        whose start is kept in ``prefix_cache`` (a returning viewer) is prefilled past it, on
-        its own. ``last_cached``: how many prompt tokens of each came from a cache."""
+        the prompts' own tokens, so requests that arrived during a step join together: new
+        viewers past the shared prefix, returning viewers (their start kept in
+        ``prefix_cache``) each past their own. ``last_cached``: how many prompt tokens of
+        each came from a cache."""
         starts = [self.prefiller.reusable(j.prompt_ids) for j in joining]
         order = ([i for i, s in enumerate(starts) if s is None]
                  + [i for i, s in enumerate(starts) if s is not None])
@@ -177,7 +178,7 @@ class ContinuousBatch:
         logits, packs = self.prefiller.prefill(ordered, [starts[i] for i in order])
         firsts = self._add_joined(ordered, logits, packs)
         result, cached = [0] * len(joining), [0] * len(joining)
-        prefilled = [covered for packed, covered in packs for _ in packed.lengths]
+        prefilled = [covered for packed in packs for covered in packed.covered]
         for position, index in enumerate(order):
             result[index], cached[index] = firsts[position], prefilled[position]
         self.last_cached = cached
@@ -193,7 +194,7 @@ class ContinuousBatch:
         return first
 
     def _add_joined(self, joining: list[Joining], logits: torch.Tensor,
-                    packs: list[tuple[PackedKV, int]]) -> list[int]:
+                    packs: list[PackedKV]) -> list[int]:
         """Pick each prefilled prompt's first token, add their rows (in order), keep their
         prompts for their viewers' next messages; return the first tokens."""
         device = self.model.device
@@ -206,11 +207,11 @@ class ContinuousBatch:
         seen.scatter_(1, first_tokens[:, None], True)
         firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
         # Everything that can run out of memory happens before the batch changes.
-        slots = self._room_for(packs[0][0].layers, max(len(j.prompt_ids) for j in joining),
+        slots = self._room_for(packs[0].layers, max(len(j.prompt_ids) for j in joining),
                                len(joining),
                                max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
-        for packed, covered in packs:
-            slots.append_packed(packed, covered)
+        for packed in packs:
+            slots.append_packed(packed)
         for index, j in enumerate(joining):
             self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
                                  j.params, generators[index]))

@@ -160,12 +160,11 @@ class SlotCache(Cache):
         self.mask[:rows] = False
         self.mask[:rows, target:target + count] = mask
 
-    def append_packed(self, prompts: PackedKV, covered: int) -> None:
-        """Add one row per packed prompt (its ``covered`` shared tokens, then its own), each
-        ending at the newest column: one gather and one scatter per layer, whatever the
-        number of rows. The caller made room."""
-        rows, columns, source = placement(prompts.lengths, covered, self.rows, self.length,
-                                          self.mask.device)
+    def append_packed(self, prompts: PackedKV) -> None:
+        """Add one row per packed prompt (its prefix's tokens, then its own), each ending at
+        the newest column: one gather and one scatter per layer, whatever the number of
+        rows. The caller made room."""
+        rows, columns, source = placement(prompts, self.rows, self.length, self.mask.device)
         for layer, (keys, values) in zip(self._slot_layers(), prompts.layers, strict=True):
             assert layer.keys is not None and layer.values is not None
             # [tokens, heads, dim] on both sides: the advanced indices come first

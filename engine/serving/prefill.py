@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from engine.serving.packed_prefill import KV, PackedKV, cache_of, pack, split
+from engine.serving.packed_prefill import (
+    KV,
+    Packed,
+    PackedKV,
+    cache_of,
+    cache_of_own,
+    pack,
+    split,
+    split_own,
+)
 from engine.serving.prefill_graphs import PrefillGraphs
 from engine.serving.prefix_cache import BLOCK, Entry, PrefixCache, common_prefix
 from engine.types import SamplingParams
@@ -53,10 +62,10 @@ class Chunked:
     def left(self) -> int:
         return len(self.joining.prompt_ids) - self.done
 
-    def pack(self) -> tuple[PackedKV, int]:
+    def pack(self) -> PackedKV:
         """Its whole prompt's KV as a pack past its ``start`` prefix tokens."""
         assert self.kv is not None
-        return PackedKV(self.kv, [len(self.joining.prompt_ids) - self.start]), self.start
+        return PackedKV(self.kv, [len(self.joining.prompt_ids) - self.start], [self.start])
 
 
 @dataclass
@@ -120,13 +129,13 @@ class Prefiller:
 
     @torch.inference_mode()
     def prefill(self, joining: list[Joining], starts: list[Start]
-                ) -> tuple[torch.Tensor, list[tuple[PackedKV, int]]]:
-        """Logits of each prompt's last token, in order, and the packs' KV with the prefix
-        tokens each starts with: those with no kept start (``starts`` None: they come first
-        in ``joining``) together past the shared prefix, then each returning viewer's past
-        their own kept start."""
+                ) -> tuple[torch.Tensor, list[PackedKV]]:
+        """Logits of each prompt's last token, in order, and the packs' KV: those with no
+        kept start (``starts`` None: they come first in ``joining``) together past the
+        shared prefix, then the returning viewers past their own kept starts (packed
+        together where there are several)."""
         logits: list[torch.Tensor] = []
-        packs: list[tuple[PackedKV, int]] = []
+        packs: list[PackedKV] = []
         shared = [j for j, s in zip(joining, starts, strict=True) if s is None]
         if shared:
             covered = min(self.covered(j.prompt_ids) for j in shared)
@@ -139,16 +148,26 @@ class Prefiller:
             else:
                 group_logits, prefilled = self._eager(rests, covered, self._prefix_kv())
             logits.append(group_logits)
-            packs += [(packed, covered) for packed in prefilled]
-        for j, start in zip(joining, starts, strict=True):
-            if start is not None:
-                assert self.prefix_cache is not None
-                entry, tokens = start
-                own_logits, own = self._past(self.prefix_cache.use(entry, tokens), tokens,
-                                             j.prompt_ids[tokens:])
-                logits.append(own_logits)
-                packs.append((own, tokens))
+            packs += prefilled
+        returning = [(j, s) for j, s in zip(joining, starts, strict=True) if s is not None]
+        if returning:
+            own_logits, own = self._returning(returning)
+            logits.append(own_logits)
+            packs += own
         return torch.cat(logits), packs
+
+    def _returning(self, returning: list[tuple[Joining, tuple[Entry, int]]]
+                   ) -> tuple[torch.Tensor, list[PackedKV]]:
+        """Returning viewers past their kept starts: one alone through a static bucket
+        where it fits; several packed together, each seeing only its own start."""
+        assert self.prefix_cache is not None
+        prefixes = [self.prefix_cache.use(entry, tokens) for _, (entry, tokens) in returning]
+        covered = [tokens for _, (_, tokens) in returning]
+        rests = [j.prompt_ids[tokens:] for j, (_, tokens) in returning]
+        if len(returning) == 1:
+            own_logits, own = self._past(prefixes[0], covered[0], rests[0])
+            return own_logits, [own]
+        return self._eager_own(prefixes, covered, rests)
 
     def begin(self, joining: Joining) -> Chunked:
         """A prompt to prefill in chunks (``advance``), from its best start."""
@@ -187,14 +206,35 @@ class Prefiller:
         logits, prefilled = [], []
         for group in split(rests):
             cache = cache_of(prefix, covered)
-            packed = pack(group, covered, self.model.device)
-            keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
-            out = self.model(input_ids=packed.ids, position_ids=packed.positions,
-                             attention_mask=packed.mask, use_cache=True,
-                             **{self._cache_kw: cache}, **keep)
-            logits.append(out.logits[0] if keep else out.logits[0, packed.ends])
-            prefilled.append(PackedKV(kv_of(cache), [len(rest) for rest in group]))
+            group_covered = [covered] * len(group)
+            logits.append(self._forward(pack(group, group_covered, True, self.model.device),
+                                        cache))
+            prefilled.append(PackedKV(kv_of(cache), [len(rest) for rest in group],
+                                      group_covered))
         return torch.cat(logits), prefilled
+
+    def _eager_own(self, prefixes: list[KV], covered: list[int], rests: list[list[int]]
+                   ) -> tuple[torch.Tensor, list[PackedKV]]:
+        """``_eager`` for prompts each past a prefix of its own (``covered[i]`` tokens of
+        ``prefixes[i]``): the prefixes' KV one after the other in the pack's cache."""
+        logits, prefilled = [], []
+        for group in split_own(rests, covered):
+            cache = cache_of_own([prefixes[i] for i in group])
+            group_covered, group_rests = [covered[i] for i in group], [rests[i] for i in group]
+            packed = pack(group_rests, group_covered, False, self.model.device)
+            logits.append(self._forward(packed, cache))
+            prefilled.append(PackedKV(kv_of(cache), [len(rest) for rest in group_rests],
+                                      group_covered, shared=False))
+        return torch.cat(logits), prefilled
+
+    def _forward(self, packed: Packed, cache: DynamicCache) -> torch.Tensor:
+        """One packed forward into ``cache``: each prompt's last logits [prompts, vocab]."""
+        keep = {"logits_to_keep": packed.ends} if self._last_logits_only else {}
+        out = self.model(input_ids=packed.ids, position_ids=packed.positions,
+                         attention_mask=packed.mask, use_cache=True,
+                         **{self._cache_kw: cache}, **keep)
+        logits: torch.Tensor = out.logits[0] if keep else out.logits[0, packed.ends]
+        return logits
 
     def _prefix_kv(self) -> KV | None:
         return kv_of(self._prefix.cache) if self._prefix is not None else None

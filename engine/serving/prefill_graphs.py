@@ -165,7 +165,8 @@ class PrefillGraphs:
         layers = [(_packed(layer.keys, covered, start, rests),  # type: ignore[arg-type]
                    _packed(layer.values, covered, start, rests))  # type: ignore[arg-type]
                   for layer in self._layers()]
-        return logits[index, index], PackedKV(layers, [len(rest) for rest in rests])
+        return logits[index, index], PackedKV(layers, [len(rest) for rest in rests],
+                                              [covered] * count)
 
 
 def _packed(buffer: torch.Tensor, covered: int, start: int, rests: list[list[int]]

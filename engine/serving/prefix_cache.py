@@ -89,22 +89,21 @@ class PrefixCache:
         for block_hash in entry.hashes:
             self._by_hash.setdefault(block_hash, {})[id(entry)] = entry
 
-    def keep_packs(self, prompts: list[list[int]], packs: list[tuple[PackedKV, int]]) -> None:
-        """``keep`` each prompt of ``packs`` (packed prefills, each past its ``covered``
-        prefix tokens), in order. Out of memory only empties the cache: the prompts' rows
-        have joined their batch already."""
+    def keep_packs(self, prompts: list[list[int]], packs: list[PackedKV]) -> None:
+        """``keep`` each prompt of ``packs`` (packed prefills), in order. Out of memory only
+        empties the cache: the prompts' rows have joined their batch already."""
         if not self.max_bytes:
             return
         index = 0
         try:
-            for packed, covered in packs:
-                start = covered
-                for length in packed.lengths:
-                    layers = [(_prompt_kv(keys, covered, start, length),
-                               _prompt_kv(values, covered, start, length))
+            for packed in packs:
+                for prefix_start, covered, own_start, length in zip(
+                        packed.prefix_starts(), packed.covered, packed.own_starts(),
+                        packed.lengths, strict=True):
+                    layers = [(_prompt_kv(keys, prefix_start, covered, own_start, length),
+                               _prompt_kv(values, prefix_start, covered, own_start, length))
                               for keys, values in packed.layers]
                     self.keep(prompts[index], layers)
-                    start += length
                     index += 1
         except torch.OutOfMemoryError:
             log.warning("no memory left to keep prompt starts; the prefix cache is emptied")
@@ -145,8 +144,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return count
 
 
-def _prompt_kv(packed: torch.Tensor, covered: int, start: int, length: int) -> torch.Tensor:
-    """One prompt's KV out of a pack (``[1, heads, covered + all prompts' tokens, dim]``):
-    the shared ``covered`` tokens, then its own ``length`` from column ``start``; a copy (a
-    captured prefill's pack is overwritten by the next)."""
-    return torch.cat([packed[:, :, :covered], packed[:, :, start:start + length]], dim=2)
+def _prompt_kv(packed: torch.Tensor, prefix_start: int, covered: int, start: int,
+               length: int) -> torch.Tensor:
+    """One prompt's KV out of a pack (``[1, heads, columns, dim]``): its ``covered`` prefix
+    tokens from column ``prefix_start``, then its own ``length`` from column ``start``; a
+    copy (a captured prefill's pack is overwritten by the next)."""
+    return torch.cat([packed[:, :, prefix_start:prefix_start + covered],
+                      packed[:, :, start:start + length]], dim=2)
