@@ -57,7 +57,7 @@ class ContextBuilder:
             state, history = await self._store.reply_context(
                 user_id, persona.id, persona.moods.baseline, self._history_messages)
         history = self._windows.window(user_id, history)
-        retrieved = await self._retrieve(text, user_id)
+        retrieved = _not_in(history, await self._retrieve(text, user_id))
         knowledge = "\n".join(f"- {c.text}" for c in retrieved if c.scope == "persona")
         request = self._engine.build_request(PromptInputs(
             text=text,
@@ -78,3 +78,11 @@ class ContextBuilder:
         minimum = self._remember_min_chars
         if self._retriever is not None and minimum and len(text) >= minimum:
             await self._retriever.remember_message(user_id, message_id, text)
+
+
+def _not_in(history: list[HistoryMessage], retrieved: list[RetrievedChunk]
+            ) -> list[RetrievedChunk]:
+    """``retrieved`` less the memories of messages the prompt's history holds already: the
+    prompt would say them twice, and each is prefilled again with every message."""
+    shown = {f"message:{item.id}" for item in history if item.role == "user"}
+    return [chunk for chunk in retrieved if chunk.source not in shown]

@@ -188,6 +188,20 @@ async def test_retrieval_feeds_knowledge_to_system_and_memories_to_user_turns(
     assert {"id", "score", "source"} <= set(reply.trace["retrieved"][0])
 
 
+async def test_a_memory_already_in_the_history_is_not_repeated_as_a_note(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A viewer's message is in their history window and kept as a memory: retrieved for
+    the next message, it would be in the prompt twice (tokens prefilled for nothing)."""
+    config = make_config(db_url, store={"url": db_url, "remember_messages_min_chars": 10})
+    async with open_runtime(config, DataPaths.resolve(tmp_path)) as runtime:
+        await runtime.service.handle(event("My cat is called Mochi, she is grey."))
+        await runtime.service.handle(event("What is my cat called again? Mochi?"))
+        request = scripted(runtime).requests[-1]
+    said = [m for m in request.messages if "called Mochi, she is grey" in m.content]
+    assert len(said) == 1 and said[0].content == "My cat is called Mochi, she is grey."
+
+
 async def test_one_users_messages_are_answered_in_order(runtime: Runtime) -> None:
     import asyncio
 
