@@ -4,7 +4,7 @@ An eager prefill of an 8B model spends most of its time launching kernels from P
 H200 a single request's join paused the running rows 63 ms for 16 ms of GPU work, and a group
 of 8 copied the shared prefix's KV once per row before its forward. Here the prefix's KV sits
 in every row of a small scratch cache, loaded once; the joining requests' own tokens (padded
-to a bucket of 64, 128, 256 or 512; 1, 2 or 4 rows) are written past it, attending to the
+to a bucket of 64, 128, 256, 384 or 512; 1, 2 or 4 rows) are written past it, attending to the
 prefix columns they share and causally to each other, all through a prepared mask, so shapes
 and addresses never change. Each bucket is captured once at start-up and replayed per join.
 Longer prompts, larger groups and models off a single GPU take the eager path.
@@ -23,7 +23,9 @@ from engine.serving.packed_prefill import PackedKV
 from engine.serving.sampling import on_device
 
 log = logging.getLogger(__name__)
-TOKEN_BUCKETS = (64, 128, 256, 512)
+# A returning viewer's new tokens (last message and reply, this message's hint, memories and
+# message) are ~300-350 with a real tokenizer: 384 spares them a 512 bucket's padding.
+TOKEN_BUCKETS = (64, 128, 256, 384, 512)
 # Groups of more (bursts) prefill eagerly: measured on an H200, 8 rows padded to a bucket and
 # attending over the scratch's full width took 170 ms against 137 ms eager.
 ROW_BUCKETS = (1, 2, 4)
