@@ -8,6 +8,7 @@ reply, so the service's error boundary can end the message and send at most one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,18 @@ class Attempt:
     stage: str = "store"  # store (reading context) | backend | send | store (recording)
     delivered: bool = False
     text: str = ""  # the reply, once generated
+    # The delivered reply's record: shutdown cancelling the answer does not stop it (the
+    # viewer has the reply, so the store must say so).
+    recording: asyncio.Future[int] | None = None
+
+    async def recorded(self) -> bool:
+        """Whether a delivered reply's record landed (waited for while it is written)."""
+        if self.recording is None:
+            return False
+        with contextlib.suppress(Exception):  # a failed write was logged where it failed
+            await asyncio.shield(self.recording)
+        return (self.recording.done() and not self.recording.cancelled()
+                and self.recording.exception() is None)
 
 
 class Answerer:
@@ -113,6 +126,21 @@ class Answerer:
             reply, sent_id, queue_wait = await self._generate_and_send(exchange, prompt,
                                                                        attempt)
         attempt.stage = "store"
+        attempt.recording = asyncio.ensure_future(
+            self._recorded(exchange, prompt, text, reply, sent_id, queue_wait))
+        reply_id = await asyncio.shield(attempt.recording)
+        message_id = await exchange.recorded()
+        try:  # a long-term memory is a bonus: losing one must not fail the exchange
+            if exchange.user_id is not None:
+                await self._context.remember(exchange.user_id, message_id, text)
+        except StoreError as exc:
+            log.warning("message %d: not kept as a memory: %s", message_id, exc)
+        return reply_id
+
+    async def _recorded(self, exchange: Exchange, prompt: PreparedPrompt, text: str,
+                        reply: GeneratedReply, sent_id: str | None, queue_wait: float) -> int:
+        """The delivered reply, its state change and its question's status written; the
+        stored reply's id."""
         message_id = await exchange.recorded()
         trace = self._trace(exchange, prompt, reply, queue_wait)
         reply_id, mood = await self._record(message_id, text, reply, trace, sent_id,
@@ -121,11 +149,6 @@ class Answerer:
             self._signals.reply_progress(self._progress(
                 exchange, reply.text, done=True, mood=mood,
                 timings_ms={**trace["timings_ms"], "tokens": reply.completion_tokens}))
-        try:  # a long-term memory is a bonus: losing one must not fail the exchange
-            if exchange.user_id is not None:
-                await self._context.remember(exchange.user_id, message_id, text)
-        except StoreError as exc:
-            log.warning("message %d: not kept as a memory: %s", message_id, exc)
         return reply_id
 
     async def _generate_and_send(self, exchange: Exchange, prompt: PreparedPrompt,

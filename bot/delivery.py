@@ -7,7 +7,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from bot.events import DeliveryError
+from bot.config import LimitsConfig
+from bot.events import ChatEvent, DeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -50,3 +51,18 @@ async def cosmetic(call: Awaitable[None], what: str) -> bool:
         log.debug("%s failed: %s: %s", what, type(exc).__name__, exc)
         return False
     return True
+
+
+def send_backlog(event: ChatEvent) -> float:
+    """Seconds the platform's send limit has spoken for in this channel (Twitch's 20 in
+    30 s), from sinks that know; 0 otherwise."""
+    backlog = getattr(event.sink, "send_backlog_s", None)
+    return float(backlog()) if backlog is not None else 0.0
+
+
+def backlog_limit(limits: LimitsConfig) -> float:
+    """A reply may wait this long for its channel's send limit: half its timeout (the rest
+    is for generating it), and never past the point where it would be stale. Waiting longer
+    would end in a timeout, and its fallback would wait in the same line."""
+    limit = limits.reply_timeout_s / 2
+    return min(limit, limits.stale_after_s) if limits.stale_after_s else limit

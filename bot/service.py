@@ -21,7 +21,7 @@ from bot.admission import Admission
 from bot.answer import Answerer, Attempt, Exchange
 from bot.config import AppConfig, LimitsConfig
 from bot.context import ContextBuilder
-from bot.delivery import DeliveryFailed, deliver
+from bot.delivery import DeliveryFailed, backlog_limit, deliver, send_backlog
 from bot.events import ChatEvent, Reply, ReplySink
 from bot.flow import Episodes, Lanes, Ticket
 from bot.recording import Recording
@@ -193,9 +193,10 @@ class ConversationService:
                 text, ticket.lane.burst = "\n".join([*ticket.lane.burst, text]), []
             async with asyncio.timeout(self._config.limits.reply_timeout_s):
                 reply_id = await self._answerer.answer(exchange, text, attempt)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._recording.finish(exchange, "expired", "shutdown"))
-            log.warning("message %s expired (shutdown)", exchange.label)
+        except asyncio.CancelledError:  # shutdown: a reply the viewer has is recorded still
+            if not await asyncio.shield(attempt.recorded()):
+                await asyncio.shield(self._recording.finish(exchange, "expired", "shutdown"))
+                log.warning("message %s expired (shutdown)", exchange.label)
             raise
         except Exception as exc:  # noqa: BLE001 - the one error boundary; the cause is logged
             return await self._failed(exchange, attempt, exc)
@@ -249,8 +250,8 @@ class ConversationService:
     def _send_line_full(self, event: ChatEvent, limits: LimitsConfig) -> bool:
         """Whether replies already waiting for this channel's send limit would hold a new one
         too long; the operator is told once when that starts and once when it clears."""
-        backlog, channel = _send_backlog(event), f"{event.platform}:{event.channel_id}"
-        if backlog > _backlog_limit(limits):
+        backlog, channel = send_backlog(event), f"{event.platform}:{event.channel_id}"
+        if backlog > backlog_limit(limits):
             if self._backlogged.begin(channel):
                 log.warning("%s: replies wait %.0f s for the platform's send limit; new "
                             "messages there are dropped (send_backlog) until it clears",
@@ -384,17 +385,3 @@ class ConversationService:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         return self._admission.latency_percentiles()
 
-
-def _send_backlog(event: ChatEvent) -> float:
-    """Seconds the platform's send limit has spoken for in this channel (Twitch's 20 in
-    30 s), from sinks that know; 0 otherwise."""
-    backlog = getattr(event.sink, "send_backlog_s", None)
-    return float(backlog()) if backlog is not None else 0.0
-
-
-def _backlog_limit(limits: LimitsConfig) -> float:
-    """A reply may wait this long for its channel's send limit: half its timeout (the rest
-    is for generating it), and never past the point where it would be stale. Waiting longer
-    would end in a timeout, and its fallback would wait in the same line."""
-    limit = limits.reply_timeout_s / 2
-    return min(limit, limits.stale_after_s) if limits.stale_after_s else limit

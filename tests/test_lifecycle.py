@@ -395,6 +395,33 @@ async def test_shutdown_expires_what_cannot_finish(runtime: Runtime,
         ("dropped", "shutdown")] + [("expired", "shutdown")] * 3
 
 
+async def test_a_reply_sent_before_the_grace_ends_is_recorded_answered(
+        runtime: Runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shutdown's grace ends while a delivered reply's record is being written: the viewer
+    has the reply, so it is recorded answered (not expired, which would say they had none)."""
+    writing, release = asyncio.Event(), asyncio.Event()
+    complete = runtime.store.complete_exchange
+
+    async def slow_complete(**kwargs: Any) -> Any:
+        writing.set()
+        await release.wait()
+        return await complete(**kwargs)
+
+    monkeypatch.setattr(runtime.store, "complete_exchange", slow_complete)
+    sink = FlakySink()
+    task = asyncio.create_task(runtime.service.handle(event(sink)))
+    await writing.wait()
+    draining = asyncio.create_task(runtime.service.drain(grace_s=0))
+    while not task.cancelling():  # the grace is over: shutdown cancels the answer
+        await asyncio.sleep(0)
+    release.set()
+    await draining
+    await asyncio.gather(task, return_exceptions=True)
+    rows = await user_rows(runtime)
+    assert [(r.status, r.status_reason) for r in rows] == [("answered", None)]
+    assert sink.sent == [REPLY]
+
+
 class SlowBackend(ScriptedBackend):
     async def generate(self, request: GenerationRequest) -> AsyncIterator[str]:
         await asyncio.sleep(0.3)
