@@ -199,6 +199,8 @@ def _engine_split(spent: Counter[str]) -> dict[str, Any]:
             "graph_steps": int(spent["graph_steps"]),
             "rows_per_step": round(spent["rows_stepped"] / steps, 1) if steps else 0.0,
             "prefill_s": round(spent["admit_s"], 1),
+            # of which: the prompts' chat template and ids, and the joins to their first tokens
+            "tokenize_s": round(spent["tokenize_s"], 2), "join_s": round(spent["join_s"], 2),
             "chunk_s": round(spent["chunk_s"], 1),
             "prefills": int(spent["prefills"]), "chunks": int(spent["chunks"]),
             "prompt_tok_computed": int(computed), "prompt_tok_cached": int(spent["cached_tokens"])}

@@ -165,8 +165,8 @@ def test_a_returning_viewers_next_prompt_prefills_only_what_is_new(
     if static:
         assert batch.prefiller.graphs is not None
         run_past = batch.prefiller.graphs.run_past
-        batch.prefiller.graphs.run_past = lambda kv, covered, rest: (  # type: ignore[method-assign]
-            past.append(covered) or run_past(kv, covered, rest))
+        batch.prefiller.graphs.run_past = lambda kv, covered, rests: (  # type: ignore[method-assign]
+            past.extend(covered) or run_past(kv, covered, rests))
     ann2, bob2 = [*ann, 7, 8, 9, 10], [*bob, 11, 12]
     first, cached_first = _run(batch, {0: [("ann1", [*ann, 1, 2]), ("bob1", [*bob, 3])]})
     second, cached = _run(batch, {0: [("bob2", bob2)],
@@ -240,9 +240,10 @@ def test_one_long_paste_does_not_empty_the_history() -> None:
 @pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
 def test_returning_viewers_who_arrive_together_prefill_in_one_forward(
         tiny_model_dir: Path, static: bool) -> None:
-    """Three returning viewers and a new one join in one step: the three are packed into one
-    forward, each past their own kept start (of different lengths) and seeing nothing of the
-    others'; each reply is token for token what ``generate()`` gives its prompt alone."""
+    """Five returning viewers and a new one join in one step: the five are prefilled
+    together (packed, or a static bucket's rows), each past their own kept start (of
+    different lengths) and seeing nothing of the others'; each reply is token for token what
+    ``generate()`` gives its prompt alone."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -253,17 +254,24 @@ def test_returning_viewers_who_arrive_together_prefill_in_one_forward(
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     persona = list(range(5, 5 + 40))
     firsts = {name: persona + list(range(start, start + length))
-              for name, start, length in (("ann", 100, 70), ("bob", 200, 40), ("cy", 300, 90))}
+              for name, start, length in (("ann", 100, 70), ("bob", 200, 40), ("cy", 300, 90),
+                                          ("dee", 50, 33), ("eve", 250, 45))}
     batch = ContinuousBatch(model, slots=8)
     if static:
         batch.make_static(slots=8, width=320)
     batch.set_prefix(persona)
     batch.prefix_cache = PrefixCache(max_bytes=64 * 2**20)
     _run(batch, {0: [(f"{name}1", ids) for name, ids in firsts.items()]})
-    forwards: list[int] = []
-    forward = batch.prefiller._forward
-    batch.prefiller._forward = lambda packed, cache: (  # type: ignore[method-assign]
-        forwards.append(int(packed.ends.numel())) or forward(packed, cache))
+    forwards: list[int] = []  # prompts in each forward of returning viewers
+    if static:  # through the static buckets, a row each
+        assert batch.prefiller.graphs is not None
+        run_past = batch.prefiller.graphs.run_past
+        batch.prefiller.graphs.run_past = lambda kv, covered, rests: (  # type: ignore[method-assign]
+            forwards.append(len(rests)) or run_past(kv, covered, rests))
+    else:
+        forward = batch.prefiller._forward
+        batch.prefiller._forward = lambda packed, cache: (  # type: ignore[method-assign]
+            forwards.append(int(packed.ends.numel())) or forward(packed, cache))
     seconds = {f"{name}2": [*ids, 7, 8, 9 + index]
                for index, (name, ids) in enumerate(firsts.items())}
     seconds["new"] = [*persona, 4, 5]
@@ -271,7 +279,9 @@ def test_returning_viewers_who_arrive_together_prefill_in_one_forward(
     for name, ids in firsts.items():
         assert cached[f"{name}2"] >= len(ids) - BLOCK
     assert cached["new"] == len(persona)
-    assert 3 in forwards  # the returning viewers' one packed forward
+    # One packed forward for the five (after the new viewer's own); the static buckets take
+    # four rows at a time.
+    assert forwards == ([4, 1] if static else [1, 5])
     for rid, ids in seconds.items():
         assert tokens[rid] == _greedy(model, ids), rid
     # What the packed forward kept serves their next messages too.

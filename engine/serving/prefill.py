@@ -158,15 +158,26 @@ class Prefiller:
 
     def _returning(self, returning: list[tuple[Joining, tuple[Entry, int]]]
                    ) -> tuple[torch.Tensor, list[PackedKV]]:
-        """Returning viewers past their kept starts: one alone through a static bucket
-        where it fits; several packed together, each seeing only its own start."""
+        """Returning viewers past their kept starts: through static buckets (a few rows at
+        a time, each row its own start) where they fit, else packed together eagerly, each
+        seeing only its own start."""
         assert self.prefix_cache is not None
         prefixes = [self.prefix_cache.use(entry, tokens) for _, (entry, tokens) in returning]
         covered = [tokens for _, (_, tokens) in returning]
         rests = [j.prompt_ids[tokens:] for j, (_, tokens) in returning]
+        graphs = self.graphs
+        if graphs is not None and all(graphs.fits_past(c, len(r))
+                                      for c, r in zip(covered, rests, strict=True)):
+            logits, packs = [], []
+            for first in range(0, len(rests), graphs.max_rows):
+                part = slice(first, first + graphs.max_rows)
+                part_logits, packed = graphs.run_past(prefixes[part], covered[part],
+                                                      rests[part])
+                logits.append(part_logits)
+                packs.append(packed)
+            return torch.cat(logits), packs
         if len(returning) == 1:
-            own_logits, own = self._past(prefixes[0], covered[0], rests[0])
-            return own_logits, [own]
+            return self._eager([rests[0]], covered[0], prefixes[0])
         return self._eager_own(prefixes, covered, rests)
 
     def begin(self, joining: Joining) -> Chunked:
@@ -194,7 +205,7 @@ class Prefiller:
         its whole KV (``covered`` + ``rest``), through a static bucket where one fits."""
         if prefix is not None and self.graphs is not None and self.graphs.fits_past(
                 covered, len(rest)):
-            return self.graphs.run_past(prefix, covered, rest)
+            return self.graphs.run_past([prefix], [covered], [rest])
         logits, [packed] = self._eager([rest], covered, prefix)
         return logits, packed
 

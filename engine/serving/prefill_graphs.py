@@ -62,7 +62,7 @@ class PrefillGraphs:
                          for rows in ROW_BUCKETS for tokens in TOKEN_BUCKETS}
         self._prefix_length = 0
         self._shared: KV = []  # the shared prefix's KV, as loaded
-        self._row0_shared = True  # False while scratch row 0 holds a returning viewer's
+        self._own_rows = 0  # scratch rows holding returning viewers' starts, not the shared
 
     @property
     def captured(self) -> bool:
@@ -78,7 +78,7 @@ class PrefillGraphs:
         length = min(length, self._room)
         self._copy_prefix(prefix, length, rows=slice(None))
         self._prefix_length = length
-        self._shared, self._row0_shared = prefix, True
+        self._shared, self._own_rows = prefix, 0
 
     def _copy_prefix(self, prefix: KV, length: int, rows: slice) -> None:
         for layer, (keys, values) in zip(self._layers(), prefix, strict=True):
@@ -86,20 +86,25 @@ class PrefillGraphs:
             layer.keys[rows, :, :length] = keys[:1, :, :length]
             layer.values[rows, :, :length] = values[:1, :, :length]
 
+    @property
+    def max_rows(self) -> int:
+        return ROW_BUCKETS[-1]
+
     def fits_past(self, covered: int, tokens: int) -> bool:
-        """Whether one request past a prefix of its own (``run_past``) fits a bucket."""
+        """Whether a request past a prefix of its own (``run_past``) fits a bucket."""
         return covered <= self._room and tokens <= TOKEN_BUCKETS[-1]
 
     @torch.inference_mode()
-    def run_past(self, prefix: KV, covered: int, rest: list[int]
+    def run_past(self, prefixes: list[KV], covered: list[int], rests: list[list[int]]
                  ) -> tuple[torch.Tensor, PackedKV]:
-        """``run`` for one request whose first ``covered`` tokens are ``prefix`` (a returning
-        viewer's kept start): copied into scratch row 0 first (a ~0.15 MB-a-token copy on
-        the device, against an eager prefill's launches), the shared prefix put back there
-        before the next shared ``run``."""
-        self._copy_prefix(prefix, covered, rows=slice(0, 1))
-        self._row0_shared = False
-        return self._replay([rest], covered)
+        """``run`` for up to ``max_rows`` requests, each past a prefix of its own (a
+        returning viewer's kept start, its first ``covered[i]`` tokens): each is copied into
+        its scratch row first (a ~0.15 MB-a-token copy on the device), and each row attends
+        to its own; the shared prefix is put back before the next shared ``run``."""
+        for row, (prefix, length) in enumerate(zip(prefixes, covered, strict=True)):
+            self._copy_prefix(prefix, length, rows=slice(row, row + 1))
+        self._own_rows = max(self._own_rows, len(prefixes))
+        return self._replay(rests, covered, shared=False)
 
     def fits(self, rows: int, covered: int, tokens: int) -> bool:
         return (rows <= ROW_BUCKETS[-1] and covered <= self._prefix_length
@@ -137,25 +142,32 @@ class PrefillGraphs:
     def run(self, rests: list[list[int]], covered: int) -> tuple[torch.Tensor, PackedKV]:
         """Prefill ``rests`` (prompts past their first ``covered`` tokens, which the prefix
         holds): each one's last logits [rows, vocab] and the prompts' KV, packed."""
-        if not self._row0_shared and self._shared:  # row 0 held a returning viewer's start
-            self._copy_prefix(self._shared, self._prefix_length, rows=slice(0, 1))
-            self._row0_shared = True
-        return self._replay(rests, covered)
+        if self._own_rows and self._shared:  # rows held returning viewers' starts
+            self._copy_prefix(self._shared, self._prefix_length, rows=slice(0, self._own_rows))
+            self._own_rows = 0
+        return self._replay(rests, [covered] * len(rests), shared=True)
 
-    def _replay(self, rests: list[list[int]], covered: int) -> tuple[torch.Tensor, PackedKV]:
+    def _replay(self, rests: list[list[int]], covered: list[int], shared: bool
+                ) -> tuple[torch.Tensor, PackedKV]:
         count, longest = len(rests), max(len(rest) for rest in rests)
         bucket = next(b for (rows, tokens), b in self._buckets.items()
                       if rows >= count and tokens >= longest)
         device = bucket.ids.device
         padded = [rest + rest[-1:] * (bucket.tokens - len(rest)) for rest in rests]
         padded += padded[-1:] * (bucket.rows - count)  # idle rows repeat the last request
-        bucket.ids.copy_(on_device(padded, device))  # queued: never waits for a running step
-        bucket.positions.copy_(torch.arange(covered, covered + bucket.tokens, device=device)
-                               .expand(bucket.rows, -1))
+        idle = bucket.rows - count
         ends = [len(rest) - 1 for rest in rests]
-        bucket.last.copy_(on_device(ends + ends[-1:] * (bucket.rows - count), device))
+        # One copy from the host (queued: never waits for a running step).
+        sent = on_device([token for row in padded for token in row]
+                         + ends + ends[-1:] * idle + covered + covered[-1:] * idle, device)
+        tokens = bucket.rows * bucket.tokens
+        bucket.ids.copy_(sent[:tokens].view(bucket.rows, bucket.tokens))
+        bucket.last.copy_(sent[tokens:tokens + bucket.rows])
+        starts = sent[tokens + bucket.rows:]
+        bucket.positions.copy_(starts[:, None] + torch.arange(bucket.tokens, device=device))
         bucket.mask.zero_()
-        bucket.mask[:, 0, :, :covered] = True
+        prefix = torch.arange(self._room, device=device)[None, :] < starts[:, None]
+        bucket.mask[:, 0, :, :self._room] = prefix[:, None, :]
         bucket.mask[:, 0, :, self._room:self._room + bucket.tokens] = bucket.causal
         if bucket.graph is not None and bucket.logits is not None:
             bucket.graph.replay()
@@ -164,16 +176,20 @@ class PrefillGraphs:
             logits = self._forward(bucket)
         index = torch.arange(count, device=device)
         start = self._room
-        layers = [(_packed(layer.keys, covered, start, rests),  # type: ignore[arg-type]
-                   _packed(layer.values, covered, start, rests))  # type: ignore[arg-type]
+        layers = [(_packed(layer.keys, covered, start, rests, shared),  # type: ignore[arg-type]
+                   _packed(layer.values, covered, start, rests, shared))  # type: ignore[arg-type]
                   for layer in self._layers()]
-        return logits[index, index], PackedKV(layers, [len(rest) for rest in rests],
-                                              [covered] * count)
+        return logits[index, index], PackedKV(layers, [len(rest) for rest in rests], covered,
+                                              shared)
 
 
-def _packed(buffer: torch.Tensor, covered: int, start: int, rests: list[list[int]]
-            ) -> torch.Tensor:
-    """The scratch rows' KV packed: the shared prefix once, then each row's own tokens."""
-    parts = [buffer[:1, :, :covered]]
+def _packed(buffer: torch.Tensor, covered: list[int], start: int, rests: list[list[int]],
+            shared: bool) -> torch.Tensor:
+    """The scratch rows' KV packed: the shared prefix once (or each row's own in turn),
+    then each row's own tokens."""
+    if shared:
+        parts = [buffer[:1, :, :covered[0]]]
+    else:
+        parts = [buffer[row:row + 1, :, :length] for row, length in enumerate(covered)]
     parts += [buffer[row:row + 1, :, start:start + len(rest)] for row, rest in enumerate(rests)]
     return torch.cat(parts, dim=2)
