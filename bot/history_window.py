@@ -34,6 +34,9 @@ class _Message(Protocol):
 
 
 M = TypeVar("M", bound=_Message)
+# Messages whose token count is remembered: tokenizing is most of a window's cost, on the event
+# loop, and a viewer's window holds the same messages message after message.
+COUNTS_KEPT = 50_000
 
 
 class HistoryWindows:
@@ -43,6 +46,8 @@ class HistoryWindows:
         self._count = count_tokens
         self._max_viewers = max_viewers
         self._starts: OrderedDict[int, int] = OrderedDict()  # viewer → first message id kept
+        # (id, text) → tokens: the text too, since a deleted message's id may come back
+        self._counts: dict[tuple[int, str], int] = {}
 
     def window(self, viewer: int | None, history: Sequence[M]) -> list[M]:
         """The part of ``history`` (oldest first, as read) this viewer's prompt gets."""
@@ -60,13 +65,22 @@ class HistoryWindows:
         return kept
 
     def _fits(self, messages: Sequence[M]) -> bool:
-        return sum(self._count(m.content) for m in messages) <= self._budget
+        return sum(self._cost(m) for m in messages) <= self._budget
+
+    def _cost(self, message: _Message) -> int:
+        key = (message.id, message.content)
+        cost = self._counts.get(key)
+        if cost is None:
+            cost = self._counts[key] = self._count(message.content)
+            if len(self._counts) > COUNTS_KEPT:  # the oldest first (insertion order)
+                del self._counts[next(iter(self._counts))]
+        return cost
 
     def _newest(self, history: Sequence[M], budget: int, count: int) -> list[M]:
         kept: list[M] = []
         used = 0
-        for item in reversed(_without_oversized(history, self._count, budget)):
-            cost = self._count(item.content)
+        for item in reversed(_without_oversized(history, self._cost, budget)):
+            cost = self._cost(item)
             if used + cost > budget or len(kept) == count:
                 break
             kept.append(item)
@@ -83,11 +97,11 @@ class HistoryWindows:
             self._starts.popitem(last=False)
 
 
-def _without_oversized(history: Sequence[M], count: Callable[[str], int],
+def _without_oversized(history: Sequence[M], cost: Callable[[_Message], int],
                        budget: int) -> list[M]:
     """``history`` without the exchanges (a viewer's message and the reply to it) that hold a
     message too long for the budget on its own: one long paste must not empty the window."""
-    too_long = {i for i, m in enumerate(history) if count(m.content) > budget}
+    too_long = {i for i, m in enumerate(history) if cost(m) > budget}
     for index in list(too_long):
         partner = index + 1 if history[index].role == "user" else index - 1
         if 0 <= partner < len(history) and history[partner].role != history[index].role:

@@ -291,3 +291,23 @@ def test_returning_viewers_who_arrive_together_prefill_in_one_forward(
     for rid, ids in thirds.items():
         assert cached[rid] >= len(ids) - 2 - BLOCK
         assert tokens[rid] == _greedy(model, ids), rid
+
+
+def test_a_window_counts_each_message_once() -> None:
+    """Tokenizing is a window's cost, on the event loop: a message already counted is not
+    tokenized again for the viewer's next message (nor is a text that changed under the
+    same id taken for the old one)."""
+    counted: list[str] = []
+
+    def count(text: str) -> int:
+        counted.append(text)
+        return len(text)
+
+    windows = HistoryWindows(token_budget=20 * 17, count_tokens=count)
+    chat = _chat(6)
+    windows.window(1, chat[:8])
+    first = len(counted)
+    windows.window(1, chat)
+    assert len(counted) - first == 4  # the two new exchanges only
+    windows.window(1, [Msg(chat[0].id, "user", "another text"), *chat[1:]])
+    assert counted[-1] == "another text"
