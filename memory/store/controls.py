@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 
 from memory.errors import IntegrityViolation
 from memory.models import MutedViewer, OperatorAction
@@ -21,22 +21,24 @@ class OperatorControls:
     async def record(self, action: str, target: str | None, detail: dict[str, Any],
                      outcome: str, at: datetime) -> None:
         async with self._db.write() as session:
-            session.add(OperatorAction(at=at, action=action, target=target, detail=detail,
-                                       outcome=outcome[:200]))
+            await session.execute(insert(OperatorAction).values(
+                at=at, action=action, target=target, detail=detail, outcome=outcome[:200]))
 
     async def recent(self, limit: int) -> list[AuditEntry]:
         """The newest ``limit`` entries, newest first."""
         async with self._db.read() as session:
-            rows = (await session.scalars(select(OperatorAction).order_by(
-                OperatorAction.id.desc()).limit(limit))).all()
+            rows = (await session.execute(select(
+                OperatorAction.id, OperatorAction.at, OperatorAction.action,
+                OperatorAction.target, OperatorAction.detail, OperatorAction.outcome,
+            ).order_by(OperatorAction.id.desc()).limit(limit))).all()
             return [AuditEntry(row.id, row.at, row.action, row.target, dict(row.detail),
                                row.outcome) for row in rows]
 
     async def mute(self, platform: str, platform_user_id: str, at: datetime) -> None:
         try:
             async with self._db.write() as session:
-                session.add(MutedViewer(platform=platform, platform_user_id=platform_user_id,
-                                        at=at))
+                await session.execute(insert(MutedViewer).values(
+                    platform=platform, platform_user_id=platform_user_id, at=at))
         except IntegrityViolation:
             return  # muted already
 

@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, true, update
+from sqlalchemy import Connection, Row, and_, insert, or_, select, true, update
 from sqlalchemy.orm import aliased
 
 from memory.models import Identity, Message
@@ -24,7 +24,7 @@ from memory.store.records import (
 from memory.store.wakeups import ViewerWakeups
 
 
-def stored_message(row: Message) -> StoredMessage:
+def stored_message(row: Row[Any]) -> StoredMessage:
     return StoredMessage(
         id=row.id, user_id=row.user_id, persona_id=row.persona_id, role=row.role,
         content=row.content, status=row.status, platform=row.platform,
@@ -68,11 +68,11 @@ class Conversations:
         Each item holds the ``Message`` columns (``content``, not ``text``)."""
         if not items:
             return []
+        rows = [{"role": "user", "status": "received", **item} for item in items]
         async with self._db.write() as session:
-            rows = [Message(role="user", status="received", **item) for item in items]
-            session.add_all(rows)
-            await session.flush()
-            return [row.id for row in rows]
+            ids = await session.execute(
+                insert(Message).returning(Message.id, sort_by_parameter_order=True), rows)
+            return list(ids.scalars())
 
     async def set_status(self, message_id: int, status: str,
                          reason: str | None = None) -> None:
@@ -182,24 +182,25 @@ class Conversations:
 
     async def get_message(self, message_id: int) -> StoredMessage | None:
         async with self._db.read() as session:
-            row = await session.get(Message, message_id)
+            row = (await session.execute(
+                select(sql.messages).where(Message.id == message_id))).first()
             return stored_message(row) if row is not None else None
 
     async def reply_to(self, message_id: int) -> StoredMessage | None:
         """The assistant message answering ``message_id``, if any."""
         async with self._db.read() as session:
-            row = await session.scalar(
-                select(Message).where(Message.reply_to_id == message_id,
-                                      Message.role == "assistant").limit(1))
+            row = (await session.execute(
+                select(sql.messages).where(Message.reply_to_id == message_id,
+                                           Message.role == "assistant").limit(1))).first()
             return stored_message(row) if row is not None else None
 
     async def messages_for(self, user_id: int,
                            persona_id: str | None = None) -> list[StoredMessage]:
-        query = select(Message).where(Message.user_id == user_id).order_by(Message.id)
+        query = select(sql.messages).where(Message.user_id == user_id).order_by(Message.id)
         if persona_id is not None:
             query = query.where(Message.persona_id == persona_id)
         async with self._db.read() as session:
-            return [stored_message(row) for row in await session.scalars(query)]
+            return [stored_message(row) for row in await session.execute(query)]
 
     async def transcript_rows(self, persona_id: str, *, platform: str | None = None,
                               platform_user_id: str | None = None,

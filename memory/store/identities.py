@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from sqlalchemy import ColumnElement, and_, delete, func, select, update
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memory.errors import IntegrityViolation, StoreError
@@ -31,13 +33,11 @@ class Identities:
                     select(Identity.user_id).where(identity_is(platform, platform_user_id)))
                 if user_id is not None:
                     return user_id
-                user = User(display_name=display_name)
-                session.add(user)
-                await session.flush()
-                session.add(Identity(user_id=user.id, platform=platform,
-                                     platform_user_id=platform_user_id,
-                                     display_name=display_name))
-                return user.id
+                new_id = await _new_user(session, display_name)
+                await session.execute(insert(Identity).values(
+                    user_id=new_id, platform=platform, platform_user_id=platform_user_id,
+                    display_name=display_name))
+                return new_id
         except IntegrityViolation:
             pass  # another task created the same identity first; theirs wins
         found = await self.find_user(platform, platform_user_id)
@@ -52,14 +52,13 @@ class Identities:
         memories and audit rows move over and its relationship state is merged (conversation
         counts added, the higher intimacy kept), then the emptied user is deleted."""
         async with self._db.write() as session:
-            identity = await session.scalar(
-                select(Identity).where(identity_is(platform, platform_user_id)))
-            if identity is None:
-                session.add(Identity(user_id=user_id, platform=platform,
-                                     platform_user_id=platform_user_id,
-                                     display_name=display_name))
+            old = await session.scalar(
+                select(Identity.user_id).where(identity_is(platform, platform_user_id)))
+            if old is None:
+                await session.execute(insert(Identity).values(
+                    user_id=user_id, platform=platform, platform_user_id=platform_user_id,
+                    display_name=display_name))
                 return user_id
-            old = identity.user_id
             if old == user_id:
                 return user_id
             # PostgreSQL: wait for transactions still adding rows for ``old`` (their foreign
@@ -79,36 +78,47 @@ class Identities:
     async def unlink_identity(self, platform: str, platform_user_id: str) -> int | None:
         """Give a linked identity a user of its own again (history stays where it is)."""
         async with self._db.write() as session:
-            identity = await session.scalar(
-                select(Identity).where(identity_is(platform, platform_user_id)))
+            identity = (await session.execute(
+                select(Identity.user_id, Identity.display_name)
+                .where(identity_is(platform, platform_user_id)))).first()
             if identity is None:
                 return None
             others = await session.scalar(select(func.count()).select_from(Identity).where(
                 Identity.user_id == identity.user_id))
             if others == 1:
-                return identity.user_id  # not linked to anything
-            user = User(display_name=identity.display_name)
-            session.add(user)
-            await session.flush()
-            identity.user_id = user.id
-            return user.id
+                return int(identity.user_id)  # not linked to anything
+            new_id = await _new_user(session, identity.display_name)
+            await session.execute(update(Identity).where(identity_is(platform, platform_user_id))
+                                  .values(user_id=new_id))
+            return new_id
+
+
+async def _new_user(session: AsyncSession, display_name: str) -> int:
+    added = await session.execute(
+        insert(User).values(display_name=display_name).returning(User.id))
+    return int(added.scalar_one())
 
 
 async def _merge_states(session: AsyncSession, source: int, target: int) -> None:
-    rows = (await session.scalars(select(RelationshipState).where(
-        RelationshipState.user_id.in_((source, target))))).all()
-    by_persona: dict[str, dict[int, RelationshipState]] = {}
+    """Each persona's state of ``source`` becomes ``target``'s, or is merged into the one
+    ``target`` has (conversation counts added, the higher intimacy kept)."""
+    rows = (await session.execute(select(
+        RelationshipState.id, RelationshipState.persona_id, RelationshipState.user_id,
+        RelationshipState.conversation_count, RelationshipState.intimacy,
+    ).where(RelationshipState.user_id.in_((source, target))))).all()
+    by_persona: dict[str, dict[int, Any]] = {}
     for row in rows:
         by_persona.setdefault(row.persona_id, {})[row.user_id] = row
+    states = RelationshipState
     for pair in by_persona.values():
         moved, kept = pair.get(source), pair.get(target)
         if moved is None:
             continue
         if kept is None:
-            moved.user_id = target
+            await session.execute(update(states).where(states.id == moved.id)
+                                  .values(user_id=target))
             continue
-        kept.conversation_count += moved.conversation_count
-        kept.intimacy = max(kept.intimacy, moved.intimacy)
-        kept.version += 1
-        await session.delete(moved)
-    await session.flush()
+        await session.execute(update(states).where(states.id == kept.id).values(
+            conversation_count=kept.conversation_count + moved.conversation_count,
+            intimacy=max(kept.intimacy, moved.intimacy), version=states.version + 1))
+        await session.execute(delete(states).where(states.id == moved.id))

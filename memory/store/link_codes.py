@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 
 from memory.models import LinkAttempt, LinkCode
 from memory.store.database import Database
@@ -29,9 +29,9 @@ class LinkCodeStore:
                 oldest = select(LinkCode.code_hash).order_by(LinkCode.created_at).limit(
                     count - max_open + 1)
                 await session.execute(delete(LinkCode).where(LinkCode.code_hash.in_(oldest)))
-            session.add(LinkCode(code_hash=code_hash, platform=platform,
-                                 platform_user_id=platform_user_id, expires_at=expires_at,
-                                 created_at=now))
+            await session.execute(insert(LinkCode).values(
+                code_hash=code_hash, platform=platform, platform_user_id=platform_user_id,
+                expires_at=expires_at, created_at=now))
 
     async def take_code(self, code_hash: str, *, now: datetime,
                         redeeming_platform: str) -> tuple[str, str] | None:
@@ -59,4 +59,4 @@ class LinkCodeStore:
         """One try; tries older than any window still counted go."""
         async with self._db.write() as session:
             await session.execute(delete(LinkAttempt).where(LinkAttempt.at <= forget_before))
-            session.add(LinkAttempt(viewer=viewer, wrong=wrong, at=now))
+            await session.execute(insert(LinkAttempt).values(viewer=viewer, wrong=wrong, at=now))

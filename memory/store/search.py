@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import functools
 import operator
+from typing import Any
 
-from sqlalchemy import ColumnElement, case, column, delete, func, or_, select, table
+from sqlalchemy import ColumnElement, case, column, delete, func, insert, or_, select, table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from memory.models import Memory, Message
@@ -16,6 +17,9 @@ from memory.store.records import NewMemory, StoredMemory
 # The FTS5 table made by migration 0002 (raw SQL, so not part of the ORM metadata).
 _FTS = table("memories_fts", column("rowid"), column("memories_fts"))
 _FTS_VOCAB = table("memories_fts_vocab", column("term"), column("doc"))
+# What a search result holds of a memory (not its embedding).
+_STORED = (Memory.id, Memory.scope, Memory.persona_id, Memory.user_id, Memory.text,
+           Memory.source)
 
 
 class Memories:
@@ -25,13 +29,13 @@ class Memories:
     async def add_memories(self, items: list[NewMemory]) -> list[int]:
         if not items:
             return []
+        rows = [{"scope": i.scope, "persona_id": i.persona_id, "user_id": i.user_id,
+                 "text": i.text, "source": i.source, "source_hash": i.source_hash,
+                 "embedding": i.embedding} for i in items]
         async with self._db.write() as session:
-            rows = [Memory(scope=i.scope, persona_id=i.persona_id, user_id=i.user_id,
-                           text=i.text, source=i.source, source_hash=i.source_hash,
-                           embedding=i.embedding) for i in items]
-            session.add_all(rows)
-            await session.flush()
-            return [row.id for row in rows]
+            ids = await session.execute(
+                insert(Memory).returning(Memory.id, sort_by_parameter_order=True), rows)
+            return list(ids.scalars())
 
     async def add_message_memory(self, item: NewMemory, message_id: int) -> int | None:
         """A viewer's memory of their message ``message_id`` (whose text is ``item.text``),
@@ -44,12 +48,11 @@ class Memories:
                 Message.id == message_id, Message.content == item.text))
             if owner is None:
                 return None
-            row = Memory(scope="user", persona_id=item.persona_id, user_id=owner,
-                         text=item.text, source=f"message:{message_id}",
-                         embedding=item.embedding)
-            session.add(row)
-            await session.flush()
-            return row.id
+            added = await session.execute(insert(Memory).values(
+                scope="user", persona_id=item.persona_id, user_id=owner, text=item.text,
+                source=f"message:{message_id}", embedding=item.embedding,
+            ).returning(Memory.id))
+            return int(added.scalar_one())
 
     async def source_hashes(self, persona_id: str, scope: str = "persona") -> dict[str, str]:
         async with self._db.read() as session:
@@ -89,15 +92,15 @@ class Memories:
         if not ids:
             return {}
         async with self._db.read() as session:
-            rows = await session.scalars(select(Memory).where(Memory.id.in_(ids)))
+            rows = await session.execute(select(*_STORED).where(Memory.id.in_(ids)))
             return {row.id: _stored(row) for row in rows}
 
     async def viewer_memories(self, persona_id: str, user_id: int,
                               limit: int) -> list[StoredMemory]:
         """One viewer's own long-term memories, newest first (what ``/memory`` shows)."""
         async with self._db.read() as session:
-            rows = await session.scalars(
-                select(Memory)
+            rows = await session.execute(
+                select(*_STORED)
                 .where(Memory.persona_id == persona_id, Memory.user_id == user_id,
                        Memory.scope == "user")
                 .order_by(Memory.id.desc())
@@ -146,7 +149,7 @@ class Memories:
             return [r.id for r in rows]
 
 
-def _stored(row: Memory) -> StoredMemory:
+def _stored(row: Any) -> StoredMemory:
     return StoredMemory(id=row.id, scope=row.scope, persona_id=row.persona_id,
                         user_id=row.user_id, text=row.text, source=row.source)
 
