@@ -132,6 +132,12 @@ def test_launching_a_sampled_step_never_waits_for_the_device(tiny_model_dir: Pat
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert batch.step()  # the launched steps read back as usual
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # a row leaving mid-batch queues its move behind the running step too
+        batch.leave({batch.rows[0].request_id})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert batch.size == 2 and batch.step()
 
 
 def test_a_packed_group_join_matches_generate_and_packing_never_waits(

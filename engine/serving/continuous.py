@@ -36,7 +36,7 @@ from engine.serving.packed_prefill import PackedKV
 from engine.serving.prefill import Chunked, Joining, Prefiller, kv_of
 from engine.serving.prefill_graphs import PrefillGraphs
 from engine.serving.prefix_cache import PrefixCache
-from engine.serving.sampling import pick_tokens, seen_in_prompts
+from engine.serving.sampling import on_device, pick_tokens, seen_in_prompts
 from engine.types import SamplingParams
 
 __all__ = ["Chunked", "ContinuousBatch", "Joining", "supports"]
@@ -205,21 +205,23 @@ class ContinuousBatch:
         first_tokens = pick_tokens(logits, [j.params for j in joining], seen,
                                    [0] * len(joining), sorted(joining[0].eos_ids), generators)
         seen.scatter_(1, first_tokens[:, None], True)
-        firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
-        # Everything that can run out of memory happens before the batch changes.
+        # Everything that can run out of memory happens before the batch changes; and all of
+        # it is queued before the host waits for the first tokens, so the device copies the
+        # prompts into the slots (and the prefix cache) while the host is still launching.
         slots = self._room_for(packs[0].layers, max(len(j.prompt_ids) for j in joining),
                                len(joining),
                                max(len(j.prompt_ids) + j.max_new_tokens + 1 for j in joining))
         for packed in packs:
             slots.append_packed(packed)
+        if self.prefix_cache is not None:
+            self.prefix_cache.keep_packs([j.prompt_ids for j in joining], packs)
+        firsts = first_tokens.tolist()  # waits: the first tokens are streamed at once
         for index, j in enumerate(joining):
             self.rows.append(Row(j.request_id, j.max_new_tokens, j.eos_ids, [firsts[index]],
                                  j.params, generators[index]))
         self._cache = slots
-        self._add_rows(torch.tensor([len(j.prompt_ids) for j in joining], device=device),
+        self._add_rows(on_device([len(j.prompt_ids) for j in joining], device),
                        first_tokens[:, None], seen)
-        if self.prefix_cache is not None:
-            self.prefix_cache.keep_packs([j.prompt_ids for j in joining], packs)
         return [int(first) for first in firsts]
 
     def _add_rows(self, positions: torch.Tensor, last: torch.Tensor,
@@ -312,7 +314,7 @@ class ContinuousBatch:
             self._launched.clear()  # steps still queued served only rows that have left
             return
         assert self._positions is not None and self._last is not None
-        index = torch.tensor(order, device=self._positions.device)
+        index = on_device(order, self._positions.device)  # queued behind the running step
         self._positions, self._last = self._positions[index], self._last[index]
         if self._seen is not None:
             self._seen = self._seen[index]
