@@ -73,7 +73,7 @@ async def cmd_chat(args: argparse.Namespace, config: AppConfig, paths: DataPaths
 
 
 def _run_selection(args: argparse.Namespace, config: AppConfig) -> list[str]:
-    """The adapters this process runs (``--adapters``), with ``--shard-ids`` applied."""
+    """The adapters this process runs (``--adapters``), with the shard options applied."""
     names = config.adapters.enabled_names()
     if not names:
         raise ConfigError(["adapters: no adapter is enabled; set adapters.<name>.enabled: true "
@@ -83,15 +83,20 @@ def _run_selection(args: argparse.Namespace, config: AppConfig) -> list[str]:
             raise ConfigError([f"--adapters: {', '.join(missing)} not enabled in the config "
                                f"(enabled: {', '.join(names)})"])
         names = [n for n in names if n in args.adapters]
-    if args.shard_ids is not None or args.shard_count is not None:
-        discord_config = config.adapters.discord.model_copy(update={
-            "shard_ids": args.shard_ids, "shard_count": args.shard_count})
+    shard_options = {
+        "discord": (args.shard_ids, args.shard_count, "--shard-ids/--shard-count"),
+        "twitch": (args.twitch_shard_ids, args.twitch_shard_count,
+                   "--twitch-shard-ids/--twitch-shard-count")}
+    for platform, (ids, count, flags) in shard_options.items():
+        if ids is None and count is None:
+            continue
+        section = getattr(config.adapters, platform)
+        sharded = section.model_copy(update={"shard_ids": ids, "shard_count": count})
         try:
-            type(discord_config).model_validate(discord_config.model_dump())
+            type(sharded).model_validate(sharded.model_dump())
         except ValidationError as exc:
-            raise ConfigError([f"--shard-ids/--shard-count: {e['msg']}"
-                               for e in exc.errors()]) from None
-        config.adapters.discord = discord_config
+            raise ConfigError([f"{flags}: {e['msg']}" for e in exc.errors()]) from None
+        setattr(config.adapters, platform, sharded)
     return names
 
 

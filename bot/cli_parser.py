@@ -66,6 +66,11 @@ def _add_runtime_commands(sub: Subparsers, shared: argparse.ArgumentParser) -> N
                      help="Discord: the shards this process runs, e.g. 0,1 (needs --shard-count)")
     run.add_argument("--shard-count", type=int, metavar="N",
                      help="Discord: how many shards all processes run together")
+    run.add_argument("--twitch-shard-ids", type=_shard_ids, metavar="IDS",
+                     help="Twitch: the conduit shards this process holds, e.g. 0 (needs "
+                          "--twitch-shard-count)")
+    run.add_argument("--twitch-shard-count", type=int, metavar="N",
+                     help="Twitch: how many shards the conduit has, over all processes")
     sub.add_parser("migrate", parents=[shared],
                    help="upgrade the database schema to the newest revision")
 

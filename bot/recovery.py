@@ -40,13 +40,14 @@ async def sort_out_leftovers(store: Store, limits: LimitsConfig, now: datetime,
 
 
 def runtime_role(config: AppConfig, adapters: list[str], data_dir: Path) -> str:
-    """The work this process does, as a role name: its platforms, with the Discord shards it
-    runs ("discord[0,1/4]+twitch"). A console chat is the terminal's own (one per data dir)."""
+    """The work this process does, as a role name: its platforms, with the shards it runs
+    ("discord[0,1/4]+twitch[0/2]"). A console chat is the terminal's own (one per data
+    dir)."""
     parts = []
     for name in sorted(adapters):
-        discord = config.adapters.discord
-        if name == "discord" and discord.shard_ids is not None:
-            name = f"discord[{','.join(map(str, discord.shard_ids))}/{discord.shard_count}]"
+        section = getattr(config.adapters, name)
+        if name in ("discord", "twitch") and section.shard_ids is not None:
+            name = f"{name}[{','.join(map(str, section.shard_ids))}/{section.shard_count}]"
         elif name == "console":
             name = "console@" + hashlib.sha256(str(data_dir).encode()).hexdigest()[:16]
         parts.append(name)

@@ -153,7 +153,7 @@ class ConversationService:
         self._pending += 1
         attempt = Attempt(self._admission.admitted())
         # A place in this viewer's lane before the first await keeps arrival order.
-        ticket = self._lanes.enter((event.platform, event.platform_user_id))
+        ticket = self._lanes.enter(self._lane_of(event, recorded))
         ended = asyncio.get_running_loop().create_future()
         self._in_flight[ended] = asyncio.current_task()
         # The intake can be written behind the reply when no earlier message of this viewer
@@ -178,6 +178,15 @@ class ConversationService:
             self._lanes.leave(ticket)
             self._in_flight.pop(ended, None)
             ended.set_result(None)
+
+    def _lane_of(self, event: ChatEvent, recorded: tuple[int, int] | None) -> tuple[str, str]:
+        """The viewer's lane; a question taken over from a stopped process (several
+        processes: PostgreSQL) has one of its own. The database orders it with the viewer's
+        other questions (``Answerer._earlier_first``), and in the viewer's lane a later
+        question may hold the turn while it waits for this one."""
+        if recorded is not None and not self._store.groups_writes:
+            return event.platform, f"{event.platform_user_id}@{recorded[1]}"
+        return event.platform, event.platform_user_id
 
     # -- the lifecycle's one owner ------------------------------------------------------------
 

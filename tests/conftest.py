@@ -15,6 +15,9 @@ import pytest
 
 from tests import network_guard, openai_servers, secret_guard
 from tests.cli_logging import root_logging_restored
+from tests.fake_discord import TWO_SHARD_GUILDS, FakeDiscord
+from tests.fake_openai import FakeOpenAI
+from tests.fake_twitch import FakeTwitch
 from tests.pg_server import PostgresServer, running_server
 
 network_guard.install()
@@ -112,3 +115,28 @@ async def store(db_url: str) -> AsyncIterator[object]:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+@pytest.fixture
+async def fakes() -> AsyncIterator[tuple[FakeDiscord, FakeTwitch]]:
+    """A fake Discord (two shards, a guild on each) and a fake Twitch, for bot processes."""
+    discord, twitch = FakeDiscord(guilds=TWO_SHARD_GUILDS, shard_count=2), FakeTwitch()
+    await discord.start()
+    await twitch.start()
+    try:
+        yield discord, twitch
+    finally:
+        await discord.stop()
+        await twitch.stop()
+
+
+@pytest.fixture
+async def model_server() -> AsyncIterator[FakeOpenAI]:
+    """An OpenAI-compatible model server that answers at once (or holds what it is told)."""
+    server = FakeOpenAI()
+    await server.start()
+    try:
+        yield server
+    finally:
+        server.release()
+        await server.stop()

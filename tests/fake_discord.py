@@ -20,6 +20,8 @@ from aiohttp import WSMsgType, web
 from tests.local_server import LocalServer, json_response
 from tests.rate_limits import DiscordBuckets
 
+# Guild ids chosen so that Discord's routing ((id >> 22) % 2) puts one on each of two shards.
+TWO_SHARD_GUILDS = (str(2 << 22), str(3 << 22))
 BOT_ID = "1000"
 DISCORD_EPOCH_MS = 1_420_070_400_000
 GUILD_ID = "2000"

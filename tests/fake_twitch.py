@@ -1,5 +1,7 @@
 """A local stand-in for Twitch: the id server (token, validate), Helix (users, EventSub
-subscriptions, chat messages) and the EventSub websocket, recording every request."""
+subscriptions, conduits and their shards, chat messages) and the EventSub websocket, recording
+every request. A notification for a conduit subscription goes to one enabled shard's session,
+as Twitch spreads a conduit's events over its shards."""
 
 from __future__ import annotations
 
@@ -44,6 +46,10 @@ class FakeTwitch(LocalServer):
     chat_limit: SlidingWindow | None = None
     unknown_logins: frozenset[str] = frozenset()  # channels Helix does not find
     dropped: list[dict[str, Any]] = field(default_factory=list)
+    conduits: dict[str, int] = field(default_factory=dict)  # conduit id → shard count
+    # (conduit id, shard id) → the websocket session its events go to, while connected
+    shards: dict[tuple[str, str], str] = field(default_factory=dict)
+    _sessions: dict[str, web.WebSocketResponse] = field(default_factory=dict)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth2/token", self._token)
@@ -51,6 +57,11 @@ class FakeTwitch(LocalServer):
         app.router.add_get("/helix/users", self._users)
         app.router.add_post("/helix/eventsub/subscriptions", self._subscribe)
         app.router.add_post("/helix/chat/messages", self._chat)
+        app.router.add_get("/helix/eventsub/conduits", self._get_conduits)
+        app.router.add_post("/helix/eventsub/conduits", self._create_conduit)
+        app.router.add_patch("/helix/eventsub/conduits", self._resize_conduit)
+        app.router.add_get("/helix/eventsub/conduits/shards", self._get_shards)
+        app.router.add_patch("/helix/eventsub/conduits/shards", self._update_shards)
         app.router.add_get("/ws", self._websocket)
 
     # -- id server and Helix ---------------------------------------------------------------
@@ -88,6 +99,11 @@ class FakeTwitch(LocalServer):
     async def _subscribe(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.record("POST", request.path, body)
+        if body["transport"]["method"] == "conduit" and any(
+                s["type"] == body["type"] and s["condition"] == body["condition"]
+                and s["transport"] == body["transport"] for s in self.subscriptions):
+            return _json({"error": "Conflict", "status": 409,
+                          "message": "subscription already exists"}, status=409)
         subscription = {"id": f"sub-{next(self._ids)}", "status": "enabled",
                         "type": body["type"], "version": body["version"],
                         "condition": body["condition"], "created_at": _now(),
@@ -125,6 +141,7 @@ class FakeTwitch(LocalServer):
             "id": session, "status": "connected", "connected_at": _now(),
             "keepalive_timeout_seconds": int(self.keepalive_s * 2) or 10,
             "reconnect_url": None}})
+        self._sessions[session] = ws
         self.welcomed.set()
         keepalive = asyncio.create_task(self._keepalive(ws))
         try:
@@ -132,6 +149,10 @@ class FakeTwitch(LocalServer):
                 pass
         finally:
             keepalive.cancel()
+            del self._sessions[session]
+            for key in [k for k, v in self.shards.items() if v == session]:
+                del self.shards[key]  # websocket_disconnected: its events go elsewhere
+            self._changed.set()
         return ws
 
     async def _keepalive(self, ws: web.WebSocketResponse) -> None:
@@ -150,14 +171,87 @@ class FakeTwitch(LocalServer):
             "payload": payload}))
 
     async def notify(self, sub_type: str, event: dict[str, Any],
-                     envelope_id: str | None = None) -> None:
-        """Send a notification; the same ``envelope_id`` twice is Twitch redelivering it."""
+                     envelope_id: str | None = None, shard: int | None = None) -> None:
+        """Send a notification; the same ``envelope_id`` twice is Twitch redelivering it.
+        For a conduit's subscription it goes to ``shard``'s session, or (None) to an enabled
+        shard picked by the event's message id."""
         subscription = next(s for s in reversed(self.subscriptions) if s["type"] == sub_type)
         metadata = {"message_type": "notification", "subscription_type": sub_type,
                     "subscription_version": subscription["version"]}
         if envelope_id is not None:
             metadata["message_id"] = envelope_id
-        await self._send(metadata, {"subscription": subscription, "event": event})
+        target = None
+        if subscription["transport"]["method"] == "conduit":
+            key = str(event.get("message_id", ""))
+            target = self._sessions[self._shard_session(
+                subscription["transport"]["conduit_id"], shard, key)]
+        await self._send(metadata, {"subscription": subscription, "event": event}, target)
+
+    def _shard_session(self, conduit_id: str, shard: int | None, key: str) -> str:
+        enabled = sorted((int(shard_id), session) for (conduit, shard_id), session
+                         in self.shards.items() if conduit == conduit_id)
+        assert enabled, f"no shard of {conduit_id} is connected"
+        if shard is not None:
+            return dict(enabled)[shard]
+        return enabled[sum(key.encode()) % len(enabled)][1]
+
+    def shard_of(self, message_id: str, conduit_id: str | None = None) -> int:
+        """The shard a notification for ``message_id`` goes to now."""
+        conduit = conduit_id or next(iter(self.conduits))
+        session = self._shard_session(conduit, None, message_id)
+        return next(int(k[1]) for k, v in self.shards.items() if v == session)
+
+    # -- conduits ------------------------------------------------------------------------------
+
+    def _conduit_list(self) -> list[dict[str, Any]]:
+        return [{"id": cid, "shard_count": count} for cid, count in self.conduits.items()]
+
+    async def _get_conduits(self, request: web.Request) -> web.Response:
+        self.record("GET", request.path, dict(request.query))
+        return _json({"data": self._conduit_list()})
+
+    async def _create_conduit(self, request: web.Request) -> web.Response:
+        self.record("POST", request.path, dict(request.query))
+        conduit_id = f"conduit-{next(self._ids)}"
+        self.conduits[conduit_id] = int(request.query["shard_count"])
+        return _json({"data": [{"id": conduit_id, "shard_count": self.conduits[conduit_id]}]})
+
+    async def _resize_conduit(self, request: web.Request) -> web.Response:
+        self.record("PATCH", request.path, dict(request.query))
+        conduit_id = request.query["id"]
+        self.conduits[conduit_id] = int(request.query["shard_count"])
+        return _json({"data": [{"id": conduit_id, "shard_count": self.conduits[conduit_id]}]})
+
+    def _shard(self, conduit_id: str, shard_id: str) -> dict[str, Any]:
+        session = self.shards.get((conduit_id, shard_id))
+        if session is None:
+            return {"id": shard_id, "status": "websocket_disconnected",
+                    "transport": {"method": "websocket"}}
+        return {"id": shard_id, "status": "enabled",
+                "transport": {"method": "websocket", "session_id": session,
+                              "connected_at": _now()}}
+
+    async def _get_shards(self, request: web.Request) -> web.Response:
+        self.record("GET", request.path, dict(request.query))
+        conduit_id = request.query["conduit_id"]
+        return _json({"data": [self._shard(conduit_id, str(i))
+                               for i in range(self.conduits.get(conduit_id, 0))],
+                      "pagination": {}})
+
+    async def _update_shards(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        conduit_id = request.query["conduit_id"]
+        self.record("PATCH", request.path, {"conduit_id": conduit_id, **body})
+        done, errors = [], []
+        for shard in body["shards"]:
+            shard_id, session = str(shard["id"]), shard["transport"].get("session_id")
+            if int(shard_id) >= self.conduits.get(conduit_id, 0) or session not in self._sessions:
+                errors.append({"id": shard_id, "message": "invalid shard or session",
+                               "code": "invalid_parameter"})
+                continue
+            self.shards[(conduit_id, shard_id)] = session
+            done.append(self._shard(conduit_id, shard_id))
+        return _json({"data": done, "errors": errors}, status=202)
 
     def chat_event(self, text: str, *, user_id: str = "200", login: str = "viewer",
                    badges: list[str] = (), message_id: str | None = None) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import pytest
 discord = pytest.importorskip("discord")
 
 from adapters.discord_adapter import DiscordAdapter  # noqa: E402
-from bot.config import DiscordGuildConfig, parse_config  # noqa: E402
+from bot.adapter_config import DiscordGuildConfig  # noqa: E402
+from bot.config import parse_config  # noqa: E402
 from bot.errors import BotError, PlatformUnreachableError  # noqa: E402
 from bot.paths import DataPaths  # noqa: E402
 from bot.runtime import open_runtime  # noqa: E402
@@ -260,7 +261,8 @@ async def test_run_checks_the_token_before_the_model_loads(
                                       "embedding": {"enabled": False}},
                            "adapters": {"discord": {"enabled": True}}},
                           env={"DISCORD_TOKEN": token})
-    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None)
+    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None,
+                              twitch_shard_ids=None, twitch_shard_count=None)
     try:
         with pytest.raises((BotError, ModelWouldLoad)) as info:
             await cli.cmd_run(args, config, DataPaths.resolve(tmp_path))

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ pytest.importorskip("discord")
 pytest.importorskip("twitchio")
 
 from memory.store import Store
-from tests.fake_discord import BOT_USER, FakeDiscord, channel_of, shard_of
+from tests.fake_discord import BOT_USER, TWO_SHARD_GUILDS, FakeDiscord, channel_of, shard_of
 from tests.fake_openai import FakeOpenAI
 from tests.fake_twitch import CHANNEL_LOGIN, FakeTwitch
 from tests.store_reads import messages_for
@@ -37,8 +37,7 @@ from tests.test_twitch import ENV as TWITCH_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = 200
-# Guild ids are chosen so that Discord's routing ((id >> 22) % 2) puts one on each shard.
-GUILDS = (str(2 << 22), str(3 << 22))
+GUILDS = TWO_SHARD_GUILDS
 DISCORD_VIEWERS = 12  # per guild
 TWITCH_VIEWERS = 12
 # A restarted shard answers its own leftovers however long the test took to restart it.
@@ -129,29 +128,6 @@ class Fleet:
                 process.kill()
                 codes[name] = await process.wait()
         return codes
-
-
-@pytest.fixture
-async def fakes() -> AsyncIterator[tuple[FakeDiscord, FakeTwitch]]:
-    discord, twitch = FakeDiscord(guilds=GUILDS, shard_count=2), FakeTwitch()
-    await discord.start()
-    await twitch.start()
-    try:
-        yield discord, twitch
-    finally:
-        await discord.stop()
-        await twitch.stop()
-
-
-@pytest.fixture
-async def model_server() -> AsyncIterator[FakeOpenAI]:
-    server = FakeOpenAI()
-    await server.start()
-    try:
-        yield server
-    finally:
-        server.release()
-        await server.stop()
 
 
 async def _wait(check: Callable[[], Any], within_s: float, what: str) -> None:

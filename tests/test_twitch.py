@@ -417,7 +417,8 @@ async def test_run_checks_credentials_and_channels_before_the_model_loads(
                                       "embedding": {"enabled": False}},
                            "adapters": {"twitch": {"enabled": True,
                                                    "channels": list(channels)}}}, env=ENV)
-    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None)
+    args = argparse.Namespace(adapters=None, shard_ids=None, shard_count=None,
+                              twitch_shard_ids=None, twitch_shard_count=None)
     try:
         with pytest.raises(BotError) as info:
             await cli.cmd_run(args, config, DataPaths.resolve(tmp_path))

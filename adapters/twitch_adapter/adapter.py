@@ -1,5 +1,7 @@
 """The Twitch adapter: EventSub chat messages become ChatEvents; replies go out through
-Helix ``POST /chat/messages`` within Twitch's send limits, threaded to the parent message."""
+Helix ``POST /chat/messages`` within Twitch's send limits, threaded to the parent message.
+One process subscribes on its own websocket session; several share an EventSub conduit, each
+holding some of its shards (``conduit.py``)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from twitchio import eventsub
 
 from adapters.common.pieces import PiecesSent
 from adapters.common.send_limiter import SendLimiter
+from adapters.twitch_adapter.conduit import resolve_conduit, subscribe_conduit
 from bot import commands
 from bot.commands import Caller
 from bot.config import AppConfig
@@ -95,12 +98,13 @@ class TwitchSink:
         return None
 
 
-class TwitchClient(twitchio.Client):
-    def __init__(self, adapter: TwitchAdapter, **options: Any) -> None:
-        super().__init__(**options)
-        self.vtuber = adapter  # twitchio.Client already has an "adapter" (its web server)
+class _ChatEvents:
+    """twitchio's hooks, handed to the adapter: the same on one session and on a conduit."""
+
+    vtuber: TwitchAdapter  # twitchio.Client already has an "adapter" (its web server)
 
     async def setup_hook(self) -> None:
+        assert isinstance(self, twitchio.Client)
         await self.vtuber.subscribe(self)
 
     async def event_message(self, payload: twitchio.ChatMessage) -> None:
@@ -117,6 +121,18 @@ class TwitchClient(twitchio.Client):
         await self.vtuber.on_chat_cleared(str(payload.broadcaster.id), str(payload.user.id))
 
 
+class TwitchClient(_ChatEvents, twitchio.Client):
+    def __init__(self, adapter: TwitchAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.vtuber = adapter
+
+
+class TwitchConduitClient(_ChatEvents, twitchio.AutoClient):
+    def __init__(self, adapter: TwitchAdapter, **options: Any) -> None:
+        super().__init__(**options)
+        self.vtuber = adapter
+
+
 class TwitchAdapter:
     name = PLATFORM
 
@@ -128,9 +144,12 @@ class TwitchAdapter:
         self._access = _secret(secrets.twitch_access_token)
         self._refresh = _secret(secrets.twitch_refresh_token)
         self.bot_id = secrets.twitch_bot_id or ""
-        self.client = TwitchClient(self, client_id=_secret(secrets.twitch_client_id),
-                                   client_secret=_secret(secrets.twitch_client_secret),
-                                   bot_id=self.bot_id, fetch_client_user=False)
+        self._login: dict[str, Any] = {
+            "client_id": _secret(secrets.twitch_client_id),
+            "client_secret": _secret(secrets.twitch_client_secret),
+            "bot_id": self.bot_id, "fetch_client_user": False}
+        # On a conduit, the client that runs is made in ``run`` (it needs the conduit's id).
+        self.client: twitchio.Client = TwitchClient(self, **self._login)
         self._limiters: dict[str, SendLimiter] = {}
         self._rng = rng or random.Random()
         self._handle: EventHandler | None = None
@@ -146,19 +165,20 @@ class TwitchAdapter:
             validated = await client.add_token(self._access, self._refresh)
             self.bot_login = validated.login or ""
         users = await _channels(client, self.config)
-        for user in users:
-            for subscription in (
-                eventsub.ChatMessageSubscription(broadcaster_user_id=user.id,
-                                                 user_id=self.bot_id),
-                eventsub.ChatMessageDeleteSubscription(broadcaster_user_id=user.id,
-                                                       user_id=self.bot_id),
-                eventsub.ChatClearSubscription(broadcaster_user_id=user.id,
-                                               user_id=self.bot_id),
-                eventsub.ChatClearUserMessagesSubscription(broadcaster_user_id=user.id,
-                                                           user_id=self.bot_id),
-            ):
+        subscriptions = [subscription for user in users for subscription in (
+            eventsub.ChatMessageSubscription(broadcaster_user_id=user.id, user_id=self.bot_id),
+            eventsub.ChatMessageDeleteSubscription(broadcaster_user_id=user.id,
+                                                   user_id=self.bot_id),
+            eventsub.ChatClearSubscription(broadcaster_user_id=user.id, user_id=self.bot_id),
+            eventsub.ChatClearUserMessagesSubscription(broadcaster_user_id=user.id,
+                                                       user_id=self.bot_id))]
+        if isinstance(client, twitchio.AutoClient):
+            await subscribe_conduit(client, subscriptions)
+        else:
+            for subscription in subscriptions:
                 await client.subscribe_websocket(payload=subscription, token_for=self.bot_id)
-        log.info("subscribed to chat in %s", ", ".join(u.name or u.id for u in users))
+        log.info("subscribed to chat in %s%s", ", ".join(u.name or u.id for u in users),
+                 self._shards_held())
         self._subscribed.set()
 
     async def ready(self) -> None:
@@ -205,9 +225,29 @@ class TwitchAdapter:
 
     async def run(self, handle: EventHandler) -> None:
         self._handle = handle
+        rules = self.config.adapters.twitch
         async with _login_errors():
+            if rules.shard_ids is not None:
+                self.client = TwitchConduitClient(
+                    self, conduit_id=await self._conduit_id(), shard_ids=rules.shard_ids,
+                    **self._login)
             # No OAuth web adapter and no token file: tokens live in the environment only.
             await self.client.start(with_adapter=False, load_tokens=False, save_tokens=False)
+
+    async def _conduit_id(self) -> str:
+        client = twitchio.Client(**self._login)
+        try:
+            await client.login(load_tokens=False, save_tokens=False)
+            return await resolve_conduit(client, self.config.adapters.twitch)
+        finally:
+            await client.close(save_tokens=False)
+
+    def _shards_held(self) -> str:
+        rules = self.config.adapters.twitch
+        if rules.shard_ids is None:
+            return ""
+        return (f" (conduit shards {', '.join(map(str, rules.shard_ids))} of "
+                f"{rules.shard_count})")
 
     async def close(self) -> None:
         await self.client.close()
