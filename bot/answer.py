@@ -171,6 +171,7 @@ class Answerer:
             if streaming is not None:
                 sent_id = await streaming.finish(reply.text)
             else:
+                await self._send_starting(exchange)
                 sent_id = await deliver(lambda: event.sink.send(reply.text), "send")
         finally:
             typing.cancel()  # the reply is out (or failed): the indicator is moot
@@ -178,6 +179,23 @@ class Answerer:
                 streaming.abandon()  # done by now if the reply went out
         attempt.delivered = True
         return reply, sent_id, queue_wait
+
+    async def _send_starting(self, exchange: Exchange) -> None:
+        """Where the platform cannot tell a retried send from a new one (no nonce: Twitch),
+        the question is marked before its reply goes out, so a run that stops mid-send is
+        not followed by a second copy after a restart or a takeover. Best effort: a store
+        outage must not cost the viewer the reply, and an intake still being written behind
+        the reply (SQLite) is not waited for."""
+        if getattr(exchange.event.sink, "idempotent_sends", False):
+            return
+        behind = exchange.behind
+        if exchange.message_id is None and (behind is None or not behind.outcome.done()):
+            return
+        try:
+            await self._store.mark_send_started(await exchange.recorded(), self._clock())
+        except StoreError as exc:
+            log.warning("message %s: sending without the mark that prevents a second copy "
+                        "after a crash: %s", exchange.label, exc)
 
     async def _generated(self, prompt: PreparedPrompt, conversion: str | None,
                          on_chunk: ChunkHandler | None) -> GeneratedReply:

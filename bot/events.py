@@ -27,7 +27,10 @@ from memory.store import Leftover as Leftover
 @runtime_checkable
 class ReplySink(Protocol):
     """Where a reply goes. Adapters implement it over their platform's send/edit/typing.
-    A sink may set ``supports_edits = True`` to get streaming previews (send, then edits)."""
+    A sink may set ``supports_edits = True`` to get streaming previews (send, then edits),
+    and ``idempotent_sends = True`` where the platform posts a send that is retried (or
+    repeated after a crash) only once (Discord's nonce); without it, a question is marked
+    before its reply goes out, so recovery never sends a second copy."""
 
     async def send(self, text: str) -> str | None:
         """Send a new message; return its platform message id if the platform has one."""
@@ -95,7 +98,7 @@ class Reply:
     message_id: int | None = None
     # Why it ended so: rate_limited, channel_cooldown, queue_full, duplicate, empty,
     # bot_author, stale, send_backlog, superseded, paused, shutdown, store, backend, send,
-    # timeout.
+    # timeout, crash, crash_during_send (a run stopped while its reply went out: not resent).
     reason: str | None = None
 
 

@@ -180,10 +180,9 @@ class ConversationService:
             ended.set_result(None)
 
     def _lane_of(self, event: ChatEvent, recorded: tuple[int, int] | None) -> tuple[str, str]:
-        """The viewer's lane; a question taken over from a stopped process (several
-        processes: PostgreSQL) has one of its own. The database orders it with the viewer's
-        other questions (``Answerer._earlier_first``), and in the viewer's lane a later
-        question may hold the turn while it waits for this one."""
+        """The viewer's lane; a question taken over from a stopped process (PostgreSQL) has
+        one of its own: the database orders it with the viewer's others (``_earlier_first``),
+        and in the viewer's lane a later one may hold the turn while it waits for it."""
         if recorded is not None and not self._store.groups_writes:
             return event.platform, f"{event.platform_user_id}@{recorded[1]}"
         return event.platform, event.platform_user_id
@@ -333,6 +332,11 @@ class ConversationService:
         if sink is None:
             await self._recording.end(leftover.message_id, "expired", "crash")
             return Reply("", "expired", reason="crash")
+        if leftover.send_started_at is not None:  # the viewer may have it: not a second copy
+            log.warning("message %d: its reply was going out when the run stopped; not sent "
+                        "again", leftover.message_id)
+            await self._recording.end(leftover.message_id, "expired", "crash_during_send")
+            return Reply("", "expired", reason="crash_during_send")
         event = ChatEvent(
             platform=leftover.platform, channel_id=leftover.channel_id or "",
             platform_user_id=leftover.platform_user_id, display_name=leftover.display_name,

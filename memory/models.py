@@ -152,6 +152,9 @@ class Message(Base):
     # The role of the runtime that took an inbound message (memory.store.roles): after a crash,
     # the process that takes that role again recovers it, and no other process does.
     owner: Mapped[str | None] = mapped_column(String(120), default=None)
+    # When the reply to this question started going out, where the platform cannot tell a
+    # retried send from a new one (Twitch): recovery does not send it again.
+    send_started_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Memory(Base):

@@ -50,6 +50,8 @@ class FakeTwitch(LocalServer):
     # (conduit id, shard id) → the websocket session its events go to, while connected
     shards: dict[tuple[str, str], str] = field(default_factory=dict)
     _sessions: dict[str, web.WebSocketResponse] = field(default_factory=dict)
+    # Set: a chat message is posted, and the answer to its request waits until this is set.
+    hold_chat: asyncio.Event | None = None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/oauth2/token", self._token)
@@ -125,6 +127,8 @@ class FakeTwitch(LocalServer):
                            "quickly."}}]})
         self.sent_at.append(asyncio.get_running_loop().time())
         self.record("POST", request.path, body)
+        if self.hold_chat is not None:
+            await self.hold_chat.wait()
         return _json({"data": [{"message_id": f"sent-{next(self._ids)}", "is_sent": True,
                                 "drop_reason": None}]})
 

@@ -8,6 +8,7 @@ other, which adopts the questions it left."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
@@ -43,8 +44,9 @@ async def _start_shards(fleet: Fleet, twitch: FakeTwitch) -> None:
 
 
 async def _chat(twitch: FakeTwitch, count: int, first: int = 0,
-                shards: tuple[int, ...] = (0, 1)) -> list[Viewer]:
-    """``count`` messages, each viewer writing again and again, sent to the shards in turn."""
+                shards: tuple[int | None, ...] = (0, 1)) -> list[Viewer]:
+    """``count`` messages, each viewer writing again and again, sent to the shards in turn
+    (None: no conduit)."""
     sent = []
     for index in range(first, first + count):
         viewer = TWITCH_VIEWERS[(index * 7) % len(TWITCH_VIEWERS)]
@@ -119,3 +121,37 @@ async def test_a_killed_shards_chat_goes_to_the_other_which_answers_what_it_left
         await fleet.stop()
     _each_answered_once_in_order(await _rows(db_url), sent)
     _one_reply_each(twitch, len(sent))
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+async def test_a_reply_posted_as_the_process_died_is_not_posted_again(
+        db_url: str, model_server: FakeOpenAI, fakes: tuple[FakeDiscord, FakeTwitch],
+        tmp_path: Path) -> None:
+    """Twitch has no nonce: a reply Twitch posted while the process died before it heard
+    back (SIGKILL with the request in flight) is not posted again by the restarted process;
+    the question ends ``expired(crash_during_send)``. The next question is answered."""
+    if not db_url.startswith("postgresql"):
+        pytest.skip("several processes need PostgreSQL")
+    discord, twitch = fakes
+    fleet = Fleet(_config(tmp_path, db_url, model_server.base_url), tmp_path, discord, twitch)
+    twitch.hold_chat = asyncio.Event()
+    try:
+        await fleet.start("twitch", "--adapters", "twitch")
+        await fleet.wait_for_line("twitch", "subscribed to chat in")
+        sent = await _chat(twitch, 1, shards=(None,))
+        await twitch.wait_until(lambda: len(twitch.sent_messages()) == 1, seconds=60)
+        await fleet.kill("twitch")  # Twitch posted it; the process never heard back
+        twitch.hold_chat.set()
+        await fleet.start("twitch", "--adapters", "twitch")
+        await fleet.wait_for_line("twitch", "not sent again", within_s=60)
+        await fleet.wait_for_line("twitch", "subscribed to chat in", times=2)
+        sent += await _chat(twitch, 1, first=1, shards=(None,))
+        await _wait_final(db_url, len(sent))
+    finally:
+        await fleet.stop()
+    rows = await _rows(db_url)
+    questions = sorted((q for qs, _ in rows.values() for q in qs), key=lambda q: q.id)
+    assert [(q.status, q.status_reason) for q in questions] == [
+        ("expired", "crash_during_send"), ("answered", None)]
+    assert sum(len(replies) for _, replies in rows.values()) == 1
+    _one_reply_each(twitch, 2)

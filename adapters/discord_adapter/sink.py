@@ -57,6 +57,7 @@ class ChannelEdits:
 
 class DiscordSink:
     supports_edits = True
+    idempotent_sends = True  # each piece carries a nonce Discord enforces
 
     def __init__(self, channel: Any,
                  reply_to: discord.Message | discord.MessageReference | None = None,

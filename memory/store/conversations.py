@@ -74,6 +74,12 @@ class Conversations:
                 insert(Message).returning(Message.id, sort_by_parameter_order=True), rows)
             return list(ids.scalars())
 
+    async def mark_send_started(self, message_id: int, at: datetime) -> None:
+        """The reply to ``message_id`` starts going out now (``Leftover.send_started_at``)."""
+        async with self._db.write() as session:
+            await session.execute(update(Message).where(Message.id == message_id)
+                                  .values(send_started_at=at))
+
     async def set_status(self, message_id: int, status: str,
                          reason: str | None = None) -> None:
         async with self._db.write() as session:
@@ -114,7 +120,8 @@ class Conversations:
         other roles took are theirs to recover. ``ids``: only these (adopted ones)."""
         query = (select(Message.id, Message.user_id, Message.platform, Message.channel_id,
                         Message.platform_message_id, Message.content, Message.created_at,
-                        Identity.platform_user_id, Identity.display_name)
+                        Message.send_started_at, Identity.platform_user_id,
+                        Identity.display_name)
                  .join(Identity, (Identity.user_id == Message.user_id)
                        & (Identity.platform == Message.platform))
                  .where(Message.status == "received", Message.role == "user",
@@ -137,7 +144,8 @@ class Conversations:
                 seen.add(r.id)
                 found.append(Leftover(r.id, r.user_id, r.platform, r.platform_user_id,
                                       r.display_name, r.channel_id, r.platform_message_id,
-                                      r.content, aware_now(r.created_at)))
+                                      r.content, aware_now(r.created_at),
+                                      aware(r.send_started_at)))
         return found
 
     async def wait_for_earlier(self, user_id: int, message_id: int, since: datetime,

@@ -138,6 +138,11 @@ class Store:
     async def set_statuses(self, changes: list[tuple[int, str, str | None]]) -> None:
         await self._conversations.set_statuses(changes)
 
+    async def mark_send_started(self, message_id: int, at: datetime) -> None:
+        """The reply to ``message_id`` starts going out to a platform that cannot tell a
+        retried send from a new one: a run that stops now does not send it again."""
+        await self._conversations.mark_send_started(message_id, at)
+
     async def expire_received(self, reason: str, before: datetime | None = None,
                               owner: str | None = None) -> int:
         return await self._conversations.expire_received(reason, before, owner)

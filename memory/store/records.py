@@ -132,6 +132,7 @@ class Leftover:
     platform_message_id: str | None
     text: str
     created_at: datetime
+    send_started_at: datetime | None = None  # its reply was going out when the run stopped
 
 
 @dataclass(frozen=True, slots=True)
