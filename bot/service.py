@@ -397,4 +397,3 @@ class ConversationService:
     def latency_percentiles(self) -> LatencySummary:
         """p50/p95 of recent reply latencies (admission to sent), in milliseconds."""
         return self._admission.latency_percentiles()
-
