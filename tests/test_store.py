@@ -631,3 +631,35 @@ async def test_a_completion_written_again_lands_once(store: Store) -> None:
     assert [m.id for m in replies] == [reply_id]
     assert state.intimacy == 1 and state.version == 1
     assert (await get_state(store, user, "pell", "calm")).intimacy == 1
+
+
+def test_a_pooled_postgresql_connection_is_checked_in_one_round_trip() -> None:
+    """At checkout, one simple-protocol query (not BEGIN, ``;``, ROLLBACK: three); a
+    connection that fails it is discarded (the pool takes another, as after a server
+    restart: ``test_a_database_restart_leaves_the_role_held``)."""
+    import asyncio
+
+    from sqlalchemy import exc
+    from sqlalchemy.util import greenlet_spawn
+
+    from memory.store.pg_ping import ping
+
+    class Driver:
+        def __init__(self, alive: bool) -> None:
+            self.alive, self.sent = alive, []
+
+        async def execute(self, query: str) -> str:
+            self.sent.append(query)
+            if not self.alive:
+                raise ConnectionResetError("the server closed the connection")
+            return "SELECT 1"
+
+    live, dead = Driver(True), Driver(False)
+
+    async def check(driver: Driver) -> None:
+        await greenlet_spawn(ping, type("Adapted", (), {"_connection": driver})(), None, None)
+
+    asyncio.run(check(live))
+    assert live.sent == ["SELECT 1"]
+    with pytest.raises(exc.DisconnectionError):
+        asyncio.run(check(dead))

@@ -31,6 +31,7 @@ from memory.errors import IntegrityViolation, StoreError
 from memory.migrate import upgrade_to_head
 from memory.models import User
 from memory.store.checkpoint import Checkpointer
+from memory.store.pg_ping import ping_on_checkout
 from memory.store.write_rounds import Outcome, WriteRounds
 from memory.urls import mask_url
 
@@ -167,8 +168,9 @@ class Database:
                 await upgrade_to_head(url, busy_timeout_ms)
             pooled = ({} if url.startswith("sqlite") else
                       {"pool_size": pool_size, "max_overflow": 0, "pool_timeout": pool_timeout_s})
-            sql_engine = create_async_engine(url, pool_pre_ping=not url.startswith("sqlite"),
-                                             **pooled)
+            sql_engine = create_async_engine(url, **pooled)
+            if sql_engine.dialect.name == "postgresql":
+                ping_on_checkout(sql_engine.sync_engine)
             threads = None
             if sql_engine.dialect.name == "sqlite":
                 _tune_sqlite(sql_engine.sync_engine, busy_timeout_ms)
