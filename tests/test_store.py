@@ -663,3 +663,19 @@ def test_a_pooled_postgresql_connection_is_checked_in_one_round_trip() -> None:
     assert live.sent == ["SELECT 1"]
     with pytest.raises(exc.DisconnectionError):
         asyncio.run(check(dead))
+
+
+def test_an_adapter_without_the_drivers_connection_is_checked_by_its_own_ping() -> None:
+    """Should SQLAlchemy's asyncpg adapter stop exposing ``_connection``, the check falls
+    back to the adapter's own ping instead of discarding every connection."""
+    from memory.store.pg_ping import ping
+
+    class Adapter:
+        pinged = 0
+
+        def ping(self) -> None:
+            self.pinged += 1
+
+    adapter = Adapter()
+    ping(adapter, None, None)
+    assert adapter.pinged == 1

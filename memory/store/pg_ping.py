@@ -23,8 +23,13 @@ def ping_on_checkout(sync_engine: Engine) -> None:
 
 
 def ping(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
-    """The checkout hook: one query on the driver's own connection."""
+    """The checkout hook: one query on the driver's own connection (SQLAlchemy's adapter
+    keeps asyncpg's as ``_connection``; an adapter without it gets its own ping)."""
+    driver = getattr(dbapi_connection, "_connection", None)
     try:
-        await_(dbapi_connection._connection.execute("SELECT 1"))
+        if driver is None:
+            dbapi_connection.ping()
+        else:
+            await_(driver.execute("SELECT 1"))
     except Exception as error:  # any failure means: not this connection
         raise exc.DisconnectionError(f"the pooled connection is gone: {error}") from error
